@@ -1,0 +1,40 @@
+# Fresh machine: `make demo` runs the demo, `make test` runs the tests. Both create a local
+# virtualenv (.venv) with torch 2.14.1 and build the C++/CUDA extension in place.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# One build at a time in this tree (ninja recompiles only what changed).
+BUILD_LOCK := flock $(CURDIR)/.build.lock
+
+.PHONY: demo test build bench info aot clean
+
+$(VENV)/.deps: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml
+	$(BUILD_LOCK) $(VENV)/bin/pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.installed
+	$(BUILD_LOCK) $(PY) setup.py --quiet build_ext --inplace
+
+test: build
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(PY) -m benchmarks.run --quick
+
+bench: build
+	$(PY) -m benchmarks.run
+
+info: build
+	$(PY) -m vft_kernels.info
+
+aot: build
+	env -u TRITON_INTERPRET $(PY) -m vft_kernels.triton.aot
+
+clean:
+	rm -rf build vft_kernels/_C*.so .pytest_cache results

@@ -1,0 +1,32 @@
+"""vft_kernels: fast, validated kernels for flexible-length video tokenizers.
+
+Public API (SPEC.md §0)::
+
+    codes, indices = fsq_quantize(z, levels, eps=1e-3, out_dtype=None)
+    codes = fsq_indices_to_codes(indices, levels, validate=True)
+    layout = RegisterLayout(blocks=T, patches=P, registers=R, mode="block_causal_last")
+    out = register_attention(q, k, v, layout, keep=None, scale=None)
+    x_next = flow_step(x, v_cond, t, t_next, v_uncond=None, guidance="none", scale=1.0, ...)
+    x_next = flow_heun_step(x, v1, v2, t, t_next)
+    available_backends(); use_backend("cpu")
+"""
+__version__ = "0.1.0"
+
+from .dispatch import BackendUnavailableError, available_backends, use_backend
+from .layout import RegisterLayout, Tile
+from .ops.attention import register_attention
+from .ops.flow import flow_heun_step, flow_step
+from .ops.fsq import fsq_indices_to_codes, fsq_quantize
+
+__all__ = [
+    "BackendUnavailableError",
+    "RegisterLayout",
+    "Tile",
+    "available_backends",
+    "flow_heun_step",
+    "flow_step",
+    "fsq_indices_to_codes",
+    "fsq_quantize",
+    "register_attention",
+    "use_backend",
+]

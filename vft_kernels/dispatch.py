@@ -1,0 +1,296 @@
+"""Backend registry and selection.
+
+Every op has up to four implementations ("backends"): ``reference`` (eager PyTorch, any
+device), ``triton`` (CUDA; CPU only under ``TRITON_INTERPRET=1``), ``cuda`` and ``cpu``
+(the C++ extension ``vft_kernels._C``). Implementations are registered lazily as
+``"module:function"`` strings so that importing vft_kernels never imports Triton or
+loads ``_C`` until an op needs them.
+
+Selection, per op call: the first backend in ``PRIORITY[device.type]`` that is available
+on this machine, has the op, runs on the tensor's device and supports the arguments
+(its optional ``check`` function returns ``None``). A forced backend
+(``VFT_BACKEND=<name>`` or :func:`use_backend`) is used or fails loudly with its reason;
+automatic selection falls back quietly. If nothing fits, the error lists every
+backend's reason.
+
+Backend implementation contract (what a kernel module provides), by op key:
+
+* ``fsq_forward(z, levels, eps, codes_dtype) -> (codes, indices)``
+* ``fsq_backward(grad_codes, z, levels, eps) -> grad_z``
+* ``fsq_decode(indices, levels) -> codes``
+* ``attention_forward(q, k, v, layout, keep, scale) -> (out, lse)``
+* ``attention_backward(dout, q, k, v, out, lse, layout, keep, scale) -> (dq, dk, dv)``
+* ``flow_step(out, x, v_cond, v_uncond, t, t_next, guidance, scale, apg_eta,
+  apg_norm_threshold, apg_momentum, momentum, reduce_ndim, prefix, prefix_len) -> None``
+* ``flow_heun_step(out, x, v1, v2, t, t_next) -> None``
+
+Arguments arrive validated by ``vft_kernels.ops`` (see each op file for exact shapes);
+tensors may have any strides. Outputs are allocated with :func:`new_output` so tests can
+poison them.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda", "cpu")
+PRIORITY = {
+    "cuda": ("triton", "cuda", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+OPS = (
+    "fsq_forward",
+    "fsq_backward",
+    "fsq_decode",
+    "attention_forward",
+    "attention_backward",
+    "flow_step",
+    "flow_heun_step",
+)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run the op here, or no backend can."""
+
+
+@dataclass
+class _Entry:
+    target: str  # "package.module:function"
+    devices: tuple
+    check: Optional[str] = None  # "package.module:function" returning None or a reason
+    _fn: Optional[Callable] = None
+    _check_fn: Optional[Callable] = None
+    _error: Optional[str] = None
+
+    def load(self):
+        """Import the implementation; returns None on success, else the reason."""
+        if self._fn is None and self._error is None:
+            try:
+                self._fn = _resolve(self.target)
+                self._check_fn = _resolve(self.check) if self.check else None
+            except (ImportError, AttributeError, OSError, RuntimeError) as e:
+                self._error = f"{self.target} could not be loaded ({type(e).__name__}: {e})"
+        return self._error
+
+
+def _resolve(target):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+_REGISTRY: dict[tuple[str, str], _Entry] = {}
+
+
+def register(op: str, backend: str, target: str, devices=("cpu", "cuda"), check: Optional[str] = None):
+    """Register ``target`` ("module:function") as ``backend``'s kernel for ``op``."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _REGISTRY[(op, backend)] = _Entry(target, tuple(devices), check)
+
+
+# --------------------------------------------------------------------------------------
+# Backend availability on this machine (independent of the op)
+
+
+def _triton_status() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e})"
+    return None
+
+
+def _ext_status(kind: str) -> Optional[str]:
+    from . import _ext
+
+    if _ext.C is None:
+        return f"vft_kernels._C is not built or failed to load ({_ext.load_error})"
+    if kind == "cuda" and not _ext.C.build_info().get("with_cuda"):
+        return "vft_kernels._C was built without CUDA kernels (" + _ext.C.build_info().get("cuda_reason", "") + ")"
+    return None
+
+
+def backend_status(backend: str) -> Optional[str]:
+    """None if ``backend`` can run on this machine at all, else the reason it cannot."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        return _triton_status()
+    if backend in ("cpu", "cuda"):
+        return _ext_status(backend)
+    return f"unknown backend {backend!r}; expected one of {BACKENDS}"
+
+
+def _device_status(backend: str, entry: _Entry, device: torch.device) -> Optional[str]:
+    if device.type not in entry.devices:
+        return f"runs on {'/'.join(entry.devices)}, not {device.type}"
+    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "runs on CPU tensors only under TRITON_INTERPRET=1"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available"
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Forcing a backend
+
+_forced = threading.local()
+
+
+def forced_backend() -> Optional[str]:
+    """The backend forced by use_backend() or, failing that, by VFT_BACKEND."""
+    name = getattr(_forced, "name", None)
+    if name is None:
+        name = os.environ.get("VFT_BACKEND") or None
+    return name
+
+
+class use_backend:
+    """Force one backend for every op: ``vk.use_backend("cpu")`` sets it until changed,
+    ``with vk.use_backend("cpu"): ...`` restores the previous choice on exit.
+    ``use_backend(None)`` returns to automatic selection. Forcing a backend that cannot run
+    on this machine is an error that says why."""
+
+    def __init__(self, name: Optional[str]):
+        if name is not None:
+            if name not in BACKENDS:
+                raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS} or None")
+            reason = backend_status(name)
+            if reason is not None:
+                raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
+        self._previous = getattr(_forced, "name", None)
+        _forced.name = name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _forced.name = self._previous
+        return False
+
+
+# --------------------------------------------------------------------------------------
+# Selection
+
+
+def candidates(op: str, device: torch.device, *args, **kwargs):
+    """Yield ``(backend, fn_or_None, reason_or_None)`` in priority order for this call."""
+    for backend in PRIORITY.get(device.type, ("reference",)):
+        yield (backend,) + _try(op, backend, device, args, kwargs)
+
+
+def _try(op, backend, device, args, kwargs):
+    entry = _REGISTRY.get((op, backend))
+    if entry is None:
+        return None, f"has no {op} kernel"
+    reason = backend_status(backend) or _device_status(backend, entry, device) or entry.load()
+    if reason is None and entry._check_fn is not None:
+        reason = entry._check_fn(*args, **kwargs)
+    if reason is not None:
+        return None, reason
+    return entry._fn, None
+
+
+def select(op: str, device: torch.device, *args, **kwargs) -> tuple[str, Callable]:
+    """Pick the backend for one call of ``op``; ``args`` are the implementation's arguments."""
+    forced = forced_backend()
+    if forced is not None:
+        if forced not in BACKENDS:
+            raise BackendUnavailableError(f"VFT_BACKEND={forced!r} is not a backend; expected one of {BACKENDS}")
+        fn, reason = _try(op, forced, device, args, kwargs)
+        if fn is None:
+            raise BackendUnavailableError(f"forced backend {forced!r} cannot run {op} on {device.type}: {reason}")
+        return forced, fn
+    reasons = []
+    for backend, fn, reason in candidates(op, device, *args, **kwargs):
+        if fn is not None:
+            return backend, fn
+        reasons.append(f"{backend}: {reason}")
+    raise BackendUnavailableError(f"no backend can run {op} on {device.type}: " + "; ".join(reasons))
+
+
+def call(op: str, device: torch.device, *args, **kwargs):
+    """Select a backend for ``op`` and run it."""
+    return select(op, device, *args, **kwargs)[1](*args, **kwargs)
+
+
+def available_backends() -> dict:
+    """``{op: {device: [backends in priority order that can run it here]}}``.
+
+    A backend is listed when it is available on this machine, has the op and runs on
+    the device; whether it supports particular arguments (dtype, head dim) is decided per
+    call."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    table = {}
+    for op in OPS:
+        table[op] = {}
+        for dev in devices:
+            names = []
+            for backend in PRIORITY[dev]:
+                entry = _REGISTRY.get((op, backend))
+                if entry is None:
+                    continue
+                d = torch.device(dev)
+                if backend_status(backend) or _device_status(backend, entry, d) or entry.load():
+                    continue
+                names.append(backend)
+            table[op][dev] = names
+    return table
+
+
+def explain(op: str, device_type: str) -> list[tuple[str, Optional[str]]]:
+    """For ``info``: every backend of the device's priority list with None (usable) or why not."""
+    d = torch.device(device_type)
+    rows = []
+    for backend in PRIORITY[device_type]:
+        entry = _REGISTRY.get((op, backend))
+        if entry is None:
+            rows.append((backend, f"has no {op} kernel"))
+            continue
+        rows.append((backend, backend_status(backend) or _device_status(backend, entry, d) or entry.load()))
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Output allocation (poisoned in tests so unwritten elements are caught)
+
+_poison = threading.local()
+
+
+def poisoning() -> bool:
+    flag = getattr(_poison, "on", None)
+    if flag is None:
+        flag = os.environ.get("VFT_POISON_OUTPUTS") == "1"
+    return flag
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True):
+    """While active, :func:`new_output` fills outputs with NaN (floats) or a sentinel
+    (integers) instead of leaving them uninitialised."""
+    previous = getattr(_poison, "on", None)
+    _poison.on = enabled
+    try:
+        yield
+    finally:
+        _poison.on = previous
+
+
+INT_POISON = -(2**30) + 7  # not a valid FSQ index nor -1
+
+
+def new_output(shape, dtype, device) -> torch.Tensor:
+    """Allocate a kernel output: ``torch.empty``, or poisoned when testing."""
+    if not poisoning():
+        return torch.empty(shape, dtype=dtype, device=device)
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, INT_POISON, dtype=dtype, device=device)

@@ -1,0 +1,1 @@
+"""Op layer: public functions, argument checks, torch.library custom ops and autograd, one file per op."""

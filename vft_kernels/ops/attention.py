@@ -1,0 +1,131 @@
+"""Register attention op (SPEC.md §2): argument checks, torch.library custom ops, autograd."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import dispatch
+from ..layout import RegisterLayout
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MAX_HEAD_DIM = 256
+
+for _op in ("attention_forward", "attention_backward"):
+    dispatch.register(_op, "reference", f"vft_kernels.reference.attention:{_op}")
+    dispatch.register(_op, "triton", f"vft_kernels.triton.attention:{_op}",
+                      check="vft_kernels.triton.attention:supports")
+    dispatch.register(_op, "cpu", f"vft_kernels.cpp.attention:{_op}", devices=("cpu",),
+                      check="vft_kernels.cpp.attention:supports")
+
+
+def _layout(T, P, R, mode):
+    return RegisterLayout(T, P, R, mode)
+
+
+def _check_keep_values(keep: torch.Tensor, R: int):
+    # Value checks need the data on the host: free for CPU tensors; on GPU they are skipped
+    # so that `keep` never forces a sync (the kernels clamp keep to [0, R] instead).
+    if keep.device.type == "cpu" and keep.numel() > 0:
+        lo, hi = int(keep.min()), int(keep.max())
+        if lo < 0 or hi > R:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"register_attention: keep values must be in [0, R={R}], got {bad}")
+
+
+@torch.library.custom_op("vft::register_attention", mutates_args=())
+def _register_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: int, patches: int,
+                        registers: int, mode: str, keep: torch.Tensor,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_keep_values(keep, registers)
+    layout = _layout(blocks, patches, registers, mode)
+    return dispatch.call("attention_forward", q.device, q, k, v, layout, keep, scale)
+
+
+@_register_attention.register_fake
+def _(q, k, v, blocks, patches, registers, mode, keep, scale):
+    B, H, N, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("vft::register_attention_backward", mutates_args=())
+def _register_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 out: torch.Tensor, lse: torch.Tensor, blocks: int, patches: int,
+                                 registers: int, mode: str, keep: torch.Tensor,
+                                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    layout = _layout(blocks, patches, registers, mode)
+    return dispatch.call("attention_backward", q.device, dout, q, k, v, out, lse, layout, keep, scale)
+
+
+@_register_attention_backward.register_fake
+def _(dout, q, k, v, out, lse, blocks, patches, registers, mode, keep, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, blocks, patches, registers, mode, keep, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, keep)
+    ctx.args = (blocks, patches, registers, mode)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)  # gradients flow through `out` only
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, keep = ctx.saved_tensors
+    dq, dk, dv = _register_attention_backward(dout, q, k, v, out, lse, *ctx.args, keep, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_register_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def register_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RegisterLayout,
+                       keep: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                       return_lse: bool = False):
+    """Attention over interleaved ``[patches | registers]`` blocks (SPEC.md §2).
+
+    q, k, v: [B, H, N, D] (fp32/fp16/bf16, same dtype and device), N = layout.seq_len.
+    keep: optional int tensor [B] in [0, R]: registers r >= keep[b] are dropped (never
+    attended to; their output rows are zero). scale defaults to 1/sqrt(D).
+    Returns out [B, H, N, D] (input dtype), and lse [B, H, N] float32 (-inf on dropped
+    rows; not differentiable) when ``return_lse``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"register_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(layout, RegisterLayout):
+        raise TypeError(f"register_attention: layout must be a RegisterLayout, got {type(layout).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"register_attention: q must be [B, H, N, D], got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"register_attention: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"register_attention: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"register_attention: {name} must be on q's device {q.device}, got {t.device}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"register_attention: dtype must be float32, float16 or bfloat16, got {q.dtype}")
+    B, H, N, D = q.shape
+    if N != layout.seq_len:
+        raise ValueError(f"register_attention: layout {layout} expects N = {layout.seq_len} tokens, got N = {N}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"register_attention: head dim D must be in [1, {MAX_HEAD_DIM}], got {D}")
+    if keep is None:
+        keep = torch.full((B,), layout.registers, dtype=torch.int32, device=q.device)
+    else:
+        if not isinstance(keep, torch.Tensor):
+            raise TypeError(f"register_attention: keep must be an int tensor [B] or None, got {type(keep).__name__}")
+        if keep.dtype.is_floating_point or keep.dtype.is_complex or keep.dtype == torch.bool:
+            raise ValueError(f"register_attention: keep must be an integer tensor, got {keep.dtype}")
+        if tuple(keep.shape) != (B,):
+            raise ValueError(f"register_attention: keep must have shape [B] = ({B},), got {tuple(keep.shape)}")
+        if keep.device != q.device:
+            raise ValueError(f"register_attention: keep must be on q's device {q.device}, got {keep.device}")
+        keep = keep.to(torch.int32)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    out, lse = _register_attention(q, k, v, layout.blocks, layout.patches, layout.registers, layout.mode,
+                                   keep, float(scale))
+    return (out, lse) if return_lse else out

@@ -1,0 +1,138 @@
+"""FSQ op (SPEC.md §1): argument checks, torch.library custom ops, autograd, backends."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .. import dispatch
+from ..reference import fsq as ref
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+for _op in ("fsq_forward", "fsq_backward", "fsq_decode"):
+    dispatch.register(_op, "reference", f"vft_kernels.reference.fsq:{_op}")
+    dispatch.register(_op, "triton", f"vft_kernels.triton.fsq:{_op}", check="vft_kernels.triton.fsq:supports")
+    dispatch.register(_op, "cpu", f"vft_kernels.cpp.fsq:{_op}", devices=("cpu",),
+                      check="vft_kernels.cpp.fsq:supports")
+    dispatch.register(_op, "cuda", f"vft_kernels.cpp.fsq:{_op}", devices=("cuda",),
+                      check="vft_kernels.cpp.fsq:supports")
+
+
+def check_levels(levels, d: Optional[int] = None) -> tuple[int, ...]:
+    """Validate FSQ levels (and that there is one per feature dim); returns a tuple."""
+    if isinstance(levels, torch.Tensor):
+        levels = levels.tolist()
+    try:
+        levels = tuple(levels)
+    except TypeError:
+        raise TypeError(f"fsq: levels must be a sequence of ints, got {type(levels).__name__}") from None
+    if len(levels) == 0:
+        raise ValueError("fsq: levels must be a non-empty sequence of ints >= 2, got ()")
+    bad = [L for L in levels if not isinstance(L, int) or isinstance(L, bool) or L < 2]
+    if bad:
+        raise ValueError(f"fsq: every level must be an int >= 2, got {bad[0]!r} in levels={levels}")
+    if d is not None and len(levels) != d:
+        raise ValueError(f"fsq: expected len(levels) == z.shape[-1] == {d}, got {len(levels)} levels {levels}")
+    return levels
+
+
+# --------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile; the backend is chosen when they run)
+
+
+@torch.library.custom_op("vft::fsq_quantize", mutates_args=())
+def _fsq_quantize(z: torch.Tensor, levels: list[int], eps: float,
+                  out_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
+    levels = tuple(levels)
+    codes_dtype = out_dtype or ref.compute_dtype(z.dtype)
+    return dispatch.call("fsq_forward", z.device, z, levels, eps, codes_dtype)
+
+
+@_fsq_quantize.register_fake
+def _(z, levels, eps, out_dtype):
+    codes = z.new_empty(z.shape, dtype=out_dtype or ref.compute_dtype(z.dtype))
+    return codes, z.new_empty(z.shape[:-1], dtype=ref.index_dtype(levels))
+
+
+@torch.library.custom_op("vft::fsq_quantize_backward", mutates_args=())
+def _fsq_quantize_backward(grad_codes: torch.Tensor, z: torch.Tensor, levels: list[int],
+                           eps: float) -> torch.Tensor:
+    return dispatch.call("fsq_backward", z.device, grad_codes, z, tuple(levels), eps)
+
+
+@_fsq_quantize_backward.register_fake
+def _(grad_codes, z, levels, eps):
+    return torch.empty_like(z)
+
+
+def _setup_context(ctx, inputs, output):
+    z, levels, eps, _ = inputs
+    ctx.save_for_backward(z)
+    ctx.levels, ctx.eps = levels, eps
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_codes, grad_indices):
+    (z,) = ctx.saved_tensors
+    return _fsq_quantize_backward(grad_codes, z, ctx.levels, ctx.eps), None, None, None
+
+
+_fsq_quantize.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("vft::fsq_indices_to_codes", mutates_args=())
+def _fsq_indices_to_codes(indices: torch.Tensor, levels: list[int], validate: bool) -> torch.Tensor:
+    levels = tuple(levels)
+    if validate and indices.numel() > 0:
+        n = math.prod(levels)
+        bad = (indices != -1) & ((indices < 0) | (indices >= n))
+        if bool(bad.any()):
+            value = int(indices[bad].reshape(-1)[0])
+            raise ValueError(f"fsq_indices_to_codes: index {value} is outside the valid range [0, {n}) "
+                             f"for levels {levels} (-1 marks a NaN row)")
+    return dispatch.call("fsq_decode", indices.device, indices, levels)
+
+
+@_fsq_indices_to_codes.register_fake
+def _(indices, levels, validate):
+    return indices.new_empty(tuple(indices.shape) + (len(levels),), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+
+
+def fsq_quantize(z: torch.Tensor, levels: Sequence[int], eps: float = 1e-3,
+                 out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Finite scalar quantization of ``z`` [..., d] (fp32/fp16/bf16, any strides).
+
+    Returns ``codes`` [..., d] in [-1, 1] (float32, or ``out_dtype``) and ``indices`` [...]
+    (int32, int64 when prod(levels) >= 2**31; -1 for rows containing NaN). ``codes`` is
+    differentiable (straight-through rounding); ``indices`` is not."""
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"fsq_quantize: z must be a torch.Tensor, got {type(z).__name__}")
+    if z.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"fsq_quantize: z must be a float tensor (float32, float16, bfloat16), got {z.dtype}")
+    if z.dim() < 1:
+        raise ValueError(f"fsq_quantize: z must have shape [..., d], got a 0-dim tensor")
+    levels = check_levels(levels, z.shape[-1])
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"fsq_quantize: out_dtype must be a float dtype or None, got {out_dtype}")
+    if not (isinstance(eps, (int, float)) and 0 <= eps < 1):
+        raise ValueError(f"fsq_quantize: eps must be a float in [0, 1), got {eps!r}")
+    return _fsq_quantize(z, list(levels), float(eps), out_dtype)
+
+
+def fsq_indices_to_codes(indices: torch.Tensor, levels: Sequence[int], validate: bool = True) -> torch.Tensor:
+    """Decode FSQ ``indices`` [...] (int) into codes [..., d] float32; -1 decodes to NaN.
+
+    With ``validate`` (default) any other index outside [0, prod(levels)) raises ValueError
+    (this inspects the values, a host sync on GPU)."""
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"fsq_indices_to_codes: indices must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(f"fsq_indices_to_codes: indices must be an integer tensor, got {indices.dtype}")
+    levels = check_levels(levels)
+    return _fsq_indices_to_codes(indices, list(levels), bool(validate))

@@ -1,0 +1,1 @@
+"""Triton kernels (backend "triton"), one file per op, plus aot.py (ahead-of-time compile report)."""
