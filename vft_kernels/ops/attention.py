@@ -15,9 +15,9 @@ MAX_HEAD_DIM = 256
 for _op in ("attention_forward", "attention_backward"):
     dispatch.register(_op, "reference", f"vft_kernels.reference.attention:{_op}")
     dispatch.register(_op, "triton", f"vft_kernels.triton.attention:{_op}",
-                      check="vft_kernels.triton.attention:supports")
+                      check=f"vft_kernels.triton.attention:supports_{_op}")
     dispatch.register(_op, "cpu", f"vft_kernels.cpp.attention:{_op}", devices=("cpu",),
-                      check="vft_kernels.cpp.attention:supports")
+                      check=f"vft_kernels.cpp.attention:supports_{_op}")
 
 
 def _layout(T, P, R, mode):

@@ -17,11 +17,11 @@ GUIDANCE = ("none", "cfg", "apg")
 dispatch.register("flow_step", "reference", "vft_kernels.reference.flow:flow_step_out")
 dispatch.register("flow_heun_step", "reference", "vft_kernels.reference.flow:flow_heun_step_out")
 for _op in ("flow_step", "flow_heun_step"):
-    dispatch.register(_op, "triton", f"vft_kernels.triton.flow:{_op}", check="vft_kernels.triton.flow:supports")
+    dispatch.register(_op, "triton", f"vft_kernels.triton.flow:{_op}", check=f"vft_kernels.triton.flow:supports_{_op}")
     dispatch.register(_op, "cpu", f"vft_kernels.cpp.flow:{_op}", devices=("cpu",),
-                      check="vft_kernels.cpp.flow:supports")
+                      check=f"vft_kernels.cpp.flow:supports_{_op}")
     dispatch.register(_op, "cuda", f"vft_kernels.cpp.flow:{_op}", devices=("cuda",),
-                      check="vft_kernels.cpp.flow:supports")
+                      check=f"vft_kernels.cpp.flow:supports_{_op}")
 
 Time = Union[float, torch.Tensor]
 

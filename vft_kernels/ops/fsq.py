@@ -13,11 +13,11 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 for _op in ("fsq_forward", "fsq_backward", "fsq_decode"):
     dispatch.register(_op, "reference", f"vft_kernels.reference.fsq:{_op}")
-    dispatch.register(_op, "triton", f"vft_kernels.triton.fsq:{_op}", check="vft_kernels.triton.fsq:supports")
+    dispatch.register(_op, "triton", f"vft_kernels.triton.fsq:{_op}", check=f"vft_kernels.triton.fsq:supports_{_op}")
     dispatch.register(_op, "cpu", f"vft_kernels.cpp.fsq:{_op}", devices=("cpu",),
-                      check="vft_kernels.cpp.fsq:supports")
+                      check=f"vft_kernels.cpp.fsq:supports_{_op}")
     dispatch.register(_op, "cuda", f"vft_kernels.cpp.fsq:{_op}", devices=("cuda",),
-                      check="vft_kernels.cpp.fsq:supports")
+                      check=f"vft_kernels.cpp.fsq:supports_{_op}")
 
 
 def check_levels(levels, d: Optional[int] = None) -> tuple[int, ...]:
