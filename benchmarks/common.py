@@ -1,0 +1,36 @@
+"""What a benchmark module gives the harness (benchmarks/run.py).
+
+A module ``benchmarks/bench_<op>.py`` defines ``cases(ctx: Context) -> list[Case]``. Each
+case is one timed callable; cases with the same (op, name, shape, dtype) form a group,
+and the harness reports each case's ``speedup`` against the group's ``baseline``
+provider (normally "reference") measured in the same run, plus achieved GB/s or GFLOP/s
+against the copy bandwidth / matmul rate measured at the start of the run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class Context:
+    device: torch.device
+    quick: bool = False  # small shapes / few providers: the demo and smoke tests
+    copy_gbps: Optional[float] = None  # measured by the harness before the cases run
+    matmul_gflops: Optional[float] = None
+
+
+@dataclass
+class Case:
+    op: str  # "fsq", "attention", "flow", "e2e"
+    name: str  # what is timed, e.g. "forward", "forward+backward", "apg step"
+    shape: str  # human-readable shape, e.g. "4M x 6" or "B=4 H=12 N=512 D=64"
+    dtype: str  # "float32", "bfloat16", ...
+    provider: str  # "reference", "compile(reference)", "cpu", "triton", "sdpa(dense mask)", ...
+    fn: Callable[[], object]  # the timed call, inputs already prepared
+    baseline: str = "reference"  # provider of the same group that speedups are measured against
+    bytes: Optional[float] = None  # bytes that must move, for GB/s
+    flops: Optional[float] = None  # useful flops, for GFLOP/s
+    extra: dict = field(default_factory=dict)  # more columns (e.g. density, keep)
