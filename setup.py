@@ -26,10 +26,7 @@ try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError:
-    sys.exit(
-        "vft: building needs PyTorch installed first, then no build isolation:\n"
-        "    pip install torch==2.14.1 && pip install --no-build-isolation ."
-    )
+    sys.exit("vft: building needs PyTorch first: `pip install torch` then `pip install --no-build-isolation .`")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"

@@ -20,6 +20,7 @@ class Context:
     quick: bool = False  # small shapes / few providers: the demo and smoke tests
     copy_gbps: Optional[float] = None  # measured by the harness before the cases run
     matmul_gflops: Optional[float] = None
+    matmul_dtype: str = ""
 
 
 @dataclass

@@ -1,0 +1,231 @@
+"""Benchmark harness: ``python -m benchmarks.run [--ops fsq,attention,flow,e2e] [--quick]``.
+
+Measures the machine's copy bandwidth and matmul rate once, then times every case of
+every ``benchmarks/bench_<op>.py`` module (median with 20/80 quantiles:
+``torch.utils.benchmark`` on CPU, ``triton.testing.do_bench`` on GPU), and reports per
+case the speedup against its group's baseline (the reference, same run) and the
+achieved GB/s / GFLOP/s as a fraction of the measured ceilings. Writes
+``results.csv``, ``results.md`` and one PNG per op into ``--out`` and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+from .common import Case, Context
+
+OPS = ("fsq", "flow", "attention", "e2e")
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+
+
+def time_fn(fn, device: torch.device, min_run_time: float) -> tuple[float, float, float]:
+    """(median, q20, q80) seconds per call of ``fn``."""
+    if device.type == "cuda":
+        import triton.testing
+
+        med, q20, q80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=int(min_run_time * 1000))
+        return med / 1e3, q20 / 1e3, q80 / 1e3
+    from torch.utils import benchmark
+
+    fn()  # warm up (compilation, caches) outside the measurement
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    times = sorted(m.times)
+    if len(times) >= 5:
+        q = statistics.quantiles(times, n=10)
+        return m.median, q[1], q[7]
+    return m.median, times[0], times[-1]
+
+
+def measure_ceilings(ctx: Context, min_run_time: float) -> None:
+    """Copy bandwidth (read + write bytes of a large copy) and dense matmul rate."""
+    dev = ctx.device
+    n = (64 if dev.type == "cpu" else 256) * 2**20 // 4  # 64 MB (CPU) / 256 MB (GPU) of float32
+    src = torch.randn(n, device=dev)
+    dst = torch.empty_like(src)
+    t, _, _ = time_fn(lambda: dst.copy_(src), dev, min_run_time)
+    ctx.copy_gbps = 2 * src.numel() * 4 / t / 1e9
+    m = 1024 if dev.type == "cpu" else 8192
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    a = torch.randn(m, m, device=dev, dtype=dtype)
+    b = torch.randn(m, m, device=dev, dtype=dtype)
+    t, _, _ = time_fn(lambda: torch.mm(a, b), dev, min_run_time)
+    ctx.matmul_gflops = 2 * m**3 / t / 1e9
+    ctx.matmul_dtype = str(dtype).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------------------
+# Running
+
+
+def load_cases(op: str, ctx: Context) -> list[Case]:
+    try:
+        mod = importlib.import_module(f"benchmarks.bench_{op}")
+    except ModuleNotFoundError as e:
+        if e.name == f"benchmarks.bench_{op}":
+            print(f"[{op}] no benchmarks/bench_{op}.py yet; skipped", file=sys.stderr)
+            return []
+        raise
+    return mod.cases(ctx)
+
+
+def run_cases(cases: list[Case], ctx: Context, min_run_time: float, verbose=True) -> list[dict]:
+    rows = []
+    for case in cases:
+        row = {"op": case.op, "name": case.name, "shape": case.shape, "dtype": case.dtype,
+               "provider": case.provider, "baseline": case.baseline, **case.extra}
+        try:
+            med, q20, q80 = time_fn(case.fn, ctx.device, min_run_time)
+            row.update(median_ms=med * 1e3, q20_ms=q20 * 1e3, q80_ms=q80 * 1e3)
+            if case.bytes:
+                row["GB/s"] = case.bytes / med / 1e9
+                row["%copy"] = 100 * row["GB/s"] / ctx.copy_gbps
+            if case.flops:
+                row["GFLOP/s"] = case.flops / med / 1e9
+                row["%matmul"] = 100 * row["GFLOP/s"] / ctx.matmul_gflops
+        except Exception as e:  # noqa: BLE001 - one failing case must not stop the run
+            row["error"] = f"{type(e).__name__}: {e}"
+            if verbose:
+                traceback.print_exc()
+        rows.append(row)
+        if verbose:
+            t = f"{row['median_ms']:.3f} ms" if "median_ms" in row else row["error"][:80]
+            print(f"  {case.op:9s} {case.name:22s} {case.shape:28s} {case.dtype:9s} {case.provider:24s} {t}",
+                  file=sys.stderr, flush=True)
+    # speedup of each case against its group's baseline provider, measured in this run
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["name"], r["shape"], r["dtype"]), []).append(r)
+    for group in groups.values():
+        for r in group:
+            base = next((b for b in group if b["provider"] == r["baseline"] and "median_ms" in b), None)
+            if base is not None and "median_ms" in r:
+                r["speedup"] = base["median_ms"] / r["median_ms"]
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Output
+
+COLUMNS = ["op", "name", "shape", "dtype", "provider", "median_ms", "q20_ms", "q80_ms", "speedup", "baseline",
+           "GB/s", "%copy", "GFLOP/s", "%matmul"]
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return "" if v is None else str(v)
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    extra = sorted({k for r in rows for k in r} - set(COLUMNS) - {"error"})
+    cols = COLUMNS + extra + (["error"] if any("error" in r for r in rows) else [])
+    lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict], path: str, meta: dict) -> None:
+    keys = list(meta) + COLUMNS + sorted({k for r in rows for k in r} - set(COLUMNS))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**meta, **{k: r.get(k) for k in keys if k not in meta}})
+
+
+def plot(rows: list[dict], out_dir: str) -> list[str]:
+    """One PNG per op: median time per group, a bar per provider (log scale)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots", file=sys.stderr)
+        return []
+    paths = []
+    for op in sorted({r["op"] for r in rows}):
+        sub = [r for r in rows if r["op"] == op and "median_ms" in r]
+        if not sub:
+            continue
+        groups = list(dict.fromkeys(f"{r['name']}\n{r['shape']}\n{r['dtype']}" for r in sub))
+        providers = list(dict.fromkeys(r["provider"] for r in sub))
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.5))
+        width = 0.8 / len(providers)
+        for j, p in enumerate(providers):
+            xs, ys = [], []
+            for i, g in enumerate(groups):
+                hit = [r for r in sub if r["provider"] == p and f"{r['name']}\n{r['shape']}\n{r['dtype']}" == g]
+                if hit:
+                    xs.append(i + j * width)
+                    ys.append(hit[0]["median_ms"])
+            ax.bar(xs, ys, width, label=p)
+        ax.set_yscale("log")
+        ax.set_ylabel("median time [ms] (log)")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+        ax.set_xticklabels(groups, fontsize=7)
+        ax.set_title(f"vft {op}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{op}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="vft benchmarks (speedups against the reference, same run)")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
+    p.add_argument("--quick", action="store_true", help="small shapes, short timing (the demo)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="results", help="folder for results.csv / results.md / *.png")
+    p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per case")
+    args = p.parse_args(argv)
+    ops = [o for o in args.ops.split(",") if o]
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        p.error(f"unknown ops {unknown}; expected a subset of {OPS}")
+    min_run_time = args.min_run_time or (0.3 if args.quick else 1.0)
+    ctx = Context(device=torch.device(args.device), quick=args.quick)
+    measure_ceilings(ctx, min_run_time)
+    import vft_kernels
+
+    device_name = torch.cuda.get_device_name(0) if ctx.device.type == "cuda" else (platform.processor() or platform.machine())
+    meta = {"device": device_name, "threads": torch.get_num_threads(), "vft": vft_kernels.__version__,
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+    header = (f"vft benchmarks on {ctx.device.type} ({device_name}, {meta['threads']} threads), torch {torch.__version__}, "
+              f"{meta['date']}{' [quick]' if args.quick else ''}\n\n"
+              f"Ceilings measured in this run: copy {ctx.copy_gbps:.1f} GB/s (read+write), "
+              f"matmul {ctx.matmul_gflops:.1f} GFLOP/s ({ctx.matmul_dtype}). speedup = baseline median / median.")
+    print(header.splitlines()[0], file=sys.stderr)
+    rows = []
+    for op in ops:
+        rows += run_cases(load_cases(op, ctx), ctx, min_run_time)
+    os.makedirs(args.out, exist_ok=True)
+    write_csv(rows, os.path.join(args.out, "results.csv"), meta)
+    md = markdown(rows, header)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md)
+    pngs = plot(rows, args.out)
+    print(md)
+    print(f"wrote {args.out}/results.csv, {args.out}/results.md" + (", " + ", ".join(pngs) if pngs else ""))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
