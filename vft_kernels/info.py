@@ -40,7 +40,7 @@ def report() -> str:
             f"_C          built for torch {bi['torch']} (headers {bi.get('torch_headers')}), {bi['compiler']}, "
             f"OpenMP {bi.get('openmp')}",
             f"            cxx flags: {' '.join(bi['cxx_flags'])}",
-            f"            CUDA kernels: {'yes, ' + (bi.get('cuda_compiler') or '') + ', archs ' + ','.join(bi['cuda_archs']) if bi['with_cuda'] else 'no'}"
+            f"            CUDA kernels: {'yes, ' + (bi.get('cuda_compiler') or '') if bi['with_cuda'] else 'no'}"
             f" ({bi['cuda_reason']})",
             f"            kernels: {', '.join(kernels) if kernels else 'none yet'}",
         ]
