@@ -111,6 +111,15 @@ def test_flow_step_apg_momentum_in_place():
     assert counter.frame_count == 1
 
 
+def test_bad_keep_raises_under_compile():
+    layout = vk.RegisterLayout(2, 2, 1)
+    q = torch.randn(2, 1, layout.seq_len, 4)
+    cf, _ = compiled(lambda q, keep: vk.register_attention(q, q, q, layout, keep=keep))
+    cf(q, torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="got 2"):
+        cf(q, torch.tensor([1, 2]))
+
+
 def test_flow_heun_and_prefix():
     shape = (2, 3, 4, 2, 2)
     x, v1, v2 = (torch.randn(*shape) for _ in range(3))
@@ -121,3 +130,41 @@ def test_flow_heun_and_prefix():
     got = pre(x, v1, prefix)
     assert torch.equal(got, vk.flow_step(x, v1, 0.5, 0.25, prefix=prefix, prefix_len=1))
     assert torch.equal(got[:, :, :1], prefix)
+
+
+# --------------------------------------------------------------------------------------
+# torch.library.opcheck: schema, fake kernels (shapes/dtypes vs the real op), autograd
+# registration and AOT dispatch of every custom op, float32 and float64.
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_fsq(dtype):
+    z = torch.randn(3, 4, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.vft.fsq_quantize, (z, [8, 5, 5, 5], 1e-3, None))
+    torch.library.opcheck(torch.ops.vft.fsq_quantize, (z, [8, 5, 5, 5], 1e-3, torch.float16))
+    torch.library.opcheck(torch.ops.vft.fsq_quantize_backward, (torch.randn(3, 4), z.detach(), [8, 5, 5, 5], 1e-3))
+    idx = torch.tensor([[0, 5, 11], [999, 3, 7]], dtype=torch.int32)  # no -1: opcheck compares NaN != NaN
+    torch.library.opcheck(torch.ops.vft.fsq_indices_to_codes, (idx, [8, 5, 5, 5], True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_attention(dtype):
+    layout = vk.RegisterLayout(2, 3, 1)
+    q, k, v = (torch.randn(2, 1, layout.seq_len, 4, dtype=dtype, requires_grad=True) for _ in range(3))
+    keep = torch.tensor([0, 1], dtype=torch.int32)
+    args = (2, 3, 1, "block_causal_last", keep, 0.5)
+    torch.library.opcheck(torch.ops.vft.register_attention, (q, k, v) + args)
+    out, lse = torch.ops.vft.register_attention(q.detach(), k.detach(), v.detach(), *args)
+    torch.library.opcheck(torch.ops.vft.register_attention_backward,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse) + args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_flow(dtype):
+    shape = (2, 3, 2, 2)
+    x, vc, vu, out, mom = (torch.randn(*shape, dtype=dtype) for _ in range(5))
+    t, tn = torch.tensor([0.5, 0.75]), torch.tensor([0.25, 0.5])
+    torch.library.opcheck(torch.ops.vft.flow_step,
+                          (out, x, vc, vu, t, tn, "apg", 2.0, 0.5, 1.0, 0.5, mom, 3, None, 0))
+    torch.library.opcheck(torch.ops.vft.flow_step,
+                          (out, x, vc, None, t, tn, "none", 1.0, 0.0, 0.0, 0.0, None, 2, x[:, :, :1].clone(), 1))
+    torch.library.opcheck(torch.ops.vft.flow_heun_step, (out, x, vc, vu, t, tn))
