@@ -46,7 +46,9 @@ def _register_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
 @_register_attention.register_fake
 def _(q, k, v, blocks, patches, registers, mode, keep, scale):
     B, H, N, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, H, N), dtype=torch.float32)
+    # lse is float32, float64 for float64 input (as the reference computes it)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q), q.new_empty((B, H, N), dtype=lse_dtype)
 
 
 @torch.library.custom_op("vft::register_attention_backward", mutates_args=())

@@ -122,6 +122,11 @@ def fsq_quantize(z: torch.Tensor, levels: Sequence[int], eps: float = 1e-3,
         raise TypeError(f"fsq_quantize: out_dtype must be a float dtype or None, got {out_dtype}")
     if not (isinstance(eps, (int, float)) and 0 <= eps < 1):
         raise ValueError(f"fsq_quantize: eps must be a float in [0, 1), got {eps!r}")
+    # |bounded| reaches (L - 1) (1 + eps) / 2 (+ offset) for large |z|: q stays inside
+    # [-(L // 2), (L - 1) // 2] (a valid code and index) only when eps * (L - 1) < 1.
+    if eps * (max(levels) - 1) >= 1:
+        raise ValueError(f"fsq_quantize: eps={eps!r} is too large for level {max(levels)}: codes stay in "
+                         f"range only when eps * (L - 1) < 1, i.e. eps < {1 / (max(levels) - 1):.3g}")
     return _fsq_quantize(z, list(levels), float(eps), out_dtype)
 
 

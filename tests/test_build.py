@@ -1,0 +1,94 @@
+"""The compiled extension vft_kernels._C (build metadata) and the package without it."""
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import vft_kernels as vk
+from vft_kernels import _ext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_C_imports_and_build_info_is_sane():
+    assert _ext.C is not None, f"vft_kernels._C did not load: {_ext.load_error}"
+    from vft_kernels import _C
+
+    info = _C.build_info()
+    assert info["torch"] == torch.__version__
+    assert info["version"] == vk.__version__
+    assert info["torch_headers"] == torch.__version__.split("+")[0]
+    assert re.match(r"(gcc|clang) \d+\.\d+", info["compiler"]), info["compiler"]
+    assert isinstance(info["cxx_flags"], list) and all(isinstance(f, str) for f in info["cxx_flags"])
+    assert "-O3" in info["cxx_flags"]
+    assert isinstance(info["with_cuda"], bool) and isinstance(info["cuda_reason"], str) and info["cuda_reason"]
+    if info["with_cuda"]:
+        assert info["cuda_archs"] and all(re.fullmatch(r"\d+\.\d+(\+PTX)?a?", a) for a in info["cuda_archs"])
+        assert info["cuda_compiler"]
+        assert any(f.endswith(".cu") for f in info["sources"])
+    else:
+        assert info["cuda_archs"] == [] and info["cuda_compiler"] is None
+        assert not any(f.endswith(".cu") for f in info["sources"])
+    assert "csrc/bindings.cpp" in info["sources"]
+
+
+def _run(code, **env_extra):
+    env = dict(os.environ, PYTHONPATH=ROOT, **env_extra)
+    env.pop("VFT_BACKEND", None)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=180)
+
+
+WORKS_WITHOUT_C = """
+    import torch, vft_kernels as vk
+    from vft_kernels import _ext, info
+    assert _ext.C is None, _ext.C
+    print("LOAD_ERROR:", _ext.load_error)
+    z = torch.randn(4, 3)
+    codes, idx = vk.fsq_quantize(z, (3, 4, 5))
+    assert torch.equal(vk.fsq_indices_to_codes(idx, (3, 4, 5)), codes)
+    layout = vk.RegisterLayout(2, 3, 1)
+    q = torch.randn(1, 2, layout.seq_len, 8)
+    assert vk.register_attention(q, q, q, layout).shape == q.shape
+    x = torch.randn(2, 3, 2, 2)
+    assert torch.allclose(vk.flow_step(x, x, 1.0, 0.5), x * 0.5)
+    table = vk.available_backends()
+    assert all(table[op]["cpu"] == ["reference"] for op in table), table
+    print(info.report())
+    try:
+        vk.use_backend("cpu")
+    except vk.BackendUnavailableError as e:
+        print("FORCED:", e)
+"""
+
+
+@pytest.mark.parametrize("how", ["env", "sys.modules"])
+def test_package_works_without_C(how):
+    if how == "env":
+        res = _run(WORKS_WITHOUT_C, VFT_DISABLE_EXT="1")
+        why = "VFT_DISABLE_EXT=1"
+    else:
+        res = _run("import sys; sys.modules['vft_kernels._C'] = None\n" + textwrap.dedent(WORKS_WITHOUT_C))
+        why = "vft_kernels._C"
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "LOAD_ERROR:" in out and why in out.split("LOAD_ERROR:")[1].splitlines()[0]
+    assert re.search(r"_C\s+not loaded: .*" + re.escape(why), out), out  # info says why
+    assert "FORCED:" in out and why in out.split("FORCED:")[1], out
+
+
+def test_setup_without_torch_is_one_line():
+    code = """
+        import runpy, sys
+        sys.modules["torch"] = None  # as if torch were not installed
+        sys.argv = ["setup.py", "--version"]
+        runpy.run_path("setup.py", run_name="__main__")
+    """
+    res = _run(code)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr, res.stderr
+    assert "pip install torch" in res.stderr and "--no-build-isolation" in res.stderr, res.stderr

@@ -1,0 +1,187 @@
+"""Backend registry and selection (DESIGN.md, Backends): available_backends, use_backend,
+VFT_BACKEND, quiet fallback, loud forced failures, output poisoning, `python -m vft_kernels.info`."""
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import vft_kernels as vk
+from vft_kernels import dispatch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _automatic(monkeypatch):
+    monkeypatch.delenv("VFT_BACKEND", raising=False)
+    with vk.use_backend(None):
+        yield
+
+
+def test_available_backends_structure():
+    table = vk.available_backends()
+    assert set(table) == set(dispatch.OPS)
+    for op, per_device in table.items():
+        assert "cpu" in per_device
+        assert set(per_device) <= {"cpu", "cuda"}
+        assert ("cuda" in per_device) == torch.cuda.is_available()
+        for dev, names in per_device.items():
+            assert isinstance(names, list) and names, (op, dev)
+            assert names[-1] == "reference", (op, dev, names)
+            order = dispatch.PRIORITY[dev]
+            assert names == sorted(names, key=order.index), (op, dev, names)  # priority order
+            assert len(set(names)) == len(names)
+            for name in names:  # each listed backend really loads
+                assert dispatch.explain(op, dev)[order.index(name)] == (name, None)
+
+
+def test_use_backend_function_and_context_manager():
+    assert dispatch.forced_backend() is None
+    vk.use_backend("reference")
+    try:
+        assert dispatch.forced_backend() == "reference"
+        with vk.use_backend(None):
+            assert dispatch.forced_backend() is None
+            with vk.use_backend("reference") as cm:
+                assert cm is not None and dispatch.forced_backend() == "reference"
+            assert dispatch.forced_backend() is None
+        assert dispatch.forced_backend() == "reference"
+        with pytest.raises(RuntimeError):
+            with vk.use_backend(None):
+                raise RuntimeError("boom")
+        assert dispatch.forced_backend() == "reference"  # restored on exceptions too
+    finally:
+        vk.use_backend(None)
+    assert dispatch.forced_backend() is None
+
+
+def test_env_var_forces_and_use_backend_overrides(monkeypatch):
+    monkeypatch.setenv("VFT_BACKEND", "reference")
+    assert dispatch.forced_backend() == "reference"
+    name, _ = dispatch.select("fsq_forward", torch.device("cpu"), torch.randn(2, 3), (3, 3, 3), 1e-3, torch.float32)
+    assert name == "reference"
+    with vk.use_backend("reference"):
+        assert dispatch.forced_backend() == "reference"
+    monkeypatch.setenv("VFT_BACKEND", "cuda")
+    with vk.use_backend("reference"):  # the explicit choice wins over the environment
+        vk.fsq_quantize(torch.randn(2, 3), (3, 3, 3))
+    monkeypatch.setenv("VFT_BACKEND", "")
+    assert dispatch.forced_backend() is None
+
+
+def test_forced_reference_runs_every_op():
+    layout = vk.RegisterLayout(2, 3, 1)
+    q, k, v = (torch.randn(1, 1, layout.seq_len, 4, requires_grad=True) for _ in range(3))
+    z = torch.randn(5, 3, requires_grad=True)
+    x = torch.randn(2, 1, 2, 3)
+    with vk.use_backend("reference"):
+        codes, idx = vk.fsq_quantize(z, (3, 4, 5))
+        codes.sum().backward()
+        vk.fsq_indices_to_codes(idx, (3, 4, 5))
+        vk.register_attention(q, k, v, layout).sum().backward()
+        vk.flow_step(x, x, 0.5, 0.25, x, "apg", 2.0)
+        vk.flow_heun_step(x, x, x, 0.5, 0.25)
+    assert z.grad is not None and q.grad is not None
+    for op in dispatch.OPS:
+        assert dispatch._try(op, "reference", torch.device("cpu"), (), {})[1] is None
+
+
+@pytest.fixture
+def fake_backend(monkeypatch):
+    """A `cpu` fsq_forward kernel that supports only float16 and counts its calls."""
+    mod = types.ModuleType("vft_fake_backend")
+    mod.calls = 0
+
+    def fsq_forward(z, levels, eps, codes_dtype):
+        mod.calls += 1
+        from vft_kernels.reference.fsq import fsq_forward as ref
+        return ref(z, levels, eps, codes_dtype)
+
+    def supports_fsq_forward(z, levels, eps, codes_dtype):
+        return None if z.dtype == torch.float16 else f"dtype {z.dtype} not supported"
+
+    mod.fsq_forward, mod.supports_fsq_forward = fsq_forward, supports_fsq_forward
+    monkeypatch.setitem(sys.modules, "vft_fake_backend", mod)
+    monkeypatch.setitem(dispatch._REGISTRY, ("fsq_forward", "cpu"),
+                        dispatch._Entry("vft_fake_backend:fsq_forward", ("cpu",),
+                                        "vft_fake_backend:supports_fsq_forward"))
+    monkeypatch.setattr(dispatch, "backend_status", lambda b: None if b in ("reference", "cpu") else "off")
+    return mod
+
+
+def test_automatic_selection_and_quiet_fallback(fake_backend):
+    vk.fsq_quantize(torch.randn(3, 2).half(), (3, 3))
+    assert fake_backend.calls == 1                  # the first backend in priority order that fits
+    vk.fsq_quantize(torch.randn(3, 2), (3, 3))      # float32: unsupported -> reference, quietly
+    assert fake_backend.calls == 1
+    assert dispatch.select("fsq_forward", torch.device("cpu"), torch.randn(1, 2), (3, 3), 1e-3, None)[0] == "reference"
+
+
+def test_forced_backend_that_does_not_support_the_call(fake_backend):
+    with vk.use_backend("cpu"):
+        vk.fsq_quantize(torch.randn(3, 2).half(), (3, 3))
+        assert fake_backend.calls == 1
+        with pytest.raises(vk.BackendUnavailableError) as e:
+            vk.fsq_quantize(torch.randn(3, 2), (3, 3))
+    assert "'cpu'" in str(e.value) and "dtype torch.float32 not supported" in str(e.value)
+
+
+def test_unloadable_backend_falls_back_and_forced_reports(monkeypatch):
+    monkeypatch.setitem(dispatch._REGISTRY, ("flow_heun_step", "cpu"),
+                        dispatch._Entry("vft_no_such_module:flow_heun_step", ("cpu",)))
+    monkeypatch.setattr(dispatch, "backend_status", lambda b: None if b in ("reference", "cpu") else "off")
+    x = torch.randn(2, 1, 2, 2)
+    torch.testing.assert_close(vk.flow_heun_step(x, x, x, 1.0, 0.5), x * 0.5)
+    assert "cpu" not in vk.available_backends()["flow_heun_step"]["cpu"]
+    with vk.use_backend("cpu"):
+        with pytest.raises(vk.BackendUnavailableError) as e:
+            vk.flow_heun_step(x, x, x, 1.0, 0.5)
+    assert "vft_no_such_module" in str(e.value) and "could not be loaded" in str(e.value)
+
+
+def test_nothing_fits_lists_every_reason(monkeypatch):
+    monkeypatch.setattr(dispatch, "PRIORITY", {"cpu": ("cpu",)})
+    monkeypatch.setattr(dispatch, "backend_status", lambda b: f"{b} switched off for the test")
+    with pytest.raises(vk.BackendUnavailableError) as e:
+        dispatch.select("fsq_decode", torch.device("cpu"), torch.zeros(2, dtype=torch.int32), (3,))
+    assert "cpu: cpu switched off for the test" in str(e.value)
+
+
+def test_poison_outputs():
+    with dispatch.poison_outputs(True):
+        f = dispatch.new_output((3, 4), torch.float16, "cpu")
+        i = dispatch.new_output((5,), torch.int32, "cpu")
+        assert f.dtype == torch.float16 and f.shape == (3, 4) and bool(torch.isnan(f).all())
+        assert i.dtype == torch.int32 and bool((i == dispatch.INT_POISON).all())
+        assert dispatch.INT_POISON < -1  # neither a valid FSQ index nor the NaN-row marker -1
+        with dispatch.poison_outputs(False):
+            assert not dispatch.poisoning()
+            assert dispatch.new_output((2,), torch.float32, "cpu").shape == (2,)
+        assert dispatch.poisoning()
+    # the conftest fixture keeps tests poisoned
+    assert dispatch.poisoning()
+
+
+def test_info_prints_backend_table():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("VFT_BACKEND", None)
+    res = subprocess.run([sys.executable, "-m", "vft_kernels.info"], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert f"torch       {torch.__version__}" in out
+    assert "_C" in out and "automatic" in out
+    for op in dispatch.OPS:
+        assert f"  {op}" in out, op
+        rows = [line.split() for line in out.splitlines() if line.split()[:3] == [op, "cpu", "->"]]
+        assert len(rows) == 1 and rows[0][3] == vk.available_backends()[op]["cpu"][0], (op, rows)
+
+
+def test_info_report_shows_forced_backend(monkeypatch):
+    from vft_kernels import info
+
+    monkeypatch.setenv("VFT_BACKEND", "reference")
+    assert "forced: reference" in info.report()
