@@ -1,5 +1,6 @@
 # Fresh machine: `make demo` runs the demo, `make test` runs the tests. Both create a local
-# virtualenv (.venv) with torch 2.14.1 and build the C++/CUDA extension in place.
+# virtualenv (.venv) with torch 2.14.1 and build the C++/CUDA extension in place; the
+# package is used from this checkout (PYTHONPATH), so nothing is built twice.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -14,27 +15,23 @@ $(VENV)/.deps: requirements-dev.txt
 	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml
-	$(BUILD_LOCK) $(VENV)/bin/pip install --quiet --no-build-isolation --no-deps -e .
-	touch $@
-
-build: $(VENV)/.installed
+build: $(VENV)/.deps
 	$(BUILD_LOCK) $(PY) setup.py --quiet build_ext --inplace
 
 test: build
-	$(PY) -m pytest -q tests
+	PYTHONPATH=$(CURDIR) $(PY) -m pytest -q tests
 
 demo: build
-	$(PY) -m benchmarks.run --quick
+	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.run --quick
 
 bench: build
-	$(PY) -m benchmarks.run
+	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.run
 
 info: build
-	$(PY) -m vft_kernels.info
+	PYTHONPATH=$(CURDIR) $(PY) -m vft_kernels.info
 
 aot: build
-	env -u TRITON_INTERPRET $(PY) -m vft_kernels.triton.aot
+	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR) $(PY) -m vft_kernels.triton.aot
 
 clean:
 	rm -rf build vft_kernels/_C*.so .pytest_cache results
