@@ -1,6 +1,5 @@
 """Every bad input of SPEC.md raises the right exception with a message naming the
 offending value (and, where there is one, the expected value)."""
-import math
 
 import pytest
 import torch
