@@ -1,6 +1,5 @@
 """Every bad input of SPEC.md raises the right exception with a message naming the
 offending value (and, where there is one, the expected value)."""
-import math
 
 import pytest
 import torch
@@ -51,6 +50,9 @@ def test_fsq_eps():
     # eps * (L - 1) >= 1 would let +-inf (or large z) round outside [-(L//2), (L-1)//2]
     raises(ValueError, lambda: vk.fsq_quantize(z, (3, 8), eps=0.5), "0.5", "8")
     raises(ValueError, lambda: vk.fsq_quantize(torch.randn(2, 1), (1003,)), "0.001", "1003")
+    # L = 2 with eps = 0: shift = atanh(1) = inf, so z = -inf would give NaN instead of a code
+    raises(ValueError, lambda: vk.fsq_quantize(z, (2, 4), eps=0.0), "(2, 4)", "eps=0.0")
+    assert vk.fsq_quantize(z, (3, 4), eps=0.0)[1].shape == (4,)  # eps = 0 is fine otherwise
 
 
 @pytest.mark.parametrize("itype", [torch.int32, torch.int64])

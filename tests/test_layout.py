@@ -7,7 +7,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import vft_kernels as vk
 from vft_kernels import RegisterLayout, Tile
 
 MODES = ("full", "block_causal", "block_causal_last")

@@ -124,6 +124,8 @@ def fsq_quantize(z: torch.Tensor, levels: Sequence[int], eps: float = 1e-3,
         raise ValueError(f"fsq_quantize: eps must be a float in [0, 1), got {eps!r}")
     # |bounded| reaches (L - 1) (1 + eps) / 2 (+ offset) for large |z|: q stays inside
     # [-(L // 2), (L - 1) // 2] (a valid code and index) only when eps * (L - 1) < 1.
+    if eps == 0 and 2 in levels:  # shift = atanh(offset / half_l) = atanh(1) = inf: -inf input gives NaN
+        raise ValueError(f"fsq_quantize: eps must be > 0 when a level is 2 (levels={levels}), got eps={eps!r}")
     if eps * (max(levels) - 1) >= 1:
         raise ValueError(f"fsq_quantize: eps={eps!r} is too large for level {max(levels)}: codes stay in "
                          f"range only when eps * (L - 1) < 1, i.e. eps < {1 / (max(levels) - 1):.3g}")
