@@ -35,7 +35,6 @@ from ..dispatch import new_output
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MODE_IDS = {"full": 0, "block_causal": 1, "block_causal_last": 2}
-LOG2E = 1.4426950408889634
 
 # Tile classes, as vft_kernels.layout.Tile.
 MASKED = tl.constexpr(0)
@@ -169,7 +168,7 @@ def _load_keep(keep_ptr, b, R):
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, keep_ptr,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 sob, soh, son, sod, slb, slh,
-                N, T, P, R, qk_scale,
+                N, T, P, R, scale,
                 MODE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -185,7 +184,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, keep_ptr,
     k_base = k_ptr + b * skb + h * skh + offs_d[:, None] * skd  # K^T tile [D, BLOCK_N]
     v_base = v_ptr + b * svb + h * svh + offs_d[None, :] * svd
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 domain
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of the scores
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     k_end = _key_end(q0, tl.minimum(q0 + BLOCK_M, N), keep, T, S, P, MODE)
@@ -196,21 +195,21 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, keep_ptr,
             col_ok = offs_n < N
             kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * skn, mask=col_ok[None, :], other=0.0)
             v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * svn, mask=col_ok[:, None], other=0.0)
-            s = tl.dot(q, kt) * qk_scale
+            s = tl.dot(q, kt) * scale
             if cls == PARTIAL:
                 s = tl.where(_allowed(offs_m, offs_n, keep, N, S, P, MODE), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # Rows with no allowed key yet keep m = -inf; shift them by 0 to avoid inf - inf.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
 
     live = l_i > 0.0  # dropped query rows saw no key: zero output, lse = -inf
     out = acc / tl.where(live, l_i, 1.0)[:, None]
-    lse = tl.where(live, (m_i + tl.log2(tl.where(live, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    lse = tl.where(live, m_i + tl.log(tl.where(live, l_i, 1.0)), float("-inf"))
     tl.store(out_ptr + b * sob + h * soh + offs_m.to(tl.int64)[:, None] * son + offs_d[None, :] * sod,
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     tl.store(lse_ptr + b * slb + h * slh + offs_m, lse, mask=row_ok)
@@ -237,7 +236,7 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr,
 def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, keep_ptr,
                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd, slb, slh,
                  sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-                 N, T, P, R, scale, qk_scale,
+                 N, T, P, R, scale,
                  MODE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -266,10 +265,10 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
             row_ok = offs_m < N
             qt = tl.load(qt_base + offs_m.to(tl.int64)[None, :] * sqn, mask=row_ok[None, :], other=0.0)
             do = tl.load(do_base + offs_m.to(tl.int64)[:, None] * sgn, mask=row_ok[:, None], other=0.0)
-            lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+            lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
             # Transposed scores [BLOCK_N, BLOCK_M]: the dk/dv products then need no transpose of P.
-            pt = tl.exp2(tl.dot(k, qt) * qk_scale - lse[None, :])
+            pt = tl.exp(tl.dot(k, qt) * scale - lse[None, :])
             if cls == PARTIAL:
                 # Dropped rows have lse = -inf (p = inf there): select, never multiply.
                 pt = tl.where(tl.trans(_allowed(offs_m, offs_n, keep, N, S, P, MODE)), pt, 0.0)
@@ -288,7 +287,7 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
 def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, keep_ptr,
                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd, slb, slh,
                sdqb, sdqh, sdqn, sdqd,
-               N, T, P, R, scale, qk_scale,
+               N, T, P, R, scale,
                MODE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -302,7 +301,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, keep_ptr
     rows = offs_m.to(tl.int64)[:, None]
     q = tl.load(q_ptr + b * sqb + h * sqh + rows * sqn + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
     do = tl.load(do_ptr + b * sgb + h * sgh + rows * sgn + offs_d[None, :] * sgd, mask=row_ok[:, None], other=0.0)
-    lse = tl.load(lse_ptr + b * slb + h * slh + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse = tl.load(lse_ptr + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
     kt_base = k_ptr + b * skb + h * skh + offs_d[:, None] * skd  # K^T, V^T tiles [D, BLOCK_N]
     vt_base = v_ptr + b * svb + h * svh + offs_d[:, None] * svd
@@ -316,7 +315,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, keep_ptr
             col_ok = offs_n < N
             kt = tl.load(kt_base + offs_n.to(tl.int64)[None, :] * skn, mask=col_ok[None, :], other=0.0)
             vt = tl.load(vt_base + offs_n.to(tl.int64)[None, :] * svn, mask=col_ok[None, :], other=0.0)
-            p = tl.exp2(tl.dot(q, kt) * qk_scale - lse[:, None])
+            p = tl.exp(tl.dot(q, kt) * scale - lse[:, None])
             if cls == PARTIAL:
                 p = tl.where(_allowed(offs_m, offs_n, keep, N, S, P, MODE), p, 0.0)
             dp = tl.dot(do, vt)
@@ -400,7 +399,7 @@ def attention_forward(q, k, v, layout, keep, scale, *, block_m=None, block_n=Non
     keep = keep.to(torch.int32)
     grid = (triton.cdiv(N, bm), H, B)
     _fwd_kernel[grid](q, k, v, out, lse, keep, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                      lse.stride(0), lse.stride(1), N, *_layout_args(layout), float(scale) * LOG2E,
+                      lse.stride(0), lse.stride(1), N, *_layout_args(layout), float(scale),
                       MODE=MODE_IDS[layout.mode], D=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
                       num_stages=stages)
     return out, lse
@@ -423,7 +422,7 @@ def attention_backward(dout, q, k, v, out, lse, layout, keep, scale, *, block_m=
                                               delta.stride(0), delta.stride(1), N, D=D, BLOCK_M=bm,
                                               num_warps=warps)
     common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1))
-    sizes = (N, *_layout_args(layout), float(scale), float(scale) * LOG2E)
+    sizes = (N, *_layout_args(layout), float(scale))
     meta = dict(MODE=MODE_IDS[layout.mode], D=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     _dkdv_kernel[(triton.cdiv(N, bn), H, B)](q, k, v, dout, lse, delta, dk, dv, keep, *common,
                                              *dk.stride(), *dv.stride(), *sizes, **meta)
@@ -466,7 +465,7 @@ def aot_variants(modes=tuple(MODE_IDS), head_dims=HEAD_DIMS, dtypes=DTYPES):
                 fwd_sig = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "out_ptr": f"*{t}",
                            "lse_ptr": "*fp32", "keep_ptr": "*i32", **strides,
                            **{f"so{y}": "i32" for y in "bhnd"}, "slb": "i32", "slh": "i32", **ints,
-                           "qk_scale": "fp32", "MODE": "constexpr", "D": "constexpr",
+                           "scale": "fp32", "MODE": "constexpr", "D": "constexpr",
                            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
                 consts = {"MODE": mode_id, "D": D}
                 variants.append(Variant(f"attn_fwd_{mode}_{tag}", _fwd_kernel, fwd_sig,
@@ -474,7 +473,7 @@ def aot_variants(modes=tuple(MODE_IDS), head_dims=HEAD_DIMS, dtypes=DTYPES):
                 bwd_in = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "do_ptr": f"*{t}",
                           "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
                 bwd_strides = {**strides, **{f"sg{y}": "i32" for y in "bhnd"}, "slb": "i32", "slh": "i32"}
-                tail = {**ints, "scale": "fp32", "qk_scale": "fp32", "MODE": "constexpr", "D": "constexpr",
+                tail = {**ints, "scale": "fp32", "MODE": "constexpr", "D": "constexpr",
                         "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
                 bconsts = {**consts, "BLOCK_M": bbm, "BLOCK_N": bbn}
                 variants.append(Variant(
