@@ -129,18 +129,19 @@ def _query_range(k0, k1, keep, T, S, P, MODE: tl.constexpr):
 
 
 @triton.jit
-def _allowed(offs_q, offs_k, keep, N, S, P, MODE: tl.constexpr):
-    """Elementwise mask [BQ, BK] (layout.allowed plus the sequence edge), for partial tiles."""
-    tq = offs_q // S
-    jq = offs_q % S
-    tk = offs_k // S
-    jk = offs_k % S
-    ok = ((jq < P + keep) & (offs_q < N))[:, None] & ((jk < P + keep) & (offs_k < N))[None, :]
+def _allowed(qi, ki, keep, N, S, P, MODE: tl.constexpr):
+    """Elementwise mask (layout.allowed plus the sequence edge) for partial tiles. ``qi`` and
+    ``ki`` are broadcastable 2-D index tensors ([BQ, 1] and [1, BK], or transposed), so
+    the div/mod runs once per row and column, not per pair."""
+    tq = qi // S
+    jq = qi % S
+    tk = ki // S
+    jk = ki % S
+    ok = (jq < P + keep) & (qi < N) & (jk < P + keep) & (ki < N)
     if MODE == 1:
-        ok = ok & (tk[None, :] <= tq[:, None])
+        ok = ok & (tk <= tq)
     elif MODE == 2:
-        same = (jk[None, :] < P) | ((jq[:, None] >= P) & (jk[None, :] <= jq[:, None]))
-        ok = ok & ((tk[None, :] < tq[:, None]) | ((tk[None, :] == tq[:, None]) & same))
+        ok = ok & ((tk < tq) | ((tk == tq) & ((jk < P) | ((jq >= P) & (jk <= jq)))))
     return ok
 
 
@@ -197,7 +198,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, keep_ptr,
             v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * svn, mask=col_ok[:, None], other=0.0)
             s = tl.dot(q, kt) * scale
             if cls == PARTIAL:
-                s = tl.where(_allowed(offs_m, offs_n, keep, N, S, P, MODE), s, float("-inf"))
+                s = tl.where(_allowed(offs_m[:, None], offs_n[None, :], keep, N, S, P, MODE), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # Rows with no allowed key yet keep m = -inf; shift them by 0 to avoid inf - inf.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -271,7 +272,7 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
             pt = tl.exp(tl.dot(k, qt) * scale - lse[None, :])
             if cls == PARTIAL:
                 # Dropped rows have lse = -inf (p = inf there): select, never multiply.
-                pt = tl.where(tl.trans(_allowed(offs_m, offs_n, keep, N, S, P, MODE)), pt, 0.0)
+                pt = tl.where(_allowed(offs_m[None, :], offs_n[:, None], keep, N, S, P, MODE), pt, 0.0)
             dv += tl.dot(pt.to(do.dtype), do)
             dpt = tl.dot(v, tl.trans(do))
             dst = pt * (dpt - delta[None, :])
@@ -317,7 +318,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, keep_ptr
             vt = tl.load(vt_base + offs_n.to(tl.int64)[None, :] * svn, mask=col_ok[None, :], other=0.0)
             p = tl.exp(tl.dot(q, kt) * scale - lse[:, None])
             if cls == PARTIAL:
-                p = tl.where(_allowed(offs_m, offs_n, keep, N, S, P, MODE), p, 0.0)
+                p = tl.where(_allowed(offs_m[:, None], offs_n[None, :], keep, N, S, P, MODE), p, 0.0)
             dp = tl.dot(do, vt)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
@@ -334,18 +335,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _fwd_config(D, dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel on GPU."""
-    if dtype == torch.float32:
-        return (64, 32, 4, 2) if D == 128 else (64, 64, 4, 2)
-    return (128, 64, 8, 2) if D == 128 else (128, 64, 4, 3)
-
-
-def _bwd_config(D, dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dk/dv and dq kernels on GPU."""
-    if dtype == torch.float32 or D == 128:
-        return (32, 64, 8 if D == 128 else 4, 2)
-    return (64, 64, 4, 2)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel on GPU; BLOCK_M tiles queries and
+# BLOCK_N keys in every kernel. Chosen so that every variant compiles for sm_80 and sm_90
+# without register spills and within 100 KB of shared memory (sm_86/sm_89 limit):
+# python -m vft_kernels.triton.aot --only attention.
+def _config(kernel, D, dtype):
+    fp32 = dtype == torch.float32
+    if kernel == "fwd":
+        if fp32:
+            return (64, 32, 8, 2) if D == 128 else (64, 64, 8, 2)
+        return (64, 64, 8, 2) if D == 128 else (128, 64, 8, 3)
+    if kernel == "dkdv":
+        if fp32:
+            return (32, 64, 8, 2) if D <= 32 else (32, 32, 4, 2)
+        return (64, 32, 8, 2) if D == 128 else (32, 64, 8, 2)
+    return (64, 32, 8, 2) if fp32 or D == 128 else (64, 64, 8, 2)  # dq
 
 
 def _blocks(config, q, block_m, block_n):
@@ -395,7 +399,7 @@ def attention_forward(q, k, v, layout, keep, scale, *, block_m=None, block_n=Non
     lse = new_output((B, H, N), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
-    bm, bn, warps, stages = _blocks(_fwd_config(D, q.dtype), q, block_m, block_n)
+    bm, bn, warps, stages = _blocks(_config("fwd", D, q.dtype), q, block_m, block_n)
     keep = keep.to(torch.int32)
     grid = (triton.cdiv(N, bm), H, B)
     _fwd_kernel[grid](q, k, v, out, lse, keep, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -414,20 +418,23 @@ def attention_backward(dout, q, k, v, out, lse, layout, keep, scale, *, block_m=
     dv = new_output((B, H, N, D), v.dtype, v.device)
     if dq.numel() == 0:
         return dq, dk, dv
-    bm, bn, warps, stages = _blocks(_bwd_config(D, q.dtype), q, block_m, block_n)
     keep = keep.to(torch.int32)
     lse = lse.contiguous()
     delta = new_output((B, H, N), torch.float32, q.device)
+    bm, bn, warps, stages = _blocks(_config("dq", D, q.dtype), q, block_m, block_n)
     _delta_kernel[(triton.cdiv(N, bm), H, B)](out, dout, delta, *out.stride(), *dout.stride(),
                                               delta.stride(0), delta.stride(1), N, D=D, BLOCK_M=bm,
-                                              num_warps=warps)
+                                              num_warps=4)
     common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1))
     sizes = (N, *_layout_args(layout), float(scale))
-    meta = dict(MODE=MODE_IDS[layout.mode], D=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    mode = MODE_IDS[layout.mode]
+    _dq_kernel[(triton.cdiv(N, bm), H, B)](q, k, v, dout, lse, delta, dq, keep, *common, *dq.stride(), *sizes,
+                                           MODE=mode, D=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                           num_stages=stages)
+    bm, bn, warps, stages = _blocks(_config("dkdv", D, q.dtype), q, block_m, block_n)
     _dkdv_kernel[(triton.cdiv(N, bn), H, B)](q, k, v, dout, lse, delta, dk, dv, keep, *common,
-                                             *dk.stride(), *dv.stride(), *sizes, **meta)
-    _dq_kernel[(triton.cdiv(N, bm), H, B)](q, k, v, dout, lse, delta, dq, keep, *common, *dq.stride(),
-                                           *sizes, **meta)
+                                             *dk.stride(), *dv.stride(), *sizes, MODE=mode, D=D, BLOCK_M=bm,
+                                             BLOCK_N=bn, num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
 
@@ -436,54 +443,51 @@ def attention_backward(dout, q, k, v, out, lse, layout, keep, scale, *, block_m=
 
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_KERNELS = {"fwd": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}
+_HEAD_DIM_STRIDES = ("sqd", "skd", "svd", "sod", "sgd", "sdkd", "sdvd", "sdqd")
 
 
-def aot_variants(modes=tuple(MODE_IDS), head_dims=HEAD_DIMS, dtypes=DTYPES):
-    """Every kernel variant the host code can launch on GPU (mode x D x dtype; the delta
-    kernel does not depend on the mode). Strides and sizes are typed i32, as Triton
-    specialises them for tensors below 2**31 elements."""
+def _variant(name, fn, dtype, constexprs, num_warps, num_stages):
+    """A Variant for a launch on contiguous-row tensors: head-dim strides are 1 (Triton
+    specialises them to constants), pointers are 16-byte aligned and the other strides are
+    multiples of 16 (D is), as the launcher assumes at run time; sizes are arbitrary."""
     from .aot import Variant
 
+    t = _TRITON_DTYPE[dtype]
+    constexprs = {**constexprs, **{s: 1 for s in _HEAD_DIM_STRIDES if s in fn.arg_names}}
+    pointers = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "keep_ptr": "*i32"}
+    signature, divisible = {}, []
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = pointers.get(arg, f"*{t}")
+            divisible.append(arg)
+        elif arg == "scale":
+            signature[arg] = "fp32"
+        elif arg in ("N", "T", "P", "R"):
+            signature[arg] = "i32"
+        else:  # batch / head / row strides
+            signature[arg] = "i32"
+            divisible.append(arg)
+    return Variant(name, fn, signature, constexprs, num_warps, num_stages, tuple(divisible))
+
+
+def aot_variants(modes=tuple(MODE_IDS), head_dims=HEAD_DIMS, dtypes=DTYPES, kernels=("delta", *_KERNELS)):
+    """Every kernel variant the host code launches on GPU: mode x head dim x dtype for the
+    forward, dq and dk/dv kernels, head dim x dtype for the delta kernel."""
     variants = []
     for dtype in dtypes:
-        t = _TRITON_DTYPE[dtype]
         for D in head_dims:
-            fbm, fbn, fw, fs = _fwd_config(D, dtype)
-            bbm, bbn, bw, bs = _bwd_config(D, dtype)
-            tag = f"{t}_d{D}"
-            variants.append(Variant(
-                f"attn_delta_{tag}", _delta_kernel,
-                {"o_ptr": f"*{t}", "do_ptr": f"*{t}", "delta_ptr": "*fp32",
-                 **{s: "i32" for s in ("sob", "soh", "son", "sod", "sgb", "sgh", "sgn", "sgd", "slb", "slh", "N")},
-                 "D": "constexpr", "BLOCK_M": "constexpr"},
-                {"D": D, "BLOCK_M": bbm}, num_warps=bw, num_stages=1))
-            for mode, mode_id in MODE_IDS.items():
-                if mode not in modes:
+            tag = f"{_TRITON_DTYPE[dtype]}_d{D}"
+            if "delta" in kernels:
+                bm = _config("dq", D, dtype)[0]
+                variants.append(_variant(f"attn_delta_{tag}", _delta_kernel, dtype, {"D": D, "BLOCK_M": bm}, 4, 1))
+            for kernel, fn in _KERNELS.items():
+                if kernel not in kernels:
                     continue
-                strides = {f"s{x}{y}": "i32" for x in "qkv" for y in "bhnd"}
-                ints = {s: "i32" for s in ("N", "T", "P", "R")}
-                fwd_sig = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "out_ptr": f"*{t}",
-                           "lse_ptr": "*fp32", "keep_ptr": "*i32", **strides,
-                           **{f"so{y}": "i32" for y in "bhnd"}, "slb": "i32", "slh": "i32", **ints,
-                           "scale": "fp32", "MODE": "constexpr", "D": "constexpr",
-                           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-                consts = {"MODE": mode_id, "D": D}
-                variants.append(Variant(f"attn_fwd_{mode}_{tag}", _fwd_kernel, fwd_sig,
-                                        {**consts, "BLOCK_M": fbm, "BLOCK_N": fbn}, num_warps=fw, num_stages=fs))
-                bwd_in = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "do_ptr": f"*{t}",
-                          "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
-                bwd_strides = {**strides, **{f"sg{y}": "i32" for y in "bhnd"}, "slb": "i32", "slh": "i32"}
-                tail = {**ints, "scale": "fp32", "MODE": "constexpr", "D": "constexpr",
-                        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-                bconsts = {**consts, "BLOCK_M": bbm, "BLOCK_N": bbn}
-                variants.append(Variant(
-                    f"attn_dkdv_{mode}_{tag}", _dkdv_kernel,
-                    {**bwd_in, "dk_ptr": f"*{t}", "dv_ptr": f"*{t}", "keep_ptr": "*i32", **bwd_strides,
-                     **{f"sdk{y}": "i32" for y in "bhnd"}, **{f"sdv{y}": "i32" for y in "bhnd"}, **tail},
-                    bconsts, num_warps=bw, num_stages=bs))
-                variants.append(Variant(
-                    f"attn_dq_{mode}_{tag}", _dq_kernel,
-                    {**bwd_in, "dq_ptr": f"*{t}", "keep_ptr": "*i32", **bwd_strides,
-                     **{f"sdq{y}": "i32" for y in "bhnd"}, **tail},
-                    bconsts, num_warps=bw, num_stages=bs))
+                bm, bn, warps, stages = _config(kernel, D, dtype)
+                for mode in modes:
+                    constexprs = {"MODE": MODE_IDS[mode], "D": D, "BLOCK_M": bm, "BLOCK_N": bn}
+                    variants.append(_variant(f"attn_{kernel}_{mode}_{tag}", fn, dtype, constexprs, warps, stages))
     return variants
