@@ -349,7 +349,9 @@ def _config(kernel, D, dtype):
         if fp32:
             return (32, 64, 8, 2) if D <= 32 else (32, 32, 4, 2)
         return (64, 32, 8, 2) if D == 128 else (32, 64, 8, 2)
-    return (64, 32, 8, 2) if fp32 or D == 128 else (64, 64, 8, 2)  # dq
+    if fp32 and D == 128:  # dq
+        return (32, 32, 4, 2)
+    return (64, 32, 8, 2) if fp32 or D == 128 else (64, 64, 8, 2)
 
 
 def _blocks(config, q, block_m, block_n):
@@ -372,6 +374,9 @@ def _supports(q, D):
         return "bfloat16 tl.dot is wrong under TRITON_INTERPRET=1"
     if D not in HEAD_DIMS:
         return f"head dim {D} not in {HEAD_DIMS}"
+    B, H = q.shape[:2]
+    if max(B, H) > 65535:  # grid dims y, z
+        return f"batch {B} and heads {H} must each be <= 65535"
     return None
 
 
