@@ -149,6 +149,24 @@ def test_keep_is_clamped():
         assert torch.equal(a, b)
 
 
+def test_keep_change_does_not_recompile():
+    """keep is a device tensor read by the kernels: new values reuse the compiled graph."""
+    from torch._dynamo.testing import CompileCounter
+
+    layout = RegisterLayout(1, 5, 4, "block_causal_last")
+    q = torch.randn(2, 1, layout.seq_len, 16)
+    counter = CompileCounter()
+    attend = torch.compile(lambda q, keep: vk.register_attention(q, q, q, layout, keep=keep), backend=counter,
+                           fullgraph=True)
+    torch._dynamo.reset()
+    with vk.use_backend("triton"):
+        for keep in ([4, 0], [1, 3], [2, 2]):
+            keep = torch.tensor(keep, dtype=torch.int32)
+            out = attend(q, keep)
+            torch.testing.assert_close(out, reference.attention_forward(q, q, q, layout, keep, 0.25)[0])
+    assert counter.frame_count == 1
+
+
 @triton.jit
 def _schedule_kernel(out_ptr, keep, N, T, P, R, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                      MODE: tl.constexpr):

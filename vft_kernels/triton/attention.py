@@ -21,6 +21,10 @@ by the model; each gets dead-code-free mask arithmetic), and so are the head dim
 sizes (they fix register shapes). ``T``, ``P``, ``R`` and ``N`` are run-time ints: they only
 enter scalar tile arithmetic and, in partial tiles, one div/mod per row and column, so a
 new image/video size or register count reuses the compiled kernel.
+
+Precision: softmax statistics, accumulators and ``delta`` are float32; fp16/bf16 operands
+go to the tensor cores as is, fp32 operands as TF32 on GPU (Triton's default ``tl.dot``
+precision; the interpreter multiplies in exact fp32).
 """
 from __future__ import annotations
 
