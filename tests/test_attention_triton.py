@@ -170,8 +170,8 @@ def test_keep_change_does_not_recompile():
 @triton.jit
 def _schedule_kernel(out_ptr, keep, N, T, P, R, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                      MODE: tl.constexpr):
-    """Writes, per (query tile, key tile): class, key end of the query tile, query range of
-    the key tile, computed by the kernels' schedule helpers."""
+    """Writes, per (query tile, key tile): class, mask-free flag, key end of the query tile
+    and query range of the key tile, computed by the kernels' schedule helpers."""
     qi = tl.program_id(0)
     ki = tl.program_id(1)
     S = P + R
@@ -181,20 +181,35 @@ def _schedule_kernel(out_ptr, keep, N, T, P, R, BLOCK_Q: tl.constexpr, BLOCK_K: 
     k1 = tl.minimum(k0 + BLOCK_K, N)
     base = out_ptr + (qi * tl.num_programs(1) + ki) * 5
     tl.store(base, tri._classify_tile(q0, q1, k0, k1, keep, S, P, R, MODE))
-    tl.store(base + 1, tri._tile_class(q0, k0, keep, N, S, P, R, BLOCK_Q, BLOCK_K, MODE))
+    tl.store(base + 1, tri._tile_is_full(q0, N, k0, N, keep, S, P, R, BLOCK_Q, BLOCK_K, MODE).to(tl.int32))
     tl.store(base + 2, tri._key_end(q0, q1, keep, T, S, P, MODE))
     q_lo, q_hi = tri._query_range(k0, k1, keep, T, S, P, MODE)
     tl.store(base + 3, q_lo)
     tl.store(base + 4, q_hi)
 
 
+@triton.jit
+def _stretch_kernel(out_ptr, keep, N, P, R):
+    """For [lo, hi) = program ids: writes the number of stretches, then their bounds."""
+    lo = tl.program_id(0)
+    hi = tl.program_id(1)
+    S = P + R
+    base = out_ptr + (lo * (N + 1) + hi) * (2 * N + 1)
+    n = tri._num_stretches(lo, hi, keep, S, R)
+    tl.store(base, n)
+    for i in range(0, n):
+        start, stop = tri._stretch(i, lo, hi, keep, S, P, R)
+        tl.store(base + 1 + 2 * i, start)
+        tl.store(base + 2 + 2 * i, stop)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_schedule_matches_layout(mode):
     """The kernels' tile schedule equals RegisterLayout's analytic formulas (which
-    test_layout checks against the dense mask), edge tiles are never FULL, and the
-    class agrees with the dense mask on every tile."""
+    test_layout checks against the dense mask), agrees with the dense mask on every tile,
+    and the mask is skipped only on fully allowed tiles inside the sequence."""
     gen = torch.Generator().manual_seed(1)
-    for _ in range(6):
+    for _ in range(5):
         T, P, R = (int(torch.randint(lo, hi, (1,), generator=gen)) for lo, hi in ((1, 4), (1, 9), (0, 9)))
         layout = RegisterLayout(T, P, R, mode)
         N, bq, bk = layout.seq_len, 16, 16
@@ -208,13 +223,37 @@ def test_schedule_matches_layout(mode):
                     q0, k0 = qi * bq, ki * bk
                     q1, k1 = min(q0 + bq, N), min(k0 + bk, N)
                     cls = int(layout.classify_tile(q0, q1, k0, k1, keep))
-                    edge = q0 + bq > N or k0 + bk > N
-                    want = [cls, 1 if edge and cls == 2 else cls, layout.key_range(q0, q1, keep)[1],
+                    inside = q0 + bq <= N and k0 + bk <= N
+                    want = [cls, int(cls == 2 and inside), layout.key_range(q0, q1, keep)[1],
                             *layout.query_range(k0, k1, keep)]
                     where = f"{layout} keep={keep} tile q[{q0},{q1}) k[{k0},{k1})"
                     assert got[qi, ki].tolist() == want, where
                     block = dense[q0:q1, k0:k1]
                     assert cls == (0 if not block.any() else 2 if block.all() else 1), where
+
+
+def test_stretches_cover_kept_tokens():
+    """_stretch splits any [lo, hi) into disjoint ranges holding exactly its kept tokens
+    (one range when nothing is dropped), so the sweeps never see a fully dropped tile."""
+    for T, P, R in ((3, 2, 2), (2, 3, 0)):
+        layout = RegisterLayout(T, P, R)
+        N = layout.seq_len
+        for keep in range(R + 1):
+            got = torch.full((N + 1, N + 1, 2 * N + 1), -7, dtype=torch.int32)
+            _stretch_kernel[(N + 1, N + 1)](got, keep, N, P, R)
+            kept = ~_dropped(layout, torch.tensor([keep]))[0]
+            for lo in range(N + 1):
+                for hi in range(lo, N + 1):
+                    n = int(got[lo, hi, 0])
+                    bounds = got[lo, hi, 1:1 + 2 * n].view(-1, 2).tolist()
+                    cover = torch.zeros(N, dtype=torch.int32)
+                    for start, stop in bounds:
+                        cover[start:stop] += 1
+                    want = torch.zeros(N, dtype=torch.int32)
+                    want[lo:hi] = kept[lo:hi].int()
+                    where = f"{layout} keep={keep} [{lo}, {hi}): {bounds}"
+                    assert torch.equal(cover, want), where
+                    assert keep < R or n == int(hi > lo), where
 
 
 def test_supports_reasons():

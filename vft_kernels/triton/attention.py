@@ -133,15 +133,16 @@ def _query_range(k0, k1, keep, T, S, P, MODE: tl.constexpr):
 
 
 @triton.jit
-def _allowed(qi, ki, keep, N, S, P, MODE: tl.constexpr):
-    """Elementwise mask (layout.allowed plus the sequence edge) for partial tiles. ``qi`` and
-    ``ki`` are broadcastable 2-D index tensors ([BQ, 1] and [1, BK], or transposed), so
-    the div/mod runs once per row and column, not per pair."""
+def _allowed(qi, ki, keep, q_stop, k_stop, S, P, MODE: tl.constexpr):
+    """Elementwise mask for partial tiles: layout.allowed, restricted to rows < q_stop and
+    columns < k_stop (the sequence end or the end of the stretch being swept). ``qi`` and
+    ``ki`` are broadcastable 2-D index tensors ([BQ, 1] and [1, BK], or transposed), so the
+    div/mod runs once per row and column, not per pair."""
     tq = qi // S
     jq = qi % S
     tk = ki // S
     jk = ki % S
-    ok = (jq < P + keep) & (qi < N) & (jk < P + keep) & (ki < N)
+    ok = (jq < P + keep) & (qi < q_stop) & (jk < P + keep) & (ki < k_stop)
     if MODE == 1:
         ok = ok & (tk <= tq)
     elif MODE == 2:
@@ -150,14 +151,33 @@ def _allowed(qi, ki, keep, N, S, P, MODE: tl.constexpr):
 
 
 @triton.jit
-def _tile_class(q0, k0, keep, N, S, P, R, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr):
-    """_classify_tile of the tiles at q0 and k0, where a tile crossing the sequence end is
-    PARTIAL (its rows/columns past N must be masked)."""
-    q1 = tl.minimum(q0 + BLOCK_Q, N)
-    k1 = tl.minimum(k0 + BLOCK_K, N)
+def _tile_is_full(q0, q_stop, k0, k_stop, keep, S, P, R, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                  MODE: tl.constexpr):
+    """Can the tile at (q0, k0) skip the mask? Only if _classify_tile says FULL and the tile
+    does not cross q_stop / k_stop (rows/columns past them must be masked)."""
+    q1 = tl.minimum(q0 + BLOCK_Q, q_stop)
+    k1 = tl.minimum(k0 + BLOCK_K, k_stop)
     cls = _classify_tile(q0, q1, k0, k1, keep, S, P, R, MODE)
-    edge = (q0 + BLOCK_Q > N) | (k0 + BLOCK_K > N)
-    return tl.where(edge & (cls == FULL), PARTIAL, cls)
+    return (cls == FULL) & (q0 + BLOCK_Q <= q_stop) & (k0 + BLOCK_K <= k_stop)
+
+
+@triton.jit
+def _stretch(i, lo, hi, keep, S, P, R):
+    """Bounds of the i-th stretch of kept tokens in [lo, hi): the kept part (P + keep
+    tokens) of time block lo // S + i, clipped to [lo, hi); with nothing dropped (keep ==
+    R) the whole of [lo, hi) is one stretch. Sweeping stretches never visits a tile that
+    holds only dropped tokens."""
+    dense = keep == R
+    start = tl.where(dense, lo, tl.maximum((lo // S + i) * S, lo))
+    stop = tl.where(dense, hi, tl.minimum((lo // S + i) * S + P + keep, hi))
+    return start, stop
+
+
+@triton.jit
+def _num_stretches(lo, hi, keep, S, R):
+    """How many stretches _stretch splits [lo, hi) into (0 when it is empty)."""
+    blocks = tl.cdiv(hi, S) - lo // S
+    return tl.where(hi <= lo, 0, tl.where(keep == R, 1, blocks))
 
 
 @triton.jit
@@ -166,7 +186,8 @@ def _load_keep(keep_ptr, b, R):
 
 
 # --------------------------------------------------------------------------------------
-# Kernels
+# Kernels. Inner loops hold no branch around loads or dots (only the mask is conditional),
+# so Triton software-pipelines them (cp.async on sm_80+).
 
 
 @triton.jit
@@ -193,16 +214,17 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, keep_ptr,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     k_end = _key_end(q0, tl.minimum(q0 + BLOCK_M, N), keep, T, S, P, MODE)
-    for k0 in range(0, k_end, BLOCK_N):
-        cls = _tile_class(q0, k0, keep, N, S, P, R, BLOCK_M, BLOCK_N, MODE)
-        if cls != MASKED:
+    for i in range(0, _num_stretches(0, k_end, keep, S, R)):
+        k_start, k_stop = _stretch(i, 0, k_end, keep, S, P, R)
+        for k0 in range(k_start, k_stop, BLOCK_N):
             offs_n = k0 + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < N
+            col_ok = offs_n < k_stop
             kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * skn, mask=col_ok[None, :], other=0.0)
             v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * svn, mask=col_ok[:, None], other=0.0)
             s = tl.dot(q, kt) * scale
-            if cls == PARTIAL:
-                s = tl.where(_allowed(offs_m[:, None], offs_n[None, :], keep, N, S, P, MODE), s, float("-inf"))
+            if not _tile_is_full(q0, N, k0, k_stop, keep, S, P, R, BLOCK_M, BLOCK_N, MODE):
+                s = tl.where(_allowed(offs_m[:, None], offs_n[None, :], keep, N, k_stop, S, P, MODE), s,
+                             float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # Rows with no allowed key yet keep m = -inf; shift them by 0 to avoid inf - inf.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -263,20 +285,20 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     q_lo, q_hi = _query_range(k0, tl.minimum(k0 + BLOCK_N, N), keep, T, S, P, MODE)
-    for q0 in range((q_lo // BLOCK_M) * BLOCK_M, q_hi, BLOCK_M):
-        cls = _tile_class(q0, k0, keep, N, S, P, R, BLOCK_M, BLOCK_N, MODE)
-        if cls != MASKED:
+    for i in range(0, _num_stretches(q_lo, q_hi, keep, S, R)):
+        q_start, q_stop = _stretch(i, q_lo, q_hi, keep, S, P, R)
+        for q0 in range(q_start, q_stop, BLOCK_M):
             offs_m = q0 + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < N
+            row_ok = offs_m < q_stop
             qt = tl.load(qt_base + offs_m.to(tl.int64)[None, :] * sqn, mask=row_ok[None, :], other=0.0)
             do = tl.load(do_base + offs_m.to(tl.int64)[:, None] * sgn, mask=row_ok[:, None], other=0.0)
             lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
             # Transposed scores [BLOCK_N, BLOCK_M]: the dk/dv products then need no transpose of P.
             pt = tl.exp(tl.dot(k, qt) * scale - lse[None, :])
-            if cls == PARTIAL:
+            if not _tile_is_full(q0, q_stop, k0, N, keep, S, P, R, BLOCK_M, BLOCK_N, MODE):
                 # Dropped rows have lse = -inf (p = inf there): select, never multiply.
-                pt = tl.where(_allowed(offs_m[None, :], offs_n[:, None], keep, N, S, P, MODE), pt, 0.0)
+                pt = tl.where(_allowed(offs_m[None, :], offs_n[:, None], keep, q_stop, N, S, P, MODE), pt, 0.0)
             dv += tl.dot(pt.to(do.dtype), do)
             dpt = tl.dot(v, tl.trans(do))
             dst = pt * (dpt - delta[None, :])
@@ -313,16 +335,16 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, keep_ptr
 
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     k_end = _key_end(q0, tl.minimum(q0 + BLOCK_M, N), keep, T, S, P, MODE)
-    for k0 in range(0, k_end, BLOCK_N):
-        cls = _tile_class(q0, k0, keep, N, S, P, R, BLOCK_M, BLOCK_N, MODE)
-        if cls != MASKED:
+    for i in range(0, _num_stretches(0, k_end, keep, S, R)):
+        k_start, k_stop = _stretch(i, 0, k_end, keep, S, P, R)
+        for k0 in range(k_start, k_stop, BLOCK_N):
             offs_n = k0 + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < N
+            col_ok = offs_n < k_stop
             kt = tl.load(kt_base + offs_n.to(tl.int64)[None, :] * skn, mask=col_ok[None, :], other=0.0)
             vt = tl.load(vt_base + offs_n.to(tl.int64)[None, :] * svn, mask=col_ok[None, :], other=0.0)
             p = tl.exp(tl.dot(q, kt) * scale - lse[:, None])
-            if cls == PARTIAL:
-                p = tl.where(_allowed(offs_m[:, None], offs_n[None, :], keep, N, S, P, MODE), p, 0.0)
+            if not _tile_is_full(q0, N, k0, k_stop, keep, S, P, R, BLOCK_M, BLOCK_N, MODE):
+                p = tl.where(_allowed(offs_m[:, None], offs_n[None, :], keep, N, k_stop, S, P, MODE), p, 0.0)
             dp = tl.dot(do, vt)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
