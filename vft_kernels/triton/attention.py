@@ -370,11 +370,11 @@ def _config(kernel, D, dtype):
     if kernel == "fwd":
         if fp32:
             return (64, 32, 8, 2) if D == 128 else (64, 64, 8, 2)
-        return (64, 64, 8, 2) if D == 128 else (128, 64, 8, 3)
+        return {16: (128, 64, 4, 3), 128: (64, 64, 8, 2)}.get(D, (128, 64, 8, 3))
     if kernel == "dkdv":
         if fp32:
             return (32, 64, 8, 2) if D <= 32 else (32, 32, 4, 2)
-        return (64, 32, 8, 2) if D == 128 else (32, 64, 8, 2)
+        return {16: (32, 64, 4, 2), 128: (64, 32, 8, 2)}.get(D, (32, 64, 8, 2))
     if fp32 and D == 128:  # dq
         return (32, 32, 4, 2)
     return (64, 32, 8, 2) if fp32 or D == 128 else (64, 64, 8, 2)
