@@ -9,18 +9,24 @@ Kernels (all launched on a grid ``(tiles, H, B)``):
 * ``_dq_kernel``: one program per query tile, looping over key tiles -> dq.
   Splitting dq from dk/dv keeps the backward free of atomics, hence deterministic.
 
-The tile schedule is analytic (a port of ``RegisterLayout.key_range`` / ``query_range`` /
-``classify_tile``): loops run only over the key (query) range a tile can see, tiles that
-are fully masked inside that range (e.g. the dropped registers of a block) are skipped,
-and the mask is computed only for partially masked tiles. ``keep[b]`` is read from the
-device tensor inside the kernels and clamped to ``[0, R]``: changing it neither syncs nor
-recompiles.
+The tile schedule is analytic (ports of ``RegisterLayout.key_range`` / ``query_range`` /
+``classify_tile``, no mask tensor): a query tile sweeps only the keys its last kept query
+can see, and a key tile only the queries that can see its first kept key. Inside that
+range every kept token is needed, so the sweep walks the stretches of kept tokens (the
+``P + keep`` leading tokens of each time block, or the whole range when nothing is
+dropped): a tile holding only dropped tokens is never visited. Per tile,
+``classify_tile`` decides whether the mask must be computed (partial tiles, tiles that
+cross a stretch end or the sequence end) or skipped (fully allowed tiles). The loops hold
+no branch around loads and dots, so Triton software-pipelines them. ``keep[b]`` is read
+from the device tensor inside the kernels and clamped to ``[0, R]``: changing it neither
+syncs nor recompiles.
 
 Compile-time vs run-time parameters: the mask ``MODE`` is a constexpr (three values fixed
 by the model; each gets dead-code-free mask arithmetic), and so are the head dim and tile
 sizes (they fix register shapes). ``T``, ``P``, ``R`` and ``N`` are run-time ints: they only
 enter scalar tile arithmetic and, in partial tiles, one div/mod per row and column, so a
-new image/video size or register count reuses the compiled kernel.
+new image/video size or register count reuses the compiled kernel (beyond Triton's usual
+specialisation of int arguments equal to 1 or divisible by 16).
 
 Precision: softmax statistics, accumulators and ``delta`` are float32; fp16/bf16 operands
 go to the tensor cores as is, fp32 operands as TF32 on GPU (Triton's default ``tl.dot``
