@@ -380,10 +380,10 @@ def _config(kernel, D, dtype):
     if kernel == "dkdv":
         if fp32:
             return (32, 64, 8, 2) if D <= 32 else (32, 32, 4, 2)
-        return {16: (32, 64, 4, 2), 128: (64, 32, 8, 2)}.get(D, (32, 64, 8, 2))
-    if fp32 and D == 128:  # dq
-        return (32, 32, 4, 2)
-    return (64, 32, 8, 2) if fp32 or D == 128 else (64, 64, 8, 2)
+        return {16: (64, 64, 4, 2), 128: (64, 32, 8, 2)}.get(D, (32, 64, 8, 2))
+    if fp32:  # dq
+        return (32, 32, 4, 2) if D == 128 else (64, 32, 8, 2)
+    return {16: (64, 64, 4, 3), 128: (64, 32, 8, 2)}.get(D, (64, 64, 8, 2))
 
 
 def _blocks(config, q, block_m, block_n):
