@@ -278,7 +278,7 @@ AOT_SCRIPT = """
 import torch
 from vft_kernels.triton import aot, attention
 vs = attention.aot_variants(modes=("block_causal_last",), head_dims=(64, 128))
-vs += attention.aot_variants(modes=("full", "block_causal"), head_dims=(32,), dtypes=(torch.float16,),
+vs += attention.aot_variants(modes=("full", "block_causal"), head_dims=(16, 32), dtypes=(torch.float16,),
                              kernels=("fwd", "dkdv", "dq"))
 rows = [aot.compile_variant(v, a) for v in vs for a in (80, 90)]
 for r in rows:
@@ -290,10 +290,10 @@ for f in aot.failures(rows):
 
 
 def test_aot_compile_sm80_sm90():
-    """A representative subset of the kernel variants (every kernel, all three dtypes, the
-    two largest head dims, every mode) compiles for sm_80 and sm_90 without spills; fp16 and
-    bf16 dots use tensor cores (mma on sm_80; wgmma or mma on sm_90). The full set:
-    ``python -m vft_kernels.triton.aot --only attention``."""
+    """A representative subset of the kernel variants (every kernel and mode, all three
+    dtypes, the two largest and two smallest head dims) compiles for sm_80 and sm_90
+    without spills; fp16 and bf16 dots use tensor cores (mma on sm_80; wgmma or mma on
+    sm_90). The full set: ``python -m vft_kernels.triton.aot --only attention``."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
