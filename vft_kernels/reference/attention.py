@@ -32,7 +32,9 @@ def attention_backward(dout, q, k, v, out, lse, layout, keep, scale):
     p = torch.nan_to_num(p)  # rows without any allowed key: softmax of all -inf
     dv = torch.matmul(p.transpose(-1, -2), do)
     dp = torch.matmul(do, vf.transpose(-1, -2))
-    ds = p * (dp - (dp * p).sum(-1, keepdim=True))  # (dp * p).sum(-1) == rowsum(dO * O)
+    # rowsum(dO * O) == (dp * p).sum(-1); computed from `out` like the flash kernels do, so
+    # the low-precision reference carries the same cancellation error in dp - delta.
+    ds = p * (dp - (do * out.to(cdt)).sum(-1, keepdim=True))
     dq = torch.matmul(ds, kf) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -33,6 +33,10 @@ class Variant:
     constexprs: dict = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
+    # Args assumed divisible by 16 (pointers: 16-byte aligned; ints: multiples of 16), as
+    # Triton's launcher specialises them at run time; without this hint the compiled code
+    # (vector widths, registers) would not be the code that runs.
+    divisible: tuple = ()
 
 
 def _ptxas():
@@ -73,7 +77,8 @@ def compile_variant(v: Variant, arch: int) -> dict:
 
     row = {"kernel": v.name, "arch": f"sm_{arch}"}
     try:
-        src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs)
+        attrs = {(v.fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in v.divisible}
+        src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs, attrs=attrs)
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": v.num_warps, "num_stages": v.num_stages})
     except Exception as e:  # noqa: BLE001 - report every compile failure, keep going

@@ -1,0 +1,530 @@
+"""Register attention in Triton (SPEC.md §2): FlashAttention-2-style forward and backward.
+
+Kernels (all launched on a grid ``(tiles, H, B)``):
+
+* ``_fwd_kernel``: one program per query tile; online softmax over key tiles; writes
+  ``out`` and ``lse`` (float32, natural log, ``-inf`` on dropped rows).
+* ``_delta_kernel``: ``delta = rowsum(dout * out)`` (float32) for the backward pass.
+* ``_dkdv_kernel``: one program per key tile, looping over query tiles -> dk, dv.
+* ``_dq_kernel``: one program per query tile, looping over key tiles -> dq.
+  Splitting dq from dk/dv keeps the backward free of atomics, hence deterministic.
+
+The tile schedule is analytic (ports of ``RegisterLayout.key_range`` / ``query_range`` /
+``classify_tile``, no mask tensor): a query tile sweeps only the keys its last kept query
+can see, and a key tile only the queries that can see its first kept key. Inside that
+range every kept token is needed, so the sweep walks the stretches of kept tokens (the
+``P + keep`` leading tokens of each time block, or the whole range when nothing is
+dropped): a tile holding only dropped tokens is never visited. Per tile,
+``classify_tile`` decides whether the mask must be computed (partial tiles, tiles that
+cross a stretch end or the sequence end) or skipped (fully allowed tiles). The loops hold
+no branch around loads and dots, so Triton software-pipelines them. ``keep[b]`` is read
+from the device tensor inside the kernels and clamped to ``[0, R]``: changing it neither
+syncs nor recompiles.
+
+Compile-time vs run-time parameters: the mask ``MODE`` is a constexpr (three values fixed
+by the model; each gets dead-code-free mask arithmetic), and so are the head dim and tile
+sizes (they fix register shapes). ``T``, ``P``, ``R`` and ``N`` are run-time ints: they only
+enter scalar tile arithmetic and, in partial tiles, one div/mod per row and column, so a
+new image/video size or register count reuses the compiled kernel (beyond Triton's usual
+specialisation of int arguments equal to 1 or divisible by 16).
+
+Precision: softmax statistics, accumulators and ``delta`` are float32; fp16/bf16 operands
+go to the tensor cores as is, fp32 operands as TF32 on GPU (Triton's default ``tl.dot``
+precision; the interpreter multiplies in exact fp32).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..dispatch import new_output
+
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MODE_IDS = {"full": 0, "block_causal": 1, "block_causal_last": 2}
+
+# Tile classes, as vft_kernels.layout.Tile.
+MASKED = tl.constexpr(0)
+PARTIAL = tl.constexpr(1)
+FULL = tl.constexpr(2)
+
+
+# --------------------------------------------------------------------------------------
+# Analytic tile schedule: scalar ports of RegisterLayout's formulas (-1 stands for None).
+
+
+@triton.jit
+def _first_kept(lo, hi, keep, S, P):
+    """First kept token in [lo, hi), or -1."""
+    x = tl.where(lo % S >= P + keep, (lo // S + 1) * S, lo)
+    return tl.where(x < hi, x, -1)
+
+
+@triton.jit
+def _last_kept(lo, hi, keep, S, P):
+    """Last kept token in [lo, hi), or -1."""
+    x = hi - 1
+    j = x % S
+    x = tl.where(j >= P + keep, x - j + P + keep - 1, x)
+    return tl.where(x >= lo, x, -1)
+
+
+@triton.jit
+def _has_dropped(lo, hi, keep, S, P, R):
+    """Does [lo, hi) hold a dropped register?"""
+    first = tl.where(lo % S >= P + keep, lo, (lo // S) * S + P + keep)
+    return (keep < R) & (first < hi)
+
+
+@triton.jit
+def _classify_tile(q0, q1, k0, k1, keep, S, P, R, MODE: tl.constexpr):
+    """MASKED / PARTIAL / FULL for queries [q0, q1) x keys [k0, k1) (layout.classify_tile)."""
+    i = _last_kept(q0, q1, keep, S, P)
+    k = _first_kept(k0, k1, keep, S, P)
+    masked = (i < 0) | (k < 0)
+    # Clamp before dividing: -1 // S differs between the interpreter and the GPU.
+    i = tl.maximum(i, 0)
+    k = tl.maximum(k, 0)
+    ti = i // S
+    tk = k // S
+    partial = _has_dropped(q0, q1, keep, S, P, R) | _has_dropped(k0, k1, keep, S, P, R)
+    tq_min = q0 // S
+    tk_max = (k1 - 1) // S
+    if MODE == 1:
+        masked = masked | (tk > ti)
+        partial = partial | (tk_max > tq_min)
+    elif MODE == 2:
+        jk_first = k % S
+        masked = masked | (tk > ti) | ((tk == ti) & (jk_first >= P) & (i % S < jk_first))
+        jk_max = (k1 - 1) % S
+        same_block_full = (jk_max < P) | (q0 % S >= jk_max)
+        partial = partial | (tk_max > tq_min) | ((tk_max == tq_min) & ~same_block_full)
+    return tl.where(masked, MASKED, tl.where(partial, PARTIAL, FULL))
+
+
+@triton.jit
+def _key_end(q0, q1, keep, T, S, P, MODE: tl.constexpr):
+    """One past the last key any query in [q0, q1) may see (layout.key_range; 0 if none)."""
+    i = _last_kept(q0, q1, keep, S, P)
+    ic = tl.maximum(i, 0)
+    t = ic // S
+    j = ic % S
+    if MODE == 0:
+        end = (T - 1) * S + P + keep
+    elif MODE == 1:
+        end = t * S + P + keep
+    else:
+        end = t * S + tl.where(j < P, P, j + 1)
+    return tl.where(i < 0, 0, end)
+
+
+@triton.jit
+def _query_range(k0, k1, keep, T, S, P, MODE: tl.constexpr):
+    """[q_lo, q_hi) of the queries that see some key in [k0, k1) (layout.query_range)."""
+    k = _first_kept(k0, k1, keep, S, P)
+    kc = tl.maximum(k, 0)
+    t = kc // S
+    j = kc % S
+    q_hi = (T - 1) * S + P + keep
+    if MODE == 0:
+        q_lo = 0 * kc
+    elif MODE == 1:
+        q_lo = t * S
+    else:
+        q_lo = t * S + tl.where(j < P, 0, j)
+    return tl.where(k < 0, 0, q_lo), tl.where(k < 0, 0, q_hi)
+
+
+@triton.jit
+def _allowed(qi, ki, keep, q_stop, k_stop, S, P, MODE: tl.constexpr):
+    """Elementwise mask for partial tiles: layout.allowed, restricted to rows < q_stop and
+    columns < k_stop (the sequence end or the end of the stretch being swept). ``qi`` and
+    ``ki`` are broadcastable 2-D index tensors ([BQ, 1] and [1, BK], or transposed), so the
+    div/mod runs once per row and column, not per pair."""
+    tq = qi // S
+    jq = qi % S
+    tk = ki // S
+    jk = ki % S
+    ok = (jq < P + keep) & (qi < q_stop) & (jk < P + keep) & (ki < k_stop)
+    if MODE == 1:
+        ok = ok & (tk <= tq)
+    elif MODE == 2:
+        ok = ok & ((tk < tq) | ((tk == tq) & ((jk < P) | ((jq >= P) & (jk <= jq)))))
+    return ok
+
+
+@triton.jit
+def _tile_is_full(q0, q_stop, k0, k_stop, keep, S, P, R, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                  MODE: tl.constexpr):
+    """Can the tile at (q0, k0) skip the mask? Only if _classify_tile says FULL and the tile
+    does not cross q_stop / k_stop (rows/columns past them must be masked)."""
+    q1 = tl.minimum(q0 + BLOCK_Q, q_stop)
+    k1 = tl.minimum(k0 + BLOCK_K, k_stop)
+    cls = _classify_tile(q0, q1, k0, k1, keep, S, P, R, MODE)
+    return (cls == FULL) & (q0 + BLOCK_Q <= q_stop) & (k0 + BLOCK_K <= k_stop)
+
+
+@triton.jit
+def _stretch(i, lo, hi, keep, S, P, R):
+    """Bounds of the i-th stretch of kept tokens in [lo, hi): the kept part (P + keep
+    tokens) of time block lo // S + i, clipped to [lo, hi); with nothing dropped (keep ==
+    R) the whole of [lo, hi) is one stretch. Sweeping stretches never visits a tile that
+    holds only dropped tokens."""
+    dense = keep == R
+    start = tl.where(dense, lo, tl.maximum((lo // S + i) * S, lo))
+    stop = tl.where(dense, hi, tl.minimum((lo // S + i) * S + P + keep, hi))
+    return start, stop
+
+
+@triton.jit
+def _num_stretches(lo, hi, keep, S, R):
+    """How many stretches _stretch splits [lo, hi) into (0 when it is empty)."""
+    blocks = tl.cdiv(hi, S) - lo // S
+    return tl.where(hi <= lo, 0, tl.where(keep == R, 1, blocks))
+
+
+@triton.jit
+def _load_keep(keep_ptr, b, R):
+    return tl.minimum(tl.maximum(tl.load(keep_ptr + b), 0), R)
+
+
+# --------------------------------------------------------------------------------------
+# Kernels. Inner loops hold no branch around loads or dots (only the mask is conditional),
+# so Triton software-pipelines them (cp.async on sm_80+).
+
+
+@triton.jit
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, keep_ptr,
+                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                sob, soh, son, sod, slb, slh,
+                N, T, P, R, scale,
+                MODE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    S = P + R
+    keep = _load_keep(keep_ptr, b, R)
+    q0 = pid_m * BLOCK_M
+    offs_m = q0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < N
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m.to(tl.int64)[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=row_ok[:, None], other=0.0)
+    k_base = k_ptr + b * skb + h * skh + offs_d[:, None] * skd  # K^T tile [D, BLOCK_N]
+    v_base = v_ptr + b * svb + h * svh + offs_d[None, :] * svd
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of the scores
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    k_end = _key_end(q0, tl.minimum(q0 + BLOCK_M, N), keep, T, S, P, MODE)
+    for i in range(0, _num_stretches(0, k_end, keep, S, R)):
+        k_start, k_stop = _stretch(i, 0, k_end, keep, S, P, R)
+        for k0 in range(k_start, k_stop, BLOCK_N):
+            offs_n = k0 + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < k_stop
+            kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * skn, mask=col_ok[None, :], other=0.0)
+            v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * svn, mask=col_ok[:, None], other=0.0)
+            s = tl.dot(q, kt) * scale
+            if not _tile_is_full(q0, N, k0, k_stop, keep, S, P, R, BLOCK_M, BLOCK_N, MODE):
+                s = tl.where(_allowed(offs_m[:, None], offs_n[None, :], keep, N, k_stop, S, P, MODE), s,
+                             float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # Rows with no allowed key yet keep m = -inf; shift them by 0 to avoid inf - inf.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+    live = l_i > 0.0  # dropped query rows saw no key: zero output, lse = -inf
+    out = acc / tl.where(live, l_i, 1.0)[:, None]
+    lse = tl.where(live, m_i + tl.log(tl.where(live, l_i, 1.0)), float("-inf"))
+    tl.store(out_ptr + b * sob + h * soh + offs_m.to(tl.int64)[:, None] * son + offs_d[None, :] * sod,
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse_ptr + b * slb + h * slh + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _delta_kernel(o_ptr, do_ptr, delta_ptr,
+                  sob, soh, son, sod, sgb, sgh, sgn, sgd, slb, slh,
+                  N, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < N
+    rows = offs_m.to(tl.int64)[:, None]
+    o = tl.load(o_ptr + b * sob + h * soh + rows * son + offs_d[None, :] * sod, mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + b * sgb + h * sgh + rows * sgn + offs_d[None, :] * sgd, mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + b * slb + h * slh + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, keep_ptr,
+                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd, slb, slh,
+                 sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+                 N, T, P, R, scale,
+                 MODE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    S = P + R
+    keep = _load_keep(keep_ptr, b, R)
+    k0 = pid_n * BLOCK_N
+    offs_n = k0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    col_ok = offs_n < N
+    cols = offs_n.to(tl.int64)[:, None]
+    k = tl.load(k_ptr + b * skb + h * skh + cols * skn + offs_d[None, :] * skd, mask=col_ok[:, None], other=0.0)
+    v = tl.load(v_ptr + b * svb + h * svh + cols * svn + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
+    qt_base = q_ptr + b * sqb + h * sqh + offs_d[:, None] * sqd  # Q^T tile [D, BLOCK_M]
+    do_base = do_ptr + b * sgb + h * sgh + offs_d[None, :] * sgd
+    lse_base = lse_ptr + b * slb + h * slh
+    delta_base = delta_ptr + b * slb + h * slh
+
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    q_lo, q_hi = _query_range(k0, tl.minimum(k0 + BLOCK_N, N), keep, T, S, P, MODE)
+    for i in range(0, _num_stretches(q_lo, q_hi, keep, S, R)):
+        q_start, q_stop = _stretch(i, q_lo, q_hi, keep, S, P, R)
+        for q0 in range(q_start, q_stop, BLOCK_M):
+            offs_m = q0 + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < q_stop
+            qt = tl.load(qt_base + offs_m.to(tl.int64)[None, :] * sqn, mask=row_ok[None, :], other=0.0)
+            do = tl.load(do_base + offs_m.to(tl.int64)[:, None] * sgn, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+            # Transposed scores [BLOCK_N, BLOCK_M]: the dk/dv products then need no transpose of P.
+            pt = tl.exp(tl.dot(k, qt) * scale - lse[None, :])
+            if not _tile_is_full(q0, q_stop, k0, N, keep, S, P, R, BLOCK_M, BLOCK_N, MODE):
+                # Dropped rows have lse = -inf (p = inf there): select, never multiply.
+                pt = tl.where(_allowed(offs_m[None, :], offs_n[:, None], keep, q_stop, N, S, P, MODE), pt, 0.0)
+            dv += tl.dot(pt.to(do.dtype), do)
+            dpt = tl.dot(v, tl.trans(do))
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
+
+    dk_ptrs = dk_ptr + b * sdkb + h * sdkh + cols * sdkn + offs_d[None, :] * sdkd
+    dv_ptrs = dv_ptr + b * sdvb + h * sdvh + cols * sdvn + offs_d[None, :] * sdvd
+    tl.store(dk_ptrs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, keep_ptr,
+               sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd, slb, slh,
+               sdqb, sdqh, sdqn, sdqd,
+               N, T, P, R, scale,
+               MODE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    S = P + R
+    keep = _load_keep(keep_ptr, b, R)
+    q0 = pid_m * BLOCK_M
+    offs_m = q0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < N
+    rows = offs_m.to(tl.int64)[:, None]
+    q = tl.load(q_ptr + b * sqb + h * sqh + rows * sqn + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + b * sgb + h * sgh + rows * sgn + offs_d[None, :] * sgd, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_ptr + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
+    kt_base = k_ptr + b * skb + h * skh + offs_d[:, None] * skd  # K^T, V^T tiles [D, BLOCK_N]
+    vt_base = v_ptr + b * svb + h * svh + offs_d[:, None] * svd
+
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    k_end = _key_end(q0, tl.minimum(q0 + BLOCK_M, N), keep, T, S, P, MODE)
+    for i in range(0, _num_stretches(0, k_end, keep, S, R)):
+        k_start, k_stop = _stretch(i, 0, k_end, keep, S, P, R)
+        for k0 in range(k_start, k_stop, BLOCK_N):
+            offs_n = k0 + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < k_stop
+            kt = tl.load(kt_base + offs_n.to(tl.int64)[None, :] * skn, mask=col_ok[None, :], other=0.0)
+            vt = tl.load(vt_base + offs_n.to(tl.int64)[None, :] * svn, mask=col_ok[None, :], other=0.0)
+            p = tl.exp(tl.dot(q, kt) * scale - lse[:, None])
+            if not _tile_is_full(q0, N, k0, k_stop, keep, S, P, R, BLOCK_M, BLOCK_N, MODE):
+                p = tl.where(_allowed(offs_m[:, None], offs_n[None, :], keep, N, k_stop, S, P, MODE), p, 0.0)
+            dp = tl.dot(do, vt)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+
+    tl.store(dq_ptr + b * sdqb + h * sdqh + rows * sdqn + offs_d[None, :] * sdqd,
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+# --------------------------------------------------------------------------------------
+# Host side
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel on GPU; BLOCK_M tiles queries and
+# BLOCK_N keys in every kernel. Chosen so that every variant compiles for sm_80 and sm_90
+# without register spills and within 100 KB of shared memory (sm_86/sm_89 limit):
+# python -m vft_kernels.triton.aot --only attention.
+def _config(kernel, D, dtype):
+    fp32 = dtype == torch.float32
+    if kernel == "fwd":
+        if fp32:
+            return (64, 32, 8, 2) if D == 128 else (64, 64, 8, 2)
+        return {16: (128, 64, 4, 3), 128: (64, 64, 8, 2)}.get(D, (128, 64, 8, 3))
+    if kernel == "dkdv":
+        if fp32:
+            return (32, 64, 8, 2) if D <= 32 else (32, 32, 4, 2)
+        return {16: (64, 64, 4, 2), 128: (64, 32, 8, 2)}.get(D, (32, 64, 8, 2))
+    if fp32:  # dq
+        return (32, 32, 4, 2) if D == 128 else (64, 32, 8, 2)
+    return {16: (64, 64, 4, 3), 128: (64, 32, 8, 2)}.get(D, (64, 64, 8, 2))
+
+
+def _blocks(config, q, block_m, block_n):
+    """Tile sizes: explicit ones (tests), else 16 x 16 under the interpreter (fastest there,
+    and tiles then straddle layout blocks), else the GPU config."""
+    if _interpreting() and q.device.type == "cpu":
+        config = (16, 16, 1, 1)
+    bm, bn, warps, stages = config
+    return block_m or bm, block_n or bn, warps, stages
+
+
+def _supports(q, D):
+    if q.device.type == "cpu" and not _interpreting():
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+    if q.device.type not in ("cpu", "cuda"):
+        return f"device {q.device.type} not supported (cuda)"
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype} not supported (float16, bfloat16, float32)"
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return "bfloat16 tl.dot is wrong under TRITON_INTERPRET=1"
+    if D not in HEAD_DIMS:
+        return f"head dim {D} not in {HEAD_DIMS}"
+    B, H = q.shape[:2]
+    if max(B, H) > 65535:  # grid dims y, z
+        return f"batch {B} and heads {H} must each be <= 65535"
+    return None
+
+
+def supports_attention_forward(q, k, v, layout, keep, scale):
+    """None if the Triton kernels can run this call, else why not."""
+    return _supports(q, q.shape[-1])
+
+
+def supports_attention_backward(dout, q, k, v, out, lse, layout, keep, scale):
+    """None if the Triton kernels can run this call, else why not."""
+    return _supports(q, q.shape[-1])
+
+
+def _layout_args(layout):
+    return layout.blocks, layout.patches, layout.registers
+
+
+def attention_forward(q, k, v, layout, keep, scale, *, block_m=None, block_n=None):
+    """q, k, v [B, H, N, D] (fp16/bf16/fp32, any strides), keep int32 [B] on q's device ->
+    (out [B, H, N, D] q.dtype, lse [B, H, N] float32, -inf on dropped rows).
+
+    ``block_m``/``block_n`` override the tile sizes (powers of two >= 16; for tests)."""
+    B, H, N, D = q.shape
+    out = new_output((B, H, N, D), q.dtype, q.device)
+    lse = new_output((B, H, N), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse
+    bm, bn, warps, stages = _blocks(_config("fwd", D, q.dtype), q, block_m, block_n)
+    keep = keep.to(torch.int32)
+    grid = (triton.cdiv(N, bm), H, B)
+    _fwd_kernel[grid](q, k, v, out, lse, keep, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                      lse.stride(0), lse.stride(1), N, *_layout_args(layout), float(scale),
+                      MODE=MODE_IDS[layout.mode], D=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                      num_stages=stages)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, layout, keep, scale, *, block_m=None, block_n=None):
+    """Gradients of attention_forward: dout, out [B, H, N, D], lse [B, H, N] float32 ->
+    (dq, dk, dv) [B, H, N, D] in q's dtype. Deterministic (no atomics)."""
+    B, H, N, D = q.shape
+    dq = new_output((B, H, N, D), q.dtype, q.device)
+    dk = new_output((B, H, N, D), k.dtype, k.device)
+    dv = new_output((B, H, N, D), v.dtype, v.device)
+    if dq.numel() == 0:
+        return dq, dk, dv
+    keep = keep.to(torch.int32)
+    lse = lse.contiguous()
+    delta = new_output((B, H, N), torch.float32, q.device)
+    bm, bn, warps, stages = _blocks(_config("dq", D, q.dtype), q, block_m, block_n)
+    _delta_kernel[(triton.cdiv(N, bm), H, B)](out, dout, delta, *out.stride(), *dout.stride(),
+                                              delta.stride(0), delta.stride(1), N, D=D, BLOCK_M=bm,
+                                              num_warps=4)
+    common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1))
+    sizes = (N, *_layout_args(layout), float(scale))
+    mode = MODE_IDS[layout.mode]
+    _dq_kernel[(triton.cdiv(N, bm), H, B)](q, k, v, dout, lse, delta, dq, keep, *common, *dq.stride(), *sizes,
+                                           MODE=mode, D=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                           num_stages=stages)
+    bm, bn, warps, stages = _blocks(_config("dkdv", D, q.dtype), q, block_m, block_n)
+    _dkdv_kernel[(triton.cdiv(N, bn), H, B)](q, k, v, dout, lse, delta, dk, dv, keep, *common,
+                                             *dk.stride(), *dv.stride(), *sizes, MODE=mode, D=D, BLOCK_M=bm,
+                                             BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------
+# Ahead-of-time compile variants
+
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_KERNELS = {"fwd": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}
+_HEAD_DIM_STRIDES = ("sqd", "skd", "svd", "sod", "sgd", "sdkd", "sdvd", "sdqd")
+
+
+def _variant(name, fn, dtype, constexprs, num_warps, num_stages):
+    """A Variant for a launch on contiguous-row tensors: head-dim strides are 1 (Triton
+    specialises them to constants), pointers are 16-byte aligned and the other strides are
+    multiples of 16 (D is), as the launcher assumes at run time; sizes are arbitrary."""
+    from .aot import Variant
+
+    t = _TRITON_DTYPE[dtype]
+    constexprs = {**constexprs, **{s: 1 for s in _HEAD_DIM_STRIDES if s in fn.arg_names}}
+    pointers = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "keep_ptr": "*i32"}
+    signature, divisible = {}, []
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = pointers.get(arg, f"*{t}")
+            divisible.append(arg)
+        elif arg == "scale":
+            signature[arg] = "fp32"
+        elif arg in ("N", "T", "P", "R"):
+            signature[arg] = "i32"
+        else:  # batch / head / row strides
+            signature[arg] = "i32"
+            divisible.append(arg)
+    return Variant(name, fn, signature, constexprs, num_warps, num_stages, tuple(divisible))
+
+
+def aot_variants(modes=tuple(MODE_IDS), head_dims=HEAD_DIMS, dtypes=DTYPES, kernels=("delta", *_KERNELS)):
+    """Every kernel variant the host code launches on GPU: mode x head dim x dtype for the
+    forward, dq and dk/dv kernels, head dim x dtype for the delta kernel."""
+    variants = []
+    for dtype in dtypes:
+        for D in head_dims:
+            tag = f"{_TRITON_DTYPE[dtype]}_d{D}"
+            if "delta" in kernels:
+                bm = _config("dq", D, dtype)[0]
+                variants.append(_variant(f"attn_delta_{tag}", _delta_kernel, dtype, {"D": D, "BLOCK_M": bm}, 4, 1))
+            for kernel, fn in _KERNELS.items():
+                if kernel not in kernels:
+                    continue
+                bm, bn, warps, stages = _config(kernel, D, dtype)
+                for mode in modes:
+                    constexprs = {"MODE": MODE_IDS[mode], "D": D, "BLOCK_M": bm, "BLOCK_N": bn}
+                    variants.append(_variant(f"attn_{kernel}_{mode}_{tag}", fn, dtype, constexprs, warps, stages))
+    return variants
