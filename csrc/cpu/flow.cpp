@@ -166,8 +166,9 @@ flow::Geometry flow_check(const torch::Tensor& out, const torch::Tensor& x, cons
   VFT_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
             "x must be float32, float16 or bfloat16, got ", x.scalar_type());
   VFT_CHECK(x.is_contiguous(), "x must be contiguous");
-  VFT_CHECK(reduce_ndim >= 1 && x.dim() >= reduce_ndim + 1, "x must have at least reduce_ndim + 1 = ",
-            reduce_ndim + 1, " dims, got ", x.dim());
+  VFT_CHECK(x.dim() >= 1, "x must be [B, ...], got a 0-dim tensor");
+  VFT_CHECK(mode != flow::kApg || (reduce_ndim >= 1 && x.dim() >= reduce_ndim + 1),
+            "x must have at least reduce_ndim + 1 = ", reduce_ndim + 1, " dims, got ", x.dim());
   check_like("out", out, x);
   check_like("v_cond", v_cond, x);
   if (mode != flow::kNone) {
@@ -180,7 +181,7 @@ flow::Geometry flow_check(const torch::Tensor& out, const torch::Tensor& x, cons
   geo.B = x.size(0);
   geo.numel = x.numel();
   geo.L = 1;
-  for (int64_t d = x.dim() - reduce_ndim; d < x.dim(); ++d) geo.L *= x.size(d);
+  for (int64_t d = std::max<int64_t>(x.dim() - reduce_ndim, 1); d < x.dim(); ++d) geo.L *= x.size(d);
   geo.G = geo.L > 0 ? geo.numel / geo.L : 0;
   if (momentum.has_value()) {
     VFT_CHECK(mode == flow::kApg, "a momentum state is only used by guidance 'apg'");
@@ -242,7 +243,7 @@ void flow_step_cpu(torch::Tensor out, torch::Tensor x, torch::Tensor v_cond, c10
 
 void flow_heun_step_cpu(torch::Tensor out, torch::Tensor x, torch::Tensor v1, torch::Tensor v2, torch::Tensor t,
                         torch::Tensor t_next) {
-  const flow::Geometry geo = flow_check(out, x, v1, v2, t, t_next, flow::kHeun, c10::nullopt, 1, c10::nullopt, 0);
+  const flow::Geometry geo = flow_check(out, x, v1, v2, t, t_next, flow::kHeun, c10::nullopt, 0, c10::nullopt, 0);
   VFT_CHECK(x.device().is_cpu(), "flow_heun_step_cpu needs CPU tensors, got ", x.device());
   if (geo.numel == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "flow_heun_step_cpu", [&] {

@@ -33,6 +33,18 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def _cast_to(v, ptr):
+    """float32 ``v`` in ``ptr``'s element type, rounded to nearest even. bf16 is rounded by
+    hand: the interpreter's float32 -> bf16 cast truncates (on GPUs this is a few integer ops
+    and the cast below is then exact)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+    return v.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _apg_reduce_kernel(vc_ptr, vu_ptr, m_ptr, part_ptr, L, CHUNK, apg_momentum,
                        HAS_MOM: tl.constexpr, NPART: tl.constexpr, BLOCK: tl.constexpr):
     """Partial sums over one chunk of one group: part[g, chunk] = (|d|^2, <d, vc>, |vc|^2)."""
@@ -99,7 +111,7 @@ def _flow_update_kernel(out_ptr, x_ptr, a_ptr, b_ptr, m_ptr, prefix_ptr, part_pt
         d = a - tl.load(b_ptr + off, mask=mask, other=0.0).to(tl.float32)
         if HAS_MOM:
             d = d + apg_momentum * tl.load(m_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            tl.store(m_ptr + off, d.to(m_ptr.dtype.element_ty), mask=mask)
+            tl.store(m_ptr + off, _cast_to(d, m_ptr), mask=mask)
         v = alpha * a + beta * d
     res = x + dt * v
     if HAS_PREFIX:
@@ -109,7 +121,7 @@ def _flow_update_kernel(out_ptr, x_ptr, a_ptr, b_ptr, m_ptr, prefix_ptr, part_pt
         poff = ((r // T) * prefix_len + tt) * inner + off % inner
         pv = tl.load(prefix_ptr + poff, mask=mask & in_prefix, other=0.0).to(tl.float32)
         res = tl.where(in_prefix, pv, res)
-    tl.store(out_ptr + off, res.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + off, _cast_to(res, out_ptr), mask=mask)
 
 
 def _dtype_reason(tensors) -> str | None:
