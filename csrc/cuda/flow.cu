@@ -4,8 +4,10 @@
 // x_next, the momentum state and the prefix frames). Per-element math: vft/flow_math.h.
 // Tensors are viewed as rows x L (rows = groups for APG, samples otherwise); grid
 // (cdiv(L, kTile), rows); int64 offsets.
-#include <ATen/cuda/CUDAContext.h>
+// c10 headers only: ATen/cuda/CUDAContext.h pulls in cusparse.h, which a bare toolkit may lack.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 
@@ -149,7 +151,7 @@ void launch_update(const torch::Tensor& out, const torch::Tensor& x, const torch
                    const T* prefix, const float* part, const torch::Tensor& t, const torch::Tensor& tn, int64_t rows,
                    int64_t L, int64_t rows_per_sample, int n_part, Scalars s, flow::Prefix geo) {
   const dim3 grid(static_cast<unsigned>((L + kTile - 1) / kTile), static_cast<unsigned>(rows));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   auto args = [&](auto kernel) {
     kernel<<<grid, kThreads, 0, stream>>>(out.data_ptr<T>(), x.data_ptr<T>(), a.data_ptr<T>(), b, state, prefix, part,
                                           t.data_ptr<float>(), tn.data_ptr<float>(), L, rows_per_sample, n_part, s,
@@ -206,7 +208,7 @@ void flow_step_cuda(torch::Tensor out, torch::Tensor x, torch::Tensor v_cond, c1
     n_part = (L + chunk - 1) / chunk;
     auto part = torch::empty({rows, kMaxPart, 3}, x.options().dtype(torch::kFloat));
     const dim3 grid(static_cast<unsigned>(n_part), static_cast<unsigned>(rows));
-    auto stream = at::cuda::getCurrentCUDAStream();
+    auto stream = c10::cuda::getCurrentCUDAStream();
     const T* vc = v_cond.data_ptr<T>();
     float* pp = part.data_ptr<float>();
     if (!momentum.has_value()) {

@@ -27,6 +27,7 @@ from .aot import Variant
 
 BLOCK = 1024
 NPART = 64  # max partial sums per group: the update programs load all of a group's partials
+NUM_WARPS = 8  # 4 elements per thread: keeps the APG update (5 streams + prefix indexing) under ~90 registers
 MAX_ROWS = 65535  # grid axis 1 limit
 MODES = {"none": 0, "cfg": 1, "apg": 2, "heun": 3}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -164,7 +165,8 @@ def _launch_update(mode, out, x, a, b, t, t_next, rows, L, rows_per_sample, mome
         prefix if prefix is not None else x, part if part is not None else t, t, t_next,
         L, rows_per_sample, n_part, float(scale), float(apg_eta), float(apg_norm_threshold), float(apg_momentum),
         T, inner, prefix_len,
-        MODE=mode, HAS_MOM=momentum is not None, HAS_PREFIX=prefix_len > 0, NPART=NPART, BLOCK=BLOCK)
+        MODE=mode, HAS_MOM=momentum is not None, HAS_PREFIX=prefix_len > 0, NPART=NPART, BLOCK=BLOCK,
+        num_warps=NUM_WARPS)
 
 
 def flow_step(out, x, v_cond, v_uncond, t, t_next, guidance, scale, apg_eta, apg_norm_threshold, apg_momentum,
@@ -188,7 +190,8 @@ def flow_step(out, x, v_cond, v_uncond, t, t_next, guidance, scale, apg_eta, apg
     mom = momentum if apg_momentum != 0 else None
     part = torch.empty((rows, NPART, 3), dtype=torch.float32, device=x.device)
     _apg_reduce_kernel[(n_part, rows)](v_cond, v_uncond, mom if mom is not None else x, part, L, chunk,
-                                       float(apg_momentum), HAS_MOM=mom is not None, NPART=NPART, BLOCK=BLOCK)
+                                       float(apg_momentum), HAS_MOM=mom is not None, NPART=NPART, BLOCK=BLOCK,
+                                       num_warps=NUM_WARPS)
     _launch_update(MODES["apg"], out, x, v_cond, v_uncond, t, t_next, rows, L, rows // B, momentum=mom,
                    part=part, n_part=n_part, scale=scale, apg_eta=apg_eta, apg_norm_threshold=apg_norm_threshold,
                    apg_momentum=apg_momentum, prefix=prefix, prefix_len=prefix_len)
@@ -222,9 +225,9 @@ def aot_variants() -> list[Variant]:
                    "BLOCK": "constexpr"}
             variants.append(Variant(f"flow_update[{mode_name},{dtype}]".replace("torch.", ""), _flow_update_kernel,
                                     sig, {"MODE": mode, "HAS_MOM": apg, "HAS_PREFIX": apg, "NPART": NPART,
-                                          "BLOCK": BLOCK}))
+                                          "BLOCK": BLOCK}, num_warps=NUM_WARPS))
         sig = {"vc_ptr": p, "vu_ptr": p, "m_ptr": "*fp32", "part_ptr": "*fp32", "L": "i64", "CHUNK": "i64",
                "apg_momentum": "fp32", "HAS_MOM": "constexpr", "NPART": "constexpr", "BLOCK": "constexpr"}
         variants.append(Variant(f"flow_apg_reduce[{dtype}]".replace("torch.", ""), _apg_reduce_kernel, sig,
-                                {"HAS_MOM": True, "NPART": NPART, "BLOCK": BLOCK}))
+                                {"HAS_MOM": True, "NPART": NPART, "BLOCK": BLOCK}, num_warps=NUM_WARPS))
     return variants
