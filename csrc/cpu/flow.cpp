@@ -19,6 +19,9 @@ namespace vft {
 namespace {
 
 constexpr int64_t kBlock = 2048;  // elements per vectorised block / per OpenMP work item
+// Below this many elements a call runs on one thread: waking the OpenMP team costs more than
+// the work (and on a busy machine a late thread stalls the whole step).
+constexpr int64_t kParallelMin = 1 << 16;
 
 struct Params {
   float scale, eta, threshold, momentum;
@@ -47,7 +50,7 @@ template <typename T, flow::Mode kMode>
 void elementwise(T* out, const T* x, const T* a, const T* b, const float* t, const float* tn, int64_t B,
                  int64_t S, float scale, const T* prefix, flow::Prefix geo) {
   const int64_t per_sample = (S + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * S >= kParallelMin)
   for (int64_t job = 0; job < B * per_sample; ++job) {
     const int64_t s = job / per_sample;
     const int64_t lo = s * S + (job % per_sample) * kBlock, hi = std::min(lo + kBlock, (s + 1) * S);
@@ -71,7 +74,7 @@ void elementwise(T* out, const T* x, const T* a, const T* b, const float* t, con
 template <typename T, typename M, bool kMom>
 void apg(T* out, const T* x, const T* vc, const T* vu, M* state, const float* t, const float* tn, int64_t G,
          int64_t L, int64_t groups_per_sample, Params p, const T* prefix, flow::Prefix geo) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (G * L >= kParallelMin)
   for (int64_t g = 0; g < G; ++g) {
     const int64_t base = g * L;
     double dd = 0, dv = 0, vv = 0;
