@@ -66,7 +66,8 @@ def flow_sample(velocity_fn: Callable, noise: torch.Tensor, steps: int, guidance
                 reduce_ndim=reduce_ndim, prefix_len=prefix_len)
     times = time_grid(steps, shift)
     if not cuda_graph:
-        return _integrate(velocity_fn, noise, prefix, times, solver, progress, opts)
+        return _integrate(velocity_fn, noise, prefix, _time_rows(times, noise.shape[0], noise.device), solver,
+                          progress, opts)
     if noise.device.type != "cuda":
         raise ValueError(f"flow_sample: cuda_graph=True needs CUDA tensors, got noise on {noise.device}")
     key = (velocity_fn, tuple(noise.shape), noise.dtype, noise.device, tuple(times), solver,
@@ -90,11 +91,21 @@ def _velocities(velocity_fn, x, t, guided):
     return v, None
 
 
-def _integrate(velocity_fn, noise, prefix, times, solver, progress, opts):
+def _time_rows(times, B, device):
+    """[steps + 1, B] float32 times and [steps, B] midpoints, built once per loop (contiguous
+    rows: no per-step allocation, launch or host-to-device copy)."""
+    t = torch.tensor(times, dtype=torch.float64)
+    rows = t.to(torch.float32).reshape(-1, 1).repeat(1, B).to(device)
+    mids = (0.5 * (t[:-1] + t[1:])).to(torch.float32).reshape(-1, 1).repeat(1, B).to(device)
+    return rows, mids
+
+
+def _integrate(velocity_fn, noise, prefix, time_rows, solver, progress, opts):
     """The loop itself; ping-pongs between two buffers so no step writes a tensor that the
     velocity function's output might alias."""
-    B, p = noise.shape[0], opts["prefix_len"]
+    p = opts["prefix_len"]
     guided = opts["guidance"] != "none"
+    rows, mids = time_rows
     x = noise.clone(memory_format=torch.contiguous_format)
     buf = torch.empty_like(x)
     if p > 0:
@@ -102,24 +113,20 @@ def _integrate(velocity_fn, noise, prefix, times, solver, progress, opts):
     step_kw = dict(opts, prefix=prefix)
     if opts["guidance"] == "apg" and opts["apg_momentum"] != 0:
         step_kw["momentum"] = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-
-    def full(t):
-        return torch.full((B,), t, dtype=torch.float32, device=x.device)
-
-    steps = range(len(times) - 1)
+    steps = range(rows.shape[0] - 1)
     if progress:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="flow_sample", unit="step")
     for i in steps:
-        t, tn = full(times[i]), full(times[i + 1])
+        t, tn = rows[i], rows[i + 1]
         vc, vu = _velocities(velocity_fn, x, t, guided)
         flow_step(x, vc, t, tn, vu, **step_kw, out=buf)  # Euler step, or Heun's predictor
         if solver == "heun":
             v2c, v2u = _velocities(velocity_fn, buf, tn, guided)
             if guided:
                 x.lerp_(buf, 0.5)  # x + dt/2 v1
-                flow_step(x, v2c, full(0.5 * (times[i] + times[i + 1])), tn, v2u, **step_kw, out=buf)
+                flow_step(x, v2c, mids[i], tn, v2u, **step_kw, out=buf)
             else:
                 flow_heun_step(x, vc, v2c, t, tn, out=buf)
                 if p > 0:
@@ -134,14 +141,15 @@ class _Captured:
     def __init__(self, velocity_fn, noise, prefix, times, solver, opts):
         self.noise = noise.clone(memory_format=torch.contiguous_format)
         self.prefix = None if prefix is None else prefix.clone()
+        time_rows = _time_rows(times, noise.shape[0], noise.device)  # static: made before capture
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up: lazy initialisation, Triton compilation
-            _integrate(velocity_fn, self.noise, self.prefix, times, solver, False, opts)
+            _integrate(velocity_fn, self.noise, self.prefix, time_rows, solver, False, opts)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = _integrate(velocity_fn, self.noise, self.prefix, times, solver, False, opts)
+            self.out = _integrate(velocity_fn, self.noise, self.prefix, time_rows, solver, False, opts)
 
     def replay(self, noise, prefix):
         self.noise.copy_(noise)
