@@ -105,7 +105,8 @@ def _flow_update_kernel(out_ptr, x_ptr, a_ptr, b_ptr, m_ptr, prefix_ptr, part_pt
         vv = tl.sum(tl.load(pp + 2, mask=pm, other=0.0), axis=0)
         norm = tl.sqrt(dd)
         # c = min(1, thr / |d|), and 1 without a threshold or for |d| = 0 (0/0 -> 0 in SPEC terms)
-        c = tl.where((apg_norm_threshold > 0) & (norm > apg_norm_threshold), apg_norm_threshold / norm, 1.0)
+        clip = (apg_norm_threshold > 0) & (norm > apg_norm_threshold)
+        c = tl.where(clip, apg_norm_threshold / tl.where(clip, norm, 1.0), 1.0)
         k = tl.where(vv > 0, dv / tl.where(vv > 0, vv, 1.0), 0.0)
         alpha = 1.0 + (scale - 1.0) * (apg_eta - 1.0) * c * k
         beta = (scale - 1.0) * c
