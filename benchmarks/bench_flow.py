@@ -32,41 +32,47 @@ def _kernel_backends(device):
             and dispatch.backend_status(b) is None and dispatch._REGISTRY[("flow_step", b)].load() is None]
 
 
+def _shape_cases(shape, dev, compiled) -> list[Case]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x, vc, vu = (torch.randn(shape, generator=g).to(dev) for _ in range(3))
+    t = torch.full((shape[0],), 0.6, device=dev)
+    tn = torch.full((shape[0],), 0.5, device=dev)
+    dst = torch.empty_like(x)
+    out = []
+    for name, (kw, streams) in MODES.items():
+        args = dict(kw, v_uncond=None if kw["guidance"] == "none" else vu)
+
+        def case(provider, fn, name=name, streams=streams):
+            return Case("flow", name, "x".join(map(str, shape)), "float32", provider, fn,
+                        bytes=streams * x.numel() * x.element_size())
+
+        def state(kw=kw):  # each provider its own APG momentum state
+            return torch.zeros_like(x) if kw.get("apg_momentum") else None
+
+        out.append(case("reference", lambda a=args, m=state(): ref.flow_step(x, vc, t, tn, momentum=m, **a)))
+        out.append(case("compile(reference)", lambda a=args, m=state(): compiled(x, vc, t, tn, momentum=m, **a)))
+        for backend in _kernel_backends(dev):
+            def run(b=backend, a=args, m=state()):
+                with vk.use_backend(b):
+                    return vk.flow_step(x, vc, t, tn, momentum=m, out=dst, **a)
+
+            out.append(case(backend, run))
+            # The backend function alone (no torch.library / argument-check layer): shows
+            # how much of a step is the op layer's fixed cost.
+            m = state()
+            fn = dispatch._REGISTRY[("flow_step", backend)]._fn
+            call = (dst, x, vc, args["v_uncond"], t, tn, kw["guidance"], kw.get("scale", 1.0), kw.get("apg_eta", 0.0),
+                    kw.get("apg_norm_threshold", 0.0), kw.get("apg_momentum", 0.0), m, 3, None, 0)
+            out.append(case(f"{backend} (kernel only)", lambda fn=fn, call=call: fn(*call)))
+    return out
+
+
 def cases(ctx: Context) -> list[Case]:
-    dev = ctx.device
-    shapes = SHAPES[:1] if ctx.quick else SHAPES
     # One compiled graph per (shape, guidance): more than dynamo's default 8 per function.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     compiled = torch.compile(ref.flow_step, dynamic=False)
-    out = []
-    for shape in shapes:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        x, vc, vu = (torch.randn(shape, generator=g).to(dev) for _ in range(3))
-        B = shape[0]
-        t = torch.full((B,), 0.6, device=dev)
-        tn = torch.full((B,), 0.5, device=dev)
-        dst = torch.empty_like(x)
-        for name, (kw, streams) in MODES.items():
-            nbytes = streams * x.numel() * x.element_size()
-            ref_args = dict(kw, v_uncond=None if kw["guidance"] == "none" else vu)
-
-            def case(provider, fn):
-                return Case("flow", name, "x".join(map(str, shape)), "float32", provider, fn, bytes=nbytes)
-
-            def state():
-                return torch.zeros_like(x) if kw.get("apg_momentum") else None
-
-            m_ref, m_cmp = state(), state()
-            out.append(case("reference", lambda a=ref_args, m=m_ref: ref.flow_step(x, vc, t, tn, momentum=m, **a)))
-            out.append(case("compile(reference)",
-                            lambda a=ref_args, m=m_cmp: compiled(x, vc, t, tn, momentum=m, **a)))
-            for backend in _kernel_backends(dev):
-                def run(b=backend, a=ref_args, m=state()):
-                    with vk.use_backend(b):
-                        return vk.flow_step(x, vc, t, tn, momentum=m, out=dst, **a)
-
-                out.append(case(backend, run))
-    return out
+    shapes = SHAPES[:1] if ctx.quick else SHAPES
+    return [c for shape in shapes for c in _shape_cases(shape, ctx.device, compiled)]
 
 
 def main(argv=None):
