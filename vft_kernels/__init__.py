@@ -17,6 +17,7 @@ from .layout import RegisterLayout, Tile
 from .ops.attention import register_attention
 from .ops.flow import flow_heun_step, flow_step
 from .ops.fsq import fsq_indices_to_codes, fsq_quantize
+from .sampling import flow_sample
 
 __all__ = [
     "BackendUnavailableError",
@@ -24,6 +25,7 @@ __all__ = [
     "Tile",
     "available_backends",
     "flow_heun_step",
+    "flow_sample",
     "flow_step",
     "fsq_indices_to_codes",
     "fsq_quantize",

@@ -1,0 +1,250 @@
+"""Flow step kernels (SPEC.md §3) against the reference with the SPEC §4 tolerance rule.
+
+Every available kernel backend (cpu; triton under TRITON_INTERPRET=1, forced) runs on
+small odd shapes; the float64 reference is ground truth and the reference in the input
+dtype sets the bound. Outputs are NaN-poisoned (tests/conftest.py)."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vft_kernels as vk
+from vft_kernels import dispatch
+from vft_kernels.reference import flow as ref
+from vft_kernels.testing import assert_matches_reference, noncontiguous
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE = (2, 3, 5, 7)
+VIDEO = (2, 3, 4, 5, 3)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _backend_reason(name):
+    reason = dispatch.backend_status(name)
+    if reason is None:
+        entry = dispatch._REGISTRY[("flow_step", name)]
+        reason = entry.load()
+    return reason
+
+
+@pytest.fixture(params=["cpu", "triton"])
+def backend(request):
+    reason = _backend_reason(request.param)
+    if reason is not None:
+        pytest.skip(f"backend {request.param} unavailable: {reason}")
+    return request.param
+
+
+def _rand(shape, dtype, scale=1.0):
+    return (torch.randn(shape) * scale).to(dtype)
+
+
+def _times(B, per_sample):
+    if not per_sample:
+        return 0.75, 0.5
+    t = torch.rand(B) * 0.8 + 0.2
+    return t, t - torch.rand(B) * 0.15 - 0.01
+
+
+def _up(v):
+    return v.double() if isinstance(v, torch.Tensor) else v
+
+
+def _group_len(shape, guidance, reduce_ndim=3):
+    return math.prod(shape[len(shape) - reduce_ndim:]) if guidance == "apg" else 1
+
+
+class Stepper:
+    """Runs one backend and the two references side by side, each with its own momentum
+    state, and checks every output (and the momentum state) after each step."""
+
+    def __init__(self, backend, shape, dtype, momentum_dtype=torch.float32, **kw):
+        self.backend, self.shape, self.dtype, self.kw = backend, shape, dtype, kw
+        use_mom = kw.get("guidance") == "apg" and kw.get("apg_momentum", 0) != 0
+        init = torch.randn(shape) if use_mom else None  # a state from earlier steps
+        self.m = init.to(momentum_dtype, copy=True) if use_mom else None
+        self.m64 = init.double() if use_mom else None
+        self.mlp = init.to(momentum_dtype, copy=True) if use_mom else None
+        self.red = _group_len(shape, kw.get("guidance"), kw.get("reduce_ndim", 3))
+
+    def step(self, x, vc, vu, t, tn, prefix=None, noncontig=False, out=None, name="flow_step"):
+        kw = dict(self.kw)
+        if prefix is not None:
+            kw.update(prefix=prefix, prefix_len=prefix.shape[2])
+        r64 = ref.flow_step(x.double(), vc.double(), _up(t), _up(tn), None if vu is None else vu.double(),
+                            momentum=self.m64, **{**kw, "prefix": None if prefix is None else prefix.double()})
+        rlp = ref.flow_step(x, vc, t, tn, vu, momentum=self.mlp, **kw)
+        args = [noncontiguous(a) if noncontig and a is not None else a for a in (x, vc, vu)]
+        with vk.use_backend(self.backend):
+            got = vk.flow_step(args[0], args[1], t, tn, args[2], momentum=self.m, out=out, **kw)
+        assert got.dtype == self.dtype and got.shape == x.shape
+        assert_matches_reference(f"{self.backend} {name}", got, r64, rlp, self.dtype, self.red)
+        if self.m is not None:
+            assert_matches_reference(f"{self.backend} momentum", self.m, self.m64, self.mlp,
+                                     self.m.dtype, self.red)
+        return got
+
+
+@pytest.mark.parametrize("shape", [IMAGE, VIDEO], ids=["image", "video"])
+@pytest.mark.parametrize("guidance", ["none", "cfg", "apg"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_step_matches_reference(backend, shape, guidance, dtype):
+    s = Stepper(backend, shape, dtype, guidance=guidance, scale=3.5, apg_eta=0.25)
+    t, tn = _times(shape[0], per_sample=dtype == torch.float32)
+    s.step(_rand(shape, dtype), _rand(shape, dtype), _rand(shape, dtype), t, tn, noncontig=dtype != torch.float16)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 3.0], ids=["no_threshold", "threshold"])
+@pytest.mark.parametrize("shape,dtype", [(VIDEO, torch.float32), (IMAGE, torch.float32), (VIDEO, torch.bfloat16)],
+                         ids=["video-fp32", "image-fp32", "video-bf16"])
+def test_apg_momentum_over_five_steps(backend, shape, dtype, threshold):
+    """Momentum state carried over 5 steps (per-sample times), compared after every step."""
+    s = Stepper(backend, shape, dtype, guidance="apg", scale=4.0, apg_eta=0.1, apg_norm_threshold=threshold,
+                apg_momentum=-0.6)
+    x = _rand(shape, dtype)
+    t = torch.ones(shape[0]) - torch.rand(shape[0]) * 0.05
+    for _ in range(5):
+        tn = t - 0.15
+        x = s.step(x, _rand(shape, dtype), _rand(shape, dtype), t, tn, noncontig=True)
+        t = tn
+
+
+def test_apg_momentum_state_in_low_precision(backend):
+    s = Stepper(backend, VIDEO, torch.float32, momentum_dtype=torch.bfloat16, guidance="apg", scale=2.0,
+                apg_momentum=0.5, apg_norm_threshold=2.0)
+    for _ in range(2):
+        s.step(_rand(VIDEO, torch.float32), _rand(VIDEO, torch.float32), _rand(VIDEO, torch.float32), 0.75, 0.5)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_apg_zero_norm_groups(backend, momentum):
+    """Groups with v_cond = v_uncond (|diff| = 0, threshold on) and with v_cond = 0
+    (|v_cond| = 0) must give the reference's finite values, no NaN."""
+    shape = (2, 3, 2, 3, 4)
+    vc, vu = torch.randn(shape), torch.randn(shape)
+    vu[0, 0] = vc[0, 0]
+    vc[0, 1] = 0.0
+    vc[1, 2] = 0.0
+    vu[1, 2] = 0.0
+    s = Stepper(backend, shape, torch.float32, guidance="apg", scale=3.0, apg_eta=0.5, apg_norm_threshold=1.0,
+                apg_momentum=momentum)
+    if s.m is not None:  # keep the zero-diff groups zero after the momentum update
+        for m in (s.m, s.m64, s.mlp):
+            m[0, 0] = 0.0
+            m[1, 2] = 0.0
+    got = s.step(torch.randn(shape), vc, vu, 0.75, 0.5)
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("guidance", ["none", "cfg", "apg"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_prefix_frames(backend, guidance, dtype):
+    shape = (2, 3, 5, 2, 3)
+    s = Stepper(backend, shape, dtype, guidance=guidance, scale=2.5, apg_momentum=0.3 if guidance == "apg" else 0.0)
+    prefix = _rand((2, 3, 2, 2, 3), dtype)
+    t, tn = _times(2, per_sample=True)
+    got = s.step(_rand(shape, dtype), _rand(shape, dtype), _rand(shape, dtype), t, tn, prefix=noncontiguous(prefix),
+                 noncontig=True)
+    assert torch.equal(got[:, :, :2], prefix)
+
+
+def test_reduce_ndim_and_size_one_dims(backend):
+    """Groups over the last 2 dims of a video, and a shape with size-1 dims."""
+    for shape, rn in (((1, 2, 3, 1, 5), 2), ((3, 1, 1, 4), 3), ((2, 5), 1)):
+        s = Stepper(backend, shape, torch.float32, guidance="apg", scale=2.0, apg_eta=0.3, reduce_ndim=rn,
+                    apg_momentum=0.5, apg_norm_threshold=1.5)
+        s.step(torch.randn(shape), torch.randn(shape), torch.randn(shape), 0.75, 0.5)
+
+
+@pytest.mark.parametrize("guidance", ["cfg", "apg"])
+def test_out_and_in_place(backend, guidance):
+    s = Stepper(backend, VIDEO, torch.float32, guidance=guidance, scale=2.0, apg_momentum=0.5)
+    out = torch.full(VIDEO, float("nan"))
+    got = s.step(torch.randn(VIDEO), torch.randn(VIDEO), torch.randn(VIDEO), 0.75, 0.5, out=out)
+    assert got is out
+    x = torch.randn(VIDEO)
+    x_before = x.clone()
+    s2 = Stepper(backend, VIDEO, torch.float32, guidance=guidance, scale=2.0, apg_momentum=0.5)
+    vc, vu = torch.randn(VIDEO), torch.randn(VIDEO)
+    r64 = ref.flow_step(x_before.double(), vc.double(), 0.75, 0.5, vu.double(), guidance, 2.0, apg_momentum=0.5,
+                        momentum=s2.m64)
+    rlp = ref.flow_step(x_before, vc, 0.75, 0.5, vu, guidance, 2.0, apg_momentum=0.5, momentum=s2.mlp)
+    with vk.use_backend(backend):
+        got = vk.flow_step(x, vc, 0.75, 0.5, vu, guidance, 2.0, apg_momentum=0.5, momentum=s2.m, out=x)
+    assert got is x
+    assert_matches_reference("in-place", x, r64, rlp, torch.float32, _group_len(VIDEO, guidance))
+
+
+@pytest.mark.parametrize("shape", [IMAGE, VIDEO, (3, 7)], ids=["image", "video", "2d"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_heun_matches_reference(backend, shape, dtype):
+    x, v1, v2 = _rand(shape, dtype), _rand(shape, dtype), _rand(shape, dtype)
+    t, tn = _times(shape[0], per_sample=True)
+    r64 = ref.flow_heun_step(x.double(), v1.double(), v2.double(), t.double(), tn.double())
+    rlp = ref.flow_heun_step(x, v1, v2, t, tn)
+    with vk.use_backend(backend):
+        got = vk.flow_heun_step(noncontiguous(x), v1, noncontiguous(v2), t, tn)
+        assert_matches_reference(f"{backend} heun", got, r64, rlp, dtype)
+        got = vk.flow_heun_step(x, v1, v2, t, tn, out=x)
+    assert got is x
+    assert_matches_reference(f"{backend} heun in place", x, r64, rlp, dtype)
+
+
+def test_requires_grad_falls_back_to_reference(backend):
+    """Inference kernels: inputs requiring grad run the differentiable reference."""
+    x, vc, vu = (torch.randn(VIDEO, requires_grad=True) for _ in range(3))
+    with vk.use_backend(backend):
+        y = vk.flow_step(x, vc, 0.75, 0.5, vu, guidance="apg", scale=3.0, apg_norm_threshold=1.0)
+        yh = vk.flow_heun_step(x, vc, vu, 0.75, 0.5)
+    g = torch.randn(VIDEO)
+    grads = torch.autograd.grad((y * g).sum() + yh.sum(), (x, vc, vu))
+    xr, vcr, vur = (a.detach().double().requires_grad_() for a in (x, vc, vu))
+    yr = ref.flow_step(xr, vcr, 0.75, 0.5, vur, guidance="apg", scale=3.0, apg_norm_threshold=1.0)
+    yhr = ref.flow_heun_step(xr, vcr, vur, 0.75, 0.5)
+    want = torch.autograd.grad((yr * g.double()).sum() + yhr.sum(), (xr, vcr, vur))
+    for name, a, b in zip(("x", "v_cond", "v_uncond"), grads, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=f"grad {name}")
+
+
+def test_empty_batch(backend):
+    x = torch.randn(0, 3, 2, 2, 2)
+    with vk.use_backend(backend):
+        assert vk.flow_step(x, x, torch.ones(0), torch.zeros(0), x, guidance="apg").shape == x.shape
+
+
+def test_cpu_kernel_rejects_bad_arguments():
+    from vft_kernels._ext import C
+
+    if C is None or not hasattr(C, "flow_step_cpu"):
+        pytest.skip("vft_kernels._C with flow kernels is not built")
+    x = torch.randn(2, 3, 4)
+    t, tn = torch.ones(2), torch.zeros(2)
+    with pytest.raises(ValueError, match="contiguous"):
+        C.flow_step_cpu(torch.empty_like(x), x.transpose(1, 2), x, None, t, tn, "none", 1.0, 0.0, 0.0, 0.0, None, 1,
+                        None, 0)
+    with pytest.raises(ValueError, match=r"\[B\] = \[2\]"):
+        C.flow_step_cpu(torch.empty_like(x), x, x, None, torch.ones(3), tn, "none", 1.0, 0.0, 0.0, 0.0, None, 1,
+                        None, 0)
+    with pytest.raises(ValueError, match="guidance"):
+        C.flow_step_cpu(torch.empty_like(x), x, x, x, t, tn, "pag", 1.0, 0.0, 0.0, 0.0, None, 1, None, 0)
+
+
+def test_unsupported_dtype_is_reported():
+    from vft_kernels.triton import flow as tflow
+
+    x = torch.randn(2, 3, dtype=torch.float64)
+    assert "float64" in tflow.supports_flow_heun_step(x, x, x, x, None, None)
+
+
+def test_aot_compiles_flow_kernels():
+    """The Triton flow kernels compile for sm_80 and sm_90 without spills (no GPU needed)."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-m", "vft_kernels.triton.aot", "--only", "flow"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "flow_update[apg" in res.stdout and "flow_apg_reduce" in res.stdout
