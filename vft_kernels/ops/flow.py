@@ -82,12 +82,8 @@ def _contiguous_out(out: torch.Tensor):
     return out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("vft::flow_step", mutates_args=("out", "momentum"))
-def _flow_step(out: torch.Tensor, x: torch.Tensor, v_cond: torch.Tensor, v_uncond: Optional[torch.Tensor],
-               t: torch.Tensor, t_next: torch.Tensor, guidance: str, scale: float, apg_eta: float,
-               apg_norm_threshold: float, apg_momentum: float, momentum: Optional[torch.Tensor],
-               reduce_ndim: int, prefix: Optional[torch.Tensor], prefix_len: int) -> None:
-    _check_time_values(t, t_next)
+def _run_flow_step(out, x, v_cond, v_uncond, t, t_next, guidance, scale, apg_eta, apg_norm_threshold,
+                   apg_momentum, momentum, reduce_ndim, prefix, prefix_len):
     dst = _contiguous_out(out)
     mom = momentum if momentum is None or momentum.is_contiguous() else momentum.contiguous()
     dispatch.call("flow_step", x.device, dst, x, v_cond, v_uncond, t, t_next, guidance, scale, apg_eta,
@@ -98,25 +94,44 @@ def _flow_step(out: torch.Tensor, x: torch.Tensor, v_cond: torch.Tensor, v_uncon
         momentum.copy_(mom)
 
 
+@torch.library.custom_op("vft::flow_step", mutates_args=("out", "momentum"))
+def _flow_step(out: torch.Tensor, x: torch.Tensor, v_cond: torch.Tensor, v_uncond: Optional[torch.Tensor],
+               t: torch.Tensor, t_next: torch.Tensor, guidance: str, scale: float, apg_eta: float,
+               apg_norm_threshold: float, apg_momentum: float, momentum: Optional[torch.Tensor],
+               reduce_ndim: int, prefix: Optional[torch.Tensor], prefix_len: int) -> None:
+    _check_time_values(t, t_next)
+    _run_flow_step(out, x, v_cond, v_uncond, t, t_next, guidance, scale, apg_eta, apg_norm_threshold,
+                   apg_momentum, momentum, reduce_ndim, prefix, prefix_len)
+
+
 @_flow_step.register_fake
 def _(out, x, v_cond, v_uncond, t, t_next, guidance, scale, apg_eta, apg_norm_threshold, apg_momentum,
       momentum, reduce_ndim, prefix, prefix_len):
     return None
 
 
-@torch.library.custom_op("vft::flow_heun_step", mutates_args=("out",))
-def _flow_heun_step(out: torch.Tensor, x: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, t: torch.Tensor,
-                    t_next: torch.Tensor) -> None:
-    _check_time_values(t, t_next)
+def _run_flow_heun_step(out, x, v1, v2, t, t_next):
     dst = _contiguous_out(out)
     dispatch.call("flow_heun_step", x.device, dst, x, v1, v2, t, t_next)
     if dst is not out:
         out.copy_(dst)
 
 
+@torch.library.custom_op("vft::flow_heun_step", mutates_args=("out",))
+def _flow_heun_step(out: torch.Tensor, x: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, t: torch.Tensor,
+                    t_next: torch.Tensor) -> None:
+    _check_time_values(t, t_next)
+    _run_flow_heun_step(out, x, v1, v2, t, t_next)
+
+
 @_flow_heun_step.register_fake
 def _(out, x, v1, v2, t, t_next):
     return None
+
+
+def _user_times(t, t_next):
+    """Float times were checked in _time_tensors; tensors need a value check."""
+    return isinstance(t, torch.Tensor) or isinstance(t_next, torch.Tensor)
 
 
 def _needs_grad(*tensors):
@@ -189,8 +204,14 @@ def flow_step(x: torch.Tensor, v_cond: torch.Tensor, t: Time, t_next: Time, v_un
                             apg_momentum, mom, reduce_ndim, prefix, prefix_len)
         return res if out is None else out.copy_(res)
     dst = _check_out(out, x)
-    _flow_step(dst, x, v_cond, v_uncond if guidance != "none" else None, t_, tn_, guidance, float(scale),
-               float(apg_eta), float(apg_norm_threshold), float(apg_momentum), mom, reduce_ndim, prefix, prefix_len)
+    args = (dst, x, v_cond, v_uncond if guidance != "none" else None, t_, tn_, guidance, float(scale), float(apg_eta),
+            float(apg_norm_threshold), float(apg_momentum), mom, reduce_ndim, prefix, prefix_len)
+    if torch.compiler.is_compiling():
+        _flow_step(*args)
+    else:  # eager: skip the custom-op machinery (tens of microseconds per call)
+        if _user_times(t, t_next):
+            _check_time_values(t_, tn_)
+        _run_flow_step(*args)
     return dst
 
 
@@ -206,5 +227,10 @@ def flow_heun_step(x: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, t: Time,
         res = ref.flow_heun_step(x, v1, v2, t, t_next)
         return res if out is None else out.copy_(res)
     dst = _check_out(out, x)
-    _flow_heun_step(dst, x, v1, v2, t_, tn_)
+    if torch.compiler.is_compiling():
+        _flow_heun_step(dst, x, v1, v2, t_, tn_)
+    else:  # eager: skip the custom-op machinery (tens of microseconds per call)
+        if _user_times(t, t_next):
+            _check_time_values(t_, tn_)
+        _run_flow_heun_step(dst, x, v1, v2, t_, tn_)
     return dst
