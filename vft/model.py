@@ -295,6 +295,29 @@ class VideoFlexTok(nn.Module):
         """Attach the frozen video VAE of a ``vae``-latent config."""
         self.compressor = build_compressor(self.cfg.compressor, vae)
 
+    # Training ------------------------------------------------------------------------
+    def forward(self, video: torch.Tensor, t: torch.Tensor, prefix_len: torch.Tensor, noise: torch.Tensor,
+                keep: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+        """Rectified-flow training loss (the random draws come from the caller, see
+        ``vft.train.draw``).
+
+        video [B, 3, T, H, W]; t float [B] flow times; prefix_len int [B]: the first
+        prefix_len latent frames are given clean (t = 0) and excluded from the loss;
+        noise [B, C, T', H', W']; keep int [B]; null bool [B]. Returns the velocity MSE
+        ``|v - (noise - x0)|^2`` averaged over the non-prefix frames (float32 scalar)."""
+        x0 = self.compressor.encode(video)
+        B, T = x0.shape[0], x0.shape[2]
+        codes, _ = self.encoder(x0)
+        frame = torch.arange(T, device=x0.device)
+        clean = frame[None, :] < prefix_len[:, None]  # [B, T]
+        t_frames = torch.where(clean, 0.0, t[:, None].expand(B, T))
+        tb = t_frames[:, None, :, None, None]
+        x_t = tb * noise + (1 - tb) * x0
+        v = self.decoder(x_t, t_frames, codes, keep, null)
+        err = (v - (noise - x0)).square().mean(dim=(1, 3, 4))  # [B, T]
+        weight = (~clean).float()
+        return (err * weight).sum() / weight.sum().clamp(min=1)
+
     # Shapes --------------------------------------------------------------------------
     def check_input_video(self, video: torch.Tensor) -> None:
         check_video(video)
