@@ -4,6 +4,7 @@ A :class:`ModelConfig` fixes everything that determines the weights (so a checkp
 records it in ``config.json`` and refuses to load into a different one); a
 :class:`TrainConfig` holds the optimisation settings. Presets:
 
+* ``micro``: a 2-layer toy for tests and smoke runs.
 * ``tiny``: pixel space (space-time-to-depth 2x4x4), 8 frames of 32x32 RGB, width 128,
   4 + 4 layers, 8 registers per latent frame, FSQ (8,5,5,5). Trains on a 2-core CPU.
 * ``videoflextok_k600``: 17-frame 128x128 chunks through a frozen 4x8x8 16-channel video
@@ -241,6 +242,16 @@ def _tiny() -> ModelConfig:
         patch_size=2, registers=8, fsq_levels=(8, 5, 5, 5), dropout_mode="mask_token", chunk_overlap=1)
 
 
+def _micro() -> ModelConfig:
+    """The smallest sensible model: for tests and smoke runs (seconds per step on a CPU)."""
+    return ModelConfig(
+        name="micro", frames=4, height=16, width=16,
+        compressor=CompressorConfig(kind="pixel", temporal_factor=2, spatial_factor=4),
+        encoder=TransformerConfig(width=64, depth=1, head_dim=32),
+        decoder=TransformerConfig(width=64, depth=1, head_dim=32),
+        patch_size=2, registers=4, fsq_levels=(8, 5, 5, 5), dropout_mode="mask_token", chunk_overlap=1)
+
+
 def _vae() -> CompressorConfig:
     return CompressorConfig(kind="vae", temporal_factor=4, spatial_factor=8, latent_channels=16)
 
@@ -259,7 +270,7 @@ def _d18_d28() -> ModelConfig:
         patch_size=2, registers=256, fsq_levels=(8, 8, 8, 5, 5, 5), chunk_overlap=1)
 
 
-PRESETS = {"tiny": _tiny, "videoflextok_k600": _k600, "videoflextok_d18_d28": _d18_d28}
+PRESETS = {"micro": _micro, "tiny": _tiny, "videoflextok_k600": _k600, "videoflextok_d18_d28": _d18_d28}
 
 
 def preset(name: str) -> ModelConfig:

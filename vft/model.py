@@ -411,7 +411,8 @@ class VideoFlexTok(nn.Module):
         codes = vk.fsq_indices_to_codes(tokens, cfg.fsq_levels)
         C, h, w = cfg.compressor.latent_channels, *cfg.latent_hw
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        noise = torch.randn((B, C, T, h, w), generator=gen).to(tokens.device)
+        # Time-major draw: a video's first frames get the same noise as a shorter video's.
+        noise = torch.randn((T, B, C, h, w), generator=gen).permute(1, 2, 0, 3, 4).to(tokens.device)
         out = torch.empty_like(noise)
         Tc = cfg.latent_frames
         for start, new in self.chunks(T):
