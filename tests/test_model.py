@@ -44,8 +44,9 @@ def test_shapes_dtypes_and_token_range():
     v = _video()
     lat = m.compressor.encode(v)
     codes, idx = m.encoder(lat)
-    assert codes.shape == (2, 2, cfg.registers, 4) and codes.dtype == torch.float32
-    assert idx.shape == (2, 2, cfg.registers) and idx.dtype == torch.int32
+    T = cfg.latent_frames
+    assert codes.shape == (2, T, cfg.registers, 4) and codes.dtype == torch.float32
+    assert idx.shape == (2, T, cfg.registers) and idx.dtype == torch.int32
     assert codes.abs().max() <= 1
     tokens = m.tokenize(v)
     assert torch.equal(tokens, idx)
@@ -53,7 +54,7 @@ def test_shapes_dtypes_and_token_range():
     # the codes are exactly what the FSQ op decodes from the indices
     assert torch.equal(vk.fsq_indices_to_codes(idx, cfg.fsq_levels), codes)
     keep = torch.tensor([1, 4])
-    vel = m.decoder(lat, torch.full((2, 2), 0.5), codes, keep)
+    vel = m.decoder(lat, torch.full((2, T), 0.5), codes, keep)
     assert vel.shape == lat.shape and vel.dtype == torch.float32 and torch.isfinite(vel).all()
     out = m.detokenize(tokens, keep=2, steps=3)
     assert out.shape == v.shape and out.dtype == torch.float32
@@ -101,7 +102,7 @@ def test_decoder_ignores_dropped_tokens(mode):
     m = _model(mode)
     lat = m.compressor.encode(_video())
     codes, _ = m.encoder(lat)
-    t = torch.full((2, 2), 0.7)
+    t = torch.full((2, lat.shape[2]), 0.7)
     keep = torch.tensor([1, 3])
     other = codes.clone()
     other[0, :, 1:] = -codes[0, :, 1:]
@@ -119,7 +120,7 @@ def test_drop_mode_keep_equals_truncation():
     m = _model("drop")
     lat = m.compressor.encode(_video())
     codes, tokens = m.encoder(lat)
-    t = torch.full((2, 2), 0.4)
+    t = torch.full((2, lat.shape[2]), 0.4)
     R = m.cfg.registers
     for K in (1, 2, R):
         full = m.decoder(lat, t, codes, torch.full((2,), K))
@@ -135,7 +136,7 @@ def test_mask_token_mode_uses_mask_token_for_dropped():
     m = _model("mask_token")
     lat = m.compressor.encode(_video(1))
     codes, _ = m.encoder(lat)
-    t = torch.full((1, 2), 0.5)
+    t = torch.full((1, lat.shape[2]), 0.5)
     a = m.decoder(lat, t, codes, torch.tensor([2]))
     delta = torch.randn_like(m.decoder.mask_token)  # not constant: LayerNorm removes a constant shift
     with torch.no_grad():
@@ -155,7 +156,7 @@ def test_encoder_is_causal_in_time():
     m.encoder.to_fsq.register_forward_hook(lambda mod, inp, out: z.append(out.detach()))
     v = _video(1, 4)
     w = v.clone()
-    w[:, :, 2:] = -w[:, :, 2:]  # change latent frame 1 only
+    w[:, :, 1:] = -w[:, :, 1:]  # change latent frames 1.. (temporal factor 1)
     m.tokenize(v)
     m.tokenize(w)
     a, b = z
@@ -165,16 +166,16 @@ def test_encoder_is_causal_in_time():
 
 def test_chunked_processing_of_long_video():
     m = _model()
-    Tc = m.cfg.latent_frames  # 2 latent frames = 4 frames per chunk, overlap 1
+    Tc = m.cfg.latent_frames  # 4 latent frames (= 4 frames) per chunk, overlap 1
     v = _video(1, 10)
     tokens = m.tokenize(v)
-    assert tokens.shape == (1, 5, m.cfg.registers)
-    assert m.chunks(5) == [(0, 0), (1, 2), (2, 3), (3, 4)]
+    assert tokens.shape == (1, 10, m.cfg.registers)
+    assert m.chunks(10) == [(0, 0), (3, 4), (6, 7)]
     # the first chunk's tokens are those of the first chunk alone
     assert torch.equal(tokens[:, :Tc], m.tokenize(v[:, :, :4]))
-    # later chunks see one frame of overlap as context: frame 2's tokens come from [1, 3)
+    # later chunks see the overlap as context: frame 4's tokens come from chunk [3, 7)
     lat = m.compressor.encode(v)
-    assert torch.equal(tokens[:, 2], m.encoder(lat[:, :, 1:3])[1][:, 1])
+    assert torch.equal(tokens[:, 4:7], m.encoder(lat[:, :, 3:7])[1][:, 1:])
     out = m.detokenize(tokens, keep=4, steps=2)
     assert out.shape == v.shape and torch.isfinite(out).all()
     # continuation: each chunk's prefix is the previous chunk's output, so the first

@@ -188,7 +188,7 @@ def cmd_train(args) -> int:
     from .train import train
 
     cfg = _model_config(args)
-    base = tiny_train_config() if cfg.name == "tiny" else TrainConfig()
+    base = tiny_train_config() if cfg.name in ("micro", "tiny") else TrainConfig()
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed", "log_every", "ckpt_every",
                                               "keep_sampling", "data", "warmup_steps")
                  if getattr(args, k) is not None}
@@ -240,11 +240,11 @@ def cmd_reconstruct(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .train import train
+    from .train import keep_values, train
 
     t_start = time.time()
     os.makedirs(args.out, exist_ok=True)
-    cfg = preset("tiny")
+    cfg = preset(args.preset)
     device = _device(args.device)
     print(f"[1/4] synthetic clip: {2 * cfg.frames} frames of {cfg.height}x{cfg.width} (two chunks)")
     clip = synthetic_video(10 ** 6 + args.seed, 2 * cfg.frames, cfg.height, cfg.width)
@@ -254,17 +254,19 @@ def cmd_demo(args) -> int:
         ckpt_dir = args.checkpoint
     else:
         ckpt_dir = os.path.join(args.out, "checkpoint")
-        print(f"[2/4] training the tiny model for {args.train_steps} steps on synthetic clips -> {ckpt_dir}")
-        tcfg = tiny_train_config(steps=args.train_steps, warmup_steps=min(50, args.train_steps // 4 + 1),
-                                 batch_size=args.batch_size, ema_decay=0.98, log_every=10,
+        print(f"[2/4] training the {cfg.name} model on synthetic clips for up to {args.train_steps} steps / "
+              f"{args.train_seconds:g} s -> {ckpt_dir}")
+        tcfg = tiny_train_config(steps=args.train_steps, warmup_steps=min(20, args.train_steps // 4 + 1),
+                                 batch_size=args.batch_size, lr=3e-3, ema_decay=0.9, log_every=5,
                                  ckpt_every=args.train_steps)
-        train(cfg, tcfg, ckpt_dir, progress=not args.no_progress)
+        res = train(cfg, tcfg, ckpt_dir, progress=not args.no_progress, max_seconds=args.train_seconds)
+        print(f"      trained {res['step']} steps, loss {res['loss']:.4f} (log: {ckpt_dir}/log.csv)")
     model = ckpt.load_model(ckpt_dir, str(device))
     video = to_model_range(clip)[None].to(device)
     print(f"[3/4] tokenize: {tuple(video.shape)} -> tokens {tuple(model.tokenize(video).shape)}")
-    print(f"[4/4] reconstruct at {args.keep} tokens per latent frame ({args.steps} steps, {args.guidance})")
-    _reconstruct_and_write(model, video, _parse_keeps(args.keep, cfg.registers), args.out, 8.0,
-                           _sampling_kwargs(args))
+    keeps = _parse_keeps(args.keep, cfg.registers) if args.keep else keep_values(cfg.registers, "pow2").tolist()
+    print(f"[4/4] reconstruct at {keeps} tokens per latent frame ({args.steps} steps, {args.guidance})")
+    _reconstruct_and_write(model, video, keeps, args.out, 8.0, _sampling_kwargs(args))
     print(f"done in {time.time() - t_start:.0f} s: see {args.out}/grid.png and {args.out}/reconstruction.mp4")
     return 0
 
@@ -347,10 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--out", default="demo_out")
     p.add_argument("--checkpoint", help="use this tiny checkpoint instead of training")
-    p.add_argument("--train-steps", type=int, default=150)
+    p.add_argument("--preset", default="tiny", choices=["micro", "tiny"])
+    p.add_argument("--train-steps", type=int, default=1000, help="at most this many training steps")
+    p.add_argument("--train-seconds", type=float, default=120, help="stop training after this wall time")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-progress", action="store_true")
-    _add_sampling(p, "1,2,4,8")
+    _add_sampling(p, None)
     p.set_defaults(fn=cmd_demo)
     return parser
 

@@ -5,7 +5,7 @@ records it in ``config.json`` and refuses to load into a different one); a
 :class:`TrainConfig` holds the optimisation settings. Presets:
 
 * ``micro``: a 2-layer toy for tests and smoke runs.
-* ``tiny``: pixel space (space-time-to-depth 2x4x4), 8 frames of 32x32 RGB, width 128,
+* ``tiny``: pixel space (space-time-to-depth 2x2x2), 8 frames of 32x32 RGB, width 128,
   4 + 4 layers, 8 registers per latent frame, FSQ (8,5,5,5). Trains on a 2-core CPU.
 * ``videoflextok_k600``: 17-frame 128x128 chunks through a frozen 4x8x8 16-channel video
   VAE, 2x2 patches, 256 registers per latent frame, FSQ (8,8,8,5,5,5), 18-layer encoder
@@ -115,6 +115,11 @@ class ModelConfig:
             if getattr(self, n) % (c.spatial_factor * self.patch_size):
                 raise ValueError(f"{n} ({getattr(self, n)}) must be a multiple of spatial_factor * patch_size = "
                                  f"{c.spatial_factor * self.patch_size}")
+        if self.decoder.width < self.patch_dim:
+            # The decoder maps noisy patches to velocities (near-identity on the noise at t ~ 1):
+            # a token narrower than a patch is a rank bottleneck that caps what it can learn.
+            raise ValueError(f"decoder width ({self.decoder.width}) must be >= the patch dimension "
+                             f"latent_channels * patch_size**2 = {self.patch_dim}")
         if self.registers < 1:
             raise ValueError(f"registers must be >= 1, got {self.registers}")
         if not 0 <= self.chunk_overlap < self.latent_frames:
@@ -237,7 +242,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _tiny() -> ModelConfig:
     return ModelConfig(
         name="tiny", frames=8, height=32, width=32,
-        compressor=CompressorConfig(kind="pixel", temporal_factor=2, spatial_factor=4),
+        compressor=CompressorConfig(kind="pixel", temporal_factor=2, spatial_factor=2),
         encoder=TransformerConfig(width=128, depth=4), decoder=TransformerConfig(width=128, depth=4),
         patch_size=2, registers=8, fsq_levels=(8, 5, 5, 5), dropout_mode="mask_token", chunk_overlap=1)
 
@@ -246,7 +251,7 @@ def _micro() -> ModelConfig:
     """The smallest sensible model: for tests and smoke runs (seconds per step on a CPU)."""
     return ModelConfig(
         name="micro", frames=4, height=16, width=16,
-        compressor=CompressorConfig(kind="pixel", temporal_factor=2, spatial_factor=4),
+        compressor=CompressorConfig(kind="pixel", temporal_factor=1, spatial_factor=2),
         encoder=TransformerConfig(width=64, depth=1, head_dim=32),
         decoder=TransformerConfig(width=64, depth=1, head_dim=32),
         patch_size=2, registers=4, fsq_levels=(8, 5, 5, 5), dropout_mode="mask_token", chunk_overlap=1)

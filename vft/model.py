@@ -189,7 +189,7 @@ class Encoder(nn.Module):
         e = cfg.encoder
         self.cfg = cfg
         self.patch_embed = nn.Linear(cfg.patch_dim, e.width, bias=False)
-        self.registers = nn.Parameter(torch.randn(cfg.registers, e.width) * 0.02)
+        self.registers = nn.Parameter(torch.randn(cfg.registers, e.width) * 0.5)  # O(1) like the patch embeddings
         self.blocks = nn.ModuleList(EncoderBlock(e.width, e.heads, e.mlp_hidden) for _ in range(e.depth))
         self.norm = nn.LayerNorm(e.width, bias=False)
         self.to_fsq = nn.Linear(e.width, cfg.fsq_dim, bias=False)
@@ -221,7 +221,7 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.patch_embed = nn.Linear(cfg.patch_dim, d.width, bias=False)
         self.code_embed = nn.Linear(cfg.fsq_dim, d.width, bias=False)
-        self.register_pos = nn.Parameter(torch.randn(cfg.registers, d.width) * 0.02)
+        self.register_pos = nn.Parameter(torch.randn(cfg.registers, d.width) * 0.5)
         self.null_token = nn.Parameter(torch.randn(d.width) * 0.02)
         if cfg.dropout_mode == "mask_token":
             self.mask_token = nn.Parameter(torch.randn(d.width) * 0.02)

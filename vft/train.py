@@ -99,10 +99,12 @@ def param_checksum(model: torch.nn.Module) -> float:
 
 
 def train(cfg: ModelConfig, tcfg: TrainConfig, out: str, resume: bool = False, progress: bool = True,
-          init_from: Optional[str] = None) -> dict:
+          init_from: Optional[str] = None, max_seconds: Optional[float] = None) -> dict:
     """Train ``cfg`` with ``tcfg`` and write checkpoints to ``out`` (see vft.checkpoint).
 
     resume: continue from the checkpoint in ``out`` (its model config must equal ``cfg``).
+    max_seconds: stop (and checkpoint) after the first step that ends past this wall time
+    (rank 0's clock decides, so DDP ranks stop together).
     Returns {"step", "loss", "checksums"} (loss: mean of the last logging interval)."""
     rank, world, device = _distributed()
     torch.manual_seed(tcfg.seed)  # same initial weights on every rank
@@ -133,6 +135,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str, resume: bool = False, p
     B = tcfg.batch_size
     loss_sum, n_loss, last_loss, t_log, t0 = 0.0, 0, float("nan"), time.time(), time.time()
     model.train()
+    done = start
     for step in range(start, tcfg.steps):
         base = (step * world + rank) * B
         video = torch.stack([data[base + i] for i in range(B)]).to(device)
@@ -166,8 +169,13 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str, resume: bool = False, p
                 log_file.flush()
                 bar.set_postfix(loss=f"{last_loss:.4f}", clips_s=f"{rate:.1f}")
             loss_sum, n_loss, t_log = 0.0, 0, now
-        if done % tcfg.ckpt_every == 0 or done == tcfg.steps:
+        stop = torch.tensor([max_seconds is not None and time.time() - t0 > max_seconds], device=device)
+        if world > 1:
+            dist.broadcast(stop, 0)
+        if done % tcfg.ckpt_every == 0 or done == tcfg.steps or bool(stop):
             _save(out, model, cfg, tcfg, done, opt, ema, rank, world)
+        if bool(stop):
+            break
     bar.close()
     checksums = _gather_checksums(model, world, device)
     if rank == 0:
@@ -177,7 +185,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str, resume: bool = False, p
         ckpt._atomic_json(os.path.join(out, "state.json"), state)
     if world > 1:
         dist.barrier()
-    return {"step": tcfg.steps, "loss": last_loss, "checksums": checksums}
+    return {"step": done if tcfg.steps > start else start, "loss": last_loss, "checksums": checksums}
 
 
 def _save(out, model, cfg, tcfg, step, opt, ema, rank, world):
