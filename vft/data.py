@@ -142,7 +142,7 @@ def read_video(path: str, fps: Optional[float] = None) -> tuple[torch.Tensor, fl
         raise VideoReadError(f"cannot read video file {path}: not a readable video ({e})") from None
     with container:
         if not container.streams.video:
-            raise VideoReadError(f"video file {path} has no video stream")
+            raise VideoReadError(f"video file {path} has no video stream (zero-length or audio-only file)")
         stream = container.streams.video[0]
         declared = stream.frames
         rate = float(stream.average_rate) if stream.average_rate else 0.0
