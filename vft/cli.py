@@ -160,7 +160,10 @@ def cmd_info(args) -> int:
     print(f"vft_kernels {vk.__version__}, torch {torch.__version__}")
     for op, devs in vk.available_backends().items():
         for dev, names in devs.items():
-            chosen = dispatch.forced_backend() or (names[0] if names else "none")
+            forced = dispatch.forced_backend()
+            chosen = forced or (names[0] if names else "none")
+            if forced and forced not in names:
+                chosen += " (forced, cannot run here)"
             print(f"  {op:<20} {dev:<5} available: {', '.join(names) or '-':<24} runs: {chosen}")
     names = args.preset or ([] if args.checkpoint else list(PRESETS))
     cfgs = [preset(n) for n in names]
