@@ -249,8 +249,9 @@ def cmd_demo(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     cfg = preset(args.preset)
     device = _device(args.device)
-    print(f"[1/4] synthetic clip: {2 * cfg.frames} frames of {cfg.height}x{cfg.width} (two chunks)")
-    clip = synthetic_video(10 ** 6 + args.seed, 2 * cfg.frames, cfg.height, cfg.width)
+    frames = cfg.frames + cfg.frames // 2  # longer than one chunk: exercises chunked processing
+    print(f"[1/4] synthetic clip: {frames} frames of {cfg.height}x{cfg.width} ({cfg.frames}-frame chunks)")
+    clip = synthetic_video(10 ** 6 + args.seed, frames, cfg.height, cfg.width)
     write_video(os.path.join(args.out, "input.mp4"), clip, fps=8)
     if args.checkpoint:
         print(f"[2/4] loading {args.checkpoint}")
@@ -354,11 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="use this tiny checkpoint instead of training")
     p.add_argument("--preset", default="tiny", choices=["micro", "tiny"])
     p.add_argument("--train-steps", type=int, default=1000, help="at most this many training steps")
-    p.add_argument("--train-seconds", type=float, default=120, help="stop training after this wall time")
+    p.add_argument("--train-seconds", type=float, default=90, help="stop training after this wall time")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-progress", action="store_true")
     _add_sampling(p, None)
-    p.set_defaults(fn=cmd_demo)
+    p.set_defaults(fn=cmd_demo, steps=10)
     return parser
 
 
