@@ -353,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--out", default="demo_out")
     p.add_argument("--checkpoint", help="use this tiny checkpoint instead of training")
-    p.add_argument("--preset", default="tiny", choices=["micro", "tiny"])
+    p.add_argument("--preset", default="micro", choices=["micro", "tiny"],
+                   help="model to train from scratch (tiny needs ~1 h of CPU training to be useful)")
     p.add_argument("--train-steps", type=int, default=1000, help="at most this many training steps")
     p.add_argument("--train-seconds", type=float, default=90, help="stop training after this wall time")
     p.add_argument("--batch-size", type=int, default=8)
