@@ -1,0 +1,84 @@
+"""The `vft` CLI end to end on a small mp4 written by the test (micro preset), the demo,
+`info`, and bad inputs (each a clear error and exit status 2, never a traceback)."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vft.cli import main
+from vft.data import read_video, synthetic_video, write_video
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A micro checkpoint (2 steps) and a 6-frame clip: longer than one 4-frame chunk."""
+    root = tmp_path_factory.mktemp("cli")
+    clip = str(root / "clip.mp4")
+    write_video(clip, synthetic_video(9, 6, 24, 20), fps=8)  # resized/cropped to 16x16 on load
+    ck = str(root / "ckpt")
+    assert main(["train", "--preset", "micro", "--out", ck, "--steps", "2", "--batch-size", "2", "--no-progress",
+                 "--backend", "reference"]) == 0
+    return root, clip, ck
+
+
+def test_tokenize_detokenize_reconstruct(trained, capsys):
+    root, clip, ck = trained
+    tok = str(root / "tokens.safetensors")
+    assert main(["tokenize", clip, "--checkpoint", ck, "--out", tok, "--backend", "reference"]) == 0
+    tokens = load_file(tok)["tokens"]
+    assert tokens.shape == (1, 6, 4) and tokens.dtype == torch.int32  # chunked: 6 latent frames
+    out = str(root / "decoded.mp4")
+    assert main(["detokenize", tok, "--checkpoint", ck, "--out", out, "--keep", "2", "--steps", "2"]) == 0
+    frames, fps = read_video(out)
+    assert frames.shape == (6, 16, 16, 3) and fps == pytest.approx(8)
+    rec = str(root / "rec")
+    assert main(["reconstruct", clip, "--checkpoint", ck, "--out", rec, "--keep", "1,4", "--steps", "2",
+                 "--solver", "heun", "--guidance", "cfg"]) == 0
+    frames, _ = read_video(os.path.join(rec, "reconstruction.mp4"))
+    assert frames.shape == (6, 16, 48, 3)  # original | keep=1 | keep=4 side by side
+    assert os.path.getsize(os.path.join(rec, "grid.png")) > 1000
+    report = json.load(open(os.path.join(rec, "report.json")))
+    assert report["tokens_shape"] == [1, 6, 4] and set(report["keep"]) == {"1", "4"}
+    assert "keep=   1" in capsys.readouterr().out
+
+
+def test_info_reports_parameter_counts(capsys):
+    assert main(["info", "--preset", "videoflextok_k600", "--preset", "micro"]) == 0
+    out = capsys.readouterr().out
+    assert "videoflextok_k600" in out and "total_excluding_adaln 575.8M" in out
+    assert "attention_forward" in out
+
+
+def test_demo_runs(tmp_path):
+    out = str(tmp_path / "demo")
+    assert main(["demo", "--preset", "micro", "--out", out, "--train-steps", "2", "--batch-size", "2", "--steps",
+                 "2", "--no-progress"]) == 0
+    for f in ("input.mp4", "reconstruction.mp4", "grid.png", "tokens.safetensors", "report.json"):
+        assert os.path.isfile(os.path.join(out, f)), f
+
+
+def _err(capsys, argv):
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_inputs_are_clear_errors(trained, tmp_path, capsys):
+    root, clip, ck = trained
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"garbage" * 100)
+    assert "not a readable video" in _err(capsys, ["tokenize", str(junk), "--checkpoint", ck, "--out", "x"])
+    assert "not found" in _err(capsys, ["tokenize", str(tmp_path / "nope.mp4"), "--checkpoint", ck, "--out", "x"])
+    bad_tok = str(tmp_path / "bad.safetensors")
+    save_file({"tokens": torch.zeros(1, 2, 9, dtype=torch.int32)}, bad_tok)
+    assert "K <= R = 4" in _err(capsys, ["detokenize", bad_tok, "--checkpoint", ck, "--out", "x.mp4"])
+    save_file({"tokens": torch.full((1, 2, 4), 5000, dtype=torch.int32)}, bad_tok)
+    assert "[0, 1000)" in _err(capsys, ["detokenize", bad_tok, "--checkpoint", ck, "--out", "x.mp4"])
+    assert "[0, R=4]" in _err(capsys, ["reconstruct", clip, "--checkpoint", ck, "--out", str(tmp_path / "r"),
+                                       "--keep", "1,5"])
+    err = _err(capsys, ["train", "--preset", "micro", "--set", "decoder.depth=2", "--out", ck, "--resume",
+                        "--steps", "3"])
+    assert "different model config" in err and "decoder.depth" in err
+    assert "not a vft checkpoint" in _err(capsys, ["tokenize", clip, "--checkpoint", str(tmp_path), "--out", "x"])
+    assert "unknown config key" in _err(capsys, ["train", "--preset", "micro", "--set", "depth=2", "--out", "x"])

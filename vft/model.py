@@ -1,0 +1,454 @@
+"""VideoFlexTok: a flexible-length, coarse-to-fine video tokenizer on vft_kernels ops.
+
+Latents ``[B, C, T', H', W']`` (from a compressor) are cut into 2D patches per latent
+frame; every latent frame ``t`` is one block ``[patches_t | registers_t]`` of the
+interleaved sequence (``P`` patches, ``R`` registers, ``N = T' (P + R)``), matching
+``vk.RegisterLayout``.
+
+* Encoder: patch embedding + sin-cos positions, learned registers, pre-LN blocks
+  (QK-norm, SwiGLU, no biases) with ``block_causal_last`` register attention, then
+  LayerNorm + Linear to ``d`` dims on the registers and FSQ -> tokens ``[B, T', R]``.
+  Register ``r`` sees registers ``0..r`` of its block only, so the first ``K`` tokens of a
+  frame never depend on the later ones (coarse to fine).
+* Decoder: a rectified-flow velocity model. FSQ codes -> Linear (nested dropout:
+  ``mask_token`` replaces registers ``r >= keep`` by a learned token; ``drop`` masks them
+  out of attention through ``keep``), a learned null condition for guidance, noised
+  latent patches + registers interleaved, ``block_causal`` attention (patches see their
+  own frame's registers and everything earlier), adaLN-zero timestep conditioning with
+  separate modulation for patch and register tokens, linear head -> velocity.
+
+Quantisation, attention and sampling use only ``vft_kernels`` (``fsq_quantize``,
+``fsq_indices_to_codes``, ``register_attention``, ``flow_step``/``flow_heun_step``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vft_kernels as vk
+
+from .compressor import build_compressor, check_video
+from .config import ModelConfig
+from .sampling import sample
+
+KeepArg = Union[None, int, torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------
+# Embeddings
+
+
+def sincos_1d(positions: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """positions float [n] -> [n, dim] (sin half, cos half; dim even)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(base) * torch.arange(half, dtype=torch.float32, device=positions.device) / half)
+    angles = positions.to(torch.float32)[:, None] * freqs[None]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+def sincos_2d(h: int, w: int, dim: int, device=None) -> torch.Tensor:
+    """[h * w, dim]: half the channels encode the row, half the column."""
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    return torch.cat([sincos_1d(ys.reshape(-1), dim // 2), sincos_1d(xs.reshape(-1), dim // 2)], dim=-1)
+
+
+def patchify(latents: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C, T, H, W] -> [B, T, (H/p)(W/p), C p p]."""
+    B, C, T, H, W = latents.shape
+    x = latents.reshape(B, C, T, H // p, p, W // p, p).permute(0, 2, 3, 5, 1, 4, 6)
+    return x.reshape(B, T, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(x: torch.Tensor, C: int, H: int, W: int, p: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`: [B, T, P, C p p] -> [B, C, T, H, W]."""
+    B, T = x.shape[:2]
+    x = x.reshape(B, T, H // p, W // p, C, p, p).permute(0, 4, 1, 2, 5, 3, 6)
+    return x.reshape(B, C, T, H, W)
+
+
+# ------------------------------------------------------------------------------------
+# Transformer pieces
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with QK-norm, no biases, through ``vk.register_attention``."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.proj = nn.Linear(width, width, bias=False)
+
+    def forward(self, x: torch.Tensor, layout: vk.RegisterLayout, keep: Optional[torch.Tensor]) -> torch.Tensor:
+        B, N, W = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        # The kernel has its own precision rules (fp32 softmax); keep autocast out of it.
+        with torch.autocast(x.device.type, enabled=False):
+            out = vk.register_attention(q, k, v, layout, keep=keep)
+        return self.proj(out.transpose(1, 2).reshape(B, N, W))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(width, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, width: int, heads: int, hidden: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, bias=False)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, bias=False)
+        self.mlp = SwiGLU(width, hidden)
+
+    def forward(self, x, layout, keep):
+        x = x + self.attn(self.norm1(x), layout, keep)
+        return x + self.mlp(self.norm2(x))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LN block with adaLN-zero: per-frame conditioning ``c`` [B, T, W] modulates the
+    patch tokens and the register tokens of each frame with separate parameters."""
+
+    def __init__(self, width: int, heads: int, hidden: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
+        self.mlp = SwiGLU(width, hidden)
+        # 6 vectors (shift, scale, gate for attention and MLP) x {patches, registers}.
+        self.modulation = nn.Linear(width, 12 * width)
+
+    def forward(self, x, c, layout, keep):
+        """x [B, T, S, W] (S = P + R tokens per frame), c [B, T, W] -> [B, T, S, W]."""
+        B, T, S, W = x.shape
+        mod = self.modulation(F.silu(c)).reshape(B, T, 2, 6, 1, W)
+        is_reg = (torch.arange(S, device=x.device) >= layout.patches)[:, None]  # [S, 1]
+
+        def param(i):  # [B, T, S, W]: the patch or the register value of modulation vector i
+            return torch.where(is_reg, mod[:, :, 1, i], mod[:, :, 0, i])
+
+        h = self.norm1(x) * (1 + param(1)) + param(0)
+        x = x + param(2) * self.attn(h.reshape(B, T * S, W), layout, keep).reshape(B, T, S, W)
+        h = self.norm2(x) * (1 + param(4)) + param(3)
+        return x + param(5) * self.mlp(h)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t float [...] in [0, 1] -> [..., width]."""
+        emb = sincos_1d(t.reshape(-1) * 1000, self.freq_dim)
+        return self.mlp(emb).reshape(*t.shape, -1)
+
+
+# ------------------------------------------------------------------------------------
+# Encoder and decoder
+
+
+def _keep_tensor(keep: KeepArg, batch: int, registers: int, device) -> torch.Tensor:
+    """None / int / [B] int tensor -> int64 [B] in [0, R] (clear errors otherwise)."""
+    if keep is None:
+        return torch.full((batch,), registers, dtype=torch.int64, device=device)
+    if isinstance(keep, bool) or not isinstance(keep, (int, torch.Tensor)):
+        raise TypeError(f"keep must be None, an int or an int tensor [B], got {type(keep).__name__}")
+    if isinstance(keep, int):
+        keep = torch.full((batch,), keep, dtype=torch.int64, device=device)
+    if keep.dtype.is_floating_point or keep.dtype == torch.bool:
+        raise ValueError(f"keep must be an integer tensor, got {keep.dtype}")
+    if keep.dim() == 0:
+        keep = keep.expand(batch)
+    if tuple(keep.shape) != (batch,):
+        raise ValueError(f"keep must have shape [B] = ({batch},), got {tuple(keep.shape)}")
+    lo, hi = int(keep.min()), int(keep.max())
+    if lo < 0 or hi > registers:
+        raise ValueError(f"keep must be in [0, R={registers}], got {lo if lo < 0 else hi}")
+    return keep.to(device=device, dtype=torch.int64)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e = cfg.encoder
+        self.cfg = cfg
+        self.patch_embed = nn.Linear(cfg.patch_dim, e.width, bias=False)
+        self.registers = nn.Parameter(torch.randn(cfg.registers, e.width) * 0.5)  # O(1) like the patch embeddings
+        self.blocks = nn.ModuleList(EncoderBlock(e.width, e.heads, e.mlp_hidden) for _ in range(e.depth))
+        self.norm = nn.LayerNorm(e.width, bias=False)
+        self.to_fsq = nn.Linear(e.width, cfg.fsq_dim, bias=False)
+
+    def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents [B, C, T, H, W] -> (codes [B, T, R, d] float32 (differentiable),
+        tokens [B, T, R] int32)."""
+        cfg, W = self.cfg, self.cfg.encoder.width
+        B, C, T, H, Wd = latents.shape
+        p = cfg.patch_size
+        patches = self.patch_embed(patchify(latents, p))  # [B, T, P, W]
+        P = patches.shape[2]
+        time = sincos_1d(torch.arange(T, device=latents.device), W)[:, None]  # [T, 1, W]
+        patches = patches + sincos_2d(H // p, Wd // p, W, latents.device) + time
+        regs = (self.registers[None] + time).expand(B, T, cfg.registers, W).to(patches.dtype)
+        x = torch.cat([patches, regs], dim=2).reshape(B, T * (P + cfg.registers), W)
+        layout = vk.RegisterLayout(T, P, cfg.registers, "block_causal_last")
+        for block in self.blocks:
+            x = block(x, layout, None)
+        regs = x.reshape(B, T, P + cfg.registers, W)[:, :, P:]
+        z = self.to_fsq(self.norm(regs)).float()
+        return vk.fsq_quantize(z, cfg.fsq_levels)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.decoder
+        self.cfg = cfg
+        self.patch_embed = nn.Linear(cfg.patch_dim, d.width, bias=False)
+        self.code_embed = nn.Linear(cfg.fsq_dim, d.width, bias=False)
+        self.register_pos = nn.Parameter(torch.randn(cfg.registers, d.width) * 0.5)
+        self.null_token = nn.Parameter(torch.randn(d.width) * 0.02)
+        if cfg.dropout_mode == "mask_token":
+            self.mask_token = nn.Parameter(torch.randn(d.width) * 0.02)
+        self.time_embed = TimestepEmbedding(d.width)
+        self.blocks = nn.ModuleList(DecoderBlock(d.width, d.heads, d.mlp_hidden) for _ in range(d.depth))
+        self.final_norm = nn.LayerNorm(d.width, elementwise_affine=False)
+        self.final_modulation = nn.Linear(d.width, 2 * d.width)
+        self.head = nn.Linear(d.width, cfg.patch_dim, bias=False)
+        self._zero_init()
+
+    def _zero_init(self):
+        # adaLN-zero: every block starts as the identity and the head outputs zero.
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation.weight)
+            nn.init.zeros_(block.modulation.bias)
+        nn.init.zeros_(self.final_modulation.weight)
+        nn.init.zeros_(self.final_modulation.bias)
+        nn.init.zeros_(self.head.weight)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, codes: torch.Tensor, keep: torch.Tensor,
+                null: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Velocity of the flow.
+
+        x_t: noised latents [B, C, T, H, W]; t: float [B, T] (per latent frame: clean
+        prefix frames have t = 0); codes: [B, T, K, d] float (K <= R registers given);
+        keep: int64 [B] in [0, K]; null: optional bool [B], samples that get the learned
+        null condition instead of the codes. Returns v [B, C, T, H, W] float32."""
+        cfg, W = self.cfg, self.cfg.decoder.width
+        B, C, T, H, Wd = x_t.shape
+        K = codes.shape[2]
+        p = cfg.patch_size
+        patches = self.patch_embed(patchify(x_t, p))
+        P = patches.shape[2]
+        time = sincos_1d(torch.arange(T, device=x_t.device), W)[:, None]
+        patches = patches + sincos_2d(H // p, Wd // p, W, x_t.device) + time
+        regs = self.code_embed(codes.to(patches.dtype))  # [B, T, K, W]
+        r = torch.arange(K, device=x_t.device)
+        dropped = (r[None, :] >= keep[:, None])[:, None, :, None]  # [B, 1, K, 1]
+        if cfg.dropout_mode == "mask_token":
+            regs = torch.where(dropped, self.mask_token.to(regs.dtype), regs)
+        if null is not None:
+            regs = torch.where(null[:, None, None, None], self.null_token.to(regs.dtype), regs)
+        regs = regs + self.register_pos[:K] + time
+        x = torch.cat([patches, regs.to(patches.dtype)], dim=2)  # [B, T, P + K, W]
+        layout = vk.RegisterLayout(T, P, K, "block_causal")
+        attn_keep = keep.to(torch.int32) if cfg.dropout_mode == "drop" else None
+        c = self.time_embed(t)  # [B, T, W]
+        for block in self.blocks:
+            x = block(x, c, layout, attn_keep)
+        shift, scale = self.final_modulation(F.silu(c))[:, :, None].chunk(2, dim=-1)
+        out = self.head(self.final_norm(x[:, :, :P]) * (1 + scale) + shift)
+        return unpatchify(out.float(), C, H, Wd, p)
+
+
+# ------------------------------------------------------------------------------------
+# The tokenizer
+
+
+class VideoFlexTok(nn.Module):
+    """Compressor + encoder + FSQ + flow decoder. Videos are float ``[B, 3, T, H, W]``
+    in [-1, 1] (see ``vft.data.to_model_range``)."""
+
+    def __init__(self, cfg: ModelConfig, vae: Optional[nn.Module] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.compressor = build_compressor(cfg.compressor, vae)
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def attach_vae(self, vae: nn.Module) -> None:
+        """Attach the frozen video VAE of a ``vae``-latent config."""
+        self.compressor = build_compressor(self.cfg.compressor, vae)
+
+    # Training ------------------------------------------------------------------------
+    def forward(self, video: torch.Tensor, t: torch.Tensor, prefix_len: torch.Tensor, noise: torch.Tensor,
+                keep: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+        """Rectified-flow training loss (the random draws come from the caller, see
+        ``vft.train.draw``).
+
+        video [B, 3, T, H, W]; t float [B] flow times; prefix_len int [B]: the first
+        prefix_len latent frames are given clean (t = 0) and excluded from the loss;
+        noise [B, C, T', H', W']; keep int [B]; null bool [B]. Returns the velocity MSE
+        ``|v - (noise - x0)|^2`` averaged over the non-prefix frames (float32 scalar)."""
+        x0 = self.compressor.encode(video)
+        B, T = x0.shape[0], x0.shape[2]
+        codes, _ = self.encoder(x0)
+        frame = torch.arange(T, device=x0.device)
+        clean = frame[None, :] < prefix_len[:, None]  # [B, T]
+        t_frames = torch.where(clean, 0.0, t[:, None].expand(B, T))
+        tb = t_frames[:, None, :, None, None]
+        x_t = tb * noise + (1 - tb) * x0
+        v = self.decoder(x_t, t_frames, codes, keep, null)
+        err = (v - (noise - x0)).square().mean(dim=(1, 3, 4))  # [B, T]
+        weight = (~clean).float()
+        return (err * weight).sum() / weight.sum().clamp(min=1)
+
+    # Shapes --------------------------------------------------------------------------
+    def check_input_video(self, video: torch.Tensor) -> None:
+        check_video(video)
+        cfg = self.cfg
+        if tuple(video.shape[3:]) != (cfg.height, cfg.width):
+            raise ValueError(f"video must be {cfg.height}x{cfg.width} (H x W) for config {cfg.name!r}, got "
+                             f"{video.shape[3]}x{video.shape[4]}; resize/crop first (vft.data.resize_crop)")
+
+    def chunks(self, latent_frames: int) -> list[tuple[int, int]]:
+        """Overlapping chunks of a ``latent_frames``-long latent video: ``(start, new)`` pairs;
+        chunk i covers ``[start, start + T'_chunk)`` and produces frames ``[new, end)``, the
+        frames ``[start, new)`` being its prefix (already produced by earlier chunks)."""
+        Tc, o = self.cfg.latent_frames, self.cfg.chunk_overlap
+        if latent_frames <= Tc:
+            return [(0, 0)]
+        out, start, done = [], 0, 0
+        while done < latent_frames:
+            start = min(start, latent_frames - Tc)
+            out.append((start, done))
+            done = start + Tc
+            start = done - o
+        return out
+
+    # Tokenize ------------------------------------------------------------------------
+    def encode_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents [B, C, T', H', W'] (any T') -> (codes [B, T', R, d], tokens [B, T', R] int32);
+        long inputs are encoded in overlapping chunks."""
+        Tc = self.cfg.latent_frames
+        codes, tokens = [], []
+        for start, new in self.chunks(latents.shape[2]):
+            c, i = self.encoder(latents[:, :, start:start + Tc])
+            codes.append(c[:, new - start:])
+            tokens.append(i[:, new - start:])
+        return torch.cat(codes, dim=1), torch.cat(tokens, dim=1)
+
+    @torch.no_grad()
+    def tokenize(self, video: torch.Tensor) -> torch.Tensor:
+        """video float [B, 3, T, H, W] in [-1, 1] -> tokens int32 [B, T', R] in
+        [0, prod(fsq_levels)); T' = latent frames (videos longer than one chunk are
+        processed in overlapping chunks)."""
+        self.check_input_video(video)
+        return self.encode_latents(self.compressor.encode(video))[1]
+
+    # Detokenize ----------------------------------------------------------------------
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        cfg = self.cfg
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"tokens must be an int tensor [B, T', R], got {type(tokens).__name__}")
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.dim() != 3:
+            raise ValueError(f"tokens must be an int tensor [B, T', K] with K <= R = {cfg.registers}, got "
+                             f"{tokens.dtype} of shape {tuple(tokens.shape)}")
+        if not 1 <= tokens.shape[2] <= cfg.registers or tokens.shape[1] < 1 or tokens.shape[0] < 1:
+            raise ValueError(f"tokens must have shape [B, T', K] with B, T' >= 1 and 1 <= K <= R = "
+                             f"{cfg.registers}, got {tuple(tokens.shape)}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= cfg.codebook_size:
+            raise ValueError(f"token values must be in [0, {cfg.codebook_size}) for FSQ levels {cfg.fsq_levels}, "
+                             f"got {lo if lo < 0 else hi}")
+
+    def velocity(self, x_t, t_frames, codes, keep, null=None):
+        return self.decoder(x_t, t_frames, codes, keep, null)
+
+    def _sample_chunk(self, codes, keep, noise, prefix, prefix_len, steps, guidance, scale, solver, shift,
+                      apg_momentum, progress):
+        B, T = codes.shape[:2]
+        guided = guidance != "none"
+        null = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(codes.device)
+
+        def velocity_fn(x, t):
+            t_frames = torch.full((B, T), float(t), device=x.device)
+            t_frames[:, :prefix_len] = 0.0  # the prefix frames are clean
+            if not guided:
+                return self.decoder(x, t_frames, codes, keep), None
+            v = self.decoder(x.repeat(2, 1, 1, 1, 1), t_frames.repeat(2, 1), codes.repeat(2, 1, 1, 1),
+                             keep.repeat(2), null)
+            return v[:B], v[B:]
+
+        return sample(velocity_fn, noise, steps, guidance=guidance, scale=scale, shift=shift, solver=solver,
+                      prefix=prefix, prefix_len=prefix_len, apg_momentum=apg_momentum, progress=progress)
+
+    @torch.no_grad()
+    def detokenize_latents(self, tokens: torch.Tensor, keep: KeepArg = None, steps: int = 25,
+                           guidance: str = "apg", scale: float = 1.5, solver: str = "euler", seed: int = 0,
+                           shift: float = 1.0, apg_momentum: float = 0.0, progress: bool = False) -> torch.Tensor:
+        """tokens int [B, T', K] (K <= R; registers past K count as dropped) -> latents
+        float32 [B, C, T', H', W'] by flow sampling from seeded noise."""
+        self.check_tokens(tokens)
+        cfg = self.cfg
+        B, T, K = tokens.shape
+        keep = _keep_tensor(keep, B, cfg.registers, tokens.device).clamp(max=K)
+        codes = vk.fsq_indices_to_codes(tokens, cfg.fsq_levels)
+        C, h, w = cfg.compressor.latent_channels, *cfg.latent_hw
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        # Time-major draw: a video's first frames get the same noise as a shorter video's.
+        noise = torch.randn((T, B, C, h, w), generator=gen).permute(1, 2, 0, 3, 4).to(tokens.device)
+        out = torch.empty_like(noise)
+        Tc = cfg.latent_frames
+        for start, new in self.chunks(T):
+            end = min(start + Tc, T)
+            prefix_len = new - start
+            prefix = out[:, :, start:new] if prefix_len else None
+            x = self._sample_chunk(codes[:, start:end], keep, noise[:, :, start:end], prefix, prefix_len, steps,
+                                   guidance, scale, solver, shift, apg_momentum, progress)
+            out[:, :, new:end] = x[:, :, prefix_len:]
+        return out
+
+    @torch.no_grad()
+    def detokenize(self, tokens: torch.Tensor, keep: KeepArg = None, steps: int = 25, guidance: str = "apg",
+                   scale: float = 1.5, solver: str = "euler", seed: int = 0, shift: float = 1.0,
+                   apg_momentum: float = 0.0, progress: bool = False) -> torch.Tensor:
+        """tokens int [B, T', K] -> video float32 [B, 3, T, H, W] (clamped to [-1, 1]).
+
+        keep: None (all), an int or an int tensor [B] in [0, R]: use only the first keep
+        tokens of every latent frame. guidance "none" | "cfg" | "apg" with ``scale``;
+        solver "euler" | "heun"; the same seed gives the same output."""
+        lat = self.detokenize_latents(tokens, keep, steps, guidance, scale, solver, seed, shift, apg_momentum,
+                                      progress)
+        return self.compressor.decode(lat).clamp(-1, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, video: torch.Tensor, keep: KeepArg = None, **kwargs) -> torch.Tensor:
+        """tokenize then detokenize (kwargs as :meth:`detokenize`)."""
+        return self.detokenize(self.tokenize(video), keep, **kwargs)
+
+    # Parameter counts ----------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters of encoder, decoder and total, with and without the adaLN modulation."""
+        def count(m):
+            return sum(p.numel() for p in m.parameters())
+
+        adaln = sum(count(b.modulation) for b in self.decoder.blocks) + count(self.decoder.final_modulation)
+        enc, dec = count(self.encoder), count(self.decoder)
+        return {"encoder": enc, "decoder": dec, "decoder_adaln": adaln, "total": enc + dec,
+                "total_excluding_adaln": enc + dec - adaln}

@@ -1,0 +1,205 @@
+"""Training: rectified flow with nested dropout, AdamW, EMA, DDP, resumable checkpoints.
+
+Per step and sample: flow time ``t = sigmoid(N(mean, std))`` (logit-normal), noise,
+keep count (``pow2``: uniform over {1, 2, 4, ..., R}; ``uniform``: uniform over [1, R]),
+null condition with probability ``null_prob``, and with probability ``prefix_prob`` a
+clean prefix of 1..T'-1 latent frames (so the decoder learns the continuation used for
+long videos). All draws come from a generator seeded by (seed, step, rank) and the data
+of step s are the clips ``s * world * B + rank * B + i``, so a resumed run continues
+exactly where it stopped.
+
+Launch with ``torchrun --nproc_per_node N -m vft.cli train ...`` for DDP (gloo on CPU,
+nccl on GPU).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import ModelConfig, TrainConfig
+from .data import SyntheticVideos, VideoFolder
+from .model import VideoFlexTok
+
+
+def keep_values(registers: int, mode: str) -> torch.Tensor:
+    """The keep counts that ``mode`` samples from (uniformly)."""
+    if mode == "pow2":
+        vals = sorted({min(2 ** i, registers) for i in range(registers.bit_length() + 1)})
+        return torch.tensor(vals)
+    return torch.arange(1, registers + 1)
+
+
+def draw(cfg: ModelConfig, tcfg: TrainConfig, batch: int, gen: torch.Generator) -> dict:
+    """The random inputs of one training step (CPU tensors): t, prefix_len, noise, keep, null."""
+    T = cfg.latent_frames
+    C, (h, w) = cfg.compressor.latent_channels, cfg.latent_hw
+    u = torch.randn(batch, generator=gen) * tcfg.logit_normal_std + tcfg.logit_normal_mean
+    vals = keep_values(cfg.registers, tcfg.keep_sampling)
+    with_prefix = torch.rand(batch, generator=gen) < tcfg.prefix_prob
+    prefix = torch.randint(1, max(T, 2), (batch,), generator=gen) if T > 1 else torch.zeros(batch, dtype=torch.long)
+    return dict(
+        t=torch.sigmoid(u),
+        prefix_len=torch.where(with_prefix, prefix, 0),
+        noise=torch.randn((batch, C, T, h, w), generator=gen),
+        keep=vals[torch.randint(0, len(vals), (batch,), generator=gen)],
+        null=torch.rand(batch, generator=gen) < tcfg.null_prob,
+    )
+
+
+def lr_at(step: int, tcfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < tcfg.warmup_steps:
+        return tcfg.lr * (step + 1) / tcfg.warmup_steps
+    span = max(1, tcfg.steps - tcfg.warmup_steps)
+    progress = min(1.0, (step - tcfg.warmup_steps) / span)
+    return tcfg.lr * (tcfg.min_lr_ratio + (1 - tcfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices of linear layers only (not norms, biases, tokens)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        is_embedding = name.endswith(("registers", "register_pos", "null_token", "mask_token"))
+        (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=tcfg.lr, betas=tcfg.betas)
+
+
+def make_dataset(cfg: ModelConfig, tcfg: TrainConfig):
+    if tcfg.data == "synthetic":
+        return SyntheticVideos(cfg.frames, cfg.height, cfg.width, seed=tcfg.seed)
+    return VideoFolder(tcfg.data, cfg.frames, cfg.height, cfg.width, fps=tcfg.data_fps or None,
+                       length=1 << 30, seed=tcfg.seed)
+
+
+def _distributed() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def param_checksum(model: torch.nn.Module) -> float:
+    """A float64 fingerprint of all weights (equal across DDP ranks when in sync)."""
+    with torch.no_grad():
+        return float(sum((p.double() * (i + 1)).sum() for i, p in enumerate(model.parameters())))
+
+
+def train(cfg: ModelConfig, tcfg: TrainConfig, out: str, resume: bool = False, progress: bool = True,
+          init_from: Optional[str] = None, max_seconds: Optional[float] = None) -> dict:
+    """Train ``cfg`` with ``tcfg`` and write checkpoints to ``out`` (see vft.checkpoint).
+
+    resume: continue from the checkpoint in ``out`` (its model config must equal ``cfg``).
+    max_seconds: stop (and checkpoint) after the first step that ends past this wall time
+    (rank 0's clock decides, so DDP ranks stop together).
+    Returns {"step", "loss", "checksums"} (loss: mean of the last logging interval)."""
+    rank, world, device = _distributed()
+    torch.manual_seed(tcfg.seed)  # same initial weights on every rank
+    model = VideoFlexTok(cfg).to(device)
+    opt = make_optimizer(model, tcfg)
+    start = 0
+    if resume and os.path.isfile(os.path.join(out, "state.json")):
+        ckpt.load_weights(out, model, use_ema=False)
+        ckpt.load_optimizer(out, opt)
+        start = ckpt.read_state(out)["step"]
+    elif init_from:
+        ckpt.load_weights(init_from, model, use_ema=True)
+    ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    if resume and os.path.isfile(os.path.join(out, "ema.safetensors")):
+        from safetensors.torch import load_file
+        ema = {k: v.to(device) for k, v in load_file(os.path.join(out, "ema.safetensors")).items()}
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    data = make_dataset(cfg, tcfg)
+    log_path = os.path.join(out, "log.csv")
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        new_log = not (resume and os.path.isfile(log_path))
+        log_file = open(log_path, "w" if new_log else "a", newline="")
+        log = csv.writer(log_file)
+        if new_log:
+            log.writerow(["step", "loss", "lr", "grad_norm", "clips_per_s", "elapsed_s"])
+    bar = tqdm(total=tcfg.steps, initial=start, desc="train", disable=not (progress and rank == 0))
+    B = tcfg.batch_size
+    loss_sum, n_loss, last_loss, t_log, t0 = 0.0, 0, float("nan"), time.time(), time.time()
+    model.train()
+    done = start
+    for step in range(start, tcfg.steps):
+        base = (step * world + rank) * B
+        video = torch.stack([data[base + i] for i in range(B)]).to(device)
+        gen = torch.Generator().manual_seed(tcfg.seed * 1_000_003 + step * 1009 + rank)
+        inputs = {k: v.to(device) for k, v in draw(cfg, tcfg, B, gen).items()}
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, tcfg)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.bf16):
+            loss = ddp(video, **inputs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip))
+        opt.step()
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                ema[k].lerp_(v.float(), 1 - tcfg.ema_decay)
+        loss_sum += float(loss.detach())
+        n_loss += 1
+        bar.update(1)
+        done = step + 1
+        if done % tcfg.log_every == 0 or done == tcfg.steps:
+            stats = torch.tensor([loss_sum, n_loss], dtype=torch.float64, device=device)
+            if world > 1:
+                dist.all_reduce(stats)
+            last_loss = float(stats[0] / stats[1])
+            now = time.time()
+            if rank == 0:
+                rate = n_loss * B * world / max(now - t_log, 1e-9)
+                log.writerow([done, f"{last_loss:.6f}", f"{lr_at(step, tcfg):.3e}", f"{grad_norm:.4f}",
+                              f"{rate:.2f}", f"{now - t0:.1f}"])
+                log_file.flush()
+                bar.set_postfix(loss=f"{last_loss:.4f}", clips_s=f"{rate:.1f}")
+            loss_sum, n_loss, t_log = 0.0, 0, now
+        stop = torch.tensor([max_seconds is not None and time.time() - t0 > max_seconds], device=device)
+        if world > 1:
+            dist.broadcast(stop, 0)
+        if done % tcfg.ckpt_every == 0 or done == tcfg.steps or bool(stop):
+            _save(out, model, cfg, tcfg, done, opt, ema, rank, world)
+        if bool(stop):
+            break
+    bar.close()
+    checksums = _gather_checksums(model, world, device)
+    if rank == 0:
+        log_file.close()
+        state = ckpt.read_state(out) if os.path.isfile(os.path.join(out, "state.json")) else {"step": start}
+        state.update(rank_checksums=checksums, ranks_in_sync=len(set(checksums)) == 1)
+        ckpt._atomic_json(os.path.join(out, "state.json"), state)
+    if world > 1:
+        dist.barrier()
+    return {"step": done if tcfg.steps > start else start, "loss": last_loss, "checksums": checksums}
+
+
+def _save(out, model, cfg, tcfg, step, opt, ema, rank, world):
+    if rank == 0:
+        ckpt.save(out, model, cfg, tcfg, step, opt, ema, {"world_size": world})
+    if world > 1:
+        dist.barrier()
+
+
+def _gather_checksums(model, world, device) -> list[float]:
+    mine = param_checksum(model)
+    if world == 1:
+        return [mine]
+    t = torch.tensor([mine], dtype=torch.float64, device=device)
+    out = [torch.zeros_like(t) for _ in range(world)]
+    dist.all_gather(out, t)
+    return [float(x) for x in out]
