@@ -1,0 +1,107 @@
+// Per-element FSQ math (SPEC.md §1) shared by the CPU (csrc/cpu/fsq.cpp) and CUDA
+// (csrc/cuda/fsq.cu) kernels, so the CPU tests validate the arithmetic the GPU runs.
+//
+// Everything is branch-free float32 arithmetic (selects, no library calls except
+// rint/fabs/fmin) so that GCC vectorises the element loops that call it.
+#pragma once
+#include <cstdint>
+
+#include "vft/common.h"
+
+#if !defined(__CUDACC__)
+#include <cmath>
+#endif
+
+namespace vft {
+namespace fsq {
+
+// Per-dim constants, computed on the host by the reference (float32) so that the kernels
+// use bit-identical half_l / offset / shift.
+struct DimConst {
+  float half_l;   // (L - 1) * (1 + eps) / 2
+  float offset;   // 0.5 if L even else 0
+  float shift;    // atanh(offset / half_l)
+  float half_w;   // L // 2
+};
+
+VFT_HD float abs_f32(float x) {
+#if defined(__CUDACC__)
+  return fabsf(x);
+#else
+  return std::fabs(x);
+#endif
+}
+
+// Round half to even (torch.round), exact for every float in the default rounding mode.
+VFT_HD float round_half_even(float x) {
+#if defined(__CUDACC__)
+  return rintf(x);
+#else
+  return std::nearbyint(x);
+#endif
+}
+
+// 2/(exp(y)+1) for y in [0, inf] (NaN gives an unspecified finite value). exp via
+// 2^n * e^r, |r| <= ln2/2, degree-7 Taylor polynomial (truncation < 6e-9 relative).
+// y is clamped to 20: beyond it tanh(y/2) rounds to 1 in float32 anyway, and 2^29 still
+// fits the int shift below.
+VFT_HD float two_over_exp_plus_one(float y) {
+  y = y < 20.0f ? y : 20.0f;
+  const float n = round_half_even(y * 1.44269504088896341f);
+  const float r = (y - n * 0.693359375f) - n * -2.12194440e-4f;  // ln2 split hi + lo
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float e = p * static_cast<float>(1 << static_cast<int>(n));
+  return 2.0f / (e + 1.0f);
+}
+
+// tanh(x), within ~3 ulp of the correctly rounded value (absolute error < 2e-7) for
+// every finite x, exactly +-1 for +-inf, 0 at 0. NaN input gives an unspecified value:
+// callers test isnan(z) themselves.
+//   |x| <  0.55: x + x^3 P(x^2), P a degree-4 least-squares fit (< 1 ulp)
+//   |x| >= 0.55: 1 - 2/(exp(2|x|)+1), no cancellation since the result is >= 0.5
+VFT_HD float tanh_f32(float x) {
+  const float a = abs_f32(x);
+  const float t = x * x;
+  float p = -0.006264492403715849f;
+  p = p * t + 0.021064236760139465f;
+  p = p * t - 0.05385032296180725f;
+  p = p * t + 0.13332565128803253f;
+  p = p * t - 0.33333316445350647f;
+  const float small = x + x * t * p;
+  const float big = 1.0f - two_over_exp_plus_one(2.0f * a);
+  const float big_signed = x < 0.0f ? -big : big;
+  return a < 0.55f ? small : big_signed;
+}
+
+// 1 - tanh(x)^2 without the cancellation near |x| large: with u = 2/(exp(2|x|)+1),
+// tanh = 1 - u and 1 - tanh^2 = u (2 - u).
+VFT_HD float sech2_f32(float x) {
+  const float a = abs_f32(x);
+  const float u = two_over_exp_plus_one(2.0f * a);
+  const float th = tanh_f32(x);
+  return a < 0.55f ? 1.0f - th * th : u * (2.0f - u);
+}
+
+// bounded = tanh(z + shift) * half_l - offset (the value that is rounded).
+VFT_HD float bounded(float z, const DimConst& c) {
+  return tanh_f32(z + c.shift) * c.half_l - c.offset;
+}
+
+// d codes / d z = half_l * (1 - tanh(z + shift)^2) / (L // 2); scale = half_l / (L // 2).
+VFT_HD float grad(float g, float z, float shift, float scale) {
+  return g * scale * sech2_f32(z + shift);
+}
+
+// Marks a NaN digit in the per-element index contribution (never a real contribution:
+// those are (q + L//2) * basis with |q| <= L).
+constexpr int64_t kNanContribution = INT64_MIN;
+
+}  // namespace fsq
+}  // namespace vft
