@@ -2,7 +2,8 @@
 // code the CPU kernels run and the CPU tests validate). One thread per row of the
 // [rows, d] view (d <= 16 values, strided), grid-stride loop, int64 offsets.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -132,7 +133,7 @@ void fsq_forward_cuda(const at::Tensor& z2, at::Tensor codes, at::Tensor indices
   const c10::cuda::CUDAGuard guard(z2.device());
   const int64_t rows = z2.size(0);
   if (rows == 0) return;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(z2.scalar_type(), [&](auto zt) {
     using T = decltype(zt);
     dispatch_float(codes.scalar_type(), [&](auto ct) {
@@ -159,7 +160,7 @@ void fsq_backward_cuda(const at::Tensor& grad_codes2, const at::Tensor& z2, at::
   const c10::cuda::CUDAGuard guard(z2.device());
   const int64_t rows = z2.size(0);
   if (rows == 0) return;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(grad_codes2.scalar_type(), [&](auto gt) {
     using G = decltype(gt);
     dispatch_float(z2.scalar_type(), [&](auto zt) {
@@ -182,7 +183,7 @@ void fsq_decode_cuda(const at::Tensor& indices, at::Tensor codes, const std::vec
   const c10::cuda::CUDAGuard guard(indices.device());
   const int64_t rows = indices.size(0);
   if (rows == 0) return;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   if (indices.scalar_type() == at::kInt) {
     decode_kernel<int32_t><<<blocks_for(rows), kThreads, 0, stream>>>(indices.const_data_ptr<int32_t>(),
                                                                        codes.data_ptr<float>(), rows, indices.stride(0), p);

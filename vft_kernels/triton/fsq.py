@@ -125,6 +125,7 @@ def _fsq_backward_kernel(g_ptr, z_ptr, out_ptr, n_rows, sg_row, sg_dim, sz_row, 
     g = tl.load(g_ptr + rows[:, None] * sg_row + c64 * sg_dim, mask=mask, other=0.0).to(tl.float32)
     x = z + _per_dim(cols, SHIFT, D, 0.0)[None, :]
     grad = g * _per_dim(cols, SCALE, D, 0.0)[None, :] * _sech2(x)
+    grad = tl.where(x != x, x, grad)  # GPU min/max drop NaN: propagate it explicitly
     tl.store(out_ptr + rows[:, None] * D + cols[None, :], grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -95,8 +95,11 @@ VFT_HD float bounded(float z, const DimConst& c) {
 }
 
 // d codes / d z = half_l * (1 - tanh(z + shift)^2) / (L // 2); scale = half_l / (L // 2).
+// NaN z gives a NaN gradient (sech2_f32 alone would not propagate it).
 VFT_HD float grad(float g, float z, float shift, float scale) {
-  return g * scale * sech2_f32(z + shift);
+  const float x = z + shift;
+  const float gz = g * scale * sech2_f32(x);
+  return x != x ? x : gz;
 }
 
 // Marks a NaN digit in the per-element index contribution (never a real contribution:
