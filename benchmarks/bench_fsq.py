@@ -43,8 +43,8 @@ def _providers(ctx: Context):
     for backend in dispatch.PRIORITY.get(ctx.device.type, ()):
         if backend == "reference" or dispatch.backend_status(backend) is not None:
             continue
-        if dispatch._try("fsq_forward", backend, ctx.device, torch.empty(1, 6, device=ctx.device), LEVELS, 1e-3,
-                         torch.float32)[0] is None:
+        probe = (torch.empty(1, 6, device=ctx.device), LEVELS, 1e-3, torch.float32)
+        if dispatch._try("fsq_forward", backend, ctx.device, probe, {})[0] is None:
             continue
 
         def run(z, backend=backend):

@@ -91,6 +91,7 @@ struct FwdTable {
   alignas(64) float half_l[K];
   alignas(64) float offset[K];
   alignas(64) float half_w[K];
+  alignas(64) float inv_w[K];  // RN(1 / half_w)
   alignas(64) Acc basis[K];
 };
 
@@ -110,7 +111,7 @@ void fwd_elements(const float* __restrict z, float* __restrict codes, Acc* __res
     const float b = fsq::tanh_f32(x) * t.half_l[k] - t.offset[k];
     const float q = fsq::round_half_even(b);
     const bool nan = x != x;
-    codes[k] = nan ? x : q / t.half_w[k];
+    codes[k] = nan ? x : fsq::div_code(q, t.half_w[k], t.inv_w[k]);
     const float digit = nan ? 0.0f : q + t.half_w[k];
     contrib[k] = static_cast<Acc>(static_cast<std::make_signed_t<Acc>>(digit)) * t.basis[k];
     is_nan[k] = nan;
@@ -129,6 +130,7 @@ void fsq_forward_impl(const at::Tensor& z2, at::Tensor& codes, at::Tensor& indic
     t.half_l[k] = c.half_l;
     t.offset[k] = c.offset;
     t.half_w[k] = c.half_w;
+    t.inv_w[k] = 1.0f / c.half_w;
     t.basis[k] = static_cast<Acc>(basis[k % D]);
   }
   const int64_t rows = z2.size(0);

@@ -69,7 +69,7 @@ __global__ void forward_kernel(const T* __restrict__ z, C* __restrict__ codes, I
       const float x = static_cast<float>(z[r * s_row + j * s_dim]) + c.shift;
       const float q = fsq::round_half_even(fsq::tanh_f32(x) * c.half_l - c.offset);
       const bool is_nan = x != x;
-      codes[r * p.d + j] = static_cast<C>(is_nan ? x : __fdiv_rn(q, c.half_w));
+      codes[r * p.d + j] = static_cast<C>(is_nan ? x : fsq::div_code(q, c.half_w, 0.0f));
       nan |= is_nan;
       const float digit = is_nan ? 0.0f : q + c.half_w;
       sum += static_cast<Acc>(static_cast<std::make_signed_t<Acc>>(digit)) * static_cast<Acc>(p.basis[j]);

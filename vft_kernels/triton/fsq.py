@@ -43,19 +43,24 @@ def _two_over_exp_plus_one(y):
 
 
 @triton.jit
-def _tanh(x):
-    # |x| < 0.55: x + x^3 P(x^2) (degree-4 fit, < 1 ulp); else 1 - 2/(exp(2|x|)+1).
-    a = tl.abs(x)
+def _tanh_small(x):
+    # tanh for |x| < 0.55: x + x^3 P(x^2), degree-4 least-squares fit (< 1 ulp there).
     t = x * x
     p = -0.006264492403715849
     p = p * t + 0.021064236760139465
     p = p * t - 0.05385032296180725
     p = p * t + 0.13332565128803253
     p = p * t - 0.33333316445350647
-    small = x + x * t * p
+    return x + x * t * p
+
+
+@triton.jit
+def _tanh(x):
+    # |x| < 0.55: _tanh_small; else 1 - 2/(exp(2|x|)+1) (>= 0.5: no cancellation).
+    a = tl.abs(x)
     big = 1.0 - _two_over_exp_plus_one(2.0 * a)
     big = tl.where(x < 0.0, -big, big)
-    return tl.where(a < 0.55, small, big)
+    return tl.where(a < 0.55, _tanh_small(x), big)
 
 
 @triton.jit
@@ -63,7 +68,7 @@ def _sech2(x):
     # 1 - tanh(x)^2, as u (2 - u) with u = 2/(exp(2|x|)+1) away from 0 (no cancellation).
     a = tl.abs(x)
     u = _two_over_exp_plus_one(2.0 * a)
-    th = _tanh(x)
+    th = _tanh_small(x)
     return tl.where(a < 0.55, 1.0 - th * th, u * (2.0 - u))
 
 
