@@ -65,11 +65,9 @@ def _tanh(x):
 
 @triton.jit
 def _sech2(x):
-    # 1 - tanh(x)^2, as u (2 - u) with u = 2/(exp(2|x|)+1) away from 0 (no cancellation).
-    a = tl.abs(x)
-    u = _two_over_exp_plus_one(2.0 * a)
-    th = _tanh_small(x)
-    return tl.where(a < 0.55, 1.0 - th * th, u * (2.0 - u))
+    # 1 - tanh(x)^2 = u (2 - u), u = 1 - tanh|x| = 2/(exp(2|x|)+1): no cancellation anywhere.
+    u = _two_over_exp_plus_one(2.0 * tl.abs(x))
+    return u * (2.0 - u)
 
 
 @triton.jit
