@@ -8,9 +8,7 @@
 
 #include "vft/common.h"
 
-#if !defined(__CUDACC__)
 #include <cmath>
-#endif
 
 namespace vft {
 namespace fsq {
@@ -97,7 +95,7 @@ VFT_HD float sech2_f32(float x) {
 // than a vector divide; checked against IEEE division for every half_w < 5000 and |q| <=
 // half_w + 2, plus samples up to 2**22. CUDA: the IEEE division intrinsic.
 VFT_HD float div_code(float q, float half_w, float inv) {
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
   (void)inv;
   return __fdiv_rn(q, half_w);
 #else
