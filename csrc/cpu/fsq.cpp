@@ -160,15 +160,16 @@ void fsq_forward_impl(const at::Tensor& z2, at::Tensor& codes, at::Tensor& indic
     float* cp = (dense_out && full) ? cf + row0 * D : cbuf;
     fwd_elements<D, Acc>(zp, cp, contrib, is_nan, t);
     if (cp == cbuf) store_any(cbuf, static_cast<int64_t>(n) * D, codes, row0 * D);
-    for (int r = 0; r < n; ++r) {
-      Acc sum = 0;
-      bool nan = false;
-      for (int j = 0; j < D; ++j) {
-        sum += contrib[r * D + j];
-        nan |= is_nan[r * D + j];
+    // Row sums with the row as the vector lane (stride-D loads, D compile-time).
+    alignas(64) Acc sum[kRows] = {};
+    alignas(64) uint8_t row_nan[kRows] = {};
+    for (int j = 0; j < D; ++j) {
+      for (int r = 0; r < kRows; ++r) {
+        sum[r] += contrib[r * D + j];
+        row_nan[r] |= is_nan[r * D + j];
       }
-      idx[row0 + r] = nan ? Idx(-1) : static_cast<Idx>(sum);
     }
+    for (int r = 0; r < n; ++r) idx[row0 + r] = row_nan[r] ? Idx(-1) : static_cast<Idx>(sum[r]);
   }
 }
 
