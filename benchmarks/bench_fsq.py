@@ -23,6 +23,9 @@ TOKENS = {"16K": 16 * 1024, "256K": 256 * 1024, "4M": 4 * 1024 * 1024}
 
 @functools.lru_cache(maxsize=1)
 def _compiled_reference():
+    # One specialisation per (shape, dtype, grad mode): 12 in the full run, more than
+    # dynamo's default recompile limit (8), after which it would silently run eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(ref.fsq_forward, dynamic=False)
 
 
