@@ -2,7 +2,7 @@
 // (csrc/cuda/fsq.cu) kernels, so the CPU tests validate the arithmetic the GPU runs.
 //
 // Everything is branch-free float32 arithmetic (selects, no library calls except
-// rint/fabs/fmin) so that GCC vectorises the element loops that call it.
+// rint/fabs/fma) so that GCC vectorises the element loops that call it.
 #pragma once
 #include <cstdint>
 
@@ -104,11 +104,6 @@ VFT_HD float div_code(float q, float half_w, float inv) {
 #endif
 }
 
-// bounded = tanh(z + shift) * half_l - offset (the value that is rounded).
-VFT_HD float bounded(float z, const DimConst& c) {
-  return tanh_f32(z + c.shift) * c.half_l - c.offset;
-}
-
 // d codes / d z = half_l * (1 - tanh(z + shift)^2) / (L // 2); scale = half_l / (L // 2).
 // NaN z gives a NaN gradient: multiplied in as a select of two constants, which stays a
 // vector blend (a select of computed values lets GCC sink them into branches).
@@ -117,10 +112,6 @@ VFT_HD float grad(float g, float z, float shift, float scale) {
   const float nan_or_one = x == x ? 1.0f : __builtin_nanf("");
   return g * scale * sech2_f32(x) * nan_or_one;
 }
-
-// Marks a NaN digit in the per-element index contribution (never a real contribution:
-// those are (q + L//2) * basis with |q| <= L).
-constexpr int64_t kNanContribution = INT64_MIN;
 
 }  // namespace fsq
 }  // namespace vft
