@@ -107,14 +107,21 @@ def test_batch_size_one_and_many_key_tile_groups():
     _check_against_reference(layout, torch.tensor([25], dtype=torch.int32), 16, H=1)
 
 
-def test_aten_gemm_path():
-    """The ATen fallback used when torch exports no BLAS sgemm gives the same results."""
-    previous = C.attention_cpu_use_blas(False)
+@pytest.mark.parametrize("path", ["blas", "aten"])
+def test_fallback_gemm_paths(path):
+    """The tile-product fallbacks (BLAS sgemm where torch has no oneDNN brgemm, ATen where
+    it exports no sgemm either) give the same results."""
+    try:
+        previous = C.attention_cpu_gemm_path(path)
+    except ValueError as e:
+        pytest.skip(str(e))
     try:
         _check_against_reference(RegisterLayout(2, 40, 30, "block_causal_last"),
                                  torch.tensor([30, 0, 7], dtype=torch.int32), 32)
+        _check_against_reference(RegisterLayout(1, 70, 9, "full"), torch.tensor([4], dtype=torch.int32), 40, H=1)
     finally:
-        C.attention_cpu_use_blas(previous)
+        C.attention_cpu_gemm_path("best")
+    assert previous == C.attention_cpu_gemm_path("best")
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -1,9 +1,12 @@
 // CPU kernels of register attention (SPEC.md §2): FlashAttention-2-style tiles with an
 // online softmax in float32. The tile schedule comes from vft/attention_tiles.h (the port
 // of vft_kernels/layout.py): fully masked tiles are never visited, fully allowed tiles
-// skip the mask, dropped query rows write zeros. Tile products go through the BLAS sgemm
-// that torch links (MKL on x86 wheels), falling back to ATen when there is none.
+// skip the mask, dropped query rows write zeros. Tile products are plain row-major
+// C (+)= A B products (operands pre-transposed where needed) through torch's oneDNN
+// brgemm micro-kernels when available (x86 with AVX-512), else the BLAS sgemm that torch
+// links, else ATen.
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <atomic>
@@ -34,27 +37,54 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kBlockM = 64;
 constexpr int64_t kBlockN = 64;
 
-bool g_use_blas = true;  // test hook: attention_cpu_use_blas(False) forces the ATen path
+enum class GemmPath : int { kBrgemm = 0, kBlas = 1, kAten = 2 };
 
-// Row-major C[M, N] = alpha * op(A) op(B) + beta * C, op(X) = X^T when tX. beta == 0
-// ignores C's old contents (NaN included), as BLAS does.
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+bool brgemm_works() {
+  static const bool ok = [] {
+    float a = 1.0f, b = 2.0f, c = 0.0f;
+    try {  // torch raises where oneDNN's fp32 ukernel is not built or the CPU lacks AVX-512
+      at::native::cpublas::brgemm(1, 1, 1, 1, 1, 1, false, &a, &b, &c, false);
+      at::native::cpublas::brgemm_release(false);
+    } catch (const c10::Error&) {
+      return false;
+    }
+    return c == 2.0f;
+  }();
+  return ok;
+}
+
+GemmPath best_path() {
+  if (brgemm_works()) return GemmPath::kBrgemm;
+  return sgemm_ != nullptr ? GemmPath::kBlas : GemmPath::kAten;
+}
+
+GemmPath g_path = best_path();  // changed only by the test hook attention_cpu_gemm_path
+
+// Row-major C[M, N] = A[M, K] B[K, N] (accumulate: C += A B). Without accumulate C's old
+// contents (NaN included) are ignored.
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+          bool accumulate, float* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
-  if (sgemm_ != nullptr && g_use_blas) {
-    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
-    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    sgemm_(tb ? "T" : "N", ta ? "T" : "N", &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t r = 0; r < M; ++r) std::fill(C + r * ldc, C + r * ldc + N, 0.0f);
     return;
   }
-  auto opts = at::TensorOptions().dtype(at::kFloat);
-  auto a = ta ? at::from_blob(const_cast<float*>(A), {K, M}, {lda, 1}, opts).t()
-              : at::from_blob(const_cast<float*>(A), {M, K}, {lda, 1}, opts);
-  auto b = tb ? at::from_blob(const_cast<float*>(B), {N, K}, {ldb, 1}, opts).t()
-              : at::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, opts);
-  auto c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-  c.addmm_(a, b, beta, alpha);
+  if (g_path == GemmPath::kBrgemm) {
+    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, false);
+  } else if (g_path == GemmPath::kBlas) {
+    // Row-major C = A B is column-major C^T = B^T A^T.
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    sgemm_("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+  } else {
+    auto opts = at::TensorOptions().dtype(at::kFloat);
+    auto a = at::from_blob(const_cast<float*>(A), {M, K}, {lda, 1}, opts);
+    auto b = at::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, opts);
+    auto c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+    c.addmm_(a, b, accumulate ? 1.0f : 0.0f, 1.0f);
+  }
 }
 
 // 2^x for x <= ~0 (softmax numerators), to ~1 ulp; x <= -127 (and -inf) gives exactly 0.
@@ -112,6 +142,22 @@ void apply_mask(const Problem& pr, int64_t keep, int64_t q0, int64_t nq, int64_t
   }
 }
 
+// apply_mask for a transposed tile: st[key r][query c] (ld = row stride).
+void apply_mask_t(const Problem& pr, int64_t keep, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* st,
+                  int64_t ld) {
+  const TileLayout& L = pr.layout;
+  const int64_t S = L.block_size(), k1 = k0 + nk;
+  for (int64_t c = 0; c < nq; ++c) {
+    const int64_t i = q0 + c;
+    const bool kept = L.kept(i, keep);
+    for (int64_t tk = k0 / S; tk * S < k1; ++tk) {
+      const int64_t lo = std::max(k0, tk * S + (kept ? L.allowed_prefix(i, tk, keep) : 0));
+      const int64_t hi = std::min(k1, (tk + 1) * S);
+      for (int64_t kk = lo; kk < hi; ++kk) st[(kk - k0) * ld + c] = kNegInf;
+    }
+  }
+}
+
 // Runs task(t, scratch) for t in [0, n) on torch's intra-op threads, handing tasks out
 // dynamically (tile costs differ a lot); each thread creates its scratch once. Every task
 // writes only its own outputs, so the result does not depend on the schedule.
@@ -122,6 +168,7 @@ void run_tasks(int64_t n, const Task& task) {
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     Scratch scratch;
     for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) task(t, scratch);
+    if (g_path == GemmPath::kBrgemm) at::native::cpublas::brgemm_release(false);
   });
 }
 
@@ -140,7 +187,8 @@ struct ForwardScratch {
 };
 
 template <typename T>
-void forward(const Problem& pr, const float* q, const float* k, const float* v, T* out, float* lse) {
+// kt: keys transposed, [B*H, D, N].
+void forward(const Problem& pr, const float* q, const float* kt, const float* v, T* out, float* lse) {
   const TileLayout& L = pr.layout;
   const int64_t N = pr.N, D = pr.D, n_qt = (N + kBlockM - 1) / kBlockM;
   const float alpha = pr.scale * kLog2e;  // scores in log2 units: exp2 instead of exp
@@ -166,20 +214,20 @@ void forward(const Problem& pr, const float* q, const float* k, const float* v, 
       // Keys past k_hi or after the last kept key are masked for every row: not computed.
       const int64_t ke = std::min(k_hi, L.last_kept(k0, k1, keep) + 1), nk = ke - k0;
       float* s = w.s.data();
-      gemm(false, true, nq, nk, D, alpha, q + off + q0 * D, D, k + off + k0 * D, D, 0.0f, s, kBlockN);
+      gemm(nq, nk, D, q + off + q0 * D, D, kt + off + k0, N, false, s, kBlockN);  // S = Q K^T
       if (cls == kTilePartial) apply_mask(pr, keep, q0, nq, k0, nk, s, kBlockN);
       for (int64_t r = 0; r < nq; ++r) {
         float* row = s + r * kBlockN;
         float mx = kNegInf;
 #pragma omp simd reduction(max : mx)
-        for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, row[j]);
+        for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, row[j] * alpha);
         const float m_old = w.m[r], m_new = std::max(m_old, mx);
         // Row with nothing allowed yet: subtracting 0 keeps exp2(-inf) = 0 (no inf - inf).
         const float m_use = m_new == kNegInf ? 0.0f : m_new;
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < nk; ++j) {
-          row[j] = exp2_nonpos(row[j] - m_use);
+          row[j] = exp2_nonpos(row[j] * alpha - m_use);
           sum += row[j];
         }
         const float corr = exp2_nonpos(m_old - m_use);
@@ -190,7 +238,7 @@ void forward(const Problem& pr, const float* q, const float* k, const float* v, 
           for (int64_t d = 0; d < D; ++d) o[d] *= corr;
         }
       }
-      gemm(false, false, nq, D, nk, 1.0f, s, kBlockN, v + off + k0 * D, D, 1.0f, w.o.data(), D);
+      gemm(nq, D, nk, s, kBlockN, v + off + k0 * D, D, true, w.o.data(), D);  // O += P V
     }
     for (int64_t r = 0; r < q1 - q0; ++r) {
       T* dst = out_bh + (q0 + r) * D;
@@ -213,13 +261,18 @@ void forward(const Problem& pr, const float* q, const float* k, const float* v, 
 // too small to keep every thread busy.
 
 struct BackwardScratch {
-  std::vector<float> p = std::vector<float>(kBlockM * kBlockN), ds = std::vector<float>(kBlockM * kBlockN);
+  // Transposed tiles [key][query] (ld kBlockM) so every product is a plain A B; ds is
+  // dS^T transposed back for dQ.
+  std::vector<float> pt = std::vector<float>(kBlockN * kBlockM), dst = std::vector<float>(kBlockN * kBlockM);
+  std::vector<float> ds = std::vector<float>(kBlockM * kBlockN);
   std::vector<float> dk, dv;
 };
 
+// qt, dot: queries and output gradients transposed, [B*H, D, N].
 template <typename T>
-void backward(const Problem& pr, const float* q, const float* k, const float* v, const float* dout,
-              const float* lse2, const float* delta, float* dq_acc, int64_t groups, T* dk, T* dv) {
+void backward(const Problem& pr, const float* q, const float* qt, const float* k, const float* v,
+              const float* dout, const float* dot, const float* lse2, const float* delta, float* dq_acc,
+              int64_t groups, T* dk, T* dv) {
   const TileLayout& L = pr.layout;
   const int64_t N = pr.N, D = pr.D, BH = pr.B * pr.H;
   const int64_t n_kt = (N + kBlockN - 1) / kBlockN, per_group = (n_kt + groups - 1) / groups;
@@ -236,6 +289,7 @@ void backward(const Problem& pr, const float* q, const float* k, const float* v,
       const int64_t ke = last_k < 0 ? k0 : last_k + 1, nk = ke - k0;
       w.dk.assign(nk * D, 0.0f);
       w.dv.assign(nk * D, 0.0f);
+      const float* kj = k + off + k0 * D;
       int64_t q_lo, q_hi;
       L.query_range(k0, k1, keep, &q_lo, &q_hi);
       for (int64_t q0 = (q_lo / kBlockM) * kBlockM; q0 < q_hi; q0 += kBlockM) {
@@ -243,32 +297,30 @@ void backward(const Problem& pr, const float* q, const float* k, const float* v,
         const int cls = L.classify_tile(q0, q1, k0, k1, keep);
         if (cls == kTileMasked) continue;
         const int64_t qe = std::min(q_hi, L.last_kept(q0, q1, keep) + 1), nq = qe - q0;
-        const float* qi = q + off + q0 * D;
-        const float* doi = dout + off + q0 * D;
-        const float* kj = k + off + k0 * D;
-        float* p = w.p.data();
+        float* pt = w.pt.data();
+        float* dst = w.dst.data();
+        gemm(nk, nq, D, kj, D, qt + off + q0, N, false, pt, kBlockM);  // S^T = K Q^T
+        if (cls == kTilePartial) apply_mask_t(pr, keep, q0, nq, k0, nk, pt, kBlockM);
+        const float* lse_q = lse2 + bh * N + q0;
+        for (int64_t r = 0; r < nk; ++r) {
+          float* row = pt + r * kBlockM;
+#pragma omp simd
+          for (int64_t c = 0; c < nq; ++c) row[c] = exp2_nonpos(row[c] * alpha - lse_q[c]);
+        }
+        gemm(nk, D, nq, pt, kBlockM, dout + off + q0 * D, D, true, w.dv.data(), D);  // dV += P^T dO
+        gemm(nk, nq, D, v + off + k0 * D, D, dot + off + q0, N, false, dst, kBlockM);  // dP^T = V dO^T
+        const float* delta_q = delta + bh * N + q0;
+        for (int64_t r = 0; r < nk; ++r) {
+          const float* prow = pt + r * kBlockM;
+          float* drow = dst + r * kBlockM;
+#pragma omp simd
+          for (int64_t c = 0; c < nq; ++c) drow[c] = prow[c] * (drow[c] - delta_q[c]);  // dS = P (dP - delta)
+        }
+        gemm(nk, D, nq, dst, kBlockM, q + off + q0 * D, D, true, w.dk.data(), D);  // dK += dS^T Q
         float* ds = w.ds.data();
-        gemm(false, true, nq, nk, D, alpha, qi, D, kj, D, 0.0f, p, kBlockN);
-        if (cls == kTilePartial) apply_mask(pr, keep, q0, nq, k0, nk, p, kBlockN);
-        const float* lse_rows = lse2 + bh * N + q0;
-        for (int64_t r = 0; r < nq; ++r) {
-          float* row = p + r * kBlockN;
-          const float sub = lse_rows[r];
-#pragma omp simd
-          for (int64_t j = 0; j < nk; ++j) row[j] = exp2_nonpos(row[j] - sub);
-        }
-        gemm(true, false, nk, D, nq, 1.0f, p, kBlockN, doi, D, 1.0f, w.dv.data(), D);      // dV += P^T dO
-        gemm(false, true, nq, nk, D, 1.0f, doi, D, v + off + k0 * D, D, 0.0f, ds, kBlockN);  // dP = dO V^T
-        const float* delta_rows = delta + bh * N + q0;
-        for (int64_t r = 0; r < nq; ++r) {
-          const float* prow = p + r * kBlockN;
-          float* drow = ds + r * kBlockN;
-          const float dr = delta_rows[r];
-#pragma omp simd
-          for (int64_t j = 0; j < nk; ++j) drow[j] = prow[j] * (drow[j] - dr);  // dS = P (dP - delta)
-        }
-        gemm(true, false, nk, D, nq, 1.0f, ds, kBlockN, qi, D, 1.0f, w.dk.data(), D);      // dK += dS^T Q
-        gemm(false, false, nq, D, nk, 1.0f, ds, kBlockN, kj, D, 1.0f, dq_g + q0 * D, D);  // dQ += dS K
+        for (int64_t c = 0; c < nq; ++c)
+          for (int64_t r = 0; r < nk; ++r) ds[c * kBlockN + r] = dst[r * kBlockM + c];
+        gemm(nq, D, nk, ds, kBlockN, kj, D, true, dq_g + q0 * D, D);  // dQ += dS K
       }
       for (int64_t r = 0; r < k1 - k0; ++r) {
         T* dk_row = dk + off + (k0 + r) * D;
@@ -318,6 +370,8 @@ void check_input(const at::Tensor& t, const at::Tensor& q, const char* name) {
 }
 
 at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+// [B, H, N, D] -> float32 [B, H, D, N] contiguous (O(N D), against O(N^2 D) for the tiles).
+at::Tensor transposed_f32(const at::Tensor& t) { return t.to(at::kFloat).transpose(-1, -2).contiguous(); }
 
 void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& keep,
                            int64_t blocks, int64_t patches, int64_t registers, int64_t mode, double scale,
@@ -328,9 +382,9 @@ void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
   check_input(v, q, "v");
   check_out(out, q.scalar_type(), q.sizes(), "out");
   check_out(lse, at::kFloat, {pr.B, pr.H, pr.N}, "lse");
-  const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v);
+  const at::Tensor qf = as_f32(q), ktf = transposed_f32(k), vf = as_f32(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward_cpu", [&] {
-    forward<scalar_t>(pr, qf.data_ptr<float>(), kf.data_ptr<float>(), vf.data_ptr<float>(),
+    forward<scalar_t>(pr, qf.data_ptr<float>(), ktf.data_ptr<float>(), vf.data_ptr<float>(),
                       out.data_ptr<scalar_t>(), lse.data_ptr<float>());
   });
 }
@@ -348,6 +402,7 @@ void attention_backward_cpu(const at::Tensor& dout, const at::Tensor& q, const a
   check_out(dk, q.scalar_type(), q.sizes(), "dk");
   check_out(dv, q.scalar_type(), q.sizes(), "dv");
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), dof = as_f32(dout);
+  const at::Tensor qtf = qf.transpose(-1, -2).contiguous(), dotf = dof.transpose(-1, -2).contiguous();
   // delta = rowsum(dO * O); lse in log2 units, +inf on dropped rows so exp2(s - lse2) = 0.
   const at::Tensor delta = (dof * out.to(at::kFloat)).sum(-1).contiguous();
   const at::Tensor lse2 = at::where(lse == -INFINITY, INFINITY, lse * kLog2e).contiguous();
@@ -355,8 +410,8 @@ void attention_backward_cpu(const at::Tensor& dout, const at::Tensor& q, const a
   const int64_t groups = std::min<int64_t>(n_kt, std::max<int64_t>(1, (2 * at::get_num_threads() + BH - 1) / BH));
   at::Tensor dq_acc = at::empty({groups, BH, pr.N, pr.D}, qf.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_backward_cpu", [&] {
-    backward<scalar_t>(pr, qf.data_ptr<float>(), kf.data_ptr<float>(), vf.data_ptr<float>(), dof.data_ptr<float>(),
-                       lse2.data_ptr<float>(), delta.data_ptr<float>(), dq_acc.data_ptr<float>(), groups,
+    backward<scalar_t>(pr, qf.data_ptr<float>(), qtf.data_ptr<float>(), kf.data_ptr<float>(), vf.data_ptr<float>(),
+                       dof.data_ptr<float>(), dotf.data_ptr<float>(), lse2.data_ptr<float>(), delta.data_ptr<float>(), dq_acc.data_ptr<float>(), groups,
                        dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
     const float* acc = dq_acc.data_ptr<float>();
     scalar_t* dst = dq.data_ptr<scalar_t>();
@@ -405,14 +460,24 @@ void bind_attention(pybind11::module_& m) {
   m.def("attention_tiles_cpu", &attention_tiles_cpu,
         "Test hook: classify_tile / key_range / query_range of the C++ port for int64 tiles [n, 4].");
   m.def(
-      "attention_cpu_use_blas",
-      [](bool on) {
-        const bool previous = g_use_blas && sgemm_ != nullptr;
-        g_use_blas = on;
+      "attention_cpu_gemm_path",
+      [](const std::string& name) {
+        static const char* names[] = {"brgemm", "blas", "aten"};
+        const std::string previous = names[static_cast<int>(g_path)];
+        if (name == "brgemm" || name == "best") {
+          VFT_CHECK(name == "best" || brgemm_works(), "attention_cpu_gemm_path: brgemm is not available here");
+          g_path = best_path();
+        } else if (name == "blas") {
+          VFT_CHECK(sgemm_ != nullptr, "attention_cpu_gemm_path: torch exports no BLAS sgemm here");
+          g_path = GemmPath::kBlas;
+        } else {
+          VFT_CHECK(name == "aten", "attention_cpu_gemm_path: expected brgemm, blas, aten or best, got ", name);
+          g_path = GemmPath::kAten;
+        }
         return previous;
       },
-      "Test hook: use BLAS sgemm (True, when torch exports one) or ATen matmuls (False) for the tile "
-      "products; returns whether BLAS was in use.");
+      "Test hook: route the tile products through oneDNN brgemm, BLAS sgemm or ATen ('best' = the "
+      "default); returns the previous path's name.");
 }
 
 }  // namespace vft
