@@ -107,6 +107,13 @@ def test_batch_size_one_and_many_key_tile_groups():
     _check_against_reference(layout, torch.tensor([25], dtype=torch.int32), 16, H=1)
 
 
+@pytest.mark.parametrize("scale", [-0.7, 0.0])
+def test_unusual_scales(scale):
+    """Masked scores stay masked for a negative or zero scale."""
+    _check_against_reference(RegisterLayout(2, 20, 9, "block_causal_last"), torch.tensor([9, 3], dtype=torch.int32),
+                             16, scale=scale)
+
+
 @pytest.mark.parametrize("path", ["blas", "aten"])
 def test_fallback_gemm_paths(path):
     """The tile-product fallbacks (BLAS sgemm where torch has no oneDNN brgemm, ATen where

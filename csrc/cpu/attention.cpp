@@ -121,6 +121,12 @@ struct Problem {
   int64_t head_offset(int64_t b, int64_t h) const { return (b * H + h) * N * D; }
 };
 
+void scale_tile(float* s, int64_t rows, int64_t cols, int64_t ld, float mul) {
+  for (int64_t r = 0; r < rows; ++r)
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) s[r * ld + c] *= mul;
+}
+
 // Sets masked scores of tile rows [q0, q0 + nq) x keys [k0, k0 + nk) to -inf (ld = row
 // stride of s). Dropped queries mask their whole row.
 void apply_mask(const Problem& pr, int64_t keep, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* s,
@@ -215,19 +221,25 @@ void forward(const Problem& pr, const float* q, const float* kt, const float* v,
       const int64_t ke = std::min(k_hi, L.last_kept(k0, k1, keep) + 1), nk = ke - k0;
       float* s = w.s.data();
       gemm(nq, nk, D, q + off + q0 * D, D, kt + off + k0, N, false, s, kBlockN);  // S = Q K^T
-      if (cls == kTilePartial) apply_mask(pr, keep, q0, nq, k0, nk, s, kBlockN);
+      // Partial tiles are scaled before masking so that -inf stays -inf whatever the sign of
+      // scale; full tiles fold the scale into the softmax loops.
+      if (cls == kTilePartial) {
+        scale_tile(s, nq, nk, kBlockN, alpha);
+        apply_mask(pr, keep, q0, nq, k0, nk, s, kBlockN);
+      }
+      const float a = cls == kTilePartial ? 1.0f : alpha;
       for (int64_t r = 0; r < nq; ++r) {
         float* row = s + r * kBlockN;
         float mx = kNegInf;
 #pragma omp simd reduction(max : mx)
-        for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, row[j] * alpha);
+        for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, row[j] * a);
         const float m_old = w.m[r], m_new = std::max(m_old, mx);
         // Row with nothing allowed yet: subtracting 0 keeps exp2(-inf) = 0 (no inf - inf).
         const float m_use = m_new == kNegInf ? 0.0f : m_new;
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < nk; ++j) {
-          row[j] = exp2_nonpos(row[j] * alpha - m_use);
+          row[j] = exp2_nonpos(row[j] * a - m_use);
           sum += row[j];
         }
         const float corr = exp2_nonpos(m_old - m_use);
@@ -300,12 +312,16 @@ void backward(const Problem& pr, const float* q, const float* qt, const float* k
         float* pt = w.pt.data();
         float* dst = w.dst.data();
         gemm(nk, nq, D, kj, D, qt + off + q0, N, false, pt, kBlockM);  // S^T = K Q^T
-        if (cls == kTilePartial) apply_mask_t(pr, keep, q0, nq, k0, nk, pt, kBlockM);
+        if (cls == kTilePartial) {  // scale, then mask (as in the forward pass)
+          scale_tile(pt, nk, nq, kBlockM, alpha);
+          apply_mask_t(pr, keep, q0, nq, k0, nk, pt, kBlockM);
+        }
+        const float a = cls == kTilePartial ? 1.0f : alpha;
         const float* lse_q = lse2 + bh * N + q0;
         for (int64_t r = 0; r < nk; ++r) {
           float* row = pt + r * kBlockM;
 #pragma omp simd
-          for (int64_t c = 0; c < nq; ++c) row[c] = exp2_nonpos(row[c] * alpha - lse_q[c]);
+          for (int64_t c = 0; c < nq; ++c) row[c] = exp2_nonpos(row[c] * a - lse_q[c]);
         }
         gemm(nk, D, nq, pt, kBlockM, dout + off + q0 * D, D, true, w.dv.data(), D);  // dV += P^T dO
         gemm(nk, nq, D, v + off + k0 * D, D, dot + off + q0, N, false, dst, kBlockM);  // dP^T = V dO^T
