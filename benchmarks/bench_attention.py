@@ -121,7 +121,7 @@ def _forward_backward(fn, q, k, v, dout):
 
 def _main():
     """Standalone CPU run: median of each case, ratio to the baseline, GFLOP/s against a
-    1024^3 float32 matmul timed in the same run."""
+    1024^3 float32 matmul timed right before each case (the machine may be shared)."""
     import argparse
 
     import torch.utils.benchmark as tbench
@@ -129,6 +129,7 @@ def _main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--min-run-time", type=float, default=1.0)
+    parser.add_argument("--shapes", choices=("image", "video", "all"), default="all")
     args = parser.parse_args()
 
     def median(fn):
@@ -136,18 +137,24 @@ def _main():
         return tbench.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=args.min_run_time).median
 
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    mm_rate = 2 * 1024 ** 3 / median(lambda: a @ b) / 1e9
-    ctx = Context(torch.device("cpu"), quick=args.quick, matmul_gflops=mm_rate)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, matmul 1024^3 fp32: {mm_rate:.1f} GFLOP/s")
+
+    def matmul_rate():
+        return 2 * 1024 ** 3 / median(lambda: a @ b) / 1e9
+
+    ctx = Context(torch.device("cpu"), quick=args.quick, matmul_gflops=matmul_rate())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     times = {}
     for c in cases(ctx):
+        if args.shapes != "all" and not c.shape.startswith(args.shapes):
+            continue
+        mm_rate = matmul_rate()
         t = median(c.fn)
         times[(c.name, c.shape, c.provider)] = t
         base = times.get((c.name, c.shape, c.baseline))
         ratio = f"{base / t:5.2f}x" if base else "   - "
         print(f"{c.name:17s} {c.shape:80s} {c.provider:26s} {t * 1e3:9.2f} ms  vs sdpa {ratio}  "
               f"{c.flops / t / 1e9:6.1f} GFLOP/s ({c.flops / t / 1e9 / mm_rate:4.0%} of mm)  "
-              f"density {c.extra['density']}", flush=True)
+              f"(mm {mm_rate:.0f})  density {c.extra['density']}", flush=True)
 
 
 if __name__ == "__main__":

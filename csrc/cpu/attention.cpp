@@ -192,8 +192,8 @@ struct ForwardScratch {
   std::vector<float> o;
 };
 
-template <typename T>
 // kt: keys transposed, [B*H, D, N].
+template <typename T>
 void forward(const Problem& pr, const float* q, const float* kt, const float* v, T* out, float* lse) {
   const TileLayout& L = pr.layout;
   const int64_t N = pr.N, D = pr.D, n_qt = (N + kBlockM - 1) / kBlockM;
