@@ -1,7 +1,499 @@
-// CPU kernels of attention (see SPEC.md). Not implemented yet: the op runs on the reference
-// backend until this file binds its kernels.
+// CPU kernels of register attention (SPEC.md §2): FlashAttention-2-style tiles with an
+// online softmax in float32. The tile schedule comes from vft/attention_tiles.h (the port
+// of vft_kernels/layout.py): fully masked tiles are never visited, fully allowed tiles
+// skip the mask, dropped query rows write zeros. Tile products are plain row-major
+// C (+)= A B products (operands pre-transposed where needed) through torch's oneDNN
+// brgemm micro-kernels when available (x86 with AVX-512), else the BLAS sgemm that torch
+// links, else ATen.
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "vft/attention_tiles.h"
 #include "vft/bind.h"
+#include "vft/common.h"
+
+// Fortran BLAS sgemm, exported by the BLAS torch links against. Weak: when it is absent
+// the pointer is null and the ATen path runs instead.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
 
 namespace vft {
-void bind_attention(pybind11::module_& m) { (void)m; }
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+// Query / key rows per tile. 64 keeps a tile's operands in L1/L2 and the skip granularity
+// fine; measured faster than 32 and 128 on the benchmark shapes (benchmarks/bench_attention.py).
+constexpr int64_t kBlockM = 64;
+constexpr int64_t kBlockN = 64;
+
+enum class GemmPath : int { kBrgemm = 0, kBlas = 1, kAten = 2 };
+
+bool brgemm_works() {
+  static const bool ok = [] {
+    float a = 1.0f, b = 2.0f, c = 0.0f;
+    try {  // torch raises where oneDNN's fp32 ukernel is not built or the CPU lacks AVX-512
+      at::native::cpublas::brgemm(1, 1, 1, 1, 1, 1, false, &a, &b, &c, false);
+      at::native::cpublas::brgemm_release(false);
+    } catch (const c10::Error&) {
+      return false;
+    }
+    return c == 2.0f;
+  }();
+  return ok;
+}
+
+GemmPath best_path() {
+  if (brgemm_works()) return GemmPath::kBrgemm;
+  return sgemm_ != nullptr ? GemmPath::kBlas : GemmPath::kAten;
+}
+
+GemmPath g_path = best_path();  // changed only by the test hook attention_cpu_gemm_path
+
+// Row-major C[M, N] = A[M, K] B[K, N] (accumulate: C += A B). Without accumulate C's old
+// contents (NaN included) are ignored.
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+          bool accumulate, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t r = 0; r < M; ++r) std::fill(C + r * ldc, C + r * ldc + N, 0.0f);
+    return;
+  }
+  if (g_path == GemmPath::kBrgemm) {
+    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, false);
+  } else if (g_path == GemmPath::kBlas) {
+    // Row-major C = A B is column-major C^T = B^T A^T.
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    sgemm_("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+  } else {
+    auto opts = at::TensorOptions().dtype(at::kFloat);
+    auto a = at::from_blob(const_cast<float*>(A), {M, K}, {lda, 1}, opts);
+    auto b = at::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, opts);
+    auto c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+    c.addmm_(a, b, accumulate ? 1.0f : 0.0f, 1.0f);
+  }
+}
+
+// 2^x for x <= ~0 (softmax numerators), to ~1 ulp; x <= -127 (and -inf) gives exactly 0.
+// Branch-free so the loops calling it vectorise.
+inline float exp2_nonpos(float x) {
+  x = x < -127.0f ? -127.0f : x;
+  const float n = (x + 12582912.0f) - 12582912.0f;  // round to nearest integer
+  const float f = x - n;                           // [-0.5, 0.5]
+  // Taylor series of 2^f = e^(f ln2) to degree 7 (error < 1e-8 on [-0.5, 0.5]).
+  float p = 1.5252733804059841e-05f;
+  p = p * f + 1.5403530393381606e-04f;
+  p = p * f + 1.3333558146428443e-03f;
+  p = p * f + 9.6181291076284772e-03f;
+  p = p * f + 5.5504108664821580e-02f;
+  p = p * f + 2.4022650695910071e-01f;
+  p = p * f + 6.9314718055994531e-01f;
+  p = p * f + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n; n = -127 gives +0.0
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Inputs of one call as float32 [B*H, N, D] contiguous buffers plus the layout.
+struct Problem {
+  TileLayout layout;
+  int64_t B, H, N, D;
+  const int32_t* keep;  // [B], clamped to [0, R] when read
+  float scale;
+
+  int64_t keep_of(int64_t b) const {
+    return std::min<int64_t>(std::max<int64_t>(keep[b], 0), layout.registers);
+  }
+  int64_t head_offset(int64_t b, int64_t h) const { return (b * H + h) * N * D; }
+};
+
+void scale_tile(float* s, int64_t rows, int64_t cols, int64_t ld, float mul) {
+  for (int64_t r = 0; r < rows; ++r)
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) s[r * ld + c] *= mul;
+}
+
+// Sets masked scores of tile rows [q0, q0 + nq) x keys [k0, k0 + nk) to -inf (ld = row
+// stride of s). Dropped queries mask their whole row.
+void apply_mask(const Problem& pr, int64_t keep, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* s,
+                int64_t ld) {
+  const TileLayout& L = pr.layout;
+  const int64_t S = L.block_size(), k1 = k0 + nk;
+  for (int64_t r = 0; r < nq; ++r) {
+    float* row = s + r * ld;
+    const int64_t i = q0 + r;
+    if (!L.kept(i, keep)) {
+      std::fill(row, row + nk, kNegInf);
+      continue;
+    }
+    for (int64_t tk = k0 / S; tk * S < k1; ++tk) {
+      const int64_t lo = std::max(k0, tk * S + L.allowed_prefix(i, tk, keep));
+      const int64_t hi = std::min(k1, (tk + 1) * S);
+      if (lo < hi) std::fill(row + (lo - k0), row + (hi - k0), kNegInf);
+    }
+  }
+}
+
+// apply_mask for a transposed tile: st[key r][query c] (ld = row stride).
+void apply_mask_t(const Problem& pr, int64_t keep, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* st,
+                  int64_t ld) {
+  const TileLayout& L = pr.layout;
+  const int64_t S = L.block_size(), k1 = k0 + nk;
+  for (int64_t c = 0; c < nq; ++c) {
+    const int64_t i = q0 + c;
+    const bool kept = L.kept(i, keep);
+    for (int64_t tk = k0 / S; tk * S < k1; ++tk) {
+      const int64_t lo = std::max(k0, tk * S + (kept ? L.allowed_prefix(i, tk, keep) : 0));
+      const int64_t hi = std::min(k1, (tk + 1) * S);
+      for (int64_t kk = lo; kk < hi; ++kk) st[(kk - k0) * ld + c] = kNegInf;
+    }
+  }
+}
+
+// Runs task(t, scratch) for t in [0, n) on torch's intra-op threads, handing tasks out
+// dynamically (tile costs differ a lot); each thread creates its scratch once. Every task
+// writes only its own outputs, so the result does not depend on the schedule.
+template <typename Scratch, typename Task>
+void run_tasks(int64_t n, const Task& task) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Scratch scratch;
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) task(t, scratch);
+    if (g_path == GemmPath::kBrgemm) at::native::cpublas::brgemm_release(false);
+  });
+}
+
+template <typename T>
+void store_row(T* dst, const float* src, int64_t D, float mul) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d] * mul);
+}
+
+// ------------------------------------------------------------------------------------
+// Forward: one task per (b, h, query tile).
+
+struct ForwardScratch {
+  std::vector<float> s = std::vector<float>(kBlockM * kBlockN);
+  std::vector<float> m = std::vector<float>(kBlockM), l = std::vector<float>(kBlockM);
+  std::vector<float> o;
+};
+
+// kt: keys transposed, [B*H, D, N].
+template <typename T>
+void forward(const Problem& pr, const float* q, const float* kt, const float* v, T* out, float* lse) {
+  const TileLayout& L = pr.layout;
+  const int64_t N = pr.N, D = pr.D, n_qt = (N + kBlockM - 1) / kBlockM;
+  const float alpha = pr.scale * kLog2e;  // scores in log2 units: exp2 instead of exp
+  run_tasks<ForwardScratch>(pr.B * pr.H * n_qt, [&](int64_t t, ForwardScratch& w) {
+    const int64_t qt = t % n_qt, bh = t / n_qt, b = bh / pr.H;
+    const int64_t keep = pr.keep_of(b);
+    const int64_t q0 = qt * kBlockM, q1 = std::min(q0 + kBlockM, N);
+    const int64_t off = bh * N * D;
+    T* out_bh = out + off;
+    float* lse_bh = lse + bh * N;
+    // Rows after the tile's last kept query are dropped: only [q0, qe) is computed.
+    const int64_t last = L.last_kept(q0, q1, keep);
+    const int64_t qe = last < 0 ? q0 : last + 1, nq = qe - q0;
+    w.o.assign(nq * D, 0.0f);
+    std::fill(w.m.begin(), w.m.end(), kNegInf);
+    std::fill(w.l.begin(), w.l.end(), 0.0f);
+    int64_t k_lo, k_hi;
+    L.key_range(q0, q1, keep, &k_lo, &k_hi);
+    for (int64_t k0 = (k_lo / kBlockN) * kBlockN; k0 < k_hi; k0 += kBlockN) {
+      const int64_t k1 = std::min(k0 + kBlockN, N);
+      const int cls = L.classify_tile(q0, q1, k0, k1, keep);
+      if (cls == kTileMasked) continue;
+      // Keys past k_hi or after the last kept key are masked for every row: not computed.
+      const int64_t ke = std::min(k_hi, L.last_kept(k0, k1, keep) + 1), nk = ke - k0;
+      float* s = w.s.data();
+      gemm(nq, nk, D, q + off + q0 * D, D, kt + off + k0, N, false, s, kBlockN);  // S = Q K^T
+      // Partial tiles are scaled before masking so that -inf stays -inf whatever the sign of
+      // scale; full tiles fold the scale into the softmax loops.
+      if (cls == kTilePartial) {
+        scale_tile(s, nq, nk, kBlockN, alpha);
+        apply_mask(pr, keep, q0, nq, k0, nk, s, kBlockN);
+      }
+      const float a = cls == kTilePartial ? 1.0f : alpha;
+      for (int64_t r = 0; r < nq; ++r) {
+        float* row = s + r * kBlockN;
+        float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+        for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, row[j] * a);
+        const float m_old = w.m[r], m_new = std::max(m_old, mx);
+        // Row with nothing allowed yet: subtracting 0 keeps exp2(-inf) = 0 (no inf - inf).
+        const float m_use = m_new == kNegInf ? 0.0f : m_new;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < nk; ++j) {
+          row[j] = exp2_nonpos(row[j] * a - m_use);
+          sum += row[j];
+        }
+        const float corr = exp2_nonpos(m_old - m_use);
+        w.l[r] = w.l[r] * corr + sum;
+        w.m[r] = m_new;
+        if (corr != 1.0f) {
+          float* o = w.o.data() + r * D;
+          for (int64_t d = 0; d < D; ++d) o[d] *= corr;
+        }
+      }
+      gemm(nq, D, nk, s, kBlockN, v + off + k0 * D, D, true, w.o.data(), D);  // O += P V
+    }
+    for (int64_t r = 0; r < q1 - q0; ++r) {
+      T* dst = out_bh + (q0 + r) * D;
+      // l == 0 exactly for dropped queries: every kept query sees patch 0.
+      if (r < nq && w.l[r] > 0.0f) {
+        store_row(dst, w.o.data() + r * D, D, 1.0f / w.l[r]);
+        lse_bh[q0 + r] = (w.m[r] + std::log2(w.l[r])) * kLn2;
+      } else {
+        std::fill(dst, dst + D, static_cast<T>(0.0f));
+        lse_bh[q0 + r] = kNegInf;
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------
+// Backward: one task per (b, h, group of key tiles). A task owns dk/dv of its key tiles
+// and accumulates dq into its group's slice of dq_acc [G, B*H, N, D]; the groups are
+// summed in a fixed order afterwards (deterministic, no atomics). G > 1 only when B*H is
+// too small to keep every thread busy.
+
+struct BackwardScratch {
+  // Transposed tiles [key][query] (ld kBlockM) so every product is a plain A B; ds is
+  // dS^T transposed back for dQ.
+  std::vector<float> pt = std::vector<float>(kBlockN * kBlockM), dst = std::vector<float>(kBlockN * kBlockM);
+  std::vector<float> ds = std::vector<float>(kBlockM * kBlockN);
+  std::vector<float> dk, dv;
+};
+
+// qt, dot: queries and output gradients transposed, [B*H, D, N].
+template <typename T>
+void backward(const Problem& pr, const float* q, const float* qt, const float* k, const float* v,
+              const float* dout, const float* dot, const float* lse2, const float* delta, float* dq_acc,
+              int64_t groups, T* dk, T* dv) {
+  const TileLayout& L = pr.layout;
+  const int64_t N = pr.N, D = pr.D, BH = pr.B * pr.H;
+  const int64_t n_kt = (N + kBlockN - 1) / kBlockN, per_group = (n_kt + groups - 1) / groups;
+  const float alpha = pr.scale * kLog2e;
+  run_tasks<BackwardScratch>(BH * groups, [&](int64_t t, BackwardScratch& w) {
+    const int64_t g = t % groups, bh = t / groups, b = bh / pr.H;
+    const int64_t keep = pr.keep_of(b);
+    const int64_t off = bh * N * D;
+    float* dq_g = dq_acc + (g * BH + bh) * N * D;
+    std::fill(dq_g, dq_g + N * D, 0.0f);
+    for (int64_t kt = g * per_group; kt < std::min(n_kt, (g + 1) * per_group); ++kt) {
+      const int64_t k0 = kt * kBlockN, k1 = std::min(k0 + kBlockN, N);
+      const int64_t last_k = L.last_kept(k0, k1, keep);
+      const int64_t ke = last_k < 0 ? k0 : last_k + 1, nk = ke - k0;
+      w.dk.assign(nk * D, 0.0f);
+      w.dv.assign(nk * D, 0.0f);
+      const float* kj = k + off + k0 * D;
+      int64_t q_lo, q_hi;
+      L.query_range(k0, k1, keep, &q_lo, &q_hi);
+      for (int64_t q0 = (q_lo / kBlockM) * kBlockM; q0 < q_hi; q0 += kBlockM) {
+        const int64_t q1 = std::min(q0 + kBlockM, N);
+        const int cls = L.classify_tile(q0, q1, k0, k1, keep);
+        if (cls == kTileMasked) continue;
+        const int64_t qe = std::min(q_hi, L.last_kept(q0, q1, keep) + 1), nq = qe - q0;
+        float* pt = w.pt.data();
+        float* dst = w.dst.data();
+        gemm(nk, nq, D, kj, D, qt + off + q0, N, false, pt, kBlockM);  // S^T = K Q^T
+        if (cls == kTilePartial) {  // scale, then mask (as in the forward pass)
+          scale_tile(pt, nk, nq, kBlockM, alpha);
+          apply_mask_t(pr, keep, q0, nq, k0, nk, pt, kBlockM);
+        }
+        const float a = cls == kTilePartial ? 1.0f : alpha;
+        const float* lse_q = lse2 + bh * N + q0;
+        for (int64_t r = 0; r < nk; ++r) {
+          float* row = pt + r * kBlockM;
+#pragma omp simd
+          for (int64_t c = 0; c < nq; ++c) row[c] = exp2_nonpos(row[c] * a - lse_q[c]);
+        }
+        gemm(nk, D, nq, pt, kBlockM, dout + off + q0 * D, D, true, w.dv.data(), D);  // dV += P^T dO
+        gemm(nk, nq, D, v + off + k0 * D, D, dot + off + q0, N, false, dst, kBlockM);  // dP^T = V dO^T
+        const float* delta_q = delta + bh * N + q0;
+        for (int64_t r = 0; r < nk; ++r) {
+          const float* prow = pt + r * kBlockM;
+          float* drow = dst + r * kBlockM;
+#pragma omp simd
+          for (int64_t c = 0; c < nq; ++c) drow[c] = prow[c] * (drow[c] - delta_q[c]);  // dS = P (dP - delta)
+        }
+        gemm(nk, D, nq, dst, kBlockM, q + off + q0 * D, D, true, w.dk.data(), D);  // dK += dS^T Q
+        float* ds = w.ds.data();
+        for (int64_t c = 0; c < nq; ++c)
+          for (int64_t r = 0; r < nk; ++r) ds[c * kBlockN + r] = dst[r * kBlockM + c];
+        gemm(nq, D, nk, ds, kBlockN, kj, D, true, dq_g + q0 * D, D);  // dQ += dS K
+      }
+      for (int64_t r = 0; r < k1 - k0; ++r) {
+        T* dk_row = dk + off + (k0 + r) * D;
+        T* dv_row = dv + off + (k0 + r) * D;
+        if (r < nk) {
+          store_row(dk_row, w.dk.data() + r * D, D, pr.scale);
+          store_row(dv_row, w.dv.data() + r * D, D, 1.0f);
+        } else {
+          std::fill(dk_row, dk_row + D, static_cast<T>(0.0f));
+          std::fill(dv_row, dv_row + D, static_cast<T>(0.0f));
+        }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------
+// Entry points
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& keep, int64_t blocks, int64_t patches,
+                     int64_t registers, int64_t mode, double scale) {
+  VFT_CHECK(q.dim() == 4, "attention: q must be [B, H, N, D], got ", q.dim(), " dims");
+  VFT_CHECK(mode >= 0 && mode <= 2, "attention: mode must be 0, 1 or 2, got ", mode);
+  VFT_CHECK(blocks >= 1 && patches >= 1 && registers >= 0, "attention: bad layout T=", blocks, " P=", patches,
+            " R=", registers);
+  Problem pr{TileLayout{blocks, patches, registers, static_cast<MaskMode>(mode)},
+             q.size(0), q.size(1), q.size(2), q.size(3), nullptr, static_cast<float>(scale)};
+  VFT_CHECK(pr.N == pr.layout.seq_len(), "attention: layout expects N = ", pr.layout.seq_len(), ", got ", pr.N);
+  VFT_CHECK(pr.D >= 1 && pr.D <= 256, "attention: head dim must be in [1, 256], got ", pr.D);
+  VFT_CHECK(keep.scalar_type() == at::kInt && keep.dim() == 1 && keep.size(0) == pr.B && keep.is_contiguous(),
+            "attention: keep must be a contiguous int32 [B = ", pr.B, "] tensor, got ", keep.scalar_type(), " ",
+            keep.sizes());
+  pr.keep = keep.data_ptr<int32_t>();
+  return pr;
+}
+
+void check_out(const at::Tensor& t, at::ScalarType dtype, at::IntArrayRef shape, const char* name) {
+  VFT_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.sizes() == shape && t.is_contiguous(),
+            "attention: ", name, " must be a contiguous CPU ", dtype, " tensor of shape ", shape, ", got ",
+            t.scalar_type(), " ", t.sizes());
+}
+
+void check_input(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  VFT_CHECK(t.device().is_cpu() && t.scalar_type() == q.scalar_type() && t.sizes() == q.sizes(),
+            "attention: ", name, " must be a CPU ", q.scalar_type(), " tensor of shape ", q.sizes(), ", got ",
+            t.device(), " ", t.scalar_type(), " ", t.sizes());
+}
+
+at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+// [B, H, N, D] -> float32 [B, H, D, N] contiguous (O(N D), against O(N^2 D) for the tiles).
+at::Tensor transposed_f32(const at::Tensor& t) { return t.to(at::kFloat).transpose(-1, -2).contiguous(); }
+
+void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& keep,
+                           int64_t blocks, int64_t patches, int64_t registers, int64_t mode, double scale,
+                           at::Tensor& out, at::Tensor& lse) {
+  Problem pr = make_problem(q, keep, blocks, patches, registers, mode, scale);
+  check_input(q, q, "q");
+  check_input(k, q, "k");
+  check_input(v, q, "v");
+  check_out(out, q.scalar_type(), q.sizes(), "out");
+  check_out(lse, at::kFloat, {pr.B, pr.H, pr.N}, "lse");
+  const at::Tensor qf = as_f32(q), ktf = transposed_f32(k), vf = as_f32(v);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward_cpu", [&] {
+    forward<scalar_t>(pr, qf.data_ptr<float>(), ktf.data_ptr<float>(), vf.data_ptr<float>(),
+                      out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+  });
+}
+
+void attention_backward_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                            const at::Tensor& keep, int64_t blocks, int64_t patches, int64_t registers,
+                            int64_t mode, double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  Problem pr = make_problem(q, keep, blocks, patches, registers, mode, scale);
+  for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&dout, "dout"}, {&out, "out"}}) check_input(*t, q, name);
+  VFT_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({pr.B, pr.H, pr.N}),
+            "attention: lse must be a CPU float32 tensor of shape [", pr.B, ", ", pr.H, ", ", pr.N, "], got ",
+            lse.scalar_type(), " ", lse.sizes());
+  check_out(dq, q.scalar_type(), q.sizes(), "dq");
+  check_out(dk, q.scalar_type(), q.sizes(), "dk");
+  check_out(dv, q.scalar_type(), q.sizes(), "dv");
+  const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), dof = as_f32(dout);
+  const at::Tensor qtf = qf.transpose(-1, -2).contiguous(), dotf = dof.transpose(-1, -2).contiguous();
+  // delta = rowsum(dO * O); lse in log2 units, +inf on dropped rows so exp2(s - lse2) = 0.
+  const at::Tensor delta = (dof * out.to(at::kFloat)).sum(-1).contiguous();
+  const at::Tensor lse2 = at::where(lse == -INFINITY, INFINITY, lse * kLog2e).contiguous();
+  const int64_t BH = pr.B * pr.H, n_kt = (pr.N + kBlockN - 1) / kBlockN;
+  const int64_t groups = std::min<int64_t>(n_kt, std::max<int64_t>(1, (2 * at::get_num_threads() + BH - 1) / BH));
+  at::Tensor dq_acc = at::empty({groups, BH, pr.N, pr.D}, qf.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_backward_cpu", [&] {
+    backward<scalar_t>(pr, qf.data_ptr<float>(), qtf.data_ptr<float>(), kf.data_ptr<float>(), vf.data_ptr<float>(),
+                       dof.data_ptr<float>(), dotf.data_ptr<float>(), lse2.data_ptr<float>(), delta.data_ptr<float>(), dq_acc.data_ptr<float>(), groups,
+                       dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+    const float* acc = dq_acc.data_ptr<float>();
+    scalar_t* dst = dq.data_ptr<scalar_t>();
+    const int64_t rows = BH * pr.N, D = pr.D, stride = rows * D;
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t d = 0; d < D; ++d) {
+          float sum = 0.0f;
+          for (int64_t g = 0; g < groups; ++g) sum += acc[g * stride + r * D + d];
+          dst[r * D + d] = static_cast<scalar_t>(sum * pr.scale);
+        }
+    });
+  });
+}
+
+// Test hook: the tile classification of the port, for comparison with layout.py.
+// tiles: int64 [n, 4] rows (q0, q1, k0, k1) -> int64 [n, 5] rows
+// (classify_tile, key_range(q0, q1), query_range(k0, k1)).
+at::Tensor attention_tiles_cpu(int64_t blocks, int64_t patches, int64_t registers, int64_t mode, int64_t keep,
+                               const at::Tensor& tiles) {
+  VFT_CHECK(tiles.scalar_type() == at::kLong && tiles.dim() == 2 && tiles.size(1) == 4,
+            "attention_tiles: tiles must be int64 [n, 4], got ", tiles.scalar_type(), " ", tiles.sizes());
+  const TileLayout L{blocks, patches, registers, static_cast<MaskMode>(mode)};
+  const at::Tensor t = tiles.contiguous();
+  at::Tensor res = at::empty({t.size(0), 5}, t.options());
+  const int64_t* in = t.data_ptr<int64_t>();
+  int64_t* o = res.data_ptr<int64_t>();
+  for (int64_t n = 0; n < t.size(0); ++n) {
+    const int64_t* x = in + 4 * n;
+    o[5 * n] = L.classify_tile(x[0], x[1], x[2], x[3], keep);
+    L.key_range(x[0], x[1], keep, o + 5 * n + 1, o + 5 * n + 2);
+    L.query_range(x[2], x[3], keep, o + 5 * n + 3, o + 5 * n + 4);
+  }
+  return res;
+}
+
+}  // namespace
+
+void bind_attention(pybind11::module_& m) {
+  m.def("attention_forward_cpu", &attention_forward_cpu,
+        "Register attention forward (float32 math). q, k, v [B, H, N, D] CPU float32/bfloat16/float16; "
+        "keep int32 [B]; writes out [B, H, N, D] (q's dtype) and lse float32 [B, H, N].");
+  m.def("attention_backward_cpu", &attention_backward_cpu,
+        "Register attention backward: dout, q, k, v, out [B, H, N, D], lse float32 [B, H, N], keep int32 [B]; "
+        "writes dq, dk, dv [B, H, N, D] (q's dtype).");
+  m.def("attention_tiles_cpu", &attention_tiles_cpu,
+        "Test hook: classify_tile / key_range / query_range of the C++ port for int64 tiles [n, 4].");
+  m.def(
+      "attention_cpu_gemm_path",
+      [](const std::string& name) {
+        static const char* names[] = {"brgemm", "blas", "aten"};
+        const std::string previous = names[static_cast<int>(g_path)];
+        if (name == "brgemm" || name == "best") {
+          VFT_CHECK(name == "best" || brgemm_works(), "attention_cpu_gemm_path: brgemm is not available here");
+          g_path = best_path();
+        } else if (name == "blas") {
+          VFT_CHECK(sgemm_ != nullptr, "attention_cpu_gemm_path: torch exports no BLAS sgemm here");
+          g_path = GemmPath::kBlas;
+        } else {
+          VFT_CHECK(name == "aten", "attention_cpu_gemm_path: expected brgemm, blas, aten or best, got ", name);
+          g_path = GemmPath::kAten;
+        }
+        return previous;
+      },
+      "Test hook: route the tile products through oneDNN brgemm, BLAS sgemm or ATen ('best' = the "
+      "default); returns the previous path's name.");
+}
+
 }  // namespace vft

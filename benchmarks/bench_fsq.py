@@ -1,0 +1,105 @@
+"""FSQ benchmark cases: forward and forward+backward, tokens x 6 dims, levels (8,8,8,5,5,5).
+
+Providers: the eager reference (baseline), torch.compile of the reference, the vft kernel
+backends of the device (cpu; triton and cuda on GPU), and vector_quantize_pytorch's FSQ
+when it is installed. bytes (for GB/s): forward reads z and writes codes (float32) and
+indices (int32); forward+backward also reads the upstream gradient and z and writes grad_z.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import vft_kernels as vk
+from vft_kernels import dispatch
+from vft_kernels.reference import fsq as ref
+
+from .common import Case, Context
+
+LEVELS = (8, 8, 8, 5, 5, 5)
+TOKENS = {"16K": 16 * 1024, "256K": 256 * 1024, "4M": 4 * 1024 * 1024}
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_reference():
+    # One specialisation per (shape, dtype, grad mode): 12 in the full run, more than
+    # dynamo's default recompile limit (8), after which it would silently run eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(ref.fsq_forward, dynamic=False)
+
+
+def _vqp_fsq(device):
+    try:
+        from vector_quantize_pytorch import FSQ
+    except ImportError:
+        return None
+    return FSQ(list(LEVELS)).to(device)
+
+
+def _providers(ctx: Context):
+    """name -> callable(z) -> (codes, indices)."""
+    out = {
+        "reference": lambda z: ref.fsq_forward(z, LEVELS),
+        "compile(reference)": lambda z: _compiled_reference()(z, LEVELS),
+    }
+    for backend in dispatch.PRIORITY.get(ctx.device.type, ()):
+        if backend == "reference" or dispatch.backend_status(backend) is not None:
+            continue
+        probe = (torch.empty(1, 6, device=ctx.device), LEVELS, 1e-3, torch.float32)
+        if dispatch._try("fsq_forward", backend, ctx.device, probe, {})[0] is None:
+            continue
+
+        def run(z, backend=backend):
+            with vk.use_backend(backend):
+                return vk.fsq_quantize(z, LEVELS)
+
+        out[backend] = run
+    if not ctx.quick:
+        fsq = _vqp_fsq(ctx.device)
+        if fsq is not None:
+            out["vector_quantize_pytorch.FSQ"] = lambda z: fsq(z.unsqueeze(0))
+    return out
+
+
+def _forward_case(fn, z):
+    def call():
+        with torch.no_grad():
+            return fn(z)
+
+    return call
+
+
+def _forward_backward_case(fn, z, g):
+    leaf = z.detach().clone().requires_grad_()
+
+    def call():
+        leaf.grad = None
+        codes = fn(leaf)[0]
+        codes.backward(g.reshape(codes.shape).to(codes.dtype))
+        return leaf.grad
+
+    return call
+
+
+def cases(ctx: Context) -> list[Case]:
+    shapes = ["16K", "256K"] if ctx.quick else list(TOKENS)
+    dtypes = [torch.float32] if ctx.quick else [torch.float32, torch.bfloat16]
+    out = []
+    providers = _providers(ctx)
+    for shape in shapes:
+        n = TOKENS[shape]
+        for dtype in dtypes:
+            gen = torch.Generator().manual_seed(0)
+            z = (torch.randn(n, len(LEVELS), generator=gen) * 2).to(ctx.device, dtype)
+            g = torch.randn(n, len(LEVELS), generator=gen).to(ctx.device)
+            e = z.element_size()
+            fwd_bytes = z.numel() * e + z.numel() * 4 + n * 4
+            bwd_bytes = fwd_bytes + z.numel() * (4 + 2 * e)
+            label = f"{shape} x {len(LEVELS)}"
+            for name, fn in providers.items():
+                out.append(Case("fsq", "forward", label, str(dtype).replace("torch.", ""), name,
+                                _forward_case(fn, z), bytes=fwd_bytes))
+                out.append(Case("fsq", "forward+backward", label, str(dtype).replace("torch.", ""), name,
+                                _forward_backward_case(fn, z, g), bytes=bwd_bytes))
+    return out

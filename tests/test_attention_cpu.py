@@ -1,0 +1,240 @@
+"""Register attention on the C++ CPU backend (csrc/cpu/attention.cpp) against the
+reference (SPEC.md §2, tolerance rule §4), FlexAttention, truncated sequences, and
+torch.compile (no recompilation when ``keep`` changes)."""
+import random
+import warnings
+
+import pytest
+import torch
+
+import vft_kernels as vk
+from vft_kernels.layout import MODES, RegisterLayout
+from vft_kernels.reference import attention as ref
+from vft_kernels.testing import assert_matches_reference, noncontiguous
+
+cpp = pytest.importorskip("vft_kernels.cpp.attention", reason="vft_kernels._C attention kernels not built")
+from vft_kernels._ext import C  # noqa: E402
+
+
+def _inputs(B, H, N, D, dtype, noncontig=False):
+    ts = [torch.randn(B, H, N, D, dtype=torch.float32).to(dtype) for _ in range(4)]
+    if noncontig:
+        ts[:3] = [noncontiguous(t) for t in ts[:3]]
+    return ts  # q, k, v, upstream gradient
+
+
+def _reference_grads(q, k, v, dout, layout, keep, scale, dtype):
+    """(out, lse, dq, dk, dv) of the reference run in ``dtype`` (autograd through it)."""
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    out, lse = ref.attention_forward(q, k, v, layout, keep, scale)
+    grads = torch.autograd.grad(out, (q, k, v), dout.to(dtype))
+    return (out, lse) + grads
+
+
+def _cpu_grads(q, k, v, dout, layout, keep, scale):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with vk.use_backend("cpu"):
+        out, lse = vk.register_attention(q, k, v, layout, keep=keep, scale=scale, return_lse=True)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    return (out, lse) + grads
+
+
+def _check_against_reference(layout, keep, D, dtype=torch.float32, H=2, noncontig=False, scale=None):
+    B, N = keep.shape[0], layout.seq_len
+    q, k, v, dout = _inputs(B, H, N, D, dtype, noncontig)
+    scale = D ** -0.5 if scale is None else scale
+    got = _cpu_grads(q, k, v, dout, layout, keep, scale)
+    want64 = _reference_grads(q, k, v, dout, layout, keep, scale, torch.float64)
+    want_lowp = _reference_grads(q, k, v, dout, layout, keep, scale, dtype)
+    for name, g, w64, wl in zip(("out", "lse", "dq", "dk", "dv"), got, want64, want_lowp):
+        assert g.dtype == (torch.float32 if name == "lse" else dtype), f"{name} dtype {g.dtype}"
+        assert_matches_reference(f"{layout} keep={keep.tolist()} D={D} {name}", g, w64, wl, dtype, reduction_len=N)
+    # Dropped tokens: exactly zero output and gradients, lse -inf.
+    dropped = ~layout.materialize(keep).any(-1)  # [B, N] queries attending nothing
+    out, lse, dq, dk, dv = got
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        rows = t.permute(0, 2, 1, 3)[dropped]
+        assert torch.equal(rows, torch.zeros_like(rows)), f"{name} not exactly zero on dropped tokens"
+    assert bool((lse.permute(0, 2, 1)[dropped] == float("-inf")).all())
+    return got
+
+
+def _keeps(R, B, rng):
+    """Per-sample keep mixing 0, 1, R and random values."""
+    pool = [0, 1, R] + [rng.randint(0, R) for _ in range(B)]
+    return torch.tensor([min(x, R) for x in pool[:B]], dtype=torch.int32)
+
+
+# (T, P, R) with odd sizes, R = 0, blocks smaller than a 64-token tile (tiles straddle
+# several blocks) and larger than one (blocks straddle tiles).
+LAYOUTS = [(1, 5, 3), (2, 7, 4), (3, 11, 6), (1, 70, 33), (2, 37, 30), (3, 9, 0), (2, 64, 64), (2, 130, 3)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("tpr", LAYOUTS, ids=lambda t: "T%dP%dR%d" % t)
+def test_matches_reference_fp32(mode, tpr):
+    T, P, R = tpr
+    layout = RegisterLayout(T, P, R, mode)
+    rng = random.Random(hash((mode, tpr)) & 0xFFFF)
+    keep = _keeps(R, 4, rng)
+    D = rng.choice([16, 32, 40])
+    _check_against_reference(layout, keep, D)
+
+
+@pytest.mark.parametrize("D", [16, 32, 64, 128, 40, 1, 256])
+def test_head_dims(D):
+    layout = RegisterLayout(2, 23, 9, "block_causal_last")
+    _check_against_reference(layout, torch.tensor([9, 0, 4], dtype=torch.int32), D, H=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", MODES)
+def test_low_precision(dtype, mode):
+    layout = RegisterLayout(2, 45, 21, mode)
+    _check_against_reference(layout, torch.tensor([21, 1, 0, 13], dtype=torch.int32), 64, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_noncontiguous(dtype):
+    layout = RegisterLayout(3, 17, 8, "block_causal_last")
+    _check_against_reference(layout, torch.tensor([8, 2], dtype=torch.int32), 32, dtype=dtype, noncontig=True,
+                             scale=0.3)
+
+
+def test_batch_size_one_and_many_key_tile_groups():
+    # B * H = 1: the backward splits key tiles into several groups (dq summed afterwards).
+    layout = RegisterLayout(2, 150, 40, "block_causal")
+    _check_against_reference(layout, torch.tensor([25], dtype=torch.int32), 16, H=1)
+
+
+@pytest.mark.parametrize("scale", [-0.7, 0.0])
+def test_unusual_scales(scale):
+    """Masked scores stay masked for a negative or zero scale."""
+    _check_against_reference(RegisterLayout(2, 20, 9, "block_causal_last"), torch.tensor([9, 3], dtype=torch.int32),
+                             16, scale=scale)
+
+
+@pytest.mark.parametrize("path", ["blas", "aten"])
+def test_fallback_gemm_paths(path):
+    """The tile-product fallbacks (BLAS sgemm where torch has no oneDNN brgemm, ATen where
+    it exports no sgemm either) give the same results."""
+    try:
+        previous = C.attention_cpu_gemm_path(path)
+    except ValueError as e:
+        pytest.skip(str(e))
+    try:
+        _check_against_reference(RegisterLayout(2, 40, 30, "block_causal_last"),
+                                 torch.tensor([30, 0, 7], dtype=torch.int32), 32)
+        _check_against_reference(RegisterLayout(1, 70, 9, "full"), torch.tensor([4], dtype=torch.int32), 40, H=1)
+    finally:
+        C.attention_cpu_gemm_path("best")
+    assert previous == C.attention_cpu_gemm_path("best")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_truncated_sequence(mode):
+    """With keep[b] = K, kept tokens get the result of the same mask on a sequence
+    truncated to K registers per block."""
+    T, P, R, K, D = 3, 21, 12, 5, 32
+    layout = RegisterLayout(T, P, R, mode)
+    q, k, v, dout = _inputs(1, 2, layout.seq_len, D, torch.float32)
+    keep = torch.tensor([K], dtype=torch.int32)
+    out, _, dq, dk, dv = _cpu_grads(q, k, v, dout, layout, keep, 0.2)
+    kept = layout.materialize(keep)[0].any(-1)
+    short = RegisterLayout(T, P, K, mode)
+    out_s, _, dq_s, dk_s, dv_s = _cpu_grads(*(t[:, :, kept] for t in (q, k, v, dout)), short, None, 0.2)
+    for name, full, trunc in (("out", out, out_s), ("dq", dq, dq_s), ("dk", dk, dk_s), ("dv", dv, dv_s)):
+        torch.testing.assert_close(full[:, :, kept], trunc, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_flex_attention_reference(mode):
+    """Second reference: FlexAttention (eager, float64) with layout.mask_mod(keep)."""
+    fa = pytest.importorskip("torch.nn.attention.flex_attention")
+    layout = RegisterLayout(2, 13, 6, mode)
+    keep = torch.tensor([6, 0, 3], dtype=torch.int32)
+    B, H, N, D = 3, 2, layout.seq_len, 16
+    q, k, v, _ = _inputs(B, H, N, D, torch.float32)
+    with vk.use_backend("cpu"):
+        out = vk.register_attention(q, k, v, layout, keep=keep, scale=0.25)
+    block_mask = fa.create_block_mask(layout.mask_mod(keep), B, None, N, N, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager flex_attention warns that it is not compiled
+        flex64 = fa.flex_attention(q.double(), k.double(), v.double(), block_mask=block_mask, scale=0.25)
+        flex32 = fa.flex_attention(q, k, v, block_mask=block_mask, scale=0.25)
+    assert_matches_reference(f"{layout} vs FlexAttention", out, flex64, flex32, torch.float32, reduction_len=N)
+
+
+def test_compile_keep_changes_do_not_recompile():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    layout = RegisterLayout(2, 9, 5, "block_causal_last")
+    B, H, N, D = 2, 2, layout.seq_len, 16
+    q, k, v, dout = _inputs(B, H, N, D, torch.float32)
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def loss(q, k, v, keep):
+        return (vk.register_attention(q, k, v, layout, keep=keep) * dout).sum()
+
+    compiled = torch.compile(loss, backend=counter, fullgraph=True)
+    torch._dynamo.reset()
+    with vk.use_backend("cpu"):
+        for keep in ([5, 0], [1, 3], [2, 5]):
+            keep = torch.tensor(keep, dtype=torch.int32)
+            args = [t.detach().requires_grad_() for t in (q, k, v)]
+            got = torch.autograd.grad(compiled(*args, keep), args)
+            want = torch.autograd.grad(loss(*args, keep), args)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert counter.frame_count == 1, f"keep changes recompiled: {counter.frame_count} frames"
+
+
+def test_tile_classification_port_matches_layout():
+    """The C++ port (vft/attention_tiles.h) of classify_tile / key_range / query_range
+    agrees with vft_kernels/layout.py on random layouts and tiles."""
+    rng = random.Random(1)
+    for _ in range(60):
+        T, P, R = rng.randint(1, 4), rng.randint(1, 40), rng.randint(0, 20)
+        mode = rng.choice(MODES)
+        layout = RegisterLayout(T, P, R, mode)
+        keep = rng.randint(0, R)
+        N = layout.seq_len
+        tiles = []
+        for _ in range(40):
+            q0 = rng.randrange(N)
+            k0 = rng.randrange(N)
+            tiles.append((q0, rng.randint(q0 + 1, N), k0, rng.randint(k0 + 1, N)))
+        got = C.attention_tiles_cpu(T, P, R, MODES.index(mode), keep, torch.tensor(tiles, dtype=torch.int64))
+        for (q0, q1, k0, k1), row in zip(tiles, got.tolist()):
+            want = [int(layout.classify_tile(q0, q1, k0, k1, keep)), *layout.key_range(q0, q1, keep),
+                    *layout.query_range(k0, k1, keep)]
+            assert row == want, f"{layout} keep={keep} tile {(q0, q1, k0, k1)}: C++ {row} != layout.py {want}"
+
+
+def test_keep_out_of_range_is_clamped_by_the_kernel():
+    """keep is clamped to [0, R] inside the kernel, so bad values never index out of bounds
+    (the op layer rejects them before; this calls the backend directly)."""
+    layout = RegisterLayout(2, 6, 4, "full")
+    q, k, v, _ = _inputs(2, 1, layout.seq_len, 8, torch.float32)
+    bad = cpp.attention_forward(q, k, v, layout, torch.tensor([-3, 99]), 0.5)
+    good = cpp.attention_forward(q, k, v, layout, torch.tensor([0, 4]), 0.5)
+    for b, g in zip(bad, good):
+        assert torch.equal(b, g)
+
+
+def test_supports_and_bad_arguments():
+    layout = RegisterLayout(1, 4, 2, "full")
+    q = torch.randn(1, 1, 6, 8, dtype=torch.float64)
+    keep = torch.tensor([2])
+    assert "float64" in cpp.supports_attention_forward(q, q, q, layout, keep, 1.0)
+    q300 = torch.randn(1, 1, 6, 300)
+    assert "300" in cpp.supports_attention_backward(q300, q300, q300, q300, q300, None, layout, keep, 1.0)
+    # Automatic selection falls back to the reference for float64.
+    out = vk.register_attention(q, q, q, layout, keep=keep)
+    assert out.dtype == torch.float64
+    q32 = q.float()
+    out = torch.empty_like(q32)
+    with pytest.raises(ValueError, match="lse must be"):
+        C.attention_forward_cpu(q32, q32, q32, keep.int(), 1, 4, 2, 0, 1.0, out, torch.empty(1, 1, 5))
+    with pytest.raises(ValueError, match="layout expects N = 12"):
+        C.attention_forward_cpu(q32, q32, q32, keep.int(), 2, 4, 2, 0, 1.0, out, torch.empty(1, 1, 6))
