@@ -1,6 +1,8 @@
 """Every bad input of SPEC.md raises the right exception with a message naming the
 offending value (and, where there is one, the expected value)."""
 
+import math
+
 import pytest
 import torch
 
@@ -49,6 +51,10 @@ def test_fsq_eps():
     raises(ValueError, lambda: vk.fsq_quantize(z, (3, 4), eps=-0.1), "-0.1")
     # eps * (L - 1) >= 1 would let +-inf (or large z) round outside [-(L//2), (L-1)//2]
     raises(ValueError, lambda: vk.fsq_quantize(z, (3, 8), eps=0.5), "0.5", "8")
+    # at eps * (L - 1) == 1 the saturated value is a tie: L = 3 rounds 1.5 to 2 (out of range)...
+    raises(ValueError, lambda: vk.fsq_quantize(torch.full((1, 1), math.inf), (3,), eps=0.5), "0.5", "level 3")
+    # ... while L = 5 rounds 2.5 to 2 (in range), so that eps is accepted
+    assert vk.fsq_quantize(torch.full((1, 1), math.inf), (5,), eps=0.25)[1].tolist() == [4]
     raises(ValueError, lambda: vk.fsq_quantize(torch.randn(2, 1), (1003,)), "0.001", "1003")
     # L = 2 with eps = 0: shift = atanh(1) = inf, so z = -inf would give NaN instead of a code
     raises(ValueError, lambda: vk.fsq_quantize(z, (2, 4), eps=0.0), "(2, 4)", "eps=0.0")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from typing import Optional, Sequence
 
 import torch
@@ -100,6 +101,29 @@ def _(indices, levels, validate):
     return indices.new_empty(tuple(indices.shape) + (len(levels),), dtype=torch.float32)
 
 
+def _f32(x: float) -> float:
+    """Round a Python float to float32 (plain Python, so torch.compile traces it)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def check_saturation(levels: tuple[int, ...], eps: float) -> None:
+    """Reject eps for which +-inf (or a large |z|) would round outside [-(L//2), (L-1)//2].
+
+    |bounded| is largest where tanh = +-1: bounded = +-half_l - offset, in float32 exactly as
+    reference._constants (whose constants every backend uses) computes it. Roughly eps * (L - 1)
+    must stay below 1; at equality the saturated value is an exact tie k + 0.5, which
+    half-to-even rounding keeps in range for some L (5, 9, 17, ...) but not others (3, 7, ...),
+    so the check rounds the actual float32 values (Python's round is half-to-even too)."""
+    for L in levels:
+        half_l = _f32(_f32(float(L - 1)) * _f32(1 + eps)) / 2
+        offset = 0.5 if L % 2 == 0 else 0.0
+        hi, lo = round(_f32(half_l - offset)), round(_f32(-half_l - offset))
+        if hi > (L - 1) // 2 or lo < -(L // 2):
+            raise ValueError(f"fsq_quantize: eps={eps!r} is too large for level {L} (levels={levels}): saturated inputs would "
+                             f"round to q={hi} / {lo}, outside [{-(L // 2)}, {(L - 1) // 2}] "
+                             f"(eps * (L - 1) must stay below about 1, i.e. eps < {1 / (L - 1):.3g})")
+
+
 # --------------------------------------------------------------------------------------
 # Public API
 
@@ -122,13 +146,9 @@ def fsq_quantize(z: torch.Tensor, levels: Sequence[int], eps: float = 1e-3,
         raise TypeError(f"fsq_quantize: out_dtype must be a float dtype or None, got {out_dtype}")
     if not (isinstance(eps, (int, float)) and 0 <= eps < 1):
         raise ValueError(f"fsq_quantize: eps must be a float in [0, 1), got {eps!r}")
-    # |bounded| reaches (L - 1) (1 + eps) / 2 (+ offset) for large |z|: q stays inside
-    # [-(L // 2), (L - 1) // 2] (a valid code and index) only when eps * (L - 1) < 1.
     if eps == 0 and 2 in levels:  # shift = atanh(offset / half_l) = atanh(1) = inf: -inf input gives NaN
         raise ValueError(f"fsq_quantize: eps must be > 0 when a level is 2 (levels={levels}), got eps={eps!r}")
-    if eps * (max(levels) - 1) >= 1:
-        raise ValueError(f"fsq_quantize: eps={eps!r} is too large for level {max(levels)}: codes stay in "
-                         f"range only when eps * (L - 1) < 1, i.e. eps < {1 / (max(levels) - 1):.3g}")
+    check_saturation(levels, float(eps))
     return _fsq_quantize(z, list(levels), float(eps), out_dtype)
 
 
