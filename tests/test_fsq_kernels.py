@@ -27,7 +27,10 @@ BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _available(b), reason=f
             for b in ("cpu", "triton")]
 _rng = random.Random(20241123)
 RANDOM_LEVELS = tuple(_rng.randint(2, 16) for _ in range(_rng.randint(3, 7)))
-PRESETS = [(8, 8, 8, 5, 5, 5), (8, 5, 5, 5), (7, 5, 5, 5, 5), (8, 8, 8, 6, 5), RANDOM_LEVELS]
+# The CPU kernel counts rounding thresholds for levels <= 16 and evaluates tanh (the CUDA
+# kernel's math) above: LARGE_LEVELS takes the tanh path.
+LARGE_LEVELS = (17, 8, 33, 5)
+PRESETS = [(8, 8, 8, 5, 5, 5), (8, 5, 5, 5), (7, 5, 5, 5, 5), (8, 8, 8, 6, 5), RANDOM_LEVELS, LARGE_LEVELS]
 
 
 def quantize(backend, z, levels, **kw):
@@ -54,6 +57,8 @@ def check_forward(backend, z, levels, eps=1e-3, out_dtype=None):
 @pytest.mark.parametrize("levels", PRESETS, ids=lambda lv: "x".join(map(str, lv)))
 def test_forward_presets(backend, levels):
     z = torch.randn(3, 67, len(levels)) * 2.0
+    z[0, :2] = math.inf  # saturated tokens: the outermost codes
+    z[1, :2] = -math.inf
     codes, idx = check_forward(backend, z, levels)
     assert bool((idx >= 0).all()) and bool((idx < math.prod(levels)).all())
     # Round trip: indices -> codes gives the same codes bit for bit.
@@ -61,13 +66,37 @@ def test_forward_presets(backend, levels):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_forward_dense_sweep(backend):
-    # Every regime of the kernels' tanh (polynomial, exp branch, saturation) on a dense
-    # grid, all tokens exact except rounding-boundary ones.
+@pytest.mark.parametrize("levels", [(8, 5, 7, 6), (24, 5, 7, 17)], ids=["small", "large"])
+def test_forward_dense_sweep(backend, levels):
+    # Every regime of the kernels' tanh (polynomial, exp branch, saturation) or thresholds
+    # on a dense grid, all tokens exact except rounding-boundary ones.
     n = 2**20 if backend == "cpu" else 2**14
     z = torch.linspace(-9.0, 9.0, n)[torch.randperm(n)].reshape(-1, 4)
-    check_forward(backend, z, (8, 5, 7, 6))
-    check_backward(backend, z[:4096], (8, 5, 7, 6))
+    check_forward(backend, z, levels)
+    check_backward(backend, z[:4096], levels)
+
+
+@pytest.mark.skipif(not _available("cpu"), reason="backend cpu unavailable")
+def test_cpu_tanh_path_on_small_levels(monkeypatch):
+    # The tanh path (the CUDA kernel's arithmetic) on the presets too, forced by lowering
+    # the threshold path's limit; the same z through both paths may differ only on
+    # boundary tokens, which check_forward excuses (and counts).
+    from vft_kernels.cpp import fsq as cpp_fsq
+
+    monkeypatch.setattr(cpp_fsq, "MAX_THRESHOLD_LEVEL", 1)
+    cpp_fsq._thresholds.cache_clear()
+    try:
+        assert cpp_fsq._thresholds((8, 5), 1e-3).numel() == 0
+        z = torch.linspace(-9.0, 9.0, 2**18)[torch.randperm(2**18)].reshape(-1, 4)
+        check_forward("cpu", z, (8, 5, 7, 6))
+        for levels in PRESETS:
+            z = torch.randn(3, 67, len(levels)) * 2.0
+            z[0, 0] = math.nan
+            z[1, :] = math.inf
+            check_forward("cpu", z, levels)
+    finally:
+        monkeypatch.undo()
+        cpp_fsq._thresholds.cache_clear()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -6,17 +6,23 @@
 // a plain contiguous loop that GCC vectorises (16 floats per AVX-512 op, checked with
 // -fopt-info-vec). Contiguous float32 blocks are read and written in place; other dtypes
 // and strides go through a small conversion buffer. OpenMP splits the blocks over threads.
+// The forward rounds by counting precomputed thresholds for levels <= 16 (no tanh; see
+// fwd_elements) and evaluates fsq_math.h's tanh otherwise; tests run both paths.
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <array>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
 
 #include "vft/bind.h"
+#include "vft/cpu_memory.h"
 #include "vft/fsq_math.h"
 
 namespace vft {
@@ -26,6 +32,7 @@ using fsq::DimConst;
 
 constexpr int kRows = 16;  // rows per block; kRows * d is a multiple of the vector width
 constexpr int kMaxDims = 16;
+constexpr int kMaxThresholds = 15;  // levels up to 16 take the threshold path
 constexpr int64_t kMinBlocksPerThread = 4;  // below this, one thread is faster than a fork
 
 // ---------------------------------------------------------------------------------------
@@ -93,34 +100,89 @@ struct FwdTable {
   alignas(64) float half_w[K];
   alignas(64) float inv_w[K];  // RN(1 / half_w)
   alignas(64) Acc basis[K];
+  alignas(64) float thr[kMaxThresholds][K];  // rounding thresholds in x = z + shift (see below)
+  int n_thr = 0;                               // 0: the tanh path
 };
 
-// Index contributions accumulate in an unsigned type: the int32 result then wraps exactly
-// like the reference's int64 -> int32 cast (only reachable for out-of-range eps), and no
-// signed overflow is possible.
+// Index contributions accumulate in an unsigned type (no signed overflow is possible). A
+// NaN element contributes only the top bit, which no valid contribution (< prod(levels))
+// has: a row's index is -1 exactly when the OR of its contributions has that bit.
 template <typename Idx>
 using AccOf = std::conditional_t<sizeof(Idx) == 4, uint32_t, uint64_t>;
+template <typename Acc>
+constexpr Acc kNanBit = Acc(1) << (8 * sizeof(Acc) - 1);
 
-// The vectorised element loop: codes and per-element index contributions of one block.
+// Codes and index contributions of one block, two exact ways (both vectorised, K
+// compile-time):
+// * thresholds (every level <= kMaxThresholds + 1): bounded = tanh(x) half_l - offset is
+//   increasing in x = z + shift, so q + L // 2 = the number of rounding boundaries below
+//   bounded = the number of thresholds thr_i <= x, with thr_i = atanh((b_i + offset) / half_l)
+//   for the boundaries b_i = i + 0.5 - L // 2 (computed on the host in float64, rounded up
+//   to float32, ties to even built in; unused rows NaN). This is exact round(bounded) in
+//   real arithmetic: it differs from torch's float32 tanh only where bounded is within a
+//   few ulp of a boundary, the tokens SPEC.md §4 accepts either way. No tanh at all.
+// * tanh (larger levels; the arithmetic the CUDA kernel runs, fsq_math.h).
 template <int D, typename Acc>
 void fwd_elements(const float* __restrict z, float* __restrict codes, Acc* __restrict contrib,
-                  uint8_t* __restrict is_nan, const FwdTable<D, Acc>& t) {
+                  const FwdTable<D, Acc>& t) {
   constexpr int K = FwdTable<D, Acc>::K;
+  alignas(64) float x[K];
+  alignas(64) float digit[K];
+  for (int k = 0; k < K; ++k) x[k] = z[k] + t.shift[k];
+  if (t.n_thr > 0) {
+    for (int k = 0; k < K; ++k) digit[k] = 0.0f;
+    for (int i = 0; i < t.n_thr; ++i) {
+      for (int k = 0; k < K; ++k) digit[k] += x[k] >= t.thr[i][k] ? 1.0f : 0.0f;
+    }
+  } else {
+    for (int k = 0; k < K; ++k) {
+      digit[k] = fsq::round_half_even(fsq::tanh_f32(x[k]) * t.half_l[k] - t.offset[k]) + t.half_w[k];
+    }
+  }
   for (int k = 0; k < K; ++k) {
-    const float x = z[k] + t.shift[k];
-    const float b = fsq::tanh_f32(x) * t.half_l[k] - t.offset[k];
-    const float q = fsq::round_half_even(b);
-    const bool nan = x != x;
-    codes[k] = nan ? x : fsq::div_code(q, t.half_w[k], t.inv_w[k]);
-    const float digit = nan ? 0.0f : q + t.half_w[k];
-    contrib[k] = static_cast<Acc>(static_cast<std::make_signed_t<Acc>>(digit)) * t.basis[k];
-    is_nan[k] = nan;
+    const bool nan = x[k] != x[k];
+    codes[k] = nan ? x[k] : fsq::div_code(digit[k] - t.half_w[k], t.half_w[k], t.inv_w[k]);
+    const float dg = nan ? 0.0f : digit[k];  // (the tanh path's digit is NaN there)
+    const Acc c = static_cast<Acc>(static_cast<std::make_signed_t<Acc>>(dg)) * t.basis[k];
+    contrib[k] = nan ? kNanBit<Acc> : c;
+  }
+}
+
+// Row sums of the contributions of one block ([kRows, D] row-major) -> indices.
+template <int D, typename Idx>
+inline void row_indices(const AccOf<Idx>* __restrict contrib, Idx* __restrict idx, int n) {
+  using Acc = AccOf<Idx>;
+#if defined(__AVX512F__)
+  if constexpr (sizeof(Idx) == 4 && kRows == 16) {
+    // rows as the 16 lanes: D gathers of stride D instead of 2 * kRows * D scalar ops
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(D));
+    __m512i sum = _mm512_setzero_si512(), any = _mm512_setzero_si512();
+    for (int j = 0; j < D; ++j) {
+      const __m512i c = _mm512_i32gather_epi32(_mm512_add_epi32(rows, _mm512_set1_epi32(j)), contrib, 4);
+      sum = _mm512_add_epi32(sum, c);
+      any = _mm512_or_si512(any, c);
+    }
+    const __mmask16 nan = _mm512_test_epi32_mask(any, _mm512_set1_epi32(static_cast<int>(kNanBit<Acc>)));
+    const __m512i out = _mm512_mask_blend_epi32(nan, sum, _mm512_set1_epi32(-1));
+    _mm512_mask_storeu_epi32(idx, static_cast<__mmask16>((1u << n) - 1u), out);
+    return;
+  }
+#endif
+  for (int r = 0; r < n; ++r) {
+    Acc sum = 0, any = 0;
+    for (int j = 0; j < D; ++j) {
+      sum += contrib[r * D + j];
+      any |= contrib[r * D + j];
+    }
+    idx[r] = (any & kNanBit<Acc>) ? Idx(-1) : static_cast<Idx>(sum);
   }
 }
 
 template <int D, typename Idx>
 void fsq_forward_impl(const at::Tensor& z2, at::Tensor& codes, at::Tensor& indices,
-                      const std::vector<DimConst>& consts, const std::vector<int64_t>& basis) {
+                      const std::vector<DimConst>& consts, const std::vector<int64_t>& basis,
+                      const at::Tensor& thresholds) {
   using Acc = AccOf<Idx>;
   constexpr int K = kRows * D;
   FwdTable<D, Acc> t;
@@ -133,6 +195,13 @@ void fsq_forward_impl(const at::Tensor& z2, at::Tensor& codes, at::Tensor& indic
     t.inv_w[k] = 1.0f / c.half_w;
     t.basis[k] = static_cast<Acc>(basis[k % D]);
   }
+  if (thresholds.numel() > 0) {
+    t.n_thr = static_cast<int>(thresholds.size(1));
+    const float* thr = thresholds.const_data_ptr<float>();
+    for (int i = 0; i < t.n_thr; ++i) {
+      for (int k = 0; k < K; ++k) t.thr[i][k] = thr[(k % D) * t.n_thr + i];
+    }
+  }
   const int64_t rows = z2.size(0);
   const int64_t blocks = (rows + kRows - 1) / kRows;
   const int64_t s_row = z2.stride(0), s_dim = z2.stride(1);
@@ -141,13 +210,14 @@ void fsq_forward_impl(const at::Tensor& z2, at::Tensor& codes, at::Tensor& indic
   const float* zf = dense_in ? z2.const_data_ptr<float>() : nullptr;
   float* cf = dense_out ? codes.data_ptr<float>() : nullptr;
   Idx* idx = indices.data_ptr<Idx>();
+  advise_huge_pages(codes.data_ptr(), codes.nbytes());
+  advise_huge_pages(indices.data_ptr(), indices.nbytes());
 
 #pragma omp parallel for schedule(static) if (blocks >= 2 * kMinBlocksPerThread)
   for (int64_t blk = 0; blk < blocks; ++blk) {
     alignas(64) float zbuf[K];
     alignas(64) float cbuf[K];
     alignas(64) Acc contrib[K];
-    alignas(64) uint8_t is_nan[K];
     const int64_t row0 = blk * kRows;
     const int n = static_cast<int>(std::min<int64_t>(kRows, rows - row0));
     const bool full = n == kRows;
@@ -158,28 +228,20 @@ void fsq_forward_impl(const at::Tensor& z2, at::Tensor& codes, at::Tensor& indic
       load_block_any(z2, row0, n, D, s_row, s_dim, zbuf);
     }
     float* cp = (dense_out && full) ? cf + row0 * D : cbuf;
-    fwd_elements<D, Acc>(zp, cp, contrib, is_nan, t);
+    fwd_elements<D, Acc>(zp, cp, contrib, t);
     if (cp == cbuf) store_any(cbuf, static_cast<int64_t>(n) * D, codes, row0 * D);
-    // Row sums with the row as the vector lane (stride-D loads, D compile-time).
-    alignas(64) Acc sum[kRows] = {};
-    alignas(64) uint8_t row_nan[kRows] = {};
-    for (int j = 0; j < D; ++j) {
-      for (int r = 0; r < kRows; ++r) {
-        sum[r] += contrib[r * D + j];
-        row_nan[r] |= is_nan[r * D + j];
-      }
-    }
-    for (int r = 0; r < n; ++r) idx[row0 + r] = row_nan[r] ? Idx(-1) : static_cast<Idx>(sum[r]);
+    row_indices<D, Idx>(contrib, idx + row0, n);
   }
 }
 
 template <int D>
 void forward_dims(const at::Tensor& z2, at::Tensor& codes, at::Tensor& indices,
-                  const std::vector<DimConst>& consts, const std::vector<int64_t>& basis) {
+                  const std::vector<DimConst>& consts, const std::vector<int64_t>& basis,
+                  const at::Tensor& thresholds) {
   if (indices.scalar_type() == at::kInt) {
-    fsq_forward_impl<D, int32_t>(z2, codes, indices, consts, basis);
+    fsq_forward_impl<D, int32_t>(z2, codes, indices, consts, basis, thresholds);
   } else {
-    fsq_forward_impl<D, int64_t>(z2, codes, indices, consts, basis);
+    fsq_forward_impl<D, int64_t>(z2, codes, indices, consts, basis, thresholds);
   }
 }
 
@@ -212,8 +274,10 @@ void check_rows(const at::Tensor& t, const char* name, int64_t d) {
 
 // z2 [rows, d] (fp32/fp16/bf16, any strides) -> codes [rows, d] (contiguous, fp32/fp16/bf16)
 // and indices [rows] (contiguous int32 or int64).
+// thresholds: [d, n] float32 contiguous (n <= kMaxThresholds; rows NaN-padded), or empty for
+// the tanh path.
 void fsq_forward_cpu(const at::Tensor& z2, at::Tensor codes, at::Tensor indices, const at::Tensor& consts,
-                     const std::vector<int64_t>& levels) {
+                     const std::vector<int64_t>& levels, const at::Tensor& thresholds) {
   const int64_t d = static_cast<int64_t>(levels.size());
   VFT_CHECK(d >= 1 && d <= kMaxDims, "fsq: the cpu kernel supports 1..", kMaxDims, " dims, got ", d);
   check_rows(z2, "z", d);
@@ -223,11 +287,16 @@ void fsq_forward_cpu(const at::Tensor& z2, at::Tensor codes, at::Tensor indices,
                 (indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong),
             "fsq: indices must be contiguous int32/int64 [", z2.size(0), "], got ", indices.sizes(), " ",
             indices.scalar_type());
+  VFT_CHECK(thresholds.numel() == 0 ||
+                (thresholds.device().is_cpu() && thresholds.scalar_type() == at::kFloat && thresholds.dim() == 2 &&
+                 thresholds.size(0) == d && thresholds.size(1) <= kMaxThresholds && thresholds.is_contiguous()),
+            "fsq: thresholds must be empty or a contiguous CPU float32 [", d, ", <=", kMaxThresholds, "], got ",
+            thresholds.sizes(), " ", thresholds.scalar_type());
   const auto c = read_consts(consts, d);
   const auto basis = basis_of(levels);
   switch (d) {
 #define VFT_FSQ_CASE(D) \
-  case D: return forward_dims<D>(z2, codes, indices, c, basis);
+  case D: return forward_dims<D>(z2, codes, indices, c, basis, thresholds);
     VFT_FSQ_CASE(1) VFT_FSQ_CASE(2) VFT_FSQ_CASE(3) VFT_FSQ_CASE(4) VFT_FSQ_CASE(5) VFT_FSQ_CASE(6)
     VFT_FSQ_CASE(7) VFT_FSQ_CASE(8) VFT_FSQ_CASE(9) VFT_FSQ_CASE(10) VFT_FSQ_CASE(11) VFT_FSQ_CASE(12)
     VFT_FSQ_CASE(13) VFT_FSQ_CASE(14) VFT_FSQ_CASE(15) VFT_FSQ_CASE(16)
@@ -265,6 +334,7 @@ void fsq_backward_cpu(const at::Tensor& grad_codes2, const at::Tensor& z2, at::T
   const int64_t blocks = (rows + kRows - 1) / kRows;
   const bool dense_z = is_dense_float(z2, d), dense_g = is_dense_float(grad_codes2, d);
   const bool dense_out = grad_z.scalar_type() == at::kFloat;
+  advise_huge_pages(grad_z.data_ptr(), grad_z.nbytes());
 
 #pragma omp parallel for schedule(static) if (blocks >= 2 * kMinBlocksPerThread)
   for (int64_t blk = 0; blk < blocks; ++blk) {
@@ -348,7 +418,7 @@ void fsq_decode_cuda(const at::Tensor& indices, at::Tensor codes, const std::vec
 void bind_fsq(pybind11::module_& m) {
   m.def("fsq_forward_cpu", &fsq_forward_cpu, "FSQ forward: z [rows, d] -> codes [rows, d], indices [rows] (in place)",
         pybind11::arg("z"), pybind11::arg("codes"), pybind11::arg("indices"), pybind11::arg("consts"),
-        pybind11::arg("levels"));
+        pybind11::arg("levels"), pybind11::arg("thresholds"));
   m.def("fsq_backward_cpu", &fsq_backward_cpu, "FSQ backward: grad_codes, z [rows, d] -> grad_z (in place)",
         pybind11::arg("grad_codes"), pybind11::arg("z"), pybind11::arg("grad_z"), pybind11::arg("consts"));
   m.def("fsq_decode_cpu", &fsq_decode_cpu, "FSQ decode: indices [rows] -> codes [rows, d] float32 (in place)",

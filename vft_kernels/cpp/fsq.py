@@ -25,6 +25,7 @@ _KERNELS = {
 }
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_DIMS = 16
+MAX_THRESHOLD_LEVEL = 16  # csrc/cpu/fsq.cpp kMaxThresholds + 1
 
 
 @functools.lru_cache(maxsize=64)
@@ -33,6 +34,36 @@ def _consts(levels: tuple, eps: float) -> torch.Tensor:
     so the kernels use bit-identical constants."""
     half_l, offset, shift, half_w = ref._constants(levels, eps, torch.float32, torch.device("cpu"))
     return torch.stack([half_l, offset, shift, half_w], dim=1).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _thresholds(levels: tuple, eps: float) -> torch.Tensor:
+    """[d, max(levels) - 1] float32 CPU rounding thresholds of the CPU forward kernel, or an
+    empty tensor (tanh path) when a level exceeds MAX_THRESHOLD_LEVEL.
+
+    Row j, entry i: the smallest float32 x = z + shift that rounds above q_lo = i - L // 2,
+    i.e. where tanh(x) half_l - offset passes the boundary q_lo + 0.5: x > atanh((q_lo + 0.5 +
+    offset) / half_l), computed in float64 from the float32 constants the reference uses. An
+    exactly representable threshold (0, or +-inf at a saturated tie) is an exact tie, which
+    counts only when rounding half to even goes up (q_lo odd). Unused entries are NaN."""
+    if max(levels) > MAX_THRESHOLD_LEVEL:
+        return torch.empty(0, 0)
+    half_l, offset, _, _ = ref._constants(levels, eps, torch.float32, torch.device("cpu"))
+    n = max(levels) - 1
+    exact, tie_up = torch.full((len(levels), n), math.nan, dtype=torch.float64), torch.zeros(len(levels), n, dtype=torch.bool)
+    for j, L in enumerate(levels):
+        for i in range(L - 1):
+            q_lo = i - L // 2
+            v = (q_lo + 0.5 + float(offset[j])) / float(half_l[j])
+            exact[j, i] = math.copysign(math.inf, v) if abs(v) >= 1 else math.atanh(v)
+            tie_up[j, i] = q_lo % 2 == 1
+    f = exact.to(torch.float32)
+    up = torch.nextafter(f, torch.tensor(math.inf))
+    ties = f.double() == exact  # exactly representable: 0 or +-inf
+    thr = torch.where(f.double() > exact, f, up)  # smallest float32 > exact
+    never = torch.tensor(math.nan)  # x > +inf: no float32
+    thr = torch.where(ties, torch.where(tie_up, f, torch.where(exact == math.inf, never, up)), thr)
+    return thr.contiguous()
 
 
 def _kernel(device: torch.device, which: int):
@@ -84,8 +115,10 @@ def fsq_forward(z, levels, eps, codes_dtype):
     codes = dispatch.new_output(z.shape, codes_dtype, z.device)
     indices = dispatch.new_output(z.shape[:-1], ref.index_dtype(levels), z.device)
     if z.numel():
-        _kernel(z.device, 0)(_rows(z, d), codes.view(-1, d), indices.view(-1), _consts(levels, float(eps)),
-                             list(levels))
+        args = (_rows(z, d), codes.view(-1, d), indices.view(-1), _consts(levels, float(eps)), list(levels))
+        if z.device.type == "cpu":
+            args += (_thresholds(levels, float(eps)),)
+        _kernel(z.device, 0)(*args)
     return codes, indices
 
 
