@@ -22,7 +22,6 @@
 #include <vector>
 
 #include "vft/bind.h"
-#include "vft/cpu_memory.h"
 #include "vft/fsq_math.h"
 
 namespace vft {
@@ -47,6 +46,12 @@ inline float to_float(T v) {
 // rows past `rows` are zero-filled so the full-block element loop stays finite.
 template <typename T>
 void load_block(const T* src, int64_t row0, int rows, int d, int64_t s_row, int64_t s_dim, float* buf) {
+  if (s_dim == 1 && (s_row == d || rows == 1)) {  // dense rows: one flat loop, vectorised
+    const T* p = src + row0 * s_row;
+    for (int i = 0; i < rows * d; ++i) buf[i] = to_float(p[i]);
+    std::fill(buf + rows * d, buf + kRows * d, 0.0f);
+    return;
+  }
   for (int r = 0; r < rows; ++r) {
     const T* p = src + (row0 + r) * s_row;
     for (int j = 0; j < d; ++j) buf[r * d + j] = to_float(p[j * s_dim]);
@@ -210,8 +215,6 @@ void fsq_forward_impl(const at::Tensor& z2, at::Tensor& codes, at::Tensor& indic
   const float* zf = dense_in ? z2.const_data_ptr<float>() : nullptr;
   float* cf = dense_out ? codes.data_ptr<float>() : nullptr;
   Idx* idx = indices.data_ptr<Idx>();
-  advise_huge_pages(codes.data_ptr(), codes.nbytes());
-  advise_huge_pages(indices.data_ptr(), indices.nbytes());
 
 #pragma omp parallel for schedule(static) if (blocks >= 2 * kMinBlocksPerThread)
   for (int64_t blk = 0; blk < blocks; ++blk) {
@@ -334,7 +337,6 @@ void fsq_backward_cpu(const at::Tensor& grad_codes2, const at::Tensor& z2, at::T
   const int64_t blocks = (rows + kRows - 1) / kRows;
   const bool dense_z = is_dense_float(z2, d), dense_g = is_dense_float(grad_codes2, d);
   const bool dense_out = grad_z.scalar_type() == at::kFloat;
-  advise_huge_pages(grad_z.data_ptr(), grad_z.nbytes());
 
 #pragma omp parallel for schedule(static) if (blocks >= 2 * kMinBlocksPerThread)
   for (int64_t blk = 0; blk < blocks; ++blk) {
