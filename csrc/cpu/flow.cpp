@@ -55,7 +55,7 @@ void elementwise(T* out, const T* x, const T* a, const T* b, const float* t, con
     const int64_t s = job / per_sample;
     const int64_t lo = s * S + (job % per_sample) * kBlock, hi = std::min(lo + kBlock, (s + 1) * S);
     const float dt = tn[s] - t[s];
-#pragma omp simd
+#pragma GCC ivdep
     for (int64_t i = lo; i < hi; ++i) {
       float v;
       if constexpr (kMode == flow::kNone) {
@@ -102,7 +102,7 @@ void apg(T* out, const T* x, const T* vc, const T* vu, M* state, const float* t,
                                                static_cast<float>(vv), p.scale, p.eta, p.threshold);
     const int64_t s = g / groups_per_sample;
     const float dt = tn[s] - t[s];
-#pragma omp simd
+#pragma GCC ivdep
     for (int64_t i = base; i < base + L; ++i) {
       const float c = ld(vc, i);
       float d;

@@ -111,13 +111,18 @@ def supports_fsq_decode(indices, levels):
 def fsq_forward(z, levels, eps, codes_dtype):
     """z [..., d] -> codes [..., d] (codes_dtype), indices [...] (int32/int64)."""
     levels = tuple(levels)
-    d = len(levels)
     codes = dispatch.new_output(z.shape, codes_dtype, z.device)
     indices = dispatch.new_output(z.shape[:-1], ref.index_dtype(levels), z.device)
+    return fsq_forward_into(z, levels, eps, codes, indices)
+
+
+def fsq_forward_into(z, levels, eps, codes, indices):
+    """fsq_forward into given contiguous outputs (the benchmark's warm-output row)."""
+    d = len(levels)
     if z.numel():
-        args = (_rows(z, d), codes.view(-1, d), indices.view(-1), _consts(levels, float(eps)), list(levels))
+        args = (_rows(z, d), codes.view(-1, d), indices.view(-1), _consts(tuple(levels), float(eps)), list(levels))
         if z.device.type == "cpu":
-            args += (_thresholds(levels, float(eps)),)
+            args += (_thresholds(tuple(levels), float(eps)),)
         _kernel(z.device, 0)(*args)
     return codes, indices
 
