@@ -248,11 +248,9 @@ def test_preset_parameter_counts_on_meta():
 def test_sampler_with_exact_velocity_recovers_data(solver):
     """With the exact velocity of the straight path from x0 to the noise, v = noise - x0,
     the sampler lands on x0 (checks the time grid, the sign convention and the prefix)."""
-    from vft.sampling import sample
-
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn((2, 3, 5, 4, 4), generator=g)
     noise = torch.randn((2, 3, 5, 4, 4), generator=g)
-    out = sample(lambda x, t: (noise - x0, None), noise, steps=4, solver=solver, shift=2.0,
+    out = vk.flow_sample(lambda x, t: noise - x0, noise, steps=4, solver=solver, shift=2.0,
                  prefix=x0[:, :, :2], prefix_len=2)
     torch.testing.assert_close(out, x0, rtol=1e-5, atol=1e-5)

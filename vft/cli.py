@@ -12,8 +12,6 @@ Every command takes ``--backend`` (reference, cpu, triton, cuda; default: automa
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 import time
@@ -25,9 +23,19 @@ import vft_kernels as vk
 
 from . import checkpoint as ckpt
 from .config import PRESETS, ModelConfig, TrainConfig, parse_override, preset, tiny_train_config
-from .data import (VideoReadError, from_model_range, read_video, resize_crop, synthetic_video, to_model_range,
-                   write_video)
+from .data import HELDOUT_SEED, VideoReadError, from_model_range, read_video, resize_crop, synthetic_video, \
+    to_model_range, write_video
+from .demo import print_summary, reconstruct_report
 from .model import VideoFlexTok
+from .pretrained import load_pretrained
+from .train import keep_values
+
+SAMPLE_SEED = HELDOUT_SEED + 7  # the demo's held-out clip (never trained on)
+
+
+def sample_clip(cfg: ModelConfig, frames: int) -> torch.Tensor:
+    """The demo's held-out sample clip for ``cfg``: uint8 [frames, H, W, 3]."""
+    return synthetic_video(SAMPLE_SEED, frames, cfg.height, cfg.width)
 
 
 # ------------------------------------------------------------------------------------
@@ -40,10 +48,15 @@ def _device(name: Optional[str]) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_clip(path: str, cfg: ModelConfig, fps: Optional[float] = None) -> tuple[torch.Tensor, float]:
-    """Read a video file for ``cfg``: scaled/centre-cropped to its size, cut to a frame count
-    the compressor accepts. Returns (float [1, 3, T, H, W] in [-1, 1], fps)."""
+def load_clip(path: str, cfg: ModelConfig, fps: Optional[float] = None,
+              max_frames: Optional[int] = None) -> tuple[torch.Tensor, float]:
+    """Read a video file for ``cfg`` (any size, frame rate and length): scaled to cover and
+    centre-cropped to its size, at most ``max_frames`` frames, cut to a frame count the
+    compressor accepts. Returns (float [1, 3, T, H, W] in [-1, 1], fps)."""
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     frames, rate = read_video(path, fps)
+    frames = frames[:max_frames]
     c = cfg.compressor
     usable = (frames.shape[0] // c.temporal_factor) * c.temporal_factor if c.kind == "pixel" else \
         1 + ((frames.shape[0] - 1) // c.temporal_factor) * c.temporal_factor
@@ -52,12 +65,6 @@ def load_clip(path: str, cfg: ModelConfig, fps: Optional[float] = None) -> tuple
                              f"{c.temporal_factor}")
     frames = resize_crop(frames[:usable], cfg.height, cfg.width)
     return to_model_range(frames)[None], rate
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of two videos in [-1, 1]."""
-    mse = float(((a.float() - b.float()) / 2).square().mean())
-    return 10 * math.log10(1 / mse) if mse > 0 else float("inf")
 
 
 def save_tokens(path: str, tokens: torch.Tensor, cfg: ModelConfig, fps: float) -> None:
@@ -83,35 +90,6 @@ def load_tokens(path: str) -> tuple[torch.Tensor, dict]:
         raise ValueError(f"cannot read tokens file {path}: {e}") from None
 
 
-def write_grid_png(path: str, rows: list[tuple[str, torch.Tensor]], max_frames: int = 16) -> None:
-    """PNG grid: one row per (label, video [3, T, H, W] in [-1, 1]), one column per frame."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    T = min(rows[0][1].shape[1], max_frames)
-    fig, axes = plt.subplots(len(rows), T, figsize=(1.1 * T + 1, 1.15 * len(rows)), squeeze=False)
-    for r, (label, video) in enumerate(rows):
-        frames = from_model_range(video)
-        for c in range(T):
-            ax = axes[r][c]
-            ax.imshow(frames[c].numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(label, fontsize=8)
-            if r == 0:
-                ax.set_title(f"frame {c}", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def write_side_by_side(path: str, videos: list[torch.Tensor], fps: float) -> None:
-    """One mp4 with the videos ([3, T, H, W] in [-1, 1]) side by side."""
-    write_video(path, from_model_range(torch.cat(videos, dim=3)), fps)
-
-
 def _parse_keeps(text: str, registers: int) -> list[int]:
     try:
         keeps = [int(x) for x in text.split(",") if x.strip()]
@@ -126,28 +104,6 @@ def _parse_keeps(text: str, registers: int) -> list[int]:
 def _sampling_kwargs(args) -> dict:
     return dict(steps=args.steps, guidance=args.guidance, scale=args.scale, solver=args.solver, seed=args.seed,
                 shift=args.shift)
-
-
-def _reconstruct_and_write(model: VideoFlexTok, video: torch.Tensor, keeps: list[int], out: str, fps: float,
-                           sampling: dict) -> dict:
-    os.makedirs(out, exist_ok=True)
-    tokens = model.tokenize(video)
-    rows, report = [("original", video[0])], {"tokens_shape": list(tokens.shape), "keep": {}}
-    recons = []
-    for k in keeps:
-        t0 = time.time()
-        rec = model.detokenize(tokens, keep=k, **sampling)
-        recons.append(rec[0])
-        rows.append((f"{k} tok/frame", rec[0]))
-        report["keep"][k] = {"psnr_db": round(psnr(rec, video), 2), "seconds": round(time.time() - t0, 2)}
-        print(f"  keep={k:>4} tokens/latent frame: PSNR {report['keep'][k]['psnr_db']:.2f} dB "
-              f"({report['keep'][k]['seconds']:.1f} s)")
-    write_side_by_side(os.path.join(out, "reconstruction.mp4"), [video[0]] + recons, fps)
-    write_grid_png(os.path.join(out, "grid.png"), rows)
-    save_tokens(os.path.join(out, "tokens.safetensors"), tokens, model.cfg, fps)
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    return report
 
 
 # ------------------------------------------------------------------------------------
@@ -193,7 +149,8 @@ def cmd_train(args) -> int:
     cfg = _model_config(args)
     base = tiny_train_config() if cfg.name in ("micro", "tiny") else TrainConfig()
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed", "log_every", "ckpt_every",
-                                              "keep_sampling", "data", "warmup_steps")
+                                              "keep_sampling", "data", "warmup_steps", "logit_normal_mean",
+                                              "ema_decay", "null_prob", "prefix_prob")
                  if getattr(args, k) is not None}
     if args.bf16:
         overrides["bf16"] = True
@@ -202,7 +159,8 @@ def cmd_train(args) -> int:
     tcfg = TrainConfig.from_dict({**base.to_dict(), **overrides})
     if args.resume and os.path.isfile(os.path.join(args.out, "config.json")):
         ckpt.check_config(args.out, cfg)
-    result = train(cfg, tcfg, args.out, resume=args.resume, progress=not args.no_progress, init_from=args.init)
+    result = train(cfg, tcfg, args.out, resume=args.resume, progress=not args.no_progress, init_from=args.init,
+                   max_seconds=args.max_seconds)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained to step {result['step']}, loss {result['loss']:.4f}; checkpoint in {args.out}")
     return 0
@@ -237,41 +195,36 @@ def cmd_reconstruct(args) -> int:
     model = ckpt.load_model(args.checkpoint, str(device))
     video, fps = load_clip(args.video, model.cfg, args.fps)
     keeps = _parse_keeps(args.keep, model.cfg.registers)
-    _reconstruct_and_write(model, video.to(device), keeps, args.out, fps, _sampling_kwargs(args))
-    print(f"wrote {args.out}/reconstruction.mp4, grid.png, tokens.safetensors, report.json")
+    summary = reconstruct_report(model, video.to(device), keeps, args.out, fps, _sampling_kwargs(args),
+                                 compare_reference=False, progress=not args.no_progress, source=args.video)
+    print_summary(summary, args.out)
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .train import keep_values, train
-
     t_start = time.time()
-    os.makedirs(args.out, exist_ok=True)
-    cfg = preset(args.preset)
     device = _device(args.device)
-    frames = cfg.frames + cfg.frames // 2  # longer than one chunk: exercises chunked processing
-    print(f"[1/4] synthetic clip: {frames} frames of {cfg.height}x{cfg.width} ({cfg.frames}-frame chunks)")
-    clip = synthetic_video(10 ** 6 + args.seed, frames, cfg.height, cfg.width)
-    write_video(os.path.join(args.out, "input.mp4"), clip, fps=8)
     if args.checkpoint:
-        print(f"[2/4] loading {args.checkpoint}")
-        ckpt_dir = args.checkpoint
+        model = ckpt.load_model(args.checkpoint, str(device))
+        name = args.checkpoint
     else:
-        ckpt_dir = os.path.join(args.out, "checkpoint")
-        print(f"[2/4] training the {cfg.name} model on synthetic clips for up to {args.train_steps} steps / "
-              f"{args.train_seconds:g} s -> {ckpt_dir}")
-        tcfg = tiny_train_config(steps=args.train_steps, warmup_steps=min(20, args.train_steps // 4 + 1),
-                                 batch_size=args.batch_size, lr=3e-3, ema_decay=0.9, log_every=5,
-                                 ckpt_every=args.train_steps)
-        res = train(cfg, tcfg, ckpt_dir, progress=not args.no_progress, max_seconds=args.train_seconds)
-        print(f"      trained {res['step']} steps, loss {res['loss']:.4f} (log: {ckpt_dir}/log.csv)")
-    model = ckpt.load_model(ckpt_dir, str(device))
-    video = to_model_range(clip)[None].to(device)
-    print(f"[3/4] tokenize: {tuple(video.shape)} -> tokens {tuple(model.tokenize(video).shape)}")
+        model = load_pretrained("tiny", str(device))
+        name = "the shipped tiny model (vft.load_pretrained('tiny'))"
+    cfg = model.cfg
+    if args.video:
+        video, fps = load_clip(args.video, cfg, args.fps, max_frames=args.max_frames)
+        source = os.path.basename(args.video)
+    else:
+        frames = cfg.frames + cfg.frames // 2  # longer than one chunk: exercises chunked processing
+        video, fps = to_model_range(sample_clip(cfg, frames))[None], 8.0
+        source = f"held-out sample clip (synthetic seed {SAMPLE_SEED})"
+    print(f"vft demo: {name}; {source}: {video.shape[2]} frames of {cfg.height}x{cfg.width} "
+          f"({cfg.frames}-frame chunks)")
     keeps = _parse_keeps(args.keep, cfg.registers) if args.keep else keep_values(cfg.registers, "pow2").tolist()
-    print(f"[4/4] reconstruct at {keeps} tokens per latent frame ({args.steps} steps, {args.guidance})")
-    _reconstruct_and_write(model, video, keeps, args.out, 8.0, _sampling_kwargs(args))
-    print(f"done in {time.time() - t_start:.0f} s: see {args.out}/grid.png and {args.out}/reconstruction.mp4")
+    summary = reconstruct_report(model, video.to(device), keeps, args.out, fps, _sampling_kwargs(args),
+                                 compare_reference=not args.no_timing, progress=not args.no_progress, source=source)
+    print_summary(summary, args.out)
+    print(f"done in {time.time() - t_start:.0f} s: open {args.out}/grid.png and {args.out}/reconstruction.mp4")
     return 0
 
 
@@ -313,14 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a model config key, "
                    "e.g. encoder.depth=2 (repeatable)")
     p.add_argument("--out", required=True, help="checkpoint folder")
-    p.add_argument("--data", help="'synthetic' (default) or a folder of videos")
+    p.add_argument("--data", help="'synthetic' (default), 'mixed' (synthetic + photo pans/zooms/cuts + bundled "
+                   "real clips) or a folder of videos")
     p.add_argument("--fps", type=float, help="resample folder videos to this frame rate")
     for name, typ in (("steps", int), ("batch-size", int), ("lr", float), ("seed", int), ("log-every", int),
-                      ("ckpt-every", int), ("warmup-steps", int)):
+                      ("ckpt-every", int), ("warmup-steps", int), ("logit-normal-mean", float),
+                      ("ema-decay", float), ("null-prob", float), ("prefix-prob", float)):
         p.add_argument(f"--{name}", type=typ)
     p.add_argument("--keep-sampling", choices=["pow2", "uniform"])
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--max-seconds", type=float, help="stop (with a checkpoint) after this wall time")
     p.add_argument("--init", help="start from the weights of this checkpoint (same config)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_train)
@@ -346,21 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("video")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-progress", action="store_true")
     _add_sampling(p, "1,2,4,8")
     p.set_defaults(fn=cmd_reconstruct)
 
-    p = sub.add_parser("demo", help="end to end on a synthetic clip: train (or load) tiny, tokenize, reconstruct")
+    p = sub.add_parser("demo", help="the shipped tiny tokenizer on a held-out clip (or --video): tokenize once, "
+                       "reconstruct from K = 1, 2, 4, ... tokens, write mp4 / PNG / JSON / Markdown")
     _add_common(p)
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--checkpoint", help="use this tiny checkpoint instead of training")
-    p.add_argument("--preset", default="micro", choices=["micro", "tiny"],
-                   help="model to train from scratch (tiny needs ~1 h of CPU training to be useful)")
-    p.add_argument("--train-steps", type=int, default=1000, help="at most this many training steps")
-    p.add_argument("--train-seconds", type=float, default=90, help="stop training after this wall time")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--video", help="a video file (any size, frame rate, length) instead of the held-out clip")
+    p.add_argument("--max-frames", type=int, default=32, help="use at most this many frames of --video")
+    p.add_argument("--checkpoint", help="a trained checkpoint folder instead of the shipped model")
+    p.add_argument("--no-timing", action="store_true", help="skip the fastest-backend vs reference timing")
     p.add_argument("--no-progress", action="store_true")
     _add_sampling(p, None)
-    p.set_defaults(fn=cmd_demo, steps=10)
+    p.set_defaults(fn=cmd_demo)
     return parser
 
 

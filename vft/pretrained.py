@@ -1,0 +1,52 @@
+"""Pretrained tokenizers shipped inside the package (safetensors + JSON, no download).
+
+    import vft
+    model = vft.load_pretrained("tiny")          # eval mode, EMA weights, CPU
+    tokens = model.tokenize(video)               # video float [B, 3, 8k, 32, 32] in [-1, 1]
+
+Each entry is a folder ``vft/pretrained/<name>/`` holding ``config.json`` (model config,
+training config, provenance) and ``model.safetensors`` (the EMA weights), read through
+``importlib.resources`` so it works from a checkout and from an installed wheel.
+"""
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import torch
+from safetensors.torch import load_file
+
+from .config import ModelConfig
+
+PRETRAINED = ("tiny",)
+
+
+def pretrained_dir(name: str):
+    """The packaged folder of pretrained model ``name`` (a Traversable)."""
+    if name not in PRETRAINED:
+        raise ValueError(f"unknown pretrained model {name!r}; available: {list(PRETRAINED)}")
+    folder = resources.files("vft") / "pretrained" / name
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"pretrained weights for {name!r} are missing from this installation "
+                                f"({folder}/model.safetensors); reinstall vft (pip install .)")
+    return folder
+
+
+def pretrained_info(name: str = "tiny") -> dict:
+    """The JSON metadata of a pretrained model: ``model`` config, ``train`` config, ``provenance``."""
+    return json.loads((pretrained_dir(name) / "config.json").read_text())
+
+
+def load_pretrained(name: str = "tiny", device: str = "cpu") -> "torch.nn.Module":
+    """Build pretrained model ``name`` with its shipped (EMA) weights, in eval mode, offline."""
+    from .model import VideoFlexTok
+
+    info = pretrained_info(name)
+    model = VideoFlexTok(ModelConfig.from_dict(info["model"]))
+    with resources.as_file(pretrained_dir(name) / "model.safetensors") as path:
+        state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"pretrained {name!r} does not fit its config: missing {sorted(missing)}, "
+                           f"unexpected {sorted(unexpected)}")
+    return model.to(device).eval()
