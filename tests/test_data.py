@@ -86,3 +86,36 @@ def test_video_folder_clips(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no video files"):
         VideoFolder(str(tmp_path / "empty"), 4, 16, 16)
+
+
+def test_photo_and_real_clips_are_deterministic_and_move():
+    from vft.data import photo_video, real_video_clip
+
+    for make in (photo_video, real_video_clip):
+        a = make(5, 8, 32, 24)
+        assert a.shape == (8, 32, 24, 3) and a.dtype == torch.uint8
+        assert torch.equal(a, make(5, 8, 32, 24))
+        assert not torch.equal(a, make(6, 8, 32, 24))
+        assert a.float().std() > 5  # not a flat image
+    moving = [float((photo_video(s, 8, 32, 32)[0].float() - photo_video(s, 8, 32, 32)[-1].float()).abs().mean())
+              for s in range(8)]
+    assert sum(m > 1 for m in moving) >= 6  # the camera pans / zooms in most clips
+
+
+def test_mixed_videos_sources_and_heldout_split():
+    from vft.data import HELDOUT_PHOTOS, HELDOUT_SEED, TRAIN_PHOTOS, MixedVideos
+
+    assert not set(HELDOUT_PHOTOS) & set(TRAIN_PHOTOS)
+    ds = MixedVideos(4, 16, 16, seed=0)
+    kinds = [ds.source(i) for i in range(200)]
+    assert 0.45 < kinds.count("synthetic") / 200 < 0.75 and kinds.count("photo") > 20 and kinds.count("real") > 10
+    x = ds[0]
+    assert x.shape == (3, 4, 16, 16) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
+    held = MixedVideos(4, 16, 16, weights=(1, 0, 0), heldout=True)
+    assert torch.equal(held[3], to_model_range(synthetic_video(HELDOUT_SEED + 3, 4, 16, 16)))
+    photos = MixedVideos(4, 16, 16, weights=(0, 1, 0), heldout=True)
+    assert photos.photos == HELDOUT_PHOTOS and photos.source(0) == "photo"
+    with pytest.raises(ValueError, match="held-out real clips"):
+        MixedVideos(4, 16, 16, weights=(0, 0, 1), heldout=True)[0]
+    with pytest.raises(ValueError, match="3 non-negative"):
+        MixedVideos(4, 16, 16, weights=(1, -1, 0))

@@ -226,6 +226,11 @@ class Encoder(nn.Module):
     def pre_quant(self, latents: torch.Tensor, batch_stats: bool = False) -> torch.Tensor:
         """latents [B, C, T, H, W] -> the FSQ input z [B, T, R, d] float32 (normalised by the
         batch's statistics when ``batch_stats``, else by the running ones; see FSQInputNorm)."""
+        z = self.raw_z(latents)
+        return z if self.fsq_norm is None else self.fsq_norm(z, batch_stats)
+
+    def raw_z(self, latents: torch.Tensor) -> torch.Tensor:
+        """The register features projected to the FSQ dims, before FSQInputNorm: [B, T, R, d]."""
         cfg, W = self.cfg, self.cfg.encoder.width
         B, C, T, H, Wd = latents.shape
         p = cfg.patch_size
@@ -239,8 +244,7 @@ class Encoder(nn.Module):
         for block in self.blocks:
             x = block(x, layout, None)
         regs = x.reshape(B, T, P + cfg.registers, W)[:, :, P:]
-        z = self.to_fsq(self.norm(regs)).float()
-        return z if self.fsq_norm is None else self.fsq_norm(z, batch_stats)
+        return self.to_fsq(self.norm(regs)).float()
 
 
 class Decoder(nn.Module):

@@ -50,3 +50,47 @@ def load_pretrained(name: str = "tiny", device: str = "cpu") -> "torch.nn.Module
         raise RuntimeError(f"pretrained {name!r} does not fit its config: missing {sorted(missing)}, "
                            f"unexpected {sorted(unexpected)}")
     return model.to(device).eval()
+
+
+def export(checkpoint: str, name: str, command: str, calibration_clips: int = 256) -> str:
+    """Package a training checkpoint as pretrained model ``name`` (into this source tree's
+    ``vft/pretrained/<name>/``): its EMA weights with the FSQ input norm's statistics
+    recalibrated for them on ``calibration_clips`` training clips, the configs, the
+    training log and ``command`` (how the run was made). Returns the folder."""
+    import os
+    import shutil
+
+    from . import checkpoint as ckpt
+    from .train import make_dataset, recalibrate_fsq_norm
+
+    model = ckpt.load_model(checkpoint, use_ema=True)
+    cfg, tcfg = ckpt.read_config(checkpoint)
+    data = make_dataset(cfg, tcfg)
+    batches = [torch.stack([data[i + j] for j in range(16)]) for i in range(0, calibration_clips, 16)]
+    recalibrate_fsq_norm(model, batches)
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", name)
+    os.makedirs(folder, exist_ok=True)
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"name": name, "weights": "ema"})
+    step = ckpt.read_state(checkpoint)["step"]
+    info = {"model": cfg.to_dict(), "train": tcfg.to_dict() if tcfg else None,
+            "provenance": {"command": command, "steps": step, "weights": "EMA (decay "
+                           f"{tcfg.ema_decay if tcfg else '?'}), FSQ input norm recalibrated on "
+                           f"{calibration_clips} training clips", "log": "train_log.csv"}}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    shutil.copyfile(os.path.join(checkpoint, "log.csv"), os.path.join(folder, "train_log.csv"))
+    return folder
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="package a training checkpoint as a shipped pretrained model")
+    p.add_argument("checkpoint")
+    p.add_argument("--name", default="tiny")
+    p.add_argument("--command", required=True, help="the exact training command, recorded in config.json")
+    args = p.parse_args()
+    print(export(args.checkpoint, args.name, args.command))

@@ -258,6 +258,20 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str, resume: bool = False, p
     return {"step": done if tcfg.steps > start else start, "loss": last_loss, "checksums": checksums}
 
 
+@torch.no_grad()
+def recalibrate_fsq_norm(model: VideoFlexTok, clips) -> None:
+    """Set the FSQ input norm's running statistics to the exact mean / variance of the
+    encoder's features over ``clips`` (an iterable of video batches [B, 3, T, H, W]), e.g.
+    after loading EMA weights, whose averaged running statistics only approximate them."""
+    norm = model.encoder.fsq_norm
+    if norm is None:
+        return
+    zs = [model.encoder.raw_z(model.compressor.encode(v)).reshape(-1, model.cfg.fsq_dim) for v in clips]
+    z = torch.cat(zs).double()
+    norm.running_mean.copy_(z.mean(0))
+    norm.running_var.copy_(z.var(0))
+
+
 def _save(out, model, cfg, tcfg, step, opt, ema, rank, world):
     if rank == 0:
         ckpt.save(out, model, cfg, tcfg, step, opt, ema, {"world_size": world})
