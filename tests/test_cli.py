@@ -7,8 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vft.cli import main
-from vft.data import read_video, synthetic_video, write_video
+from vft.cli import main, sample_clip
+from vft.data import read_video, synthetic_video, to_model_range, write_video
+from vft.demo import OUTPUT_FILES
+from vft.metrics import psnr, ssim
+from vft.pretrained import load_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +42,9 @@ def test_tokenize_detokenize_reconstruct(trained, capsys):
     frames, _ = read_video(os.path.join(rec, "reconstruction.mp4"))
     assert frames.shape == (6, 16, 48, 3)  # original | keep=1 | keep=4 side by side
     assert os.path.getsize(os.path.join(rec, "grid.png")) > 1000
-    report = json.load(open(os.path.join(rec, "report.json")))
-    assert report["tokens_shape"] == [1, 6, 4] and set(report["keep"]) == {"1", "4"}
-    assert "keep=   1" in capsys.readouterr().out
+    summary = json.load(open(os.path.join(rec, "summary.json")))
+    assert summary["tokens_shape"] == [1, 6, 4] and set(summary["per_k"]) == {"1", "4"}
+    assert "codebook usage" in capsys.readouterr().out
 
 
 def test_info_reports_parameter_counts(capsys):
@@ -51,12 +54,52 @@ def test_info_reports_parameter_counts(capsys):
     assert "attention_forward" in out
 
 
-def test_demo_runs(tmp_path):
+def _check_demo_outputs(out, keeps, frames, size):
+    """Every promised file exists, and the summary's metrics equal a recomputation from the
+    written frames (and the mp4 holds the original and every K side by side)."""
+    for f in OUTPUT_FILES:
+        assert os.path.getsize(os.path.join(out, f)) > 100, f
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert [int(k) for k in summary["per_k"]] == keeps
+    written = load_file(os.path.join(out, "frames.safetensors"))
+    assert written["original"].shape == (frames, size, size, 3)
+    for k in keeps:
+        a, b = to_model_range(written[f"k{k}"]), to_model_range(written["original"])
+        assert summary["per_k"][str(k)]["psnr_db"] == pytest.approx(psnr(a, b), abs=1e-9)
+        assert summary["per_k"][str(k)]["ssim"] == pytest.approx(ssim(a, b), abs=1e-9)
+    video, _ = read_video(os.path.join(out, "reconstruction.mp4"))
+    assert video.shape == (frames, size, size * (1 + len(keeps)), 3)
+    md = open(os.path.join(out, "summary.md")).read()
+    assert f"{summary['per_k'][str(keeps[-1])]['psnr_db']:.2f}" in md
+    return summary
+
+
+def test_demo_runs_on_the_shipped_model(tmp_path, capsys):
     out = str(tmp_path / "demo")
-    assert main(["demo", "--preset", "micro", "--out", out, "--train-steps", "2", "--batch-size", "2", "--steps",
-                 "2", "--no-progress"]) == 0
-    for f in ("input.mp4", "reconstruction.mp4", "grid.png", "tokens.safetensors", "report.json"):
-        assert os.path.isfile(os.path.join(out, f)), f
+    assert main(["demo", "--out", out, "--steps", "2", "--keep", "1,8", "--no-progress"]) == 0
+    summary = _check_demo_outputs(out, [1, 8], 12, 32)  # 12 frames: one and a half 8-frame chunks
+    assert summary["tokens_shape"] == [1, 6, 8]
+    assert summary["timing"]["reference_seconds"] > 0 and summary["timing"]["speedup"] > 0
+    printed = capsys.readouterr().out
+    assert "PSNR" in printed and "reference" in printed and "grid.png" in printed
+    # the tokens written are the model's tokens of the held-out sample clip
+    model = load_pretrained("tiny")
+    clip = to_model_range(sample_clip(model.cfg, 12))[None]
+    assert torch.equal(load_file(os.path.join(out, "tokens.safetensors"))["tokens"], model.tokenize(clip))
+
+
+def test_demo_on_a_video_file_of_any_size(tmp_path, capsys):
+    clip = str(tmp_path / "odd.mp4")
+    write_video(clip, synthetic_video(3, 11, 50, 70), fps=12)  # odd length, not square, not 32x32
+    out = str(tmp_path / "demo")
+    assert main(["demo", "--video", clip, "--out", out, "--steps", "1", "--keep", "2", "--no-timing",
+                 "--no-progress"]) == 0
+    summary = _check_demo_outputs(out, [2], 10, 32)  # 11 frames -> 10 (a multiple of the 2-frame latent step)
+    assert summary["fps"] == pytest.approx(12) and "timing" not in summary
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video" * 50)
+    assert "not a readable video" in _err(capsys, ["demo", "--video", str(junk), "--out", out])
+    assert "not found" in _err(capsys, ["demo", "--video", str(tmp_path / "missing.mp4"), "--out", out])
 
 
 def _err(capsys, argv):

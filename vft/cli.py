@@ -1,6 +1,7 @@
 """The ``vft`` command line: tokenize, detokenize, reconstruct, train, info, demo.
 
-    vft demo --out demo_out                      # synthetic clip -> train tiny -> reconstruct
+    vft demo --out demo_out                      # shipped tiny model on a held-out clip, K = 1, 2, 4, 8
+    vft demo --video clip.mp4 --out demo_out     # the same on any video file
     vft train --preset tiny --out ckpt --steps 2000
     vft tokenize clip.mp4 --checkpoint ckpt --out tokens.safetensors
     vft detokenize tokens.safetensors --checkpoint ckpt --keep 4 --out clip_k4.mp4
@@ -150,7 +151,7 @@ def cmd_train(args) -> int:
     base = tiny_train_config() if cfg.name in ("micro", "tiny") else TrainConfig()
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed", "log_every", "ckpt_every",
                                               "keep_sampling", "data", "warmup_steps", "logit_normal_mean",
-                                              "ema_decay", "null_prob", "prefix_prob")
+                                              "ema_decay", "null_prob", "prefix_prob", "uniform_t_prob")
                  if getattr(args, k) is not None}
     if args.bf16:
         overrides["bf16"] = True
@@ -198,6 +199,13 @@ def cmd_reconstruct(args) -> int:
     summary = reconstruct_report(model, video.to(device), keeps, args.out, fps, _sampling_kwargs(args),
                                  compare_reference=False, progress=not args.no_progress, source=args.video)
     print_summary(summary, args.out)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .pretrained import export
+
+    print(f"packaged {args.checkpoint} as pretrained {args.name!r} in {export(args.checkpoint, args.name, args.command)}")
     return 0
 
 
@@ -271,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, help="resample folder videos to this frame rate")
     for name, typ in (("steps", int), ("batch-size", int), ("lr", float), ("seed", int), ("log-every", int),
                       ("ckpt-every", int), ("warmup-steps", int), ("logit-normal-mean", float),
-                      ("ema-decay", float), ("null-prob", float), ("prefix-prob", float)):
+                      ("ema-decay", float), ("null-prob", float), ("prefix-prob", float),
+                      ("uniform-t-prob", float)):
         p.add_argument(f"--{name}", type=typ)
     p.add_argument("--keep-sampling", choices=["pow2", "uniform"])
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
@@ -305,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _add_sampling(p, "1,2,4,8")
     p.set_defaults(fn=cmd_reconstruct)
+
+    p = sub.add_parser("export", help="package a training checkpoint as a shipped pretrained model (developers)")
+    p.add_argument("checkpoint")
+    p.add_argument("--name", default="tiny")
+    p.add_argument("--command", required=True, help="the exact training command, recorded in config.json")
+    _add_common(p)
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("demo", help="the shipped tiny tokenizer on a held-out clip (or --video): tokenize once, "
                        "reconstruct from K = 1, 2, 4, ... tokens, write mp4 / PNG / JSON / Markdown")

@@ -190,6 +190,7 @@ class TrainConfig:
     prefix_prob: float = 0.25  # probability of a clean-prefix (continuation) sample
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
+    uniform_t_prob: float = 0.0  # probability that a sample's flow time is drawn from U(0, 1) instead
     seed: int = 0
     data: str = "synthetic"  # "synthetic", "mixed" (vft.data.MixedVideos) or a folder of videos
     data_mix: tuple = (0.6, 0.25, 0.15)  # "mixed": weights of synthetic, photo and real clips
@@ -202,7 +203,7 @@ class TrainConfig:
         self.data_mix = tuple(self.data_mix)
         if self.keep_sampling not in KEEP_SAMPLING:
             raise ValueError(f"keep_sampling must be one of {KEEP_SAMPLING}, got {self.keep_sampling!r}")
-        for n in ("null_prob", "prefix_prob"):
+        for n in ("null_prob", "prefix_prob", "uniform_t_prob"):
             if not 0 <= getattr(self, n) <= 1:
                 raise ValueError(f"{n} must be in [0, 1], got {getattr(self, n)}")
         if self.steps < 0 or self.batch_size < 1:
@@ -294,10 +295,13 @@ def preset(name: str) -> ModelConfig:
 def tiny_train_config(**kw) -> TrainConfig:
     """Training settings that suit the tiny preset on a CPU.
 
-    logit_normal_mean 1.5 (median flow time 0.82) spends most steps at high noise, where
-    the velocity can only be predicted from the tokens; with the usual 0.0 the decoder
-    learned to denoise from the noisy patches alone and ignored its tokens (issue #10)."""
-    base = dict(steps=2000, batch_size=8, lr=1e-3, warmup_steps=100, ema_decay=0.999, logit_normal_mean=1.5)
+    Flow times: logit-normal with mean 1.5 (median t = 0.82) for 75 % of the samples, so
+    most steps are at high noise, where the velocity can only be predicted from the tokens
+    (with the usual mean 0.0 the decoder learned to denoise from the noisy patches alone
+    and ignored its tokens, issue #10), and U(0, 1) for 25 %, so the low-noise end that
+    removes the last noise when sampling is trained too."""
+    base = dict(steps=2000, batch_size=8, lr=1.5e-3, warmup_steps=200, ema_decay=0.999, logit_normal_mean=1.5,
+                uniform_t_prob=0.25)
     base.update(kw)
     return TrainConfig(**base)
 

@@ -11,7 +11,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of two videos (any equal shapes) in [-1, 1], over all their elements."""
     if a.shape != b.shape:
         raise ValueError(f"psnr: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-    mse = float(((a.float() - b.float()) / 2).square().mean())
+    mse = float(((a.double() - b.double()) / 2).square().mean())
     return 10 * math.log10(1 / mse) if mse > 0 else float("inf")
 
 

@@ -84,13 +84,3 @@ def export(checkpoint: str, name: str, command: str, calibration_clips: int = 25
     shutil.copyfile(os.path.join(checkpoint, "log.csv"), os.path.join(folder, "train_log.csv"))
     return folder
 
-
-if __name__ == "__main__":
-    import argparse
-
-    p = argparse.ArgumentParser(description="package a training checkpoint as a shipped pretrained model")
-    p.add_argument("checkpoint")
-    p.add_argument("--name", default="tiny")
-    p.add_argument("--command", required=True, help="the exact training command, recorded in config.json")
-    args = p.parse_args()
-    print(export(args.checkpoint, args.name, args.command))

@@ -1,6 +1,7 @@
 """Training: rectified flow with nested dropout, AdamW, EMA, DDP, resumable checkpoints.
 
-Per step and sample: flow time ``t = sigmoid(N(mean, std))`` (logit-normal), noise,
+Per step and sample: flow time ``t = sigmoid(N(mean, std))`` (logit-normal; with
+probability ``uniform_t_prob`` ``t ~ U(0, 1)`` instead), noise,
 keep count (``pow2``: uniform over {1, 2, 4, ..., R}; ``uniform``: uniform over [1, R]),
 null condition with probability ``null_prob``, and with probability ``prefix_prob`` a
 clean prefix of 1..T'-1 latent frames (so the decoder learns the continuation used for
@@ -43,11 +44,13 @@ def draw(cfg: ModelConfig, tcfg: TrainConfig, batch: int, gen: torch.Generator) 
     T = cfg.latent_frames
     C, (h, w) = cfg.compressor.latent_channels, cfg.latent_hw
     u = torch.randn(batch, generator=gen) * tcfg.logit_normal_std + tcfg.logit_normal_mean
+    uniform = torch.rand(batch, generator=gen)
+    use_uniform = torch.rand(batch, generator=gen) < tcfg.uniform_t_prob
     vals = keep_values(cfg.registers, tcfg.keep_sampling)
     with_prefix = torch.rand(batch, generator=gen) < tcfg.prefix_prob
     prefix = torch.randint(1, max(T, 2), (batch,), generator=gen) if T > 1 else torch.zeros(batch, dtype=torch.long)
     return dict(
-        t=torch.sigmoid(u),
+        t=torch.where(use_uniform, uniform, torch.sigmoid(u)),
         prefix_len=torch.where(with_prefix, prefix, 0),
         noise=torch.randn((batch, C, T, h, w), generator=gen),
         keep=vals[torch.randint(0, len(vals), (batch,), generator=gen)],
