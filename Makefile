@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 # One build at a time in this tree (ninja recompiles only what changed).
 BUILD_LOCK := flock $(CURDIR)/.build.lock
 
-.PHONY: demo test build bench info aot clean
+.PHONY: demo test build bench eval info aot clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,10 @@ test: build
 	PYTHONPATH=$(CURDIR) $(PY) -m pytest -q tests
 
 demo: build
-	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.run --quick
+	PYTHONPATH=$(CURDIR) $(PY) -m vft.cli demo --out demo_out
+
+eval: build
+	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.eval_tokens --out results/eval_tokens
 
 bench: build
 	PYTHONPATH=$(CURDIR) $(PY) -m benchmarks.run
@@ -33,4 +36,4 @@ aot: build
 	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR) $(PY) -m vft_kernels.triton.aot
 
 clean:
-	rm -rf build vft_kernels/_C*.so .pytest_cache results
+	rm -rf build vft_kernels/_C*.so .pytest_cache results demo_out

@@ -72,6 +72,28 @@ def test_same_seed_same_output():
     assert torch.equal(m.tokenize(_video()), tokens)
 
 
+def test_fsq_input_norm_batch_stats_in_training_running_stats_in_tokenize():
+    m = _model()
+    norm = m.encoder.fsq_norm
+    with torch.no_grad():
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2)
+    v = _video(B=4)
+    m.train()  # tokenize ignores the module mode: running statistics, nothing updated
+    stats = norm.running_mean.clone(), norm.running_var.clone()
+    tokens = m.tokenize(v)
+    assert torch.equal(tokens[1:2], m.tokenize(v[1:2]))  # independent of the batch it is in
+    assert torch.equal(norm.running_mean, stats[0]) and torch.equal(norm.running_var, stats[1])
+    lat = m.compressor.encode(v)
+    z = m.encoder.pre_quant(lat, batch_stats=True).reshape(-1, m.cfg.fsq_dim)  # training: batch statistics
+    torch.testing.assert_close(z.mean(0), torch.zeros(m.cfg.fsq_dim), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.var(0, unbiased=False), torch.ones(m.cfg.fsq_dim), atol=1e-3, rtol=0)
+    assert not torch.equal(norm.running_mean, stats[0])  # ... and updates the running ones
+    raw = m.encoder.raw_z(lat)
+    expect = (raw - norm.running_mean) / (norm.running_var + norm.eps).sqrt()
+    torch.testing.assert_close(m.encoder.pre_quant(lat), expect)
+
+
 @pytest.mark.parametrize("solver,guidance", [("euler", "none"), ("euler", "cfg"), ("heun", "apg")])
 def test_solvers_and_guidance_run(solver, guidance):
     m = _model()

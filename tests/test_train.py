@@ -168,3 +168,17 @@ def test_torchrun_two_processes_stay_in_sync(tmp_path):
     single = tmp_path / "single"
     train(preset("micro"), tiny_train_config(steps=3, batch_size=1, log_every=1), str(single), progress=False)
     assert ckpt.read_state(str(single))["rank_checksums"][0] != state["rank_checksums"][0]
+
+
+def test_recalibrate_fsq_norm_sets_exact_statistics():
+    from vft.train import recalibrate_fsq_norm
+
+    cfg = preset("micro")
+    model = VideoFlexTok(cfg)
+    data = SyntheticVideos(cfg.frames, cfg.height, cfg.width, seed=5)
+    batches = [torch.stack([data[i + j] for j in range(4)]) for i in (0, 4)]
+    recalibrate_fsq_norm(model, batches)
+    with torch.no_grad():
+        z = torch.cat([model.encoder.raw_z(model.compressor.encode(b)).reshape(-1, cfg.fsq_dim) for b in batches])
+    torch.testing.assert_close(model.encoder.fsq_norm.running_mean, z.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.encoder.fsq_norm.running_var, z.var(0), rtol=1e-5, atol=1e-6)
