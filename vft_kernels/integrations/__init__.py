@@ -1,0 +1,115 @@
+"""Drop-in patching of vft kernels onto third-party tokenizer code.
+
+* ``vft_kernels.integrations.vector_quantize_pytorch``: ``vector_quantize_pytorch.FSQ``.
+* ``vft_kernels.integrations.videoflextok``: the official VideoFlexTok models (FSQ, sampler guidance).
+* ``vft_kernels.integrations.flextok``: the official FlexTok models (FSQ, sampler guidance).
+
+Each offers ``patch(...) -> PatchHandle``, ``handle.unpatch()`` and a ``patched(...)`` context
+manager. Patches are per instance (never a class or a module global), reversible, leave
+``state_dict()`` untouched, and fall back to the original code for whatever the kernels do not
+cover; ``handle.summary()`` says which. Importing this package imports nothing heavy, and
+no submodule imports its third-party package before ``patch`` is called (the official-model
+integrations only look their classes up in ``sys.modules``).
+
+Optional dependencies: requirements-integrations.txt.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Callable, Optional
+
+# integration name -> {patched target -> its active handle}
+_HANDLES: "dict[str, weakref.WeakKeyDictionary[object, PatchHandle]]" = {}
+
+
+class PatchHandle:
+    """What one ``patch()`` call replaced, and how to undo it.
+
+    ``summary()`` (also the repr) lists what was replaced and what was left to the original
+    code, with the reason. ``unpatch()`` restores the originals (idempotent). As a context
+    manager the handle unpatches on exit. The handle keeps only weak references to the
+    patched objects."""
+
+    def __init__(self, integration: str, title: str):
+        self.integration = integration
+        self.title = title
+        self.lines: list[str] = []
+        self._undo: list[Callable[[], None]] = []
+        self._target: Optional[weakref.ref] = None
+        self.active = True
+
+    def summary(self) -> str:
+        state = "" if self.active else " [unpatched]"
+        return "\n".join([self.title + state] + ["  " + line for line in self.lines])
+
+    __repr__ = summary
+
+    def unpatch(self) -> None:
+        """Restore every original method / class this handle replaced."""
+        while self._undo:
+            self._undo.pop()()
+        target = self._target() if self._target is not None else None
+        if target is not None and existing_handle(self.integration, target) is self:
+            del _HANDLES[self.integration][target]
+        self.active = False
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unpatch()
+
+    # -- used by the integration modules ------------------------------------------------
+
+    def register(self, target: object) -> None:
+        """Record this handle as ``target``'s patch by its integration (``existing_handle``)."""
+        self._target = weakref.ref(target)
+        _HANDLES.setdefault(self.integration, weakref.WeakKeyDictionary())[target] = self
+
+    def set_instance_attr(self, obj: object, name: str, value: object) -> None:
+        """``obj.<name> = value`` in the instance ``__dict__`` only; undone by ``unpatch``."""
+        had, old = name in vars(obj), vars(obj).get(name)
+        vars(obj)[name] = value
+        ref = weakref.ref(obj)
+
+        def undo():
+            o = ref()
+            if o is None:
+                return
+            if had:
+                vars(o)[name] = old
+            else:
+                vars(o).pop(name, None)
+
+        self._undo.append(undo)
+
+    def set_class(self, obj: object, cls: type) -> None:
+        """Give ``obj`` the class ``cls`` (a subclass of its own); undone by ``unpatch``."""
+        original, ref = type(obj), weakref.ref(obj)
+        obj.__class__ = cls
+
+        def undo():
+            o = ref()
+            if o is not None and type(o) is cls:
+                o.__class__ = original
+
+        self._undo.append(undo)
+
+
+def existing_handle(integration: str, target: object) -> Optional[PatchHandle]:
+    """The active handle with which ``integration`` patched ``target`` (None if none)."""
+    return _HANDLES.get(integration, {}).get(target)
+
+
+@contextlib.contextmanager
+def patched_context(patch: Callable[..., PatchHandle], integration: str, target: object, **kwargs):
+    """``with``-block around ``patch(target, **kwargs)``: unpatches on exit unless ``target``
+    was already patched by ``integration`` before the block (then that earlier patch stays)."""
+    earlier = existing_handle(integration, target)
+    handle = patch(target, **kwargs)
+    try:
+        yield handle
+    finally:
+        if earlier is None:
+            handle.unpatch()

@@ -1,0 +1,47 @@
+"""Drop-in vft kernels for the official FlexTok models (package ``flextok``)::
+
+    from vft_kernels.integrations import flextok as ft_patch
+    handle = ft_patch.patch(model)      # the official FlexTok, or any nn.Module holding its parts
+    print(handle)
+    handle.unpatch()
+    with ft_patch.patched(model): ...
+
+FlexTok shares VideoFlexTok's FSQ (``regularizers.quantize_fsq.FSQ``, here called through
+``packed_call``) and guidance code, so this is the same machinery with FlexTok's classes;
+``vft_kernels.integrations.videoflextok`` documents what is replaced, what falls back and why.
+FlexTok's only sampler is ``flow_matching.pipelines.MinRFPipeline`` (images [1, C, H, W]: APG
+groups are whole samples; APG fixed at momentum -0.5, eta 0, norm threshold 2.5, as in the
+official code). Unlike VideoFlexTok's, it keeps one MomentumBuffer per sample, and so does the
+patch. Attention is not patched (the official FlexAttention call stays).
+"""
+from __future__ import annotations
+
+from . import PatchHandle, patched_context
+from .videoflextok import _OfficialPackage, _patch_official, _SamplerSpec
+
+_FLEXTOK = _OfficialPackage(
+    name="flextok",
+    title="FlexTok",
+    samplers={
+        "MinRFPipeline": _SamplerSpec(
+            params=("data_dict", "generator", "timesteps", "vae_image_sizes", "verbose", "guidance_scale",
+                    "perform_norm_guidance"),
+            sizes="vae_image_sizes", video=False, apg=(-0.5, 0.0, 2.5), shared_momentum=False),
+    },
+    unsupported={},
+)
+
+
+def patch(model, fsq: bool = True, attention: bool = True, guidance: bool = True) -> PatchHandle:
+    """Run the official FlexTok ``model`` (or any nn.Module containing its FSQ / sampler) on
+    the vft kernels: FSQ on vk.fsq_quantize / vk.fsq_indices_to_codes (``fsq``), the sampler's
+    guidance + Euler update on vk.flow_step (``guidance``). ``attention`` is accepted and
+    reported but not patched yet. Returns a PatchHandle (``summary()``, ``unpatch()``).
+    Raises TypeError if ``model`` is not an nn.Module, ValueError if nothing patchable is found."""
+    return _patch_official(_FLEXTOK, model, fsq, attention, guidance)
+
+
+def patched(model, fsq: bool = True, attention: bool = True, guidance: bool = True):
+    """Context manager: ``patch(model, ...)`` for the ``with`` block, undone on exit (unless
+    the model was already patched before the block)."""
+    return patched_context(patch, _FLEXTOK.name, model, fsq=fsq, attention=attention, guidance=guidance)
