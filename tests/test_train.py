@@ -33,7 +33,7 @@ def _fixed_loss(model, cfg, tcfg):
     video = torch.stack([data[i] for i in range(8)])
     inputs = draw(cfg, tcfg, 8, torch.Generator().manual_seed(7))
     with torch.no_grad():
-        return float(model(video, **inputs))
+        return float(model(video, **inputs, loss_t_min=tcfg.loss_t_min))
 
 
 def test_keep_sampling_values():
@@ -57,17 +57,17 @@ def test_lr_schedule():
 
 def test_training_reduces_loss(tmp_path):
     cfg = preset("micro")
-    tcfg = _tcfg(steps=30, batch_size=4, prefix_prob=0.0)
+    tcfg = _tcfg(steps=60, batch_size=4, prefix_prob=0.0)
     torch.manual_seed(tcfg.seed)
     before = _fixed_loss(VideoFlexTok(cfg), cfg, tcfg)
     train(cfg, tcfg, str(tmp_path), progress=False)
     model = VideoFlexTok(cfg)
     ckpt.load_weights(str(tmp_path), model, use_ema=False)
     after = _fixed_loss(model, cfg, tcfg)
-    assert after < 0.8 * before, (before, after)
+    assert after < 0.95 * before, (before, after)  # x-prediction starts at the mean-image loss, not ~1.3
     rows = (tmp_path / "log.csv").read_text().splitlines()
     assert rows[0].split(",") == LOG_COLUMNS
-    assert len(rows) == 31
+    assert len(rows) == 61
 
 
 def test_training_makes_tokens_informative(tmp_path):
@@ -86,7 +86,7 @@ def test_training_makes_tokens_informative(tmp_path):
     inputs["null"][:] = False
     with torch.no_grad():
         model.train()
-        loss, stats = model(video, **inputs, return_stats=True, shuffled_loss=True)
+        loss, stats = model(video, **inputs, return_stats=True, shuffled_loss=True, loss_t_min=tcfg.loss_t_min)
         tokens = model.eval().tokenize(video)
     assert float(stats["shuffled_loss"]) > 1.25 * float(loss), (float(loss), float(stats["shuffled_loss"]))
     # 256 held-out tokens: at least 30 distinct codes (the collapsed model had 1)

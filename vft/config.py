@@ -24,6 +24,7 @@ from typing import Any
 DROPOUT_MODES = ("mask_token", "drop")
 KEEP_SAMPLING = ("pow2", "uniform")
 FSQ_NORMS = ("none", "batch")
+PREDICTIONS = ("x", "v")
 COMPRESSORS = ("pixel", "vae")
 
 
@@ -93,6 +94,7 @@ class ModelConfig:
     fsq_levels: tuple = (8, 8, 8, 5, 5, 5)
     dropout_mode: str = "mask_token"
     fsq_norm: str = "batch"  # "batch": normalise the FSQ input per dim (vft.model.FSQInputNorm); "none"
+    prediction: str = "x"  # what the decoder's head outputs: "x" clean latents (velocity derived), "v" velocity
     chunk_overlap: int = 1  # latent frames shared by consecutive chunks of a long video
 
     def __post_init__(self):
@@ -107,6 +109,8 @@ class ModelConfig:
         self.decoder.check("decoder")
         if self.dropout_mode not in DROPOUT_MODES:
             raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {self.dropout_mode!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         if self.fsq_norm not in FSQ_NORMS:
             raise ValueError(f"fsq_norm must be one of {FSQ_NORMS}, got {self.fsq_norm!r}")
         c = self.compressor
@@ -191,6 +195,7 @@ class TrainConfig:
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
     uniform_t_prob: float = 0.0  # probability that a sample's flow time is drawn from U(0, 1) instead
+    loss_t_min: float = 0.0  # > 0: weight the velocity error by max(t, loss_t_min)^2 (= clean-estimate error)
     seed: int = 0
     data: str = "synthetic"  # "synthetic", "mixed" (vft.data.MixedVideos) or a folder of videos
     data_mix: tuple = (0.6, 0.25, 0.15)  # "mixed": weights of synthetic, photo and real clips
@@ -203,7 +208,7 @@ class TrainConfig:
         self.data_mix = tuple(self.data_mix)
         if self.keep_sampling not in KEEP_SAMPLING:
             raise ValueError(f"keep_sampling must be one of {KEEP_SAMPLING}, got {self.keep_sampling!r}")
-        for n in ("null_prob", "prefix_prob", "uniform_t_prob"):
+        for n in ("null_prob", "prefix_prob", "uniform_t_prob", "loss_t_min"):
             if not 0 <= getattr(self, n) <= 1:
                 raise ValueError(f"{n} must be in [0, 1], got {getattr(self, n)}")
         if self.steps < 0 or self.batch_size < 1:
@@ -299,9 +304,10 @@ def tiny_train_config(**kw) -> TrainConfig:
     most steps are at high noise, where the velocity can only be predicted from the tokens
     (with the usual mean 0.0 the decoder learned to denoise from the noisy patches alone
     and ignored its tokens, issue #10), and U(0, 1) for 25 %, so the low-noise end that
-    removes the last noise when sampling is trained too."""
+    removes the last noise when sampling is trained too. The loss is the error of the clean
+    estimate (``loss_t_min`` 0.05), which suits the x-predicting decoder."""
     base = dict(steps=2000, batch_size=8, lr=1.5e-3, warmup_steps=200, ema_decay=0.999, logit_normal_mean=1.5,
-                uniform_t_prob=0.25)
+                uniform_t_prob=0.25, loss_t_min=0.05)
     base.update(kw)
     return TrainConfig(**base)
 

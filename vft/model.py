@@ -35,6 +35,7 @@ from .compressor import build_compressor, check_video
 from .config import ModelConfig
 
 KeepArg = Union[None, int, torch.Tensor]
+X_PRED_T_MIN = 0.05  # x-prediction: v = (x_t - x0_hat) / max(t, this)
 
 
 # ------------------------------------------------------------------------------------
@@ -305,8 +306,13 @@ class Decoder(nn.Module):
         for block in self.blocks:
             x = block(x, c, layout, attn_keep)
         shift, scale = self.final_modulation(F.silu(c))[:, :, None].chunk(2, dim=-1)
-        out = self.head(self.final_norm(x[:, :, :P]) * (1 + scale) + shift)
-        return unpatchify(out.float(), C, H, Wd, p)
+        out = unpatchify(self.head(self.final_norm(x[:, :, :P]) * (1 + scale) + shift).float(), C, H, Wd, p)
+        if cfg.prediction == "v":
+            return out
+        # x-prediction: the network outputs the clean latents and the velocity follows from
+        # x_t = t * noise + (1 - t) * x0, so it never has to reproduce the noise itself.
+        tc = t.float().clamp(min=X_PRED_T_MIN)[:, None, :, None, None]
+        return (x_t.float() - out) / tc
 
 
 # ------------------------------------------------------------------------------------
@@ -330,14 +336,18 @@ class VideoFlexTok(nn.Module):
 
     # Training ------------------------------------------------------------------------
     def forward(self, video: torch.Tensor, t: torch.Tensor, prefix_len: torch.Tensor, noise: torch.Tensor,
-                keep: torch.Tensor, null: torch.Tensor, return_stats: bool = False, shuffled_loss: bool = False):
+                keep: torch.Tensor, null: torch.Tensor, return_stats: bool = False, shuffled_loss: bool = False,
+                loss_t_min: float = 0.0):
         """Rectified-flow training loss (the random draws come from the caller, see
         ``vft.train.draw``).
 
         video [B, 3, T, H, W]; t float [B] flow times; prefix_len int [B]: the first
         prefix_len latent frames are given clean (t = 0) and excluded from the loss;
         noise [B, C, T', H', W']; keep int [B]; null bool [B]. Returns the velocity MSE
-        ``|v - (noise - x0)|^2`` averaged over the non-prefix frames (float32 scalar).
+        ``|v - (noise - x0)|^2`` averaged over the non-prefix frames (float32 scalar); with
+        ``loss_t_min > 0`` each frame's error is weighted by ``max(t, loss_t_min)^2``, which
+        makes it the squared error of the implied clean estimate ``x_t - t v`` (for t >=
+        loss_t_min).
 
         return_stats: also return a dict of detached telemetry: ``tokens`` [B, T', R] and
         ``z`` (the FSQ input); with ``shuffled_loss`` also ``shuffled_loss``, the same loss
@@ -356,7 +366,10 @@ class VideoFlexTok(nn.Module):
 
         def loss_with(c):
             v = self.decoder(x_t, t_frames, c, keep, null)
-            err = (v - (noise - x0)).square().mean(dim=(1, 3, 4))  # [B, T]
+            err = (v - (noise - x0)).square()
+            if loss_t_min > 0:  # t^2 |v - v*|^2 = |x0_hat - x0|^2: the error of the clean estimate
+                err = err * tb.clamp(min=loss_t_min).square()
+            err = err.mean(dim=(1, 3, 4))  # [B, T]
             return (err * weight).sum() / weight.sum().clamp(min=1)
 
         loss = loss_with(codes)

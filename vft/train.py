@@ -207,7 +207,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str, resume: bool = False, p
             g["lr"] = lr_at(step, tcfg)
         log_step = (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.bf16):
-            loss, stats = ddp(video, **inputs, return_stats=True, shuffled_loss=log_step)
+            loss, stats = ddp(video, **inputs, return_stats=True, shuffled_loss=log_step, loss_t_min=tcfg.loss_t_min)
         window.add(stats, loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
