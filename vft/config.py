@@ -94,7 +94,7 @@ class ModelConfig:
     fsq_levels: tuple = (8, 8, 8, 5, 5, 5)
     dropout_mode: str = "mask_token"
     fsq_norm: str = "batch"  # "batch": normalise the FSQ input per dim (vft.model.FSQInputNorm); "none"
-    prediction: str = "x"  # what the decoder's head outputs: "x" clean latents (velocity derived), "v" velocity
+    prediction: str = "v"  # what the decoder's head outputs: "v" velocity, "x" clean latents (velocity derived)
     chunk_overlap: int = 1  # latent frames shared by consecutive chunks of a long video
 
     def __post_init__(self):
@@ -304,10 +304,9 @@ def tiny_train_config(**kw) -> TrainConfig:
     most steps are at high noise, where the velocity can only be predicted from the tokens
     (with the usual mean 0.0 the decoder learned to denoise from the noisy patches alone
     and ignored its tokens, issue #10), and U(0, 1) for 25 %, so the low-noise end that
-    removes the last noise when sampling is trained too. The loss is the error of the clean
-    estimate (``loss_t_min`` 0.05), which suits the x-predicting decoder."""
+    removes the last noise when sampling is trained too."""
     base = dict(steps=2000, batch_size=8, lr=1.5e-3, warmup_steps=200, ema_decay=0.999, logit_normal_mean=1.5,
-                uniform_t_prob=0.25, loss_t_min=0.05)
+                uniform_t_prob=0.25)
     base.update(kw)
     return TrainConfig(**base)
 
