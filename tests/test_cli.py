@@ -5,6 +5,8 @@ import os
 
 import pytest
 import torch
+
+import vft_kernels as vk
 from safetensors.torch import load_file, save_file
 
 from vft.cli import main, sample_clip
@@ -80,6 +82,7 @@ def test_demo_runs_on_the_shipped_model(tmp_path, capsys):
     summary = _check_demo_outputs(out, [1, 8], 12, 32)  # 12 frames: one and a half 8-frame chunks
     assert summary["tokens_shape"] == [1, 6, 8]
     assert summary["timing"]["reference_seconds"] > 0 and summary["timing"]["speedup"] > 0
+    assert summary["timing"]["backend"] == vk.available_backends()["attention_forward"]["cpu"][0]
     printed = capsys.readouterr().out
     assert "PSNR" in printed and "reference" in printed and "grid.png" in printed
     # the tokens written are the model's tokens of the held-out sample clip

@@ -135,7 +135,7 @@ def reconstruct_report(model, video: torch.Tensor, keeps: list[int], out: str, f
 
 
 def _backend_name(device: torch.device) -> str:
-    names = vk.available_backends().get("register_attention", {}).get(device.type, [])
+    names = vk.available_backends().get("attention_forward", {}).get(device.type, [])
     return names[0] if names else "reference"
 
 
