@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from vft import checkpoint as ckpt
 from vft.data import MixedVideos, list_videos
+from vft.demo import write_quality_png
 from vft.metrics import codebook_usage, mean_ci, psnr, ssim
 from vft.pretrained import load_pretrained
 from vft.train import keep_values
@@ -78,25 +79,9 @@ def evaluate(model, clips: torch.Tensor, keeps, steps: int = 25, guidance: str =
 
 
 def plot(result: dict, path: str, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks = result["keeps"]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
-    for a, key, label in ((ax[0], "psnr", "PSNR (dB)"), (ax[1], "ssim", "SSIM")):
-        m = [result["per_k"][k][key] for k in ks]
-        ci = [result["per_k"][k][key + "_ci95"] for k in ks]
-        a.errorbar(ks, m, yerr=ci, marker="o", capsize=3)
-        a.set_xscale("log", base=2)
-        a.set_xticks(ks, [str(k) for k in ks])
-        a.set_xlabel("tokens per latent frame (K)")
-        a.set_ylabel(label)
-        a.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ks, per_k = result["keeps"], result["per_k"]
+    write_quality_png(path, ks, [per_k[k]["psnr"] for k in ks], [per_k[k]["ssim"] for k in ks], title,
+                      [per_k[k]["psnr_ci95"] for k in ks], [per_k[k]["ssim_ci95"] for k in ks])
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import vft
 from benchmarks.eval_tokens import evaluate, heldout_clips

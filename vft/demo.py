@@ -54,15 +54,16 @@ def write_grid_png(path: str, rows: list[tuple[str, torch.Tensor]], max_frames: 
     plt.close(fig)
 
 
-def write_quality_png(path: str, per_k: dict, title: str) -> None:
+def write_quality_png(path: str, ks: list[int], psnr_db: list[float], ssim_values: list[float], title: str,
+                      psnr_ci: Optional[list[float]] = None, ssim_ci: Optional[list[float]] = None) -> None:
+    """PSNR and SSIM against K (log2 axis), with optional 95 % CI error bars."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ks = sorted(per_k)
-    fig, ax = plt.subplots(1, 2, figsize=(8, 3.2))
-    for a, key, label in ((ax[0], "psnr_db", "PSNR (dB)"), (ax[1], "ssim", "SSIM")):
-        a.plot(ks, [per_k[k][key] for k in ks], marker="o")
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+    for a, values, ci, label in ((ax[0], psnr_db, psnr_ci, "PSNR (dB)"), (ax[1], ssim_values, ssim_ci, "SSIM")):
+        a.errorbar(ks, values, yerr=ci, marker="o", capsize=3)
         a.set_xscale("log", base=2)
         a.set_xticks(ks, [str(k) for k in ks])
         a.set_xlabel("tokens per latent frame (K)")
@@ -111,8 +112,9 @@ def reconstruct_report(model, video: torch.Tensor, keeps: list[int], out: str, f
     write_video(os.path.join(out, "reconstruction.mp4"),
                 from_model_range(torch.cat([to_model_range(original)] + recons, dim=3)), fps)
     write_grid_png(os.path.join(out, "grid.png"), rows)
-    write_quality_png(os.path.join(out, "quality.png"), per_k, f"{source or 'clip'}: {cfg.name}, "
-                      f"{sampling.get('steps')} steps, {sampling.get('guidance')}")
+    write_quality_png(os.path.join(out, "quality.png"), list(per_k), [r["psnr_db"] for r in per_k.values()],
+                      [r["ssim"] for r in per_k.values()],
+                      f"{source or 'clip'}: {cfg.name}, {sampling.get('steps')} steps, {sampling.get('guidance')}")
     save_file({k: v.contiguous() for k, v in frames.items()}, os.path.join(out, "frames.safetensors"))
     save_tokens(os.path.join(out, "tokens.safetensors"), tokens, cfg, fps)
     summary = {
