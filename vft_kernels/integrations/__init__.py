@@ -97,6 +97,18 @@ class PatchHandle:
         self._undo.append(undo)
 
 
+def override_reasons(obj: object, cls: type, covered: tuple, replaced: tuple) -> list[str]:
+    """Why ``obj`` cannot be patched as a ``cls``: its type overrides methods in ``covered``
+    (the behaviour the patch reproduces), or ``obj`` already has an instance-level
+    replacement of a method in ``replaced`` (the ones the patch would set)."""
+    reasons = []
+    overridden = [m for m in covered if getattr(type(obj), m, None) is not getattr(cls, m, None)]
+    if overridden:
+        reasons.append(f"{type(obj).__name__} overrides {', '.join(overridden)}")
+    reasons += [f"this instance's {name} was already replaced by other code" for name in replaced if name in vars(obj)]
+    return reasons
+
+
 def existing_handle(integration: str, target: object) -> Optional[PatchHandle]:
     """The active handle with which ``integration`` patched ``target`` (None if none)."""
     return _HANDLES.get(integration, {}).get(target)

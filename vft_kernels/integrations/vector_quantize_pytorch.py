@@ -41,7 +41,7 @@ import torch
 
 from .. import fsq_indices_to_codes, fsq_quantize
 from ..testing import fsq_boundary_tokens
-from . import PatchHandle, existing_handle, patched_context
+from . import PatchHandle, existing_handle, override_reasons, patched_context
 
 # Methods whose behaviour the patch reproduces; a subclass overriding any of them is not patched.
 _COVERED_METHODS = ("forward", "quantize", "bound", "codes_to_indices", "indices_to_codes",
@@ -80,13 +80,7 @@ def _probe_mismatch(fsq, levels: tuple[int, ...]):
 
 
 def _whole_instance_fallbacks(fsq, cls, levels: tuple[int, ...]) -> list[str]:
-    reasons = []
-    overridden = [m for m in _COVERED_METHODS if getattr(type(fsq), m, None) is not getattr(cls, m, None)]
-    if overridden:
-        reasons.append(f"{type(fsq).__name__} overrides {', '.join(overridden)}")
-    for name in ("forward", "indices_to_codes"):
-        if name in vars(fsq):
-            reasons.append(f"this instance's {name} was already replaced by other code")
+    reasons = override_reasons(fsq, cls, _COVERED_METHODS, ("forward", "indices_to_codes"))
     if getattr(fsq, "preserve_symmetry", False):
         reasons.append("preserve_symmetry=True (symmetry-preserving bound: tanh then floor, not SPEC.md §1)")
     if getattr(fsq, "noise_dropout", 0.0) > 0:

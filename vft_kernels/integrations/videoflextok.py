@@ -68,7 +68,7 @@ from typing import Optional
 import torch
 
 from .. import flow_step, fsq_indices_to_codes, fsq_quantize
-from . import PatchHandle, existing_handle, patched_context
+from . import PatchHandle, existing_handle, override_reasons, patched_context
 
 ATTENTION_LINE = ("attention: not patched (falls back to the official FlexAttention call; varlen register "
                   "attention is not implemented yet)")
@@ -134,13 +134,7 @@ def _inexact_levels(fsq) -> list[int]:
 
 
 def _fsq_fallbacks(fsq, cls) -> list[str]:
-    reasons = []
-    overridden = [m for m in _FSQ_METHODS if getattr(type(fsq), m, None) is not getattr(cls, m, None)]
-    if overridden:
-        reasons.append(f"{type(fsq).__name__} overrides {', '.join(overridden)}")
-    for name in ("forward_z", "indices_to_embedding"):
-        if name in vars(fsq):
-            reasons.append(f"this instance's {name} was already replaced (by another patch or other code)")
+    reasons = override_reasons(fsq, cls, _FSQ_METHODS, ("forward_z", "indices_to_embedding"))
     if fsq.codebook_size > _MAX_EXACT_CODEBOOK:
         reasons.append(f"codebook of {fsq.codebook_size} > 2**24 codes (the original's float32 token sum is inexact)")
     inexact = _inexact_levels(fsq)
