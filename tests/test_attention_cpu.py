@@ -16,6 +16,9 @@ cpp = pytest.importorskip("vft_kernels.cpp.attention", reason="vft_kernels._C at
 from vft_kernels._ext import C  # noqa: E402
 
 
+NO_CU = torch.empty(0, dtype=torch.int32)  # the kernels' cu_seqlens for dense calls
+
+
 def _inputs(B, H, N, D, dtype, noncontig=False):
     ts = [torch.randn(B, H, N, D, dtype=torch.float32).to(dtype) for _ in range(4)]
     if noncontig:
@@ -235,6 +238,92 @@ def test_supports_and_bad_arguments():
     q32 = q.float()
     out = torch.empty_like(q32)
     with pytest.raises(ValueError, match="lse must be"):
-        C.attention_forward_cpu(q32, q32, q32, keep.int(), 1, 4, 2, 0, 1.0, out, torch.empty(1, 1, 5))
+        C.attention_forward_cpu(q32, q32, q32, keep.int(), NO_CU, 1, 4, 2, 0, 1.0, out, torch.empty(1, 1, 5))
     with pytest.raises(ValueError, match="layout expects N = 12"):
-        C.attention_forward_cpu(q32, q32, q32, keep.int(), 2, 4, 2, 0, 1.0, out, torch.empty(1, 1, 6))
+        C.attention_forward_cpu(q32, q32, q32, keep.int(), NO_CU, 2, 4, 2, 0, 1.0, out, torch.empty(1, 1, 6))
+
+
+# ------------------------------------------------------------------------------------
+# Packed (varlen) calls
+
+
+def _packed_case(P, R, blocks, pad, rng):
+    cu = [0]
+    for T in blocks:
+        cu.append(cu[-1] + T * (P + R))
+    keep = torch.tensor([rng.choice([0, 1, R, rng.randint(0, R)]) if R else 0 for _ in blocks], dtype=torch.int32)
+    return cu, cu[-1] + pad, keep.clamp(max=R)
+
+
+# (P, R, blocks per sample, padding rows): an empty sample, samples shorter than a 64-token
+# tile (tiles straddle sample boundaries in the packed row), longer than several tiles,
+# padding to a multiple of 128 as the official packers do.
+PACKED = [(5, 3, [2, 0, 1, 3], 0), (37, 30, [2, 1], 2), (9, 0, [3, 1, 2, 4], 38),
+          (64, 64, [1, 2], 128), (1, 0, [70, 5, 130], 51)]
+
+
+# fp32 on every packed layout; the low-precision dtypes on one (the schedule is dtype-blind).
+PACKED_DTYPES = [(c, torch.float32) for c in PACKED] + [(PACKED[1], d) for d in (torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case, dtype", PACKED_DTYPES,
+                         ids=lambda x: "P%dR%d-%s-pad%d" % (x[0], x[1], "_".join(map(str, x[2])), x[3])
+                         if isinstance(x, tuple) else str(x).replace("torch.", ""))
+def test_packed_matches_reference(mode, case, dtype):
+    P, R, blocks, pad = case
+    rng = random.Random(f"{mode}{case}{dtype}")  # str seeds are stable across processes
+    cu, N, keep = _packed_case(P, R, blocks, pad, rng)
+    layout = RegisterLayout(max(blocks), P, R, mode)
+    D, H = rng.choice([16, 24, 64]), 2
+    q, k, v, dout = _inputs(1, H, N, D, dtype, noncontig=True)
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+
+    def ref_run(cdt):
+        qq, kk, vv = (t.detach().to(cdt).requires_grad_() for t in (q, k, v))
+        out, lse = ref.attention_forward(qq, kk, vv, layout, keep, D ** -0.5, cu_t)
+        return (out, lse) + torch.autograd.grad(out, (qq, kk, vv), dout.to(cdt))
+
+    qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+    with vk.use_backend("cpu"):
+        out, lse = vk.register_attention(qq, kk, vv, layout, keep=keep, return_lse=True, cu_seqlens=cu_t)
+        got = (out, lse) + torch.autograd.grad(out, (qq, kk, vv), dout)
+    want64, want_lowp = ref_run(torch.float64), ref_run(dtype)
+    for name, g, w64, wl in zip(("out", "lse", "dq", "dk", "dv"), got, want64, want_lowp):
+        assert_matches_reference(f"packed {case} {mode} {name}", g, w64, wl, dtype, reduction_len=N)
+    tail = slice(cu[-1], N)
+    for name, t in zip(("out", "dq", "dk", "dv"), (got[0],) + got[2:]):
+        assert torch.equal(t[:, :, tail], torch.zeros_like(t[:, :, tail])), f"{name}: padding rows not zero"
+    assert bool((lse[:, :, tail] == float("-inf")).all())
+
+
+def test_packed_equals_separate_dense_calls():
+    """Each packed sample gives bitwise what a dense call on that sample alone gives."""
+    P, R, mode = 7, 4, "block_causal_last"
+    blocks, keeps = [3, 1, 2], [4, 0, 2]
+    layout = RegisterLayout(3, P, R, mode)
+    cu = [0, 33, 44, 66]
+    q, k, v, _ = _inputs(1, 3, 70, 32, torch.float32)
+    with vk.use_backend("cpu"):
+        packed = vk.register_attention(q, k, v, layout, keep=torch.tensor(keeps), cu_seqlens=cu)
+        for s, T in enumerate(blocks):
+            a, b = cu[s], cu[s + 1]
+            alone = vk.register_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], RegisterLayout(T, P, R, mode),
+                                          keep=torch.tensor([keeps[s]]))
+            assert torch.equal(packed[:, :, a:b], alone), f"sample {s}"
+
+
+def test_packed_bad_arguments_at_the_binding():
+    q = torch.randn(1, 1, 16, 8)
+    out, lse, keep = torch.empty_like(q), torch.empty(1, 1, 16), torch.tensor([1, 1], dtype=torch.int32)
+    for cu, match in (([0, 8, 6], "sample 1 has -2 tokens"), ([0, 5, 10], "multiple of P \\+ R = 4"),
+                      ([0, 12, 16], "at most 2 blocks"), ([1, 8, 16], "must be 0")):
+        with pytest.raises(ValueError, match=match):
+            C.attention_forward_cpu(q, q, q, keep, torch.tensor(cu, dtype=torch.int32), 2, 3, 1, 0, 1.0, out, lse)
+    q12 = q[:, :, :12].contiguous()
+    with pytest.raises(ValueError, match="exceeds N = 12"):
+        C.attention_forward_cpu(q12, q12, q12, keep, torch.tensor([0, 8, 16], dtype=torch.int32), 2, 3, 1, 0, 1.0,
+                                torch.empty_like(q12), lse[:, :, :12].contiguous())
+    with pytest.raises(ValueError, match="keep must be a contiguous int32 \\[S = 2\\]"):
+        C.attention_forward_cpu(q, q, q, keep[:1], torch.tensor([0, 8, 16], dtype=torch.int32), 2, 3, 1, 0, 1.0,
+                                out, lse)

@@ -168,3 +168,29 @@ def test_opcheck_flow(dtype):
     torch.library.opcheck(torch.ops.vft.flow_step,
                           (out, x, vc, None, t, tn, "none", 1.0, 0.0, 0.0, 0.0, None, 2, x[:, :, :1].clone(), 1))
     torch.library.opcheck(torch.ops.vft.flow_heun_step, (out, x, vc, vu, t, tn))
+
+
+def test_packed_register_attention_no_recompile_and_opcheck():
+    """Packed calls under torch.compile: new offsets (same sample count) and new keep values
+    reuse the graph; offsets are validated inside the op, also when compiled."""
+    layout = vk.RegisterLayout(3, 3, 2, "block_causal_last")
+    N = 40
+
+    def f(q, k, v, keep, cu):
+        return vk.register_attention(q, k, v, layout, keep=keep, cu_seqlens=cu)
+
+    cf, counter = compiled(f)
+    for cu_list, keep_list in (([0, 15, 20, 30], [2, 0, 1]), ([0, 5, 20, 35], [1, 2, 2]), ([0, 0, 10, 25], [0, 1, 2])):
+        cu = torch.tensor(cu_list, dtype=torch.int32)
+        keep = torch.tensor(keep_list, dtype=torch.int32)
+        q, k, v = (torch.randn(1, 2, N, 8, requires_grad=True) for _ in range(3))
+        out = cf(q, k, v, keep, cu)
+        assert torch.equal(out, f(q, k, v, keep, cu))
+        out.sum().backward()
+    assert counter.frame_count == 1, f"recompiled {counter.frame_count - 1} times when cu_seqlens changed"
+    with pytest.raises(ValueError, match="not a multiple of the block size"):
+        cf(q, k, v, keep, torch.tensor([0, 7, 20, 35], dtype=torch.int32))
+    cu = torch.tensor([0, 15, 20, 30], dtype=torch.int32)
+    args = (3, 3, 2, "block_causal_last", torch.tensor([2, 0, 1], dtype=torch.int32), 0.5, cu, False)
+    q, k, v = (torch.randn(1, 1, N, 4, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(torch.ops.vft.register_attention, (q, k, v) + args)

@@ -187,3 +187,81 @@ def test_noncontiguous_inputs_and_default_keep():
         out = vk.register_attention(q, k, v, layout)
     want, _ = dense_attention(q, k, v, spec_mask(3, 3, 2, "block_causal", [2, 2]), 1 / math.sqrt(8))
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------
+# Packed (varlen) calls: cu_seqlens
+
+
+def packed_mask(lengths_blocks, P, R, mode, keep, N):
+    """bool [1, N, N]: block-diagonal of each sample's spec_mask; padding rows/cols False."""
+    S = P + R
+    mask = torch.zeros(1, N, N, dtype=torch.bool)
+    start = 0
+    for T, K in zip(lengths_blocks, keep):
+        n = T * S
+        if n:
+            mask[0, start:start + n, start:start + n] = spec_mask(T, P, R, mode, [K])[0]
+        start += n
+    return mask
+
+
+PACKED = [  # (P, R, blocks per sample, padding rows)
+    (3, 2, [2, 0, 1, 3], 5),
+    (5, 0, [1, 2], 0),
+    (1, 1, [3, 1, 2], 7),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("P, R, blocks, pad", PACKED)
+def test_packed_forward_and_backward_against_dense(P, R, blocks, pad, mode):
+    S = P + R
+    cu = [0]
+    for T in blocks:
+        cu.append(cu[-1] + T * S)
+    N = cu[-1] + pad
+    keep = [min(R, x) for x in (0, R, 1, R)[:len(blocks)]]
+    layout = vk.RegisterLayout(max(blocks), P, R, mode)
+    q, k, v = make_qkv(1, 2, N, 4, requires_grad=True)
+    dout = torch.randn(1, 2, N, 4, dtype=torch.float64)
+    mask = packed_mask(blocks, P, R, mode, keep, N)
+    want, want_lse = dense_attention(q, k, v, mask, 0.6)
+    out, lse = ra.attention_forward(q, k, v, layout, torch.tensor(keep), 0.6, torch.tensor(cu, dtype=torch.int32))
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lse, want_lse.to(lse.dtype), rtol=1e-10, atol=1e-12)
+    assert torch.equal(out[:, :, cu[-1]:], torch.zeros_like(out[:, :, cu[-1]:]))
+    assert bool((lse[:, :, cu[-1]:] == -math.inf).all())
+    # Backward: the reference's textbook formula against autograd through the dense form.
+    want_grads = torch.autograd.grad(want, (q, k, v), dout)
+    got = ra.attention_backward(dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, layout,
+                                torch.tensor(keep), 0.6, torch.tensor(cu, dtype=torch.int32))
+    for name, g, w in zip("qkv", got, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11, msg=f"d{name}")
+    # Public API (automatic backend), cu_seqlens as a list.
+    api = vk.register_attention(q.float(), k.float(), v.float(), layout, keep=torch.tensor(keep), scale=0.6,
+                                cu_seqlens=cu)
+    torch.testing.assert_close(api.double(), want, rtol=2e-5, atol=2e-5)
+
+
+def test_packed_argument_errors():
+    layout = vk.RegisterLayout(2, 3, 1, "block_causal_last")
+    q = torch.randn(1, 2, 20, 8)
+    cases = [
+        (dict(cu_seqlens=[4, 8]), "cu_seqlens\\[0\\] must be 0"),
+        (dict(cu_seqlens=[0, 8, 4]), "non-decreasing"),
+        (dict(cu_seqlens=[0, 6]), "not a multiple of the block size P \\+ R = 4"),
+        (dict(cu_seqlens=[0, 12]), "3 time blocks, more than layout.blocks = 2"),
+        (dict(cu_seqlens=[0, 8, 16, 24]), "exceeds the sequence length N = 20"),
+        (dict(cu_seqlens=[0]), "at least 2 offsets"),
+        (dict(cu_seqlens=torch.tensor([0.0, 8.0])), "1-D integer tensor"),
+        (dict(cu_seqlens="08"), None),
+        (dict(cu_seqlens=[0, 8, 16], keep=torch.tensor([1])), "keep must have shape \\[S\\]"),
+    ]
+    for kwargs, match in cases:
+        err = TypeError if match is None else ValueError
+        with pytest.raises(err, match=match or "cu_seqlens must be"):
+            vk.register_attention(q, q, q, layout, **kwargs)
+    with pytest.raises(ValueError, match="\\[1, H, N, D\\], got B = 2"):
+        q2 = torch.randn(2, 2, 20, 8)
+        vk.register_attention(q2, q2, q2, layout, cu_seqlens=[0, 8])

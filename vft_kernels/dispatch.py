@@ -18,8 +18,9 @@ Backend implementation contract (what a kernel module provides), by op key:
 * ``fsq_forward(z, levels, eps, codes_dtype) -> (codes, indices)``
 * ``fsq_backward(grad_codes, z, levels, eps) -> grad_z``
 * ``fsq_decode(indices, levels) -> codes``
-* ``attention_forward(q, k, v, layout, keep, scale) -> (out, lse)``
-* ``attention_backward(dout, q, k, v, out, lse, layout, keep, scale) -> (dq, dk, dv)``
+* ``attention_forward(q, k, v, layout, keep, scale, cu_seqlens=None) -> (out, lse)``
+* ``attention_backward(dout, q, k, v, out, lse, layout, keep, scale, cu_seqlens=None) -> (dq, dk, dv)``
+  (``cu_seqlens``: int32 [S + 1] on q's device for packed calls, validated by the op)
 * ``flow_step(out, x, v_cond, v_uncond, t, t_next, guidance, scale, apg_eta,
   apg_norm_threshold, apg_momentum, momentum, reduce_ndim, prefix, prefix_len) -> None``
 * ``flow_heun_step(out, x, v1, v2, t, t_next) -> None``

@@ -108,17 +108,31 @@ inline float exp2_nonpos(float x) {
   return p * scale;
 }
 
-// Inputs of one call as float32 [B*H, N, D] contiguous buffers plus the layout.
+// Inputs of one call as float32 [B*H, N, D] contiguous buffers plus the layout. A dense
+// call has one sample per batch row (samples = B, cu = nullptr); a packed call has B = 1
+// and sample s at tokens [cu[s], cu[s+1]) of that row, with (cu[s+1] - cu[s]) / (P + R)
+// time blocks (layout.blocks is the largest). Kernels work in sample coordinates: token 0
+// is the sample's first token, so the tile schedule is the dense one of the sample.
 struct Problem {
   TileLayout layout;
   int64_t B, H, N, D;
-  const int32_t* keep;  // [B], clamped to [0, R] when read
+  const int32_t* keep;  // [samples], clamped to [0, R] when read
   float scale;
+  int64_t samples;
+  const int32_t* cu = nullptr;  // [samples + 1] for packed calls
 
-  int64_t keep_of(int64_t b) const {
-    return std::min<int64_t>(std::max<int64_t>(keep[b], 0), layout.registers);
+  int64_t keep_of(int64_t s) const {
+    return std::min<int64_t>(std::max<int64_t>(keep[s], 0), layout.registers);
   }
-  int64_t head_offset(int64_t b, int64_t h) const { return (b * H + h) * N * D; }
+  int64_t row_of(int64_t s) const { return cu ? 0 : s; }       // batch row holding sample s
+  int64_t start_of(int64_t s) const { return cu ? cu[s] : 0; }  // its first token in that row
+  TileLayout layout_of(int64_t s) const {
+    TileLayout L = layout;
+    if (cu) L.blocks = (cu[s + 1] - cu[s]) / layout.block_size();
+    return L;
+  }
+  int64_t max_len() const { return cu ? layout.seq_len() : N; }  // tokens of the longest sample
+  int64_t used() const { return cu ? cu[samples] : N; }           // rows >= used() are padding
 };
 
 void scale_tile(float* s, int64_t rows, int64_t cols, int64_t ld, float mul) {
@@ -129,9 +143,8 @@ void scale_tile(float* s, int64_t rows, int64_t cols, int64_t ld, float mul) {
 
 // Sets masked scores of tile rows [q0, q0 + nq) x keys [k0, k0 + nk) to -inf (ld = row
 // stride of s). Dropped queries mask their whole row.
-void apply_mask(const Problem& pr, int64_t keep, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* s,
+void apply_mask(const TileLayout& L, int64_t keep, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* s,
                 int64_t ld) {
-  const TileLayout& L = pr.layout;
   const int64_t S = L.block_size(), k1 = k0 + nk;
   for (int64_t r = 0; r < nq; ++r) {
     float* row = s + r * ld;
@@ -149,9 +162,8 @@ void apply_mask(const Problem& pr, int64_t keep, int64_t q0, int64_t nq, int64_t
 }
 
 // apply_mask for a transposed tile: st[key r][query c] (ld = row stride).
-void apply_mask_t(const Problem& pr, int64_t keep, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* st,
+void apply_mask_t(const TileLayout& L, int64_t keep, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* st,
                   int64_t ld) {
-  const TileLayout& L = pr.layout;
   const int64_t S = L.block_size(), k1 = k0 + nk;
   for (int64_t c = 0; c < nq; ++c) {
     const int64_t i = q0 + c;
@@ -184,7 +196,7 @@ void store_row(T* dst, const float* src, int64_t D, float mul) {
 }
 
 // ------------------------------------------------------------------------------------
-// Forward: one task per (b, h, query tile).
+// Forward: one task per (sample, h, query tile).
 
 struct ForwardScratch {
   std::vector<float> s = std::vector<float>(kBlockM * kBlockN);
@@ -195,16 +207,19 @@ struct ForwardScratch {
 // kt: keys transposed, [B*H, D, N].
 template <typename T>
 void forward(const Problem& pr, const float* q, const float* kt, const float* v, T* out, float* lse) {
-  const TileLayout& L = pr.layout;
-  const int64_t N = pr.N, D = pr.D, n_qt = (N + kBlockM - 1) / kBlockM;
+  const int64_t D = pr.D, ldt = pr.N, n_qt = (pr.max_len() + kBlockM - 1) / kBlockM;
   const float alpha = pr.scale * kLog2e;  // scores in log2 units: exp2 instead of exp
-  run_tasks<ForwardScratch>(pr.B * pr.H * n_qt, [&](int64_t t, ForwardScratch& w) {
-    const int64_t qt = t % n_qt, bh = t / n_qt, b = bh / pr.H;
-    const int64_t keep = pr.keep_of(b);
-    const int64_t q0 = qt * kBlockM, q1 = std::min(q0 + kBlockM, N);
-    const int64_t off = bh * N * D;
+  run_tasks<ForwardScratch>(pr.samples * pr.H * n_qt, [&](int64_t t, ForwardScratch& w) {
+    const int64_t qt = t % n_qt, sh = t / n_qt, s = sh / pr.H, h = sh % pr.H;
+    const TileLayout L = pr.layout_of(s);
+    const int64_t N = L.seq_len(), q0 = qt * kBlockM;
+    if (q0 >= N) return;
+    const int64_t keep = pr.keep_of(s), q1 = std::min(q0 + kBlockM, N);
+    const int64_t bh = pr.row_of(s) * pr.H + h, start = pr.start_of(s);
+    const int64_t off = (bh * pr.N + start) * D;  // row-major [N, D] operands
+    const int64_t off_t = bh * pr.N * D + start;   // transposed [D, N] operands (ld = ldt)
     T* out_bh = out + off;
-    float* lse_bh = lse + bh * N;
+    float* lse_bh = lse + bh * pr.N + start;
     // Rows after the tile's last kept query are dropped: only [q0, qe) is computed.
     const int64_t last = L.last_kept(q0, q1, keep);
     const int64_t qe = last < 0 ? q0 : last + 1, nq = qe - q0;
@@ -220,12 +235,12 @@ void forward(const Problem& pr, const float* q, const float* kt, const float* v,
       // Keys past k_hi or after the last kept key are masked for every row: not computed.
       const int64_t ke = std::min(k_hi, L.last_kept(k0, k1, keep) + 1), nk = ke - k0;
       float* s = w.s.data();
-      gemm(nq, nk, D, q + off + q0 * D, D, kt + off + k0, N, false, s, kBlockN);  // S = Q K^T
+      gemm(nq, nk, D, q + off + q0 * D, D, kt + off_t + k0, ldt, false, s, kBlockN);  // S = Q K^T
       // Partial tiles are scaled before masking so that -inf stays -inf whatever the sign of
       // scale; full tiles fold the scale into the softmax loops.
       if (cls == kTilePartial) {
         scale_tile(s, nq, nk, kBlockN, alpha);
-        apply_mask(pr, keep, q0, nq, k0, nk, s, kBlockN);
+        apply_mask(L, keep, q0, nq, k0, nk, s, kBlockN);
       }
       const float a = cls == kTilePartial ? 1.0f : alpha;
       for (int64_t r = 0; r < nq; ++r) {
@@ -267,7 +282,7 @@ void forward(const Problem& pr, const float* q, const float* kt, const float* v,
 }
 
 // ------------------------------------------------------------------------------------
-// Backward: one task per (b, h, group of key tiles). A task owns dk/dv of its key tiles
+// Backward: one task per (sample, h, group of key tiles). A task owns dk/dv of its key tiles
 // and accumulates dq into its group's slice of dq_acc [G, B*H, N, D]; the groups are
 // summed in a fixed order afterwards (deterministic, no atomics). G > 1 only when B*H is
 // too small to keep every thread busy.
@@ -285,15 +300,18 @@ template <typename T>
 void backward(const Problem& pr, const float* q, const float* qt, const float* k, const float* v,
               const float* dout, const float* dot, const float* lse2, const float* delta, float* dq_acc,
               int64_t groups, T* dk, T* dv) {
-  const TileLayout& L = pr.layout;
-  const int64_t N = pr.N, D = pr.D, BH = pr.B * pr.H;
-  const int64_t n_kt = (N + kBlockN - 1) / kBlockN, per_group = (n_kt + groups - 1) / groups;
+  const int64_t D = pr.D, BH = pr.B * pr.H, ldt = pr.N;
   const float alpha = pr.scale * kLog2e;
-  run_tasks<BackwardScratch>(BH * groups, [&](int64_t t, BackwardScratch& w) {
-    const int64_t g = t % groups, bh = t / groups, b = bh / pr.H;
-    const int64_t keep = pr.keep_of(b);
-    const int64_t off = bh * N * D;
-    float* dq_g = dq_acc + (g * BH + bh) * N * D;
+  run_tasks<BackwardScratch>(pr.samples * pr.H * groups, [&](int64_t t, BackwardScratch& w) {
+    const int64_t g = t % groups, sh = t / groups, s = sh / pr.H, h = sh % pr.H;
+    const TileLayout L = pr.layout_of(s);
+    const int64_t N = L.seq_len();
+    const int64_t n_kt = (N + kBlockN - 1) / kBlockN, per_group = (n_kt + groups - 1) / groups;
+    const int64_t keep = pr.keep_of(s);
+    const int64_t bh = pr.row_of(s) * pr.H + h, start = pr.start_of(s);
+    const int64_t off = (bh * pr.N + start) * D;  // row-major [N, D] operands
+    const int64_t off_t = bh * pr.N * D + start;   // transposed [D, N] operands (ld = ldt)
+    float* dq_g = dq_acc + (g * BH + bh) * pr.N * D + start * D;
     std::fill(dq_g, dq_g + N * D, 0.0f);
     for (int64_t kt = g * per_group; kt < std::min(n_kt, (g + 1) * per_group); ++kt) {
       const int64_t k0 = kt * kBlockN, k1 = std::min(k0 + kBlockN, N);
@@ -311,21 +329,21 @@ void backward(const Problem& pr, const float* q, const float* qt, const float* k
         const int64_t qe = std::min(q_hi, L.last_kept(q0, q1, keep) + 1), nq = qe - q0;
         float* pt = w.pt.data();
         float* dst = w.dst.data();
-        gemm(nk, nq, D, kj, D, qt + off + q0, N, false, pt, kBlockM);  // S^T = K Q^T
+        gemm(nk, nq, D, kj, D, qt + off_t + q0, ldt, false, pt, kBlockM);  // S^T = K Q^T
         if (cls == kTilePartial) {  // scale, then mask (as in the forward pass)
           scale_tile(pt, nk, nq, kBlockM, alpha);
-          apply_mask_t(pr, keep, q0, nq, k0, nk, pt, kBlockM);
+          apply_mask_t(L, keep, q0, nq, k0, nk, pt, kBlockM);
         }
         const float a = cls == kTilePartial ? 1.0f : alpha;
-        const float* lse_q = lse2 + bh * N + q0;
+        const float* lse_q = lse2 + bh * pr.N + start + q0;
         for (int64_t r = 0; r < nk; ++r) {
           float* row = pt + r * kBlockM;
 #pragma omp simd
           for (int64_t c = 0; c < nq; ++c) row[c] = exp2_nonpos(row[c] * a - lse_q[c]);
         }
         gemm(nk, D, nq, pt, kBlockM, dout + off + q0 * D, D, true, w.dv.data(), D);  // dV += P^T dO
-        gemm(nk, nq, D, v + off + k0 * D, D, dot + off + q0, N, false, dst, kBlockM);  // dP^T = V dO^T
-        const float* delta_q = delta + bh * N + q0;
+        gemm(nk, nq, D, v + off + k0 * D, D, dot + off_t + q0, ldt, false, dst, kBlockM);  // dP^T = V dO^T
+        const float* delta_q = delta + bh * pr.N + start + q0;
         for (int64_t r = 0; r < nk; ++r) {
           const float* prow = pt + r * kBlockM;
           float* drow = dst + r * kBlockM;
@@ -356,21 +374,52 @@ void backward(const Problem& pr, const float* q, const float* qt, const float* k
 // ------------------------------------------------------------------------------------
 // Entry points
 
-Problem make_problem(const at::Tensor& q, const at::Tensor& keep, int64_t blocks, int64_t patches,
-                     int64_t registers, int64_t mode, double scale) {
+// cu_seqlens: an empty tensor for dense calls, else int32 [S + 1] (packed call, B = 1). All
+// checks run here, before any parallel region.
+Problem make_problem(const at::Tensor& q, const at::Tensor& keep, const at::Tensor& cu_seqlens, int64_t blocks,
+                     int64_t patches, int64_t registers, int64_t mode, double scale) {
   VFT_CHECK(q.dim() == 4, "attention: q must be [B, H, N, D], got ", q.dim(), " dims");
   VFT_CHECK(mode >= 0 && mode <= 2, "attention: mode must be 0, 1 or 2, got ", mode);
   VFT_CHECK(blocks >= 1 && patches >= 1 && registers >= 0, "attention: bad layout T=", blocks, " P=", patches,
             " R=", registers);
   Problem pr{TileLayout{blocks, patches, registers, static_cast<MaskMode>(mode)},
-             q.size(0), q.size(1), q.size(2), q.size(3), nullptr, static_cast<float>(scale)};
-  VFT_CHECK(pr.N == pr.layout.seq_len(), "attention: layout expects N = ", pr.layout.seq_len(), ", got ", pr.N);
+             q.size(0), q.size(1), q.size(2), q.size(3), nullptr, static_cast<float>(scale), q.size(0)};
   VFT_CHECK(pr.D >= 1 && pr.D <= 256, "attention: head dim must be in [1, 256], got ", pr.D);
-  VFT_CHECK(keep.scalar_type() == at::kInt && keep.dim() == 1 && keep.size(0) == pr.B && keep.is_contiguous(),
-            "attention: keep must be a contiguous int32 [B = ", pr.B, "] tensor, got ", keep.scalar_type(), " ",
-            keep.sizes());
+  const bool packed = cu_seqlens.numel() > 0;
+  if (packed) {
+    VFT_CHECK(cu_seqlens.device().is_cpu() && cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1 &&
+                  cu_seqlens.is_contiguous() && cu_seqlens.numel() >= 2,
+              "attention: cu_seqlens must be a contiguous CPU int32 [S + 1 >= 2] tensor, got ",
+              cu_seqlens.scalar_type(), " ", cu_seqlens.sizes());
+    VFT_CHECK(pr.B == 1, "attention: packed calls take q [1, H, N, D], got B = ", pr.B);
+    pr.cu = cu_seqlens.data_ptr<int32_t>();
+    pr.samples = cu_seqlens.numel() - 1;
+    VFT_CHECK(pr.cu[0] == 0, "attention: cu_seqlens[0] must be 0, got ", pr.cu[0]);
+    const int64_t S = pr.layout.block_size();
+    for (int64_t s = 0; s < pr.samples; ++s) {
+      const int64_t len = static_cast<int64_t>(pr.cu[s + 1]) - pr.cu[s];
+      VFT_CHECK(len >= 0 && len % S == 0 && len / S <= blocks, "attention: sample ", s, " has ", len,
+                " tokens; expected a non-negative multiple of P + R = ", S, " with at most ", blocks, " blocks");
+    }
+    VFT_CHECK(pr.cu[pr.samples] <= pr.N, "attention: cu_seqlens[-1] = ", pr.cu[pr.samples], " exceeds N = ", pr.N);
+  } else {
+    VFT_CHECK(pr.N == pr.layout.seq_len(), "attention: layout expects N = ", pr.layout.seq_len(), ", got ", pr.N);
+  }
+  VFT_CHECK(keep.scalar_type() == at::kInt && keep.dim() == 1 && keep.size(0) == pr.samples && keep.is_contiguous(),
+            "attention: keep must be a contiguous int32 [", packed ? "S = " : "B = ", pr.samples,
+            "] tensor, got ", keep.scalar_type(), " ", keep.sizes());
   pr.keep = keep.data_ptr<int32_t>();
   return pr;
+}
+
+// Writes value to token rows [pr.used(), N) of every (b, h) of t ([B*H, N, width]): the
+// padding after the last packed sample (nothing for dense calls).
+template <typename T>
+void fill_padding(const Problem& pr, T* t, int64_t width, T value) {
+  const int64_t used = pr.used();
+  if (used >= pr.N) return;
+  for (int64_t bh = 0; bh < pr.B * pr.H; ++bh)
+    std::fill(t + (bh * pr.N + used) * width, t + (bh + 1) * pr.N * width, value);
 }
 
 void check_out(const at::Tensor& t, at::ScalarType dtype, at::IntArrayRef shape, const char* name) {
@@ -390,9 +439,9 @@ at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 at::Tensor transposed_f32(const at::Tensor& t) { return t.to(at::kFloat).transpose(-1, -2).contiguous(); }
 
 void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& keep,
-                           int64_t blocks, int64_t patches, int64_t registers, int64_t mode, double scale,
-                           at::Tensor& out, at::Tensor& lse) {
-  Problem pr = make_problem(q, keep, blocks, patches, registers, mode, scale);
+                           const at::Tensor& cu_seqlens, int64_t blocks, int64_t patches, int64_t registers,
+                           int64_t mode, double scale, at::Tensor& out, at::Tensor& lse) {
+  Problem pr = make_problem(q, keep, cu_seqlens, blocks, patches, registers, mode, scale);
   check_input(q, q, "q");
   check_input(k, q, "k");
   check_input(v, q, "v");
@@ -402,14 +451,17 @@ void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward_cpu", [&] {
     forward<scalar_t>(pr, qf.data_ptr<float>(), ktf.data_ptr<float>(), vf.data_ptr<float>(),
                       out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+    fill_padding(pr, out.data_ptr<scalar_t>(), pr.D, static_cast<scalar_t>(0.0f));
   });
+  fill_padding(pr, lse.data_ptr<float>(), 1, kNegInf);
 }
 
 void attention_backward_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                            const at::Tensor& keep, int64_t blocks, int64_t patches, int64_t registers,
-                            int64_t mode, double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-  Problem pr = make_problem(q, keep, blocks, patches, registers, mode, scale);
+                            const at::Tensor& keep, const at::Tensor& cu_seqlens, int64_t blocks, int64_t patches,
+                            int64_t registers, int64_t mode, double scale, at::Tensor& dq, at::Tensor& dk,
+                            at::Tensor& dv) {
+  Problem pr = make_problem(q, keep, cu_seqlens, blocks, patches, registers, mode, scale);
   for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&dout, "dout"}, {&out, "out"}}) check_input(*t, q, name);
   VFT_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({pr.B, pr.H, pr.N}),
             "attention: lse must be a CPU float32 tensor of shape [", pr.B, ", ", pr.H, ", ", pr.N, "], got ",
@@ -422,8 +474,9 @@ void attention_backward_cpu(const at::Tensor& dout, const at::Tensor& q, const a
   // delta = rowsum(dO * O); lse in log2 units, +inf on dropped rows so exp2(s - lse2) = 0.
   const at::Tensor delta = (dof * out.to(at::kFloat)).sum(-1).contiguous();
   const at::Tensor lse2 = at::where(lse == -INFINITY, INFINITY, lse * kLog2e).contiguous();
-  const int64_t BH = pr.B * pr.H, n_kt = (pr.N + kBlockN - 1) / kBlockN;
-  const int64_t groups = std::min<int64_t>(n_kt, std::max<int64_t>(1, (2 * at::get_num_threads() + BH - 1) / BH));
+  const int64_t BH = pr.B * pr.H, SH = pr.samples * pr.H, n_kt = (pr.max_len() + kBlockN - 1) / kBlockN;
+  const int64_t groups =
+      std::max<int64_t>(1, std::min<int64_t>(n_kt, std::max<int64_t>(1, (2 * at::get_num_threads() + SH - 1) / std::max<int64_t>(SH, 1))));
   at::Tensor dq_acc = at::empty({groups, BH, pr.N, pr.D}, qf.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_backward_cpu", [&] {
     backward<scalar_t>(pr, qf.data_ptr<float>(), qtf.data_ptr<float>(), kf.data_ptr<float>(), vf.data_ptr<float>(),
@@ -431,15 +484,18 @@ void attention_backward_cpu(const at::Tensor& dout, const at::Tensor& q, const a
                        dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
     const float* acc = dq_acc.data_ptr<float>();
     scalar_t* dst = dq.data_ptr<scalar_t>();
-    const int64_t rows = BH * pr.N, D = pr.D, stride = rows * D;
+    const int64_t rows = BH * pr.N, D = pr.D, stride = rows * D, used = pr.used();
     at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
+      for (int64_t r = r0; r < r1; ++r) {
+        if (r % pr.N >= used) continue;  // padding: written by fill_padding (dq_acc holds no value there)
         for (int64_t d = 0; d < D; ++d) {
           float sum = 0.0f;
           for (int64_t g = 0; g < groups; ++g) sum += acc[g * stride + r * D + d];
           dst[r * D + d] = static_cast<scalar_t>(sum * pr.scale);
         }
+      }
     });
+    for (at::Tensor* t : {&dq, &dk, &dv}) fill_padding(pr, t->data_ptr<scalar_t>(), pr.D, static_cast<scalar_t>(0.0f));
   });
 }
 
@@ -469,10 +525,11 @@ at::Tensor attention_tiles_cpu(int64_t blocks, int64_t patches, int64_t register
 void bind_attention(pybind11::module_& m) {
   m.def("attention_forward_cpu", &attention_forward_cpu,
         "Register attention forward (float32 math). q, k, v [B, H, N, D] CPU float32/bfloat16/float16; "
-        "keep int32 [B]; writes out [B, H, N, D] (q's dtype) and lse float32 [B, H, N].");
+        "keep int32 [B] ([S] packed); cu_seqlens: empty, or int32 [S + 1] for S samples packed in one row (B = 1); "
+        "writes out [B, H, N, D] (q's dtype) and lse float32 [B, H, N].");
   m.def("attention_backward_cpu", &attention_backward_cpu,
-        "Register attention backward: dout, q, k, v, out [B, H, N, D], lse float32 [B, H, N], keep int32 [B]; "
-        "writes dq, dk, dv [B, H, N, D] (q's dtype).");
+        "Register attention backward: dout, q, k, v, out [B, H, N, D], lse float32 [B, H, N], keep int32 [B] "
+        "([S] packed), cu_seqlens as in attention_forward_cpu; writes dq, dk, dv [B, H, N, D] (q's dtype).");
   m.def("attention_tiles_cpu", &attention_tiles_cpu,
         "Test hook: classify_tile / key_range / query_range of the C++ port for int64 tiles [n, 4].");
   m.def(

@@ -36,31 +36,40 @@ def _keep_i32(keep: torch.Tensor) -> torch.Tensor:
     return keep.to(torch.int32).contiguous()
 
 
-def supports_attention_forward(q, k, v, layout, keep, scale):
+_DENSE = torch.empty(0, dtype=torch.int32)
+
+
+def _cu_i32(cu_seqlens) -> torch.Tensor:
+    """The kernels' cu_seqlens argument: an empty tensor for dense calls."""
+    return _DENSE if cu_seqlens is None else cu_seqlens.to(torch.int32).contiguous()
+
+
+def supports_attention_forward(q, k, v, layout, keep, scale, cu_seqlens=None):
     return _supports(q)
 
 
-def supports_attention_backward(dout, q, k, v, out, lse, layout, keep, scale):
+def supports_attention_backward(dout, q, k, v, out, lse, layout, keep, scale, cu_seqlens=None):
     return _supports(q)
 
 
-def attention_forward(q, k, v, layout, keep, scale):
+def attention_forward(q, k, v, layout, keep, scale, cu_seqlens=None):
     """q, k, v [B, H, N, D] (float32/bfloat16/float16, any strides), keep int [B] ->
-    (out [B, H, N, D] q.dtype, lse [B, H, N] float32, -inf on dropped rows)."""
+    (out [B, H, N, D] q.dtype, lse [B, H, N] float32, -inf on dropped rows). Packed calls:
+    B = 1, keep [S], cu_seqlens int [S + 1]; padding rows give 0 / -inf."""
     B, H, N, D = q.shape
     out = new_output((B, H, N, D), q.dtype, q.device)
     lse = new_output((B, H, N), torch.float32, q.device)
-    _forward_cpu(q, k, v, _keep_i32(keep), layout.blocks, layout.patches, layout.registers,
+    _forward_cpu(q, k, v, _keep_i32(keep), _cu_i32(cu_seqlens), layout.blocks, layout.patches, layout.registers,
                  MODES.index(layout.mode), float(scale), out, lse)
     return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, layout, keep, scale):
+def attention_backward(dout, q, k, v, out, lse, layout, keep, scale, cu_seqlens=None):
     """dout, q, k, v, out [B, H, N, D], lse float32 [B, H, N] from attention_forward ->
     (dq, dk, dv) [B, H, N, D] in q.dtype; zero for dropped tokens."""
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(q.shape, q.dtype, q.device)
     dv = new_output(q.shape, q.dtype, q.device)
-    _backward_cpu(dout, q, k, v, out, lse.float(), _keep_i32(keep), layout.blocks, layout.patches,
+    _backward_cpu(dout, q, k, v, out, lse.float(), _keep_i32(keep), _cu_i32(cu_seqlens), layout.blocks, layout.patches,
                   layout.registers, MODES.index(layout.mode), float(scale), dq, dk, dv)
     return dq, dk, dv

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -34,17 +35,43 @@ def _check_keep_values(keep: torch.Tensor, R: int):
             raise ValueError(f"register_attention: keep values must be in [0, R={R}], got {bad}")
 
 
+def _check_cu_seqlens(cu: torch.Tensor, layout: RegisterLayout, N: int) -> None:
+    """Host-side checks of a packed call's offsets (SPEC-style messages). cu is int64 on the CPU."""
+    if cu.numel() < 2:
+        raise ValueError(f"register_attention: cu_seqlens must hold at least 2 offsets (1 sample), got {cu.numel()}")
+    vals = [int(x) for x in cu.tolist()]
+    if vals[0] != 0:
+        raise ValueError(f"register_attention: cu_seqlens[0] must be 0, got {vals[0]}")
+    S = layout.block_size
+    for s in range(len(vals) - 1):
+        length = vals[s + 1] - vals[s]
+        if length < 0:
+            raise ValueError(f"register_attention: cu_seqlens must be non-decreasing, got cu_seqlens[{s}] = "
+                             f"{vals[s]} > cu_seqlens[{s + 1}] = {vals[s + 1]}")
+        if length % S:
+            raise ValueError(f"register_attention: sample {s} has {length} tokens, not a multiple of the block "
+                             f"size P + R = {S} of layout {layout}")
+        if length // S > layout.blocks:
+            raise ValueError(f"register_attention: sample {s} has {length // S} time blocks, more than "
+                             f"layout.blocks = {layout.blocks} (the maximum per sample in a packed call)")
+    if vals[-1] > N:
+        raise ValueError(f"register_attention: cu_seqlens[-1] = {vals[-1]} exceeds the sequence length N = {N}")
+
+
 @torch.library.custom_op("vft::register_attention", mutates_args=())
 def _register_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: int, patches: int,
-                        registers: int, mode: str, keep: torch.Tensor,
-                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        registers: int, mode: str, keep: torch.Tensor, scale: float,
+                        cu_seqlens: Optional[torch.Tensor] = None,
+                        cu_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     _check_keep_values(keep, registers)
     layout = _layout(blocks, patches, registers, mode)
-    return dispatch.call("attention_forward", q.device, q, k, v, layout, keep, scale)
+    if cu_seqlens is not None and not cu_checked:  # (a device tensor: one sync)
+        _check_cu_seqlens(cu_seqlens.to("cpu", torch.int64), layout, q.shape[2])
+    return dispatch.call("attention_forward", q.device, q, k, v, layout, keep, scale, cu_seqlens)
 
 
 @_register_attention.register_fake
-def _(q, k, v, blocks, patches, registers, mode, keep, scale):
+def _(q, k, v, blocks, patches, registers, mode, keep, scale, cu_seqlens=None, cu_checked=False):
     B, H, N, _ = q.shape
     # lse is float32, float64 for float64 input (as the reference computes it)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -54,30 +81,31 @@ def _(q, k, v, blocks, patches, registers, mode, keep, scale):
 @torch.library.custom_op("vft::register_attention_backward", mutates_args=())
 def _register_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  out: torch.Tensor, lse: torch.Tensor, blocks: int, patches: int,
-                                 registers: int, mode: str, keep: torch.Tensor,
-                                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                 registers: int, mode: str, keep: torch.Tensor, scale: float,
+                                 cu_seqlens: Optional[torch.Tensor] = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layout = _layout(blocks, patches, registers, mode)
-    return dispatch.call("attention_backward", q.device, dout, q, k, v, out, lse, layout, keep, scale)
+    return dispatch.call("attention_backward", q.device, dout, q, k, v, out, lse, layout, keep, scale, cu_seqlens)
 
 
 @_register_attention_backward.register_fake
-def _(dout, q, k, v, out, lse, blocks, patches, registers, mode, keep, scale):
+def _(dout, q, k, v, out, lse, blocks, patches, registers, mode, keep, scale, cu_seqlens=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, blocks, patches, registers, mode, keep, scale = inputs
+    q, k, v, blocks, patches, registers, mode, keep, scale, cu_seqlens, _ = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, keep)
+    ctx.save_for_backward(q, k, v, out, lse, keep, cu_seqlens)
     ctx.args = (blocks, patches, registers, mode)
     ctx.scale = scale
     ctx.mark_non_differentiable(lse)  # gradients flow through `out` only
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, keep = ctx.saved_tensors
-    dq, dk, dv = _register_attention_backward(dout, q, k, v, out, lse, *ctx.args, keep, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None, None
+    q, k, v, out, lse, keep, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _register_attention_backward(dout, q, k, v, out, lse, *ctx.args, keep, ctx.scale, cu_seqlens)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _register_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -85,14 +113,25 @@ _register_attention.register_autograd(_backward, setup_context=_setup_context)
 
 def register_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RegisterLayout,
                        keep: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                       return_lse: bool = False):
+                       return_lse: bool = False, cu_seqlens=None):
     """Attention over interleaved ``[patches | registers]`` blocks (SPEC.md §2).
 
     q, k, v: [B, H, N, D] (fp32/fp16/bf16, same dtype and device), N = layout.seq_len.
     keep: optional int tensor [B] in [0, R]: registers r >= keep[b] are dropped (never
     attended to; their output rows are zero). scale defaults to 1/sqrt(D).
     Returns out [B, H, N, D] (input dtype), and lse [B, H, N] float32 (-inf on dropped
-    rows; not differentiable) when ``return_lse``."""
+    rows; not differentiable) when ``return_lse``.
+
+    Packed samples (varlen, like flash-attn's ``cu_seqlens``): ``cu_seqlens`` int offsets
+    ``[S + 1]`` (a 1-D integer tensor or a sequence of ints), ``0 = cu[0] <= ... <= cu[S] <= N``,
+    with q, k, v ``[1, H, N, D]``. Sample ``s`` is tokens ``[cu[s], cu[s+1])``: its own
+    sequence of ``(cu[s+1] - cu[s]) / (P + R)`` time blocks (a multiple of P + R, at most
+    ``layout.blocks``; ``layout`` gives P, R and the mode, ``layout.blocks`` is the largest
+    sample's block count) that attends only within itself, keeping ``keep[s]`` registers
+    (keep ``[S]``). Rows ``n >= cu[S]`` are padding: zero output, lse -inf, zero gradients.
+    The offsets are always checked on the host: a list/tuple before the call (then copied to
+    the device without a sync), a tensor inside the op (also under torch.compile; a device
+    tensor costs one sync, so on GPU pass a list)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"register_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -110,8 +149,36 @@ def register_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout
     if q.dtype not in FLOAT_DTYPES:
         raise ValueError(f"register_attention: dtype must be float32, float16 or bfloat16, got {q.dtype}")
     B, H, N, D = q.shape
-    if N != layout.seq_len:
+    if cu_seqlens is None and N != layout.seq_len:
         raise ValueError(f"register_attention: layout {layout} expects N = {layout.seq_len} tokens, got N = {N}")
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"register_attention: packed calls (cu_seqlens) take q, k, v of shape [1, H, N, D], "
+                             f"got B = {B}")
+        if isinstance(cu_seqlens, torch.Tensor):
+            if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool \
+                    or cu_seqlens.dim() != 1:
+                raise ValueError(f"register_attention: cu_seqlens must be a 1-D integer tensor, got "
+                                 f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+            # Values are checked inside the op (opaque to torch.compile, like keep's).
+            cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
+            cu_checked = False
+        else:
+            if not (isinstance(cu_seqlens, (list, tuple)) and all(
+                    isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in cu_seqlens)):
+                raise TypeError(f"register_attention: cu_seqlens must be an int tensor [S + 1] or a list/tuple of "
+                                f"ints, got {cu_seqlens!r}")
+            cu_host = torch.tensor([int(x) for x in cu_seqlens], dtype=torch.int32)
+            _check_cu_seqlens(cu_host, layout, N)  # on the host, so the op need not read the device copy
+            cu_checked = True
+            if q.device.type == "cuda":  # pinned + non_blocking: no host synchronisation
+                cu_seqlens = cu_host.pin_memory().to(q.device, non_blocking=True)
+            else:
+                cu_seqlens = cu_host.to(q.device)
+        if cu_seqlens.numel() < 2:
+            raise ValueError(f"register_attention: cu_seqlens must hold at least 2 offsets (1 sample), got "
+                             f"{cu_seqlens.numel()}")
+        B = cu_seqlens.numel() - 1  # samples: keep is [S]
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"register_attention: head dim D must be in [1, {MAX_HEAD_DIM}], got {D}")
     if keep is None:
@@ -122,12 +189,13 @@ def register_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout
         if keep.dtype.is_floating_point or keep.dtype.is_complex or keep.dtype == torch.bool:
             raise ValueError(f"register_attention: keep must be an integer tensor, got {keep.dtype}")
         if tuple(keep.shape) != (B,):
-            raise ValueError(f"register_attention: keep must have shape [B] = ({B},), got {tuple(keep.shape)}")
+            what = "[S] (one per packed sample)" if cu_seqlens is not None else "[B]"
+            raise ValueError(f"register_attention: keep must have shape {what} = ({B},), got {tuple(keep.shape)}")
         if keep.device != q.device:
             raise ValueError(f"register_attention: keep must be on q's device {q.device}, got {keep.device}")
         keep = keep.to(torch.int32)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     out, lse = _register_attention(q, k, v, layout.blocks, layout.patches, layout.registers, layout.mode,
-                                   keep, float(scale))
+                                   keep, float(scale), cu_seqlens, cu_checked if cu_seqlens is not None else False)
     return (out, lse) if return_lse else out

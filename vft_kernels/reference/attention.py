@@ -1,12 +1,52 @@
 """Reference register attention (SPEC.md §2): dense mask, float32 (float64 for float64 input)
-softmax. Dropped query rows give exactly zero output and lse = -inf; they pass no gradient."""
+softmax. Dropped query rows give exactly zero output and lse = -inf; they pass no gradient.
+
+Packed (varlen) calls, ``cu_seqlens`` given: sample ``s`` is tokens ``[cu[s], cu[s+1])`` of
+the one sequence (q is [1, H, N, D]) with ``(cu[s+1] - cu[s]) / (P + R)`` time blocks; each
+sample is attended on its own slice, exactly as a dense call, and rows from ``cu[-1]`` on
+(padding) give zero output, lse = -inf and zero gradients."""
 import torch
 
+from ..layout import RegisterLayout
 
-def attention_forward(q, k, v, layout, keep, scale):
+
+def varlen_samples(layout, cu_seqlens):
+    """(s, start, end, RegisterLayout of sample s) for every non-empty sample of a packed call."""
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    S = layout.block_size
+    for s in range(len(cu) - 1):
+        a, b = cu[s], cu[s + 1]
+        if b > a:
+            yield s, a, b, RegisterLayout((b - a) // S, layout.patches, layout.registers, layout.mode)
+
+
+def _stitch(pieces, N, fills):
+    """Concatenates per-sample results along the token dim (2) and pads them to N tokens
+    (pieces: list of (start, tuple of tensors); fills: padding value per output)."""
+    outs = []
+    for j, fill in enumerate(fills):
+        parts, end = [], 0
+        for start, res in pieces:
+            parts.append(res[j])
+            end = start + res[j].shape[2]
+        like = parts[0]
+        parts.append(like.new_full(like.shape[:2] + (N - end,) + like.shape[3:], fill))
+        outs.append(torch.cat(parts, dim=2))
+    return tuple(outs)
+
+
+def attention_forward(q, k, v, layout, keep, scale, cu_seqlens=None):
     """q, k, v [B, H, N, D]; keep int [B] -> (out [B, H, N, D] q.dtype, lse [B, H, N] float32).
+    Packed: q, k, v [1, H, N, D], keep [S], cu_seqlens int [S + 1] (see the module doc).
 
     Differentiable through autograd (used as the ground truth for the backward pass)."""
+    if cu_seqlens is not None:
+        # An empty leading "sample" gives the concatenation a correctly typed first piece.
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        pieces = [(0, (q[:, :, :0], q.new_empty(q.shape[:2] + (0,), dtype=lse_dtype)))]
+        pieces += [(a, attention_forward(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], lay, keep[s:s + 1], scale))
+                   for s, a, b, lay in varlen_samples(layout, cu_seqlens)]
+        return _stitch(pieces, q.shape[2], (0.0, float("-inf")))
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     allowed = layout.materialize(keep, q.device)[:, None]  # [B, 1, N, N]
     live = allowed.any(-1, keepdim=True)  # query rows with at least one allowed key
@@ -21,9 +61,15 @@ def attention_forward(q, k, v, layout, keep, scale):
     return out.to(q.dtype), lse.squeeze(-1).to(torch.float32 if cdt == torch.float32 else cdt)
 
 
-def attention_backward(dout, q, k, v, out, lse, layout, keep, scale):
+def attention_backward(dout, q, k, v, out, lse, layout, keep, scale, cu_seqlens=None):
     """(dq, dk, dv) by the textbook softmax-attention gradient (tests check it against
     autograd through attention_forward). Dropped query rows have P = 0: no gradient."""
+    if cu_seqlens is not None:
+        pieces = [(0, tuple(t[:, :, :0].to(q.dtype) for t in (q, k, v)))]
+        pieces += [(a, attention_backward(dout[:, :, a:b], q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], out[:, :, a:b],
+                                          lse[:, :, a:b], lay, keep[s:s + 1], scale))
+                   for s, a, b, lay in varlen_samples(layout, cu_seqlens)]
+        return _stitch(pieces, q.shape[2], (0.0, 0.0, 0.0))
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf, kf, vf, do = (t.to(cdt) for t in (q, k, v, dout))
     allowed = layout.materialize(keep, q.device)[:, None]
