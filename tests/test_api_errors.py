@@ -127,6 +127,22 @@ def test_attention_keep():
     raises(TypeError, lambda: vk.register_attention(q, k, v, LAYOUT, keep=[1, 1]), "list")
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_attention_keep_checked_before_narrowing(backend):
+    """An int64 keep of 2**32 + 1 must not pass as 1 (issue: narrowed to int32 before the
+    range check), on every backend, forward and through the backward op."""
+    if backend == "triton":
+        pytest.importorskip("triton")  # runs under TRITON_INTERPRET=1 (tests/conftest.py)
+    if backend == "cpu":
+        pytest.importorskip("vft_kernels.cpp.attention", reason="vft_kernels._C not built")
+    q, k, v = _qkv()
+    head_dim_ok = torch.randn(2, 1, q.shape[2], 16)
+    for keep, bad in ((torch.tensor([2**32 + 1, 0]), 2**32 + 1), (torch.tensor([1, -(2**32) + 1]), -(2**32) + 1)):
+        with vk.use_backend(backend):
+            raises(ValueError, lambda: vk.register_attention(head_dim_ok, head_dim_ok, head_dim_ok, LAYOUT,
+                                                             keep=keep), str(bad))
+
+
 # --------------------------------------------------------------------------------------
 # Flow
 

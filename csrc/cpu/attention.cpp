@@ -273,6 +273,11 @@ void forward(const Problem& pr, const float* q, const float* kt, const float* v,
       if (r < nq && w.l[r] > 0.0f) {
         store_row(dst, w.o.data() + r * D, D, 1.0f / w.l[r]);
         lse_bh[q0 + r] = (w.m[r] + std::log2(w.l[r])) * kLn2;
+      } else if (r < nq && L.kept(q0 + r, keep)) {
+        // A kept query whose sum is not positive met a NaN score (NaN / inf in q or k):
+        // propagate it as the reference does (lse +inf when a score was +inf, else NaN).
+        std::fill(dst, dst + D, static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
+        lse_bh[q0 + r] = w.m[r] == kInf ? kInf : std::numeric_limits<float>::quiet_NaN();
       } else {
         std::fill(dst, dst + D, static_cast<T>(0.0f));
         lse_bh[q0 + r] = kNegInf;
@@ -295,9 +300,13 @@ struct BackwardScratch {
   std::vector<float> dk, dv;
 };
 
-// qt, dot: queries and output gradients transposed, [B*H, D, N].
+// qt, dot: queries and output gradients transposed, [B*H, D, N]. q_fin, k_fin: q and k with
+// non-finite elements zeroed, the operands of dK += dS^T Q and dQ += dS K (a non-finite q_i
+// or k_j already makes every allowed dS entry of its row / column NaN; zeroing it there
+// keeps 0 * NaN on masked pairs of a partial tile from reaching tokens that cannot see it).
 template <typename T>
-void backward(const Problem& pr, const float* q, const float* qt, const float* k, const float* v,
+void backward(const Problem& pr, const float* q_fin, const float* qt, const float* k, const float* k_fin,
+              const float* v,
               const float* dout, const float* dot, const float* lse2, const float* delta, float* dq_acc,
               int64_t groups, T* dk, T* dv) {
   const int64_t D = pr.D, BH = pr.B * pr.H, ldt = pr.N;
@@ -320,6 +329,7 @@ void backward(const Problem& pr, const float* q, const float* qt, const float* k
       w.dk.assign(nk * D, 0.0f);
       w.dv.assign(nk * D, 0.0f);
       const float* kj = k + off + k0 * D;
+      const float* kj_fin = k_fin + off + k0 * D;
       int64_t q_lo, q_hi;
       L.query_range(k0, k1, keep, &q_lo, &q_hi);
       for (int64_t q0 = (q_lo / kBlockM) * kBlockM; q0 < q_hi; q0 += kBlockM) {
@@ -338,8 +348,10 @@ void backward(const Problem& pr, const float* q, const float* qt, const float* k
         const float* lse_q = lse2 + bh * pr.N + start + q0;
         for (int64_t r = 0; r < nk; ++r) {
           float* row = pt + r * kBlockM;
+          // Masked pairs (-inf) give exactly 0, also for a NaN row (lse NaN): a non-finite
+          // query must not leak into keys it cannot see.
 #pragma omp simd
-          for (int64_t c = 0; c < nq; ++c) row[c] = exp2_nonpos(row[c] * a - lse_q[c]);
+          for (int64_t c = 0; c < nq; ++c) row[c] = row[c] == kNegInf ? 0.0f : exp2_nonpos(row[c] * a - lse_q[c]);
         }
         gemm(nk, D, nq, pt, kBlockM, dout + off + q0 * D, D, true, w.dv.data(), D);  // dV += P^T dO
         gemm(nk, nq, D, v + off + k0 * D, D, dot + off_t + q0, ldt, false, dst, kBlockM);  // dP^T = V dO^T
@@ -348,13 +360,14 @@ void backward(const Problem& pr, const float* q, const float* qt, const float* k
           const float* prow = pt + r * kBlockM;
           float* drow = dst + r * kBlockM;
 #pragma omp simd
-          for (int64_t c = 0; c < nq; ++c) drow[c] = prow[c] * (drow[c] - delta_q[c]);  // dS = P (dP - delta)
+          for (int64_t c = 0; c < nq; ++c)  // dS = P (dP - delta); exactly 0 where P is (masked pairs)
+            drow[c] = prow[c] == 0.0f ? 0.0f : prow[c] * (drow[c] - delta_q[c]);
         }
-        gemm(nk, D, nq, dst, kBlockM, q + off + q0 * D, D, true, w.dk.data(), D);  // dK += dS^T Q
+        gemm(nk, D, nq, dst, kBlockM, q_fin + off + q0 * D, D, true, w.dk.data(), D);  // dK += dS^T Q
         float* ds = w.ds.data();
         for (int64_t c = 0; c < nq; ++c)
           for (int64_t r = 0; r < nk; ++r) ds[c * kBlockN + r] = dst[r * kBlockM + c];
-        gemm(nq, D, nk, ds, kBlockN, kj, D, true, dq_g + q0 * D, D);  // dQ += dS K
+        gemm(nq, D, nk, ds, kBlockN, kj_fin, D, true, dq_g + q0 * D, D);  // dQ += dS K
       }
       for (int64_t r = 0; r < k1 - k0; ++r) {
         T* dk_row = dk + off + (k0 + r) * D;
@@ -471,6 +484,10 @@ void attention_backward_cpu(const at::Tensor& dout, const at::Tensor& q, const a
   check_out(dv, q.scalar_type(), q.sizes(), "dv");
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), dof = as_f32(dout);
   const at::Tensor qtf = qf.transpose(-1, -2).contiguous(), dotf = dof.transpose(-1, -2).contiguous();
+  const auto finite = [](const at::Tensor& t) {
+    return t.isfinite().all().item<bool>() ? t : at::where(t.isfinite(), t, 0.0f).contiguous();
+  };
+  const at::Tensor q_fin = finite(qf), k_fin = finite(kf);
   // delta = rowsum(dO * O); lse in log2 units, +inf on dropped rows so exp2(s - lse2) = 0.
   const at::Tensor delta = (dof * out.to(at::kFloat)).sum(-1).contiguous();
   const at::Tensor lse2 = at::where(lse == -INFINITY, INFINITY, lse * kLog2e).contiguous();
@@ -479,7 +496,8 @@ void attention_backward_cpu(const at::Tensor& dout, const at::Tensor& q, const a
       std::max<int64_t>(1, std::min<int64_t>(n_kt, std::max<int64_t>(1, (2 * at::get_num_threads() + SH - 1) / std::max<int64_t>(SH, 1))));
   at::Tensor dq_acc = at::empty({groups, BH, pr.N, pr.D}, qf.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_backward_cpu", [&] {
-    backward<scalar_t>(pr, qf.data_ptr<float>(), qtf.data_ptr<float>(), kf.data_ptr<float>(), vf.data_ptr<float>(),
+    backward<scalar_t>(pr, q_fin.data_ptr<float>(), qtf.data_ptr<float>(), kf.data_ptr<float>(), k_fin.data_ptr<float>(),
+                       vf.data_ptr<float>(),
                        dof.data_ptr<float>(), dotf.data_ptr<float>(), lse2.data_ptr<float>(), delta.data_ptr<float>(), dq_acc.data_ptr<float>(), groups,
                        dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
     const float* acc = dq_acc.data_ptr<float>();

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import Optional
 
 import torch
@@ -25,14 +26,31 @@ def _layout(T, P, R, mode):
     return RegisterLayout(T, P, R, mode)
 
 
+# keep tensors whose values were checked: id -> (weakref, version counter, R). A model passes
+# the same keep tensor to every layer, so a device tensor costs one host sync per forward
+# pass, not one per layer; an in-place change bumps the version and forces a new check.
+_KEEP_CHECKED: dict = {}
+
+
 def _check_keep_values(keep: torch.Tensor, R: int):
-    # Value checks need the data on the host: free for CPU tensors; on GPU they are skipped
-    # so that `keep` never forces a sync (the kernels clamp keep to [0, R] instead).
-    if keep.device.type == "cpu" and keep.numel() > 0:
-        lo, hi = int(keep.min()), int(keep.max())
-        if lo < 0 or hi > R:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"register_attention: keep values must be in [0, R={R}], got {bad}")
+    """ValueError unless every keep value is in [0, R], read in keep's own integer dtype (no
+    narrowing first: an int64 2**32 + 3 must not pass as 3). Free on the CPU; a device tensor
+    is checked once (one sync) and then remembered until it changes."""
+    if keep.numel() == 0:
+        return
+    key = id(keep)
+    if keep.device.type != "cpu":
+        seen = _KEEP_CHECKED.get(key)
+        if seen is not None and seen[0]() is keep and seen[1] == keep._version and seen[2] == R:
+            return
+    lo, hi = (int(x) for x in torch.stack([keep.min(), keep.max()]).tolist())
+    if lo < 0 or hi > R:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"register_attention: keep values must be in [0, R={R}], got {bad}")
+    if keep.device.type != "cpu":
+        if len(_KEEP_CHECKED) > 64:
+            _KEEP_CHECKED.clear()
+        _KEEP_CHECKED[key] = (weakref.ref(keep), keep._version, R)
 
 
 def _check_cu_seqlens(cu: torch.Tensor, layout: RegisterLayout, N: int) -> None:
@@ -193,7 +211,7 @@ def register_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout
             raise ValueError(f"register_attention: keep must have shape {what} = ({B},), got {tuple(keep.shape)}")
         if keep.device != q.device:
             raise ValueError(f"register_attention: keep must be on q's device {q.device}, got {keep.device}")
-        keep = keep.to(torch.int32)
+        # Passed as given: the op checks the values in this dtype, the backends narrow.
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     out, lse = _register_attention(q, k, v, layout.blocks, layout.patches, layout.registers, layout.mode,

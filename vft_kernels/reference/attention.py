@@ -74,13 +74,16 @@ def attention_backward(dout, q, k, v, out, lse, layout, keep, scale, cu_seqlens=
     qf, kf, vf, do = (t.to(cdt) for t in (q, k, v, dout))
     allowed = layout.materialize(keep, q.device)[:, None]
     s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    # Rows without any allowed key (softmax of all -inf = NaN) and masked pairs get P = 0;
+    # a NaN from the inputs stays NaN on allowed pairs only.
     p = torch.where(allowed, torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1), 0.0)
-    p = torch.nan_to_num(p)  # rows without any allowed key: softmax of all -inf
     dv = torch.matmul(p.transpose(-1, -2), do)
     dp = torch.matmul(do, vf.transpose(-1, -2))
     # rowsum(dO * O) == (dp * p).sum(-1); computed from `out` like the flash kernels do, so
     # the low-precision reference carries the same cancellation error in dp - delta.
-    ds = p * (dp - (do * out.to(cdt)).sum(-1, keepdim=True))
-    dq = torch.matmul(ds, kf) * scale
-    dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
+    ds = torch.where(allowed, p * (dp - (do * out.to(cdt)).sum(-1, keepdim=True)), 0.0)
+    # A non-finite q_i (k_j) already makes every allowed ds entry of row i (column j) NaN;
+    # zeroing it in the operand stops 0 * NaN on masked pairs from reaching other tokens.
+    dq = torch.matmul(ds, torch.where(kf.isfinite(), kf, 0.0)) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), torch.where(qf.isfinite(), qf, 0.0)) * scale
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
