@@ -139,6 +139,30 @@ def test_apg_zero_norm_groups(backend, momentum):
     assert torch.isfinite(got).all()
 
 
+@pytest.mark.parametrize("guidance", ["cfg", "apg"])
+@pytest.mark.parametrize("threshold", [0.0, 2.5])
+def test_non_finite_velocities_propagate_like_the_reference(backend, guidance, threshold):
+    """A NaN / inf velocity gives NaN exactly where the reference does (for APG with a norm
+    threshold: its whole group; before the fix the kernels dropped a NaN |d| and kept the
+    rest of the group finite)."""
+    shape = (2, 3, 2, 4, 4)
+    x, vc, vu = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+    vc[0, 1, 0, 2, 2] = math.nan
+    vu[1, 0, 1, 1, 1] = math.inf
+    kw = dict(apg_norm_threshold=threshold, apg_momentum=-0.5) if guidance == "apg" else {}
+    outs = {}
+    for name in ("reference", backend):
+        extra = dict(momentum=torch.zeros(shape)) if guidance == "apg" else {}
+        with vk.use_backend(name):
+            outs[name] = vk.flow_step(x, vc, 0.75, 0.5, vu, guidance=guidance, scale=3.0, **kw, **extra)
+    want, got = outs["reference"], outs[backend]
+    assert int(torch.isnan(want).sum()) > 0
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), (
+        f"NaN at {int(torch.isnan(got).sum())} places, reference {int(torch.isnan(want).sum())}")
+    fin = torch.isfinite(want)
+    torch.testing.assert_close(got[fin], want[fin], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("guidance", ["none", "cfg", "apg"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_prefix_frames(backend, guidance, dtype):

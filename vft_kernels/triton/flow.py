@@ -105,11 +105,17 @@ def _flow_update_kernel(out_ptr, x_ptr, a_ptr, b_ptr, m_ptr, prefix_ptr, part_pt
         vv = tl.sum(tl.load(pp + 2, mask=pm, other=0.0), axis=0)
         norm = tl.sqrt(dd)
         # c = min(1, thr / |d|), and 1 without a threshold or for |d| = 0 (0/0 -> 0 in SPEC terms)
-        clip = (apg_norm_threshold > 0) & (norm > apg_norm_threshold)
-        c = tl.where(clip, apg_norm_threshold / tl.where(clip, norm, 1.0), 1.0)
+        # NaN |d| (a NaN / inf velocity) gives NaN, as the reference's clamp does
+        r = apg_norm_threshold / norm
+        c = tl.where((apg_norm_threshold > 0) & ~(r >= 1.0), r, 1.0)
         k = tl.where(vv > 0, dv / tl.where(vv > 0, vv, 1.0), 0.0)
         alpha = 1.0 + (scale - 1.0) * (apg_eta - 1.0) * c * k
         beta = (scale - 1.0) * c
+        # a non-finite value anywhere in the group: NaN for the whole group, as the reference
+        # (its projection <d, u> u turns 0 * NaN and inf - inf into NaN everywhere)
+        bad = ~((tl.abs(dd) < float("inf")) & (tl.abs(dv) < float("inf")) & (tl.abs(vv) < float("inf")))
+        alpha = tl.where(bad, float("nan"), alpha)
+        beta = tl.where(bad, float("nan"), beta)
         d = a - tl.load(b_ptr + off, mask=mask, other=0.0).to(tl.float32)
         if HAS_MOM:
             d = d + apg_momentum * tl.load(m_ptr + off, mask=mask, other=0.0).to(tl.float32)

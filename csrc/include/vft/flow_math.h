@@ -23,9 +23,15 @@ struct ApgCoeffs {
 };
 
 VFT_HD ApgCoeffs apg_coeffs(float dd, float dv, float vv, float scale, float eta, float threshold) {
+  // c = min(1, thr / |d|) as the reference's clamp: |d| = 0 gives 1, a NaN |d| gives NaN
+  // (a NaN / inf velocity poisons its whole group, as in the reference).
   const float norm = sqrtf(dd);
-  const float c = (threshold > 0.f && norm > threshold) ? threshold / norm : 1.f;
+  const float r = threshold / norm;
+  const float c = (threshold > 0.f) ? (r >= 1.f ? 1.f : r) : 1.f;
   const float k = vv > 0.f ? dv / vv : 0.f;
+  // A non-finite value anywhere in the group makes the reference's projection NaN for the
+  // whole group (0 * NaN, inf - inf in <d, u> u); the closed form would keep some of it finite.
+  if (!(isfinite(dd) && isfinite(dv) && isfinite(vv))) return {NAN, NAN};
   return {1.f + (scale - 1.f) * (eta - 1.f) * c * k, (scale - 1.f) * c};
 }
 
