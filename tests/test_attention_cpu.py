@@ -10,7 +10,7 @@ import torch
 import vft_kernels as vk
 from vft_kernels.layout import MODES, RegisterLayout
 from vft_kernels.reference import attention as ref
-from vft_kernels.testing import assert_matches_reference, noncontiguous
+from vft_kernels.testing import assert_matches_reference, check_attention_non_finite, noncontiguous
 
 cpp = pytest.importorskip("vft_kernels.cpp.attention", reason="vft_kernels._C attention kernels not built")
 from vft_kernels._ext import C  # noqa: E402
@@ -335,26 +335,4 @@ def test_packed_bad_arguments_at_the_binding():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_non_finite_inputs_propagate_like_the_reference(mode):
-    layout = RegisterLayout(3, 20, 6, mode)
-    keep = torch.tensor([6, 2], dtype=torch.int32)
-    N, D = layout.seq_len, 16
-    q, k, v, dout = _inputs(2, 2, N, D, torch.float32)
-    q[0, 0, 5] = float("nan")     # a patch query
-    q[1, 1, 21] = float("nan")    # a kept register query of sample 1 (register 1, keep 2)
-    q[1, 1, 25] = float("nan")    # a dropped register query: stays exactly 0
-    k[0, 1, 47] = float("nan")    # a key in block 1: rows that see it become NaN
-    q[0, 1, 70] = float("inf")    # +inf against keys of both signs: NaN row, lse +inf
-    got = _cpu_grads(q, k, v, dout, layout, keep, D ** -0.5)
-
-    def reference(dtype):
-        # The reference backward op (not autograd through the forward, where a dropped NaN
-        # query turns its zero gradient into 0 * NaN): dropped rows pass no gradient (SPEC §2).
-        args = [t.to(dtype) for t in (q, k, v)]
-        out, lse = ref.attention_forward(*args, layout, keep, D ** -0.5)
-        return (out, lse) + ref.attention_backward(dout.to(dtype), *args, out, lse, layout, keep, D ** -0.5)
-
-    for name, g, w64, w32 in zip(("out", "lse", "dq", "dk", "dv"), got, reference(torch.float64),
-                                 reference(torch.float32)):
-        assert_matches_reference(f"non-finite {mode} {name}", g, w64, w32, torch.float32, reduction_len=N)
-    assert torch.isnan(got[0][0, 0, 5]).all() and torch.isnan(got[0][1, 1, 21]).all()
-    assert torch.equal(got[0][1, 1, 25], torch.zeros(D)) and torch.equal(got[2][1, 1, 25], torch.zeros(D))
+    check_attention_non_finite("cpu", mode)

@@ -17,17 +17,17 @@ from vft_kernels import RegisterLayout
 from vft_kernels.dispatch import BackendUnavailableError
 from vft_kernels.layout import MODES
 from vft_kernels.reference import attention as reference
-from vft_kernels.testing import assert_matches_reference, noncontiguous
+from vft_kernels.testing import assert_matches_reference, check_attention_non_finite, noncontiguous
 from vft_kernels.triton import attention as tri
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _attention(backend, q, k, v, layout, keep, dout):
+def _attention(backend, q, k, v, layout, keep, dout, cu_seqlens=None):
     """(out, lse, dq, dk, dv) through the public op and autograd on ``backend``."""
     q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     with vk.use_backend(backend):
-        out, lse = vk.register_attention(q, k, v, layout, keep=keep, return_lse=True)
+        out, lse = vk.register_attention(q, k, v, layout, keep=keep, return_lse=True, cu_seqlens=cu_seqlens)
         grads = torch.autograd.grad(out, (q, k, v), dout)
     return (out.detach(), lse, *grads)
 
@@ -170,6 +170,107 @@ def test_keep_change_does_not_recompile():
     assert counter.frame_count == 1
 
 
+# --------------------------------------------------------------------------------------
+# Packed (varlen) calls: q, k, v [1, H, N, D], sample s = tokens [cu[s], cu[s+1]).
+
+# (T, P, R, cu_seqlens, N, keep per sample): samples of 2, 0, 3 and 1 blocks (of 7 tokens, so
+# 16-wide tiles run past sample ends) then 5 padding rows; an empty first sample and no
+# padding. keep mixes 0, R and others.
+PACKINGS = [
+    (3, 5, 2, [0, 14, 14, 35, 42], 47, [2, 1, 0, 1]),
+    (2, 3, 4, [0, 0, 14, 21], 21, [3, 4, 0]),
+]
+
+
+def _packed_zero_rows(layout, cu, keep, N):
+    """Bool [N]: rows of a packed call that must be exactly zero (lse -inf): dropped
+    registers and padding."""
+    zero = torch.ones(N, dtype=torch.bool)
+    for s, a, b, _ in reference.varlen_samples(layout, cu):
+        zero[a:b] = torch.arange(b - a) % layout.block_size >= layout.patches + int(keep[s])
+    return zero
+
+
+def _check_packed_results(name, got, ref64, ref_lowp, layout, cu, keep, dtype):
+    """(out, lse, dq, dk, dv) of a packed call against the reference (SPEC.md §4, reduction
+    length = the longest sample), plus exact zeros / -inf on dropped and padding rows."""
+    for what, g, r64, rl in zip(("out", "lse", "dq", "dk", "dv"), got, ref64, ref_lowp):
+        assert g.dtype == (torch.float32 if what == "lse" else dtype), f"{what} dtype {g.dtype}"
+        assert_matches_reference(f"{what} {name} {layout} cu={cu.tolist()} keep={keep.tolist()}", g, r64, rl, dtype,
+                                 reduction_len=layout.seq_len)
+    zero = _packed_zero_rows(layout, cu, keep, got[0].shape[2])
+    out, lse, dq, dk, dv = got
+    for what, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.equal(t[:, :, zero], torch.zeros_like(t[:, :, zero])), f"{what}: dropped/padding rows not zero"
+    assert bool((lse[:, :, zero] == float("-inf")).all()), "lse must be -inf on dropped and padding rows"
+    assert bool(torch.isfinite(lse[:, :, ~zero]).all())
+
+
+def check_packed(layout, cu, N, keep, H, D, dtype, make_input=lambda t: t, block_m=16, block_n=16):
+    """Packed forward and backward of the Triton kernels (explicit tile sizes) against the
+    float64 reference with the same cu_seqlens."""
+    cu = torch.tensor(cu, dtype=torch.int32)
+    keep = torch.tensor(keep, dtype=torch.int32)
+    q, k, v, dout = (torch.randn(1, H, N, D).to(dtype) for _ in range(4))
+    scale = 0.3
+
+    def run_reference(dout, q, k, v):
+        out, lse = reference.attention_forward(q, k, v, layout, keep, scale, cu)
+        return (out, lse, *reference.attention_backward(dout, q, k, v, out, lse, layout, keep, scale, cu))
+
+    ref64 = run_reference(*(t.double() for t in (dout, q, k, v)))
+    ref_lowp = run_reference(dout, q, k, v)
+    qi, ki, vi, doi = (make_input(t) for t in (q, k, v, dout))
+    out, lse = tri.attention_forward(qi, ki, vi, layout, keep, scale, cu, block_m=block_m, block_n=block_n)
+    grads = tri.attention_backward(doi, qi, ki, vi, out, lse, layout, keep, scale, cu, block_m=block_m,
+                                   block_n=block_n)
+    _check_packed_results(f"{block_m}x{block_n}", (out, lse, *grads), ref64, ref_lowp, layout, cu, keep, dtype)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T,P,R,cu,N,keep", PACKINGS)
+def test_packed_fp32(mode, T, P, R, cu, N, keep):
+    check_packed(RegisterLayout(T, P, R, mode), cu, N, keep, H=2, D=16, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_fp16(mode):
+    # R = 0 (nothing to drop), a 32-wide head dim, samples of 1, 0, 3 and 2 blocks of 9 tokens.
+    check_packed(RegisterLayout(3, 9, 0, mode), [0, 9, 9, 36, 54], 60, [0, 0, 0, 0], H=2, D=32,
+                 dtype=torch.float16)
+    check_packed(RegisterLayout(3, 5, 2, mode), *PACKINGS[0][3:], H=1, D=16, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_tile_sizes(mode):
+    """Rectangular tiles (both ways), so query and key tiles end at different places in
+    and past each sample."""
+    for bm, bn in ((32, 16), (16, 32)):
+        check_packed(RegisterLayout(3, 5, 2, mode), *PACKINGS[0][3:], H=1, D=16, dtype=torch.float32, block_m=bm,
+                     block_n=bn)
+
+
+def test_packed_noncontiguous_inputs():
+    layout = RegisterLayout(3, 5, 2, "block_causal_last")
+    check_packed(layout, *PACKINGS[0][3:], H=2, D=16, dtype=torch.float32, make_input=noncontiguous)
+    check_packed(layout, *PACKINGS[0][3:], H=2, D=16, dtype=torch.float16,
+                 make_input=lambda t: t.transpose(1, 2).contiguous().transpose(1, 2))
+
+
+def test_packed_public_api():
+    """vk.register_attention(..., cu_seqlens=...) on the forced Triton backend, through
+    autograd, against the reference backend (offsets as a list and as a device tensor)."""
+    T, P, R, cu, N, keep = PACKINGS[0]
+    layout = RegisterLayout(T, P, R, "block_causal_last")
+    keep = torch.tensor(keep, dtype=torch.int32)
+    q, k, v, dout = (torch.randn(1, 2, N, 16) for _ in range(4))
+    ref64 = _attention("reference", q.double(), k.double(), v.double(), layout, keep, dout.double(), cu)
+    ref32 = _attention("reference", q, k, v, layout, keep, dout, cu)
+    for offsets in (cu, torch.tensor(cu, dtype=torch.int32)):
+        got = _attention("triton", q, k, v, layout, keep, dout, offsets)
+        _check_packed_results("public", got, ref64, ref32, layout, torch.tensor(cu), keep, torch.float32)
+
+
 @triton.jit
 def _schedule_kernel(out_ptr, keep, N, T, P, R, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                      MODE: tl.constexpr):
@@ -273,6 +374,12 @@ def test_supports_reasons():
     assert "bfloat16" in reason(16, torch.bfloat16)
     q = torch.randn(1, 1, 4, 48)
     assert "head dim 48" in tri.supports_attention_backward(q, q, q, q, q, q[..., 0], layout, keep, 1.0)
+    p = torch.randn(1, 1, 8, 16)
+    packed = torch.tensor([0, 4, 8], dtype=torch.int32)
+    assert tri.supports_attention_forward(p, p, p, layout, keep.repeat(2), 1.0, packed) is None
+    assert tri.supports_attention_backward(p, p, p, p, p, p[..., 0], layout, keep.repeat(2), 1.0, packed) is None
+    many = torch.zeros(65537, dtype=torch.int32)  # 65536 samples: more than grid dim z allows
+    assert "65536" in tri.supports_attention_forward(p, p, p, layout, keep, 1.0, many)
     with vk.use_backend("triton"), pytest.raises(BackendUnavailableError, match="head dim 48"):
         vk.register_attention(q, q, q, layout, keep=keep)
 
@@ -293,8 +400,8 @@ for f in aot.failures(rows):
 
 
 def test_aot_compile_sm80_sm90():
-    """A representative subset of the kernel variants (every kernel and mode, all three
-    dtypes, the two largest and two smallest head dims) compiles for sm_80 and sm_90
+    """A representative subset of the kernel variants (every kernel and mode, dense and
+    packed, all three dtypes, the two largest and two smallest head dims) compiles for sm_80 and sm_90
     without spills; fp16 and bf16 dots use tensor cores (mma on sm_80; wgmma or mma on
     sm_90). The full set: ``python -m vft_kernels.triton.aot --only attention``."""
     env = dict(os.environ)
@@ -307,8 +414,15 @@ def test_aot_compile_sm80_sm90():
     fails = [line for line in res.stdout.splitlines() if line.startswith("FAIL")]
     assert rows and not fails, "\n".join(fails)
     for kernel, arch, *_, mma, wgmma in rows:
-        if "delta" in kernel or "fp32" in kernel:
+        if "delta" in kernel or "pad" in kernel or "fp32" in kernel:
             continue
         assert mma == "True" or wgmma == "True", f"{kernel} {arch}: no tensor-core instruction in the PTX"
         if arch == "sm_80":
             assert mma == "True", f"{kernel} sm_80: no mma.sync"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_finite_inputs_propagate_like_the_reference(mode):
+    """NaN / inf in q or k propagate as in the reference (they used to come out as dropped,
+    all-zero rows with lse = -inf); dropped queries stay exactly 0."""
+    check_attention_non_finite("triton", mode)

@@ -115,3 +115,41 @@ def assert_fsq_matches(codes: torch.Tensor, indices: torch.Tensor, ref_codes: to
         step = 1.0 / torch.tensor([L // 2 for L in levels], dtype=torch.float64)
         assert bool(((nc - nrc).abs() <= step + 1e-12).all()), "boundary token: code more than one step away"
     return int(near.sum())
+
+
+def check_attention_non_finite(backend: str, mode: str, head_dim: int = 16) -> None:
+    """Register attention on ``backend`` with NaN / inf in q and k, forward and backward,
+    against the reference's NaN placement and values (SPEC.md §4): a NaN query row is NaN, a
+    row that sees a NaN key is NaN, a +inf query gives NaN and lse +inf, a dropped query stays
+    exactly 0 with zero gradient, and nothing leaks into tokens that cannot see the NaN."""
+    import vft_kernels as vk
+    from .layout import RegisterLayout
+    from .reference import attention as ref
+
+    layout = RegisterLayout(3, 20, 6, mode)
+    keep = torch.tensor([6, 2], dtype=torch.int32)
+    N, D, scale = layout.seq_len, head_dim, head_dim ** -0.5
+    g = torch.Generator().manual_seed(7)
+    q, k, v, dout = (torch.randn(2, 2, N, D, generator=g) for _ in range(4))
+    q[0, 0, 5] = float("nan")     # a patch query
+    q[1, 1, 21] = float("nan")    # a kept register query of sample 1 (register 1, keep 2)
+    q[1, 1, 25] = float("nan")    # a dropped register query: stays exactly 0
+    k[0, 1, 47] = float("nan")    # a key in block 1: the rows that see it become NaN
+    q[0, 1, 70] = float("inf")    # +inf against keys of both signs: NaN row, lse +inf
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    with vk.use_backend(backend):
+        out, lse = vk.register_attention(qq, kk, vv, layout, keep=keep, scale=scale, return_lse=True)
+        got = (out, lse) + torch.autograd.grad(out, (qq, kk, vv), dout)
+
+    def reference(dtype):
+        # The reference backward op, not autograd through the forward (where a dropped NaN
+        # query turns its zero gradient into 0 * NaN): dropped rows pass no gradient (SPEC §2).
+        args = [t.to(dtype) for t in (q, k, v)]
+        o, lse_ = ref.attention_forward(*args, layout, keep, scale)
+        return (o, lse_) + ref.attention_backward(dout.to(dtype), *args, o, lse_, layout, keep, scale)
+
+    for name, x, w64, w32 in zip(("out", "lse", "dq", "dk", "dv"), got, reference(torch.float64),
+                                 reference(torch.float32)):
+        assert_matches_reference(f"{backend} non-finite {mode} {name}", x, w64, w32, torch.float32, reduction_len=N)
+    assert torch.isnan(got[0][0, 0, 5]).all() and torch.isnan(got[0][1, 1, 21]).all()
+    assert torch.equal(got[0][1, 1, 25], torch.zeros(D)) and torch.equal(got[2][1, 1, 25], torch.zeros(D))

@@ -1,8 +1,10 @@
 """Drop-in patching of vft kernels onto third-party tokenizer code.
 
 * ``vft_kernels.integrations.vector_quantize_pytorch``: ``vector_quantize_pytorch.FSQ``.
-* ``vft_kernels.integrations.videoflextok``: the official VideoFlexTok models (FSQ, sampler guidance).
-* ``vft_kernels.integrations.flextok``: the official FlexTok models (FSQ, sampler guidance).
+* ``vft_kernels.integrations.videoflextok``: the official VideoFlexTok models (FSQ, FlexAttention over
+  packed sequences, sampler guidance).
+* ``vft_kernels.integrations.flextok``: the official FlexTok models (FSQ, FlexAttention over packed
+  sequences, sampler guidance).
 
 Each offers ``patch(...) -> PatchHandle``, ``handle.unpatch()`` and a ``patched(...)`` context
 manager. Patches are per instance (never a class or a module global), reversible, leave
@@ -27,21 +29,24 @@ class PatchHandle:
     """What one ``patch()`` call replaced, and how to undo it.
 
     ``summary()`` (also the repr) lists what was replaced and what was left to the original
-    code, with the reason. ``unpatch()`` restores the originals (idempotent). As a context
-    manager the handle unpatches on exit. The handle keeps only weak references to the
-    patched objects."""
+    code, with the reason, plus any live counters an integration keeps (e.g. how many
+    attention calls ran on vft and how many fell back, and why). ``unpatch()`` restores the
+    originals (idempotent). As a context manager the handle unpatches on exit. The handle
+    keeps only weak references to the patched objects."""
 
     def __init__(self, integration: str, title: str):
         self.integration = integration
         self.title = title
         self.lines: list[str] = []
+        self.live: list[Callable[[], list[str]]] = []  # lines computed when summary() is called
         self._undo: list[Callable[[], None]] = []
         self._target: Optional[weakref.ref] = None
         self.active = True
 
     def summary(self) -> str:
         state = "" if self.active else " [unpatched]"
-        return "\n".join([self.title + state] + ["  " + line for line in self.lines])
+        lines = self.lines + [line for live in self.live for line in live()]
+        return "\n".join([self.title + state] + ["  " + line for line in lines])
 
     __repr__ = summary
 

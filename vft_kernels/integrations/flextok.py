@@ -7,17 +7,23 @@
     with ft_patch.patched(model): ...
 
 FlexTok shares VideoFlexTok's FSQ (``regularizers.quantize_fsq.FSQ``, here called through
-``packed_call``) and guidance code, so this is the same machinery with FlexTok's classes;
+``packed_call``), attention (``model.layers.attention``, ``model.preprocessors.flex_seq_packing``)
+and guidance code, so this is the same machinery with FlexTok's classes;
 ``vft_kernels.integrations.videoflextok`` documents what is replaced, what falls back and why.
 FlexTok's only sampler is ``flow_matching.pipelines.MinRFPipeline`` (images [1, C, H, W]: APG
 groups are whole samples; APG fixed at momentum -0.5, eta 0, norm threshold 2.5, as in the
 official code). Unlike VideoFlexTok's, it keeps one MomentumBuffer per sample, and so does the
-patch. Attention is not patched (the official FlexAttention call stays).
+patch. Attention: FlexTok's only packer is ``BlockWiseSequencePacker`` (images, T = 1): ``full``
+and ``causal`` map to full / token-causal register attention per sample, ``causal_last`` (the
+encoder's: patches see the patches, register r the patches and registers 0..r) to
+``block_causal_last`` with T = 1, P = patch tokens, R = registers; a call whose images differ
+in size (so in P) falls back to FlexAttention, as do layers built with
+``use_flex_attention=False`` (SDPA) and packers with ``return_materialized_mask=True``.
 """
 from __future__ import annotations
 
 from . import PatchHandle, patched_context
-from .videoflextok import _OfficialPackage, _patch_official, _SamplerSpec
+from .videoflextok import ATTENTION_LINE, _OfficialPackage, _patch_official, _SamplerSpec  # noqa: F401
 
 _FLEXTOK = _OfficialPackage(
     name="flextok",
@@ -33,11 +39,12 @@ _FLEXTOK = _OfficialPackage(
 
 
 def patch(model, fsq: bool = True, attention: bool = True, guidance: bool = True) -> PatchHandle:
-    """Run the official FlexTok ``model`` (or any nn.Module containing its FSQ / sampler) on
-    the vft kernels: FSQ on vk.fsq_quantize / vk.fsq_indices_to_codes (``fsq``), the sampler's
-    guidance + Euler update on vk.flow_step (``guidance``). ``attention`` is accepted and
-    reported but not patched yet. Returns a PatchHandle (``summary()``, ``unpatch()``).
-    Raises TypeError if ``model`` is not an nn.Module, ValueError if nothing patchable is found."""
+    """Run the official FlexTok ``model`` (or any nn.Module containing its parts) on the vft
+    kernels: FSQ on vk.fsq_quantize / vk.fsq_indices_to_codes (``fsq``), the FlexAttention calls
+    over packed sequences on vk.register_attention (``attention``), the sampler's guidance +
+    Euler update on vk.flow_step (``guidance``). Returns a PatchHandle (``summary()``,
+    ``unpatch()``). Raises TypeError if ``model`` is not an nn.Module, ValueError if nothing
+    patchable is found."""
     return _patch_official(_FLEXTOK, model, fsq, attention, guidance)
 
 

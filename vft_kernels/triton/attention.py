@@ -1,6 +1,6 @@
 """Register attention in Triton (SPEC.md §2): FlashAttention-2-style forward and backward.
 
-Kernels (all launched on a grid ``(tiles, H, B)``):
+Kernels (launched on a grid ``(tiles, H, B)``):
 
 * ``_fwd_kernel``: one program per query tile; online softmax over key tiles; writes
   ``out`` and ``lse`` (float32, natural log, ``-inf`` on dropped rows).
@@ -8,6 +8,18 @@ Kernels (all launched on a grid ``(tiles, H, B)``):
 * ``_dkdv_kernel``: one program per key tile, looping over query tiles -> dk, dv.
 * ``_dq_kernel``: one program per query tile, looping over key tiles -> dq.
   Splitting dq from dk/dv keeps the backward free of atomics, hence deterministic.
+* ``_pad_kernel``: packed calls only, fills the padding rows (below).
+
+Packed (varlen) calls, ``cu_seqlens`` int32 ``[S + 1]`` on the device, q ``[1, H, N, D]``,
+keep ``[S]``: the same kernels, compiled with ``VARLEN=True``, run on a grid
+``(tiles of layout.seq_len, H, S)``. Program ``z = s`` loads ``cu[s]`` and ``cu[s+1]``,
+offsets its pointers by ``cu[s]`` rows and runs sample ``s`` as a dense sequence of
+``(cu[s+1] - cu[s]) / (P + R)`` blocks (its own ``N`` and ``T``; tiles past its end exit at
+once), so the schedule and masks are unchanged and samples never see each other. The
+padding rows ``cu[S]:`` get zeros (lse ``-inf``) from ``_pad_kernel``, which reads ``cu[S]``
+on the device: no host sync, and new offsets, sample counts or ``N`` recompile nothing
+(beyond Triton's usual integer specialisation). Dense launches pass ``cu_ptr=None`` and
+``VARLEN=False``: the packed code is compiled out (their PTX equals that of kernels without it).
 
 The tile schedule is analytic (ports of ``RegisterLayout.key_range`` / ``query_range`` /
 ``classify_tile``, no mask tensor): a query tile sweeps only the keys its last kept query
@@ -191,23 +203,40 @@ def _load_keep(keep_ptr, b, R):
     return tl.minimum(tl.maximum(tl.load(keep_ptr + b), 0), R)
 
 
+@triton.jit
+def _sample_rows(cu_ptr, s, S):
+    """Packed calls: (first row as int64, N, T) of sample s, rows [cu[s], cu[s+1])."""
+    start = tl.load(cu_ptr + s)
+    n = tl.load(cu_ptr + s + 1) - start
+    return start.to(tl.int64), n, n // S
+
+
 # --------------------------------------------------------------------------------------
 # Kernels. Inner loops hold no branch around loads or dots (only the mask is conditional),
 # so Triton software-pipelines them (cp.async on sm_80+).
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, keep_ptr,
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, keep_ptr, cu_ptr,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 sob, soh, son, sod, slb, slh,
                 N, T, P, R, scale,
-                MODE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                MODE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                VARLEN: tl.constexpr):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     S = P + R
     keep = _load_keep(keep_ptr, b, R)
     q0 = pid_m * BLOCK_M
+    if VARLEN:  # program z is sample b: its rows of batch 0, its own N and T
+        start, N, T = _sample_rows(cu_ptr, b, S)
+        if q0 >= N:
+            return
+        q_ptr += start * sqn
+        k_ptr += start * skn
+        v_ptr += start * svn
+        b = 0
     offs_m = q0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < N
@@ -240,9 +269,16 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, keep_ptr,
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
 
-    live = l_i > 0.0  # dropped query rows saw no key: zero output, lse = -inf
-    out = acc / tl.where(live, l_i, 1.0)[:, None]
-    lse = tl.where(live, m_i + tl.log(tl.where(live, l_i, 1.0)), float("-inf"))
+    # l == 0 exactly for dropped query rows (they saw no key): zero output, lse = -inf. Every
+    # kept query sees patch 0, so any other l is positive, or NaN after a NaN / inf score,
+    # which then propagates (lse +inf when a score was +inf), as in the reference.
+    dead = l_i == 0.0
+    out = acc / tl.where(dead, 1.0, l_i)[:, None]
+    lse = tl.where(dead, float("-inf"), tl.where(m_i == float("inf"), m_i, m_i + tl.log(l_i)))
+    if VARLEN:  # reloaded rather than kept live across the loop (spills at 128 registers)
+        start = tl.load(cu_ptr + tl.program_id(2)).to(tl.int64)
+        out_ptr += start * son
+        lse_ptr += start
     tl.store(out_ptr + b * sob + h * soh + offs_m.to(tl.int64)[:, None] * son + offs_d[None, :] * sod,
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     tl.store(lse_ptr + b * slb + h * slh + offs_m, lse, mask=row_ok)
@@ -266,17 +302,31 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr,
 
 
 @triton.jit
-def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, keep_ptr,
+def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, keep_ptr, cu_ptr,
                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd, slb, slh,
                  sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
                  N, T, P, R, scale,
-                 MODE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 MODE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 VARLEN: tl.constexpr):
     pid_n = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     S = P + R
     keep = _load_keep(keep_ptr, b, R)
     k0 = pid_n * BLOCK_N
+    if VARLEN:
+        start, N, T = _sample_rows(cu_ptr, b, S)
+        if k0 >= N:
+            return
+        q_ptr += start * sqn
+        k_ptr += start * skn
+        v_ptr += start * svn
+        do_ptr += start * sgn
+        lse_ptr += start
+        delta_ptr += start
+        dk_ptr += start * sdkn
+        dv_ptr += start * sdvn
+        b = 0
     offs_n = k0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     col_ok = offs_n < N
@@ -307,7 +357,11 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
                 pt = tl.where(_allowed(offs_m[None, :], offs_n[:, None], keep, q_stop, N, S, P, MODE), pt, 0.0)
             dv += tl.dot(pt.to(do.dtype), do)
             dpt = tl.dot(v, tl.trans(do))
-            dst = pt * (dpt - delta[None, :])
+            # Exactly 0 where P is (masked pairs), also for a NaN row (delta NaN); a non-finite q
+            # row already makes its allowed dS entries NaN, so it is zeroed as an operand: 0 * NaN
+            # on masked pairs must not reach keys it cannot see.
+            dst = tl.where(pt == 0.0, 0.0, pt * (dpt - delta[None, :]))
+            qt = tl.where(tl.abs(qt) < float("inf"), qt, 0.0)  # (scores done: reuse its registers)
             dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
 
     dk_ptrs = dk_ptr + b * sdkb + h * sdkh + cols * sdkn + offs_d[None, :] * sdkd
@@ -317,17 +371,30 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
 
 
 @triton.jit
-def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, keep_ptr,
+def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, keep_ptr, cu_ptr,
                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd, slb, slh,
                sdqb, sdqh, sdqn, sdqd,
                N, T, P, R, scale,
-               MODE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               MODE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               VARLEN: tl.constexpr):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     S = P + R
     keep = _load_keep(keep_ptr, b, R)
     q0 = pid_m * BLOCK_M
+    if VARLEN:
+        start, N, T = _sample_rows(cu_ptr, b, S)
+        if q0 >= N:
+            return
+        q_ptr += start * sqn
+        k_ptr += start * skn
+        v_ptr += start * svn
+        do_ptr += start * sgn
+        lse_ptr += start
+        delta_ptr += start
+        dq_ptr += start * sdqn
+        b = 0
     offs_m = q0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < N
@@ -351,12 +418,30 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, keep_ptr
             p = tl.exp(tl.dot(q, kt) * scale - lse[:, None])
             if not _tile_is_full(q0, N, k0, k_stop, keep, S, P, R, BLOCK_M, BLOCK_N, MODE):
                 p = tl.where(_allowed(offs_m[:, None], offs_n[None, :], keep, N, k_stop, S, P, MODE), p, 0.0)
+                # Only partial tiles hold masked pairs: there a non-finite key (which already makes
+                # the ds entries of the rows that see it NaN) is zeroed as an operand, so 0 * NaN
+                # does not reach rows that cannot see it. (A masked pair gives 0 * (dp - delta):
+                # NaN only for a NaN row, whose dq is NaN anyway.)
+                kt = tl.where(tl.abs(kt) < float("inf"), kt, 0.0)
             dp = tl.dot(do, vt)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
 
     tl.store(dq_ptr + b * sdqb + h * sdqh + rows * sdqn + offs_d[None, :] * sdqd,
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _pad_kernel(x_ptr, cu_ptr, num_samples, head_len, row_len, value, BLOCK: tl.constexpr):
+    """Packed calls: writes ``value`` to the padding rows ``cu[num_samples]:`` of x, a
+    contiguous [1, H, N, row_len] tensor (``head_len = N * row_len``); grid (tiles, H)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    first = tl.load(cu_ptr + num_samples) * row_len
+    if tl.program_id(0) * BLOCK + BLOCK <= first:
+        return
+    x = x_ptr + tl.program_id(1).to(tl.int64) * head_len + offs
+    tl.store(x, tl.full([BLOCK], value, tl.float32).to(x_ptr.dtype.element_ty),
+             mask=(offs >= first) & (offs < head_len))
 
 
 # --------------------------------------------------------------------------------------
@@ -412,23 +497,49 @@ def _supports(q, D):
     return None
 
 
-def supports_attention_forward(q, k, v, layout, keep, scale):
+def _supports_packing(cu_seqlens):
+    if cu_seqlens is not None and cu_seqlens.numel() - 1 > 65535:  # grid dim z
+        return f"packed calls take at most 65535 samples, got {cu_seqlens.numel() - 1}"
+    return None
+
+
+def supports_attention_forward(q, k, v, layout, keep, scale, cu_seqlens=None):
     """None if the Triton kernels can run this call, else why not."""
-    return _supports(q, q.shape[-1])
+    return _supports(q, q.shape[-1]) or _supports_packing(cu_seqlens)
 
 
-def supports_attention_backward(dout, q, k, v, out, lse, layout, keep, scale):
+def supports_attention_backward(dout, q, k, v, out, lse, layout, keep, scale, cu_seqlens=None):
     """None if the Triton kernels can run this call, else why not."""
-    return _supports(q, q.shape[-1])
+    return _supports(q, q.shape[-1]) or _supports_packing(cu_seqlens)
 
 
-def _layout_args(layout):
-    return layout.blocks, layout.patches, layout.registers
+def _launch_shape(layout, B, N, cu_seqlens):
+    """(rows, programs along grid z, run-time (N, T, P, R)): N rows of each of the B batch
+    elements of a dense call, or of a packed one the S samples with at most layout.seq_len
+    rows each (each program reads its own N and T from cu_seqlens; the constant bounds
+    passed here keep new N or offsets from changing the kernels' integer specialisation)."""
+    rows, programs = (N, B) if cu_seqlens is None else (layout.seq_len, cu_seqlens.numel() - 1)
+    return rows, programs, (rows, layout.blocks, layout.patches, layout.registers)
 
 
-def attention_forward(q, k, v, layout, keep, scale, *, block_m=None, block_n=None):
+_PAD_BLOCK = 1024
+
+
+def _fill_padding(cu_seqlens, *fills):
+    """Packed calls: writes the rows from cu[-1] on of each (tensor, value) in ``fills``
+    (contiguous [1, H, N, ...] outputs) with a small kernel; no host sync."""
+    for t, value in fills:
+        H, N = t.shape[1], t.shape[2]
+        head_len = t[0, 0].numel()
+        _pad_kernel[(triton.cdiv(head_len, _PAD_BLOCK), H)](t, cu_seqlens, cu_seqlens.numel() - 1, head_len,
+                                                            head_len // N, float(value), BLOCK=_PAD_BLOCK,
+                                                            num_warps=4)
+
+
+def attention_forward(q, k, v, layout, keep, scale, cu_seqlens=None, *, block_m=None, block_n=None):
     """q, k, v [B, H, N, D] (fp16/bf16/fp32, any strides), keep int32 [B] on q's device ->
     (out [B, H, N, D] q.dtype, lse [B, H, N] float32, -inf on dropped rows).
+    Packed: q, k, v [1, H, N, D], keep int32 [S], cu_seqlens int32 [S + 1] (module doc).
 
     ``block_m``/``block_n`` override the tile sizes (powers of two >= 16; for tests)."""
     B, H, N, D = q.shape
@@ -438,15 +549,18 @@ def attention_forward(q, k, v, layout, keep, scale, *, block_m=None, block_n=Non
         return out, lse
     bm, bn, warps, stages = _blocks(_config("fwd", D, q.dtype), q, block_m, block_n)
     keep = keep.to(torch.int32)
-    grid = (triton.cdiv(N, bm), H, B)
-    _fwd_kernel[grid](q, k, v, out, lse, keep, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                      lse.stride(0), lse.stride(1), N, *_layout_args(layout), float(scale),
-                      MODE=MODE_IDS[layout.mode], D=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                      num_stages=stages)
+    rows, programs, sizes = _launch_shape(layout, B, N, cu_seqlens)
+    _fwd_kernel[(triton.cdiv(rows, bm), H, programs)](
+        q, k, v, out, lse, keep, cu_seqlens, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        lse.stride(0), lse.stride(1), *sizes, float(scale), MODE=MODE_IDS[layout.mode], D=D, BLOCK_M=bm,
+        BLOCK_N=bn, VARLEN=cu_seqlens is not None, num_warps=warps, num_stages=stages)
+    if cu_seqlens is not None:
+        _fill_padding(cu_seqlens, (out, 0.0), (lse, float("-inf")))
     return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, layout, keep, scale, *, block_m=None, block_n=None):
+def attention_backward(dout, q, k, v, out, lse, layout, keep, scale, cu_seqlens=None, *, block_m=None,
+                       block_n=None):
     """Gradients of attention_forward: dout, out [B, H, N, D], lse [B, H, N] float32 ->
     (dq, dk, dv) [B, H, N, D] in q's dtype. Deterministic (no atomics)."""
     B, H, N, D = q.shape
@@ -459,19 +573,23 @@ def attention_backward(dout, q, k, v, out, lse, layout, keep, scale, *, block_m=
     lse = lse.contiguous()
     delta = new_output((B, H, N), torch.float32, q.device)
     bm, bn, warps, stages = _blocks(_config("dq", D, q.dtype), q, block_m, block_n)
+    # delta is row-wise: one dense pass over all N rows serves packed calls too.
     _delta_kernel[(triton.cdiv(N, bm), H, B)](out, dout, delta, *out.stride(), *dout.stride(),
                                               delta.stride(0), delta.stride(1), N, D=D, BLOCK_M=bm,
                                               num_warps=4)
-    common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1))
-    sizes = (N, *_layout_args(layout), float(scale))
-    mode = MODE_IDS[layout.mode]
-    _dq_kernel[(triton.cdiv(N, bm), H, B)](q, k, v, dout, lse, delta, dq, keep, *common, *dq.stride(), *sizes,
-                                           MODE=mode, D=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                                           num_stages=stages)
+    rows, programs, sizes = _launch_shape(layout, B, N, cu_seqlens)
+    common = (keep, cu_seqlens, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0),
+              lse.stride(1))
+    consts = dict(MODE=MODE_IDS[layout.mode], D=D, VARLEN=cu_seqlens is not None)
+    _dq_kernel[(triton.cdiv(rows, bm), H, programs)](q, k, v, dout, lse, delta, dq, *common, *dq.stride(), *sizes,
+                                                     float(scale), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                                     num_stages=stages, **consts)
     bm, bn, warps, stages = _blocks(_config("dkdv", D, q.dtype), q, block_m, block_n)
-    _dkdv_kernel[(triton.cdiv(N, bn), H, B)](q, k, v, dout, lse, delta, dk, dv, keep, *common,
-                                             *dk.stride(), *dv.stride(), *sizes, MODE=mode, D=D, BLOCK_M=bm,
-                                             BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    _dkdv_kernel[(triton.cdiv(rows, bn), H, programs)](q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride(),
+                                                       *dv.stride(), *sizes, float(scale), BLOCK_M=bm, BLOCK_N=bn,
+                                                       num_warps=warps, num_stages=stages, **consts)
+    if cu_seqlens is not None:
+        _fill_padding(cu_seqlens, (dq, 0.0), (dk, 0.0), (dv, 0.0))
     return dq, dk, dv
 
 
@@ -484,15 +602,17 @@ _KERNELS = {"fwd": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}
 _HEAD_DIM_STRIDES = ("sqd", "skd", "svd", "sod", "sgd", "sdkd", "sdvd", "sdqd")
 
 
-def _variant(name, fn, dtype, constexprs, num_warps, num_stages):
+def _variant(name, fn, dtype, constexprs, num_warps, num_stages, sizes=("N", "T", "P", "R", "num_samples")):
     """A Variant for a launch on contiguous-row tensors: head-dim strides are 1 (Triton
     specialises them to constants), pointers are 16-byte aligned and the other strides are
-    multiples of 16 (D is), as the launcher assumes at run time; sizes are arbitrary."""
+    multiples of 16 (D is), as the launcher assumes at run time; ``sizes`` are arbitrary."""
     from .aot import Variant
 
     t = _TRITON_DTYPE[dtype]
     constexprs = {**constexprs, **{s: 1 for s in _HEAD_DIM_STRIDES if s in fn.arg_names}}
-    pointers = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "keep_ptr": "*i32"}
+    if constexprs.get("VARLEN") is False:
+        constexprs["cu_ptr"] = None  # dense launches pass no offsets
+    pointers = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "keep_ptr": "*i32", "cu_ptr": "*i32"}
     signature, divisible = {}, []
     for arg in fn.arg_names:
         if arg in constexprs:
@@ -500,21 +620,27 @@ def _variant(name, fn, dtype, constexprs, num_warps, num_stages):
         elif arg.endswith("_ptr"):
             signature[arg] = pointers.get(arg, f"*{t}")
             divisible.append(arg)
-        elif arg == "scale":
+        elif arg in ("scale", "value"):
             signature[arg] = "fp32"
-        elif arg in ("N", "T", "P", "R"):
+        elif arg in sizes:
             signature[arg] = "i32"
-        else:  # batch / head / row strides
+        else:  # batch / head / row strides, row lengths (multiples of D)
             signature[arg] = "i32"
             divisible.append(arg)
     return Variant(name, fn, signature, constexprs, num_warps, num_stages, tuple(divisible))
 
 
-def aot_variants(modes=tuple(MODE_IDS), head_dims=HEAD_DIMS, dtypes=DTYPES, kernels=("delta", *_KERNELS)):
-    """Every kernel variant the host code launches on GPU: mode x head dim x dtype for the
-    forward, dq and dk/dv kernels, head dim x dtype for the delta kernel."""
+def aot_variants(modes=tuple(MODE_IDS), head_dims=HEAD_DIMS, dtypes=DTYPES, kernels=("delta", "pad", *_KERNELS),
+                 varlen=(False, True)):
+    """Every kernel variant the host code launches on GPU: mode x head dim x dtype x
+    dense/packed (``varlen``) for the forward, dq and dk/dv kernels, head dim x dtype for the
+    delta kernel, and for packed calls the padding kernel per output dtype (lse: fp32 rows
+    of length 1)."""
     variants = []
     for dtype in dtypes:
+        if "pad" in kernels and True in varlen:
+            variants.append(_variant(f"attn_pad_{_TRITON_DTYPE[dtype]}", _pad_kernel, dtype, {"BLOCK": _PAD_BLOCK},
+                                     4, 1))
         for D in head_dims:
             tag = f"{_TRITON_DTYPE[dtype]}_d{D}"
             if "delta" in kernels:
@@ -525,6 +651,11 @@ def aot_variants(modes=tuple(MODE_IDS), head_dims=HEAD_DIMS, dtypes=DTYPES, kern
                     continue
                 bm, bn, warps, stages = _config(kernel, D, dtype)
                 for mode in modes:
-                    constexprs = {"MODE": MODE_IDS[mode], "D": D, "BLOCK_M": bm, "BLOCK_N": bn}
-                    variants.append(_variant(f"attn_{kernel}_{mode}_{tag}", fn, dtype, constexprs, warps, stages))
+                    for packed in varlen:
+                        constexprs = {"MODE": MODE_IDS[mode], "D": D, "BLOCK_M": bm, "BLOCK_N": bn, "VARLEN": packed}
+                        name = f"attn_{kernel}{'_varlen' if packed else ''}_{mode}_{tag}"
+                        variants.append(_variant(name, fn, dtype, constexprs, warps, stages))
+    if "pad" in kernels and True in varlen:
+        variants.append(_variant("attn_pad_lse", _pad_kernel, torch.float32, {"BLOCK": _PAD_BLOCK, "row_len": 1}, 4, 1,
+                                 sizes=("num_samples", "head_len")))
     return variants

@@ -1,0 +1,380 @@
+"""The official VideoFlexTok / FlexTok models, unpatched vs patched by vft_kernels.integrations.
+
+``python -m benchmarks.bench_integrations [--package videoflextok,flextok] [--reps 5] [--steps 4]``
+
+Builds a small model of each official package from its own public classes (the code in
+``../shared/third_party``: random weights, nothing downloaded; see ``build_tiny_official``),
+then times, end to end, ``tokenize`` (encoder + FSQ) and ``detokenize`` (the official flow
+sampler, ``--steps`` Euler steps with APG guidance, i.e. two decoder passes per step) on
+three samples packed in one sequence (padded to a multiple of 128), once unpatched (the official code as
+shipped: ``torch.compile``'d FlexAttention and compiled block-mask creation) and once under
+``vft_kernels.integrations.<package>.patch(model)`` (FSQ, attention and guidance on vft).
+The two are timed in interleaved repetitions (unpatched, patched, unpatched, ...) after one
+warm-up call each (which holds the official code's compilation: it is reported separately as
+``first_call_s``); the median per variant and the ratio unpatched / patched are printed and
+written to ``results/integrations.csv`` (``--out``). ``--eager-flex`` times the official code
+with its FlexAttention left uncompiled instead (what the tests compare against).
+
+The model is small so that the default run takes a few minutes on a 2-core CPU, most of it
+the official code's one-off compilation; on a GPU pass ``--batch``/``--frames`` larger.
+``cases(ctx)`` offers the same timings to the harness (``benchmarks/run.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import os
+import statistics
+import sys
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+THIRD_PARTY = {"videoflextok": "videoflextok-4fd72ec", "flextok": "flextok-87d00cc"}
+
+
+def official_path(package: str) -> str:
+    """Folder of the official ``package`` snapshot (put on sys.path by ``import_official``)."""
+    return os.path.normpath(os.path.join(ROOT, "..", "shared", "third_party", THIRD_PARTY[package]))
+
+
+def import_official(package: str) -> dict:
+    """The official modules the tiny models are built from (ImportError if the snapshot or
+    one of its dependencies is missing)."""
+    path = official_path(package)
+    if not os.path.isdir(path):
+        raise ImportError(f"the official {package} code is not at {path}")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    names = {
+        "attention": "model.layers.attention",
+        "packing": "model.preprocessors.flex_seq_packing",
+        "patching": "model.preprocessors.patching",
+        "registers": "model.preprocessors.registers",
+        "dropout": "model.preprocessors.token_dropout",
+        "linear": "model.preprocessors.linear",
+        "nullcond": "model.preprocessors.nullcond",
+        "time": "model.preprocessors.time_embedding",
+        "trunks": "model.trunks.transformers",
+        "heads": "model.postprocessors.heads",
+        "unpacking": "model.postprocessors.seq_unpacking",
+        "posembs": "model.utils.posembs",
+        "dict_ops": "model.utils.dict_ops",
+        "wrappers": "model.utils.wrappers",
+        "fsq": "regularizers.quantize_fsq",
+        "pipelines": "flow_matching.pipelines",
+    }
+    return {k: importlib.import_module(f"{package}.{v}") for k, v in names.items()}
+
+
+LEVELS = (8, 8, 8, 5, 5, 5)
+
+
+class TinyOfficial(nn.Module):
+    """An official encoder + FSQ + flow decoder + sampler, wired as the official wrappers do
+    (data dicts between ``SequentialModuleDictWrapper`` stages)."""
+
+    def __init__(self, package: str, encoder: nn.Module, regularizer: nn.Module, decoder: nn.Module, pipeline,
+                 channels: int):
+        super().__init__()
+        self.package = package
+        self.encoder, self.regularizer, self.decoder = encoder, regularizer, decoder
+        self.pipeline = pipeline
+        self.channels = channels
+
+    @property
+    def video(self) -> bool:
+        return self.package == "videoflextok"
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.device
+
+    def encode(self, latents: list) -> dict:
+        """Encoder output data dict (registers out under ``enc_registers_out``) for a list of
+        VAE latents, each [1, C, T, H, W] (video) or [1, C, H, W] (images)."""
+        return self.encoder({"vae_latents": list(latents)})
+
+    def tokenize(self, latents: list) -> list:
+        return self.regularizer(self.encode(latents))["tokens"]
+
+    def decode_step(self, quants: list, noised: list, t: float, keep: Optional[list] = None) -> list:
+        """One decoder call (the flow model): velocities for noised latents at time ``t``."""
+        data = {"quants": [q.clone() for q in quants], "noised_latents": list(noised),
+                "timesteps": torch.full((len(noised),), float(t), device=self.device)}
+        if keep is not None:
+            data["eval_keep_k"] = list(keep)
+        return self.decoder(data)["velocity"]
+
+    def detokenize(self, tokens: list, sizes: list, steps: int = 4, guidance_scale: float = 1.5,
+                   seed: int = 0, keep: Optional[list] = None, apg: bool = True) -> list:
+        """Latents sampled by the official pipeline from token ids (sizes: (T, H, W) or (H, W));
+        guidance APG (``apg``; the official video sampler shares one momentum buffer across the
+        batch, so APG needs equal sizes there) or CFG."""
+        quants = [self.regularizer.indices_to_embedding(t) for t in tokens]
+        data = {"quants": quants}
+        if keep is not None:
+            data["eval_keep_k"] = list(keep)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        if self.video:
+            out = self.pipeline(data, generator=g, timesteps=steps, video_sizes=[list(s) for s in sizes],
+                                verbose=False, guidance_scale=guidance_scale, perform_norm_guidance=apg)
+        else:
+            data["noise"] = [torch.randn((1, self.channels) + tuple(s), generator=g, device=self.device) for s in sizes]
+            out = self.pipeline(data, generator=g, timesteps=steps, vae_image_sizes=[tuple(s) for s in sizes],
+                                verbose=False, guidance_scale=guidance_scale, perform_norm_guidance=apg)
+        return out["velocity"]
+
+
+def _randomize(model: nn.Module, seed: int) -> None:
+    """Random weights everywhere the official init leaves zeros (adaLN gates, zero-init heads),
+    so that every attention layer influences the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.dim() >= 1 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def build_tiny_official(package: str, enc_mode: Optional[str] = None, dec_mode: Optional[str] = None, dim: int = 64,
+                        head_dim: int = 16, depth: int = 2, registers: int = 4, channels: int = 4,
+                        compile_block_mask: bool = False, eager_flex: bool = True, seed: int = 0) -> TinyOfficial:
+    """A small official model of ``package`` ("videoflextok": interleaved video packer, encoder
+    ``time_block_causal_last`` and decoder ``time_block_causal`` by default; "flextok": encoder
+    ``causal_last``, decoder ``full``), in eval mode. Patches of 2x2 latent pixels (1 frame),
+    ``registers`` registers per frame (video) or image, sequences padded to multiples of 128.
+
+    ``eager_flex``: replace each attention layer's ``torch.compile(flex_attention)`` by the
+    plain ``flex_attention`` (same function; skips Inductor's compilation per shape, about
+    10 s each on a small CPU). ``compile_block_mask`` is the packers' own option."""
+    mods = import_official(package)
+    video = package == "videoflextok"
+    enc_mode = enc_mode or ("time_block_causal_last" if video else "causal_last")
+    dec_mode = dec_mode or ("time_block_causal" if video else "full")
+    torch.manual_seed(seed)
+    D, C = dim, channels
+    d = mods["dict_ops"]
+    patch = [1, 2, 2] if video else [2, 2]
+    Packer = mods["packing"].BlockWiseSequenceInterleavePacker if video else mods["packing"].BlockWiseSequencePacker
+    Unpacker = mods["unpacking"].SequenceInterleavedUnpacker if video else mods["unpacking"].SequenceUnpacker
+    posemb = dict(max_sizes=[8, 8, 8], posemb_type="learnable_sum") if video else dict(max_sizes=[8, 8])
+
+    def registers_module():
+        if video:
+            return mods["registers"].RegistersTemporal2D("enc_patches", "enc_register_sizes", "enc_registers", dim=D,
+                                                         t_max=8, n_min=registers, n_max=registers)
+        return mods["registers"].Registers1D("enc_patches", "enc_register_sizes", "enc_registers", dim=D,
+                                             n_min=registers, n_max=registers)
+
+    trunk = dict(dim=D, depth=depth, head_dim=head_dim)
+    encoder = mods["wrappers"].SequentialModuleDictWrapper({
+        "enc_channels_last": d.PerSampleOp("vae_latents", "enc_latents", d.channels_first_to_last),
+        "enc_patch_emb": mods["patching"].PatchEmbedder("enc_latents", "enc_patches", "enc_n_patches", patch, C, D,
+                                                        flatten_patches=False),
+        "enc_posemb": mods["posembs"].PositionalEmbeddingAdder("enc_patches", "enc_patches", D, **posemb),
+        "enc_registers": registers_module(),
+        "enc_packer": Packer(["enc_patches", "enc_registers"], "enc_packed", "enc_block_mask", "enc_inner_ps",
+                             "enc_outer_ps", mask_mode=enc_mode, pad_to_multiple=128,
+                             compile_block_mask=compile_block_mask),
+        "enc_trunk": mods["trunks"].FlexTransformer("enc_packed", "enc_packed_out",
+                                                    block_mask_read_key="enc_block_mask", **trunk),
+        "enc_unpacker": Unpacker("enc_packed_out", ["enc_patches_out", "enc_registers_out"], "enc_inner_ps",
+                                 "enc_outer_ps"),
+        "enc_to_fsq": mods["heads"].LinearHead("enc_registers_out", "fsq_latents", D, len(LEVELS),
+                                               use_mup_readout=False, weight_init_style="xavier"),
+    })
+    regularizer = mods["fsq"].FSQ("fsq_latents", "quants", "tokens", list(LEVELS))
+    dropout = (mods["dropout"].TemporalMaskedNestedDropout if video else mods["dropout"].MaskedNestedDropout)(
+        "dec_registers", D, eval_keep_k_read_key="eval_keep_k")
+    decoder = mods["wrappers"].SequentialModuleDictWrapper({
+        "dec_channels_last": d.PerSampleOp("noised_latents", "dec_latents", d.channels_first_to_last),
+        "dec_patch_emb": mods["patching"].PatchEmbedder("dec_latents", "dec_patches", "dec_n_patches", patch, C, D,
+                                                        flatten_patches=False),
+        "dec_posemb": mods["posembs"].PositionalEmbeddingAdder("dec_patches", "dec_patches", D, **posemb),
+        "dec_quants_proj": mods["linear"].LinearLayer("quants", "dec_registers", len(LEVELS), D),
+        "dec_nested_dropout": dropout,
+        "dec_nullcond": mods["nullcond"].LearnedNullCond("dec_registers", D,
+                                                         eval_drop_flag_read_key="eval_dropout_mask"),
+        "dec_time_emb": mods["time"].TimestepEmbedder("timesteps", "dec_t_emb", D, max_timestep=1.0),
+        "dec_packer": Packer(["dec_patches", "dec_registers"], "dec_packed", "dec_block_mask", "dec_inner_ps",
+                             "dec_outer_ps", mask_mode=dec_mode, pad_to_multiple=128,
+                             emb_packing_fn_write_key="dec_emb_packing_fn", per_subseq_embs=True,
+                             compile_block_mask=compile_block_mask),
+        "dec_trunk": mods["trunks"].FlexTransformer("dec_packed", "dec_packed_out",
+                                                    block_mask_read_key="dec_block_mask",
+                                                    adaLN_emb_read_key="dec_t_emb",
+                                                    adaLN_packing_fn_read_key="dec_emb_packing_fn", adaLN_expansion=2,
+                                                    **trunk),
+        "dec_unpacker": Unpacker("dec_packed_out", ["dec_patches_out", "dec_registers_out"], "dec_inner_ps",
+                                 "dec_outer_ps"),
+        "dec_head": mods["heads"].ToPatchesLinearHead("dec_patches_out", "dec_velocity", D, C, patch,
+                                                      use_mup_readout=False, weight_init_style="xavier"),
+        "dec_channels_first": d.PerSampleOp("dec_velocity", "velocity", d.channels_last_to_first),
+    })
+    keys = dict(latents_read_key="quants", timesteps_read_key="timesteps", reconst_write_key="velocity",
+                out_channels=C)
+    if video:
+        pipeline = mods["pipelines"].VideoMinRFPipeline(model=decoder, noised_videos_read_key="noised_latents", **keys)
+    else:
+        pipeline = mods["pipelines"].MinRFPipeline(model=decoder, noise_read_key="noise",
+                                                   noised_images_read_key="noised_latents", **keys)
+    model = TinyOfficial(package, encoder, regularizer, decoder, pipeline, C).eval()
+    _randomize(model, seed + 1)
+    if eager_flex:
+        from torch.nn.attention.flex_attention import flex_attention
+        for m in model.modules():
+            if isinstance(m, mods["attention"].FlexAttention) and "flex_attention" in vars(m):
+                m.flex_attention = flex_attention
+    return model
+
+
+def sample_latents(package: str, sizes: list, channels: int = 4, seed: int = 0, device="cpu") -> list:
+    """Random VAE latents [1, C, *size] for each size ((T, H, W) or (H, W))."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn((1, channels) + tuple(s), generator=g).to(device) for s in sizes]
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+
+DEFAULT_SIZES = {  # latent sizes of the samples packed in one call
+    # equal sizes: the official time_block_causal_last mask (the encoder's) needs them
+    "videoflextok": [(3, 8, 8), (3, 8, 8), (3, 8, 8)],
+    # images of different sizes in one causal_last call would fall back to FlexAttention
+    "flextok": [(8, 8), (8, 8), (8, 8)],
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _workloads(model: TinyOfficial, sizes: list, steps: int):
+    latents = sample_latents(model.package, sizes, model.channels, device=model.device)
+    with torch.no_grad():
+        tokens = model.tokenize(latents)
+
+    def tokenize():
+        with torch.no_grad():
+            return model.tokenize(latents)
+
+    def detokenize():
+        with torch.no_grad():
+            return model.detokenize(tokens, sizes, steps=steps)
+
+    return {"tokenize": tokenize, f"detokenize {steps} steps apg": detokenize}
+
+
+def measure(package: str, reps: int, steps: int, sizes: Optional[list] = None, eager_flex: bool = False,
+            device: str = "cpu", verbose: bool = True) -> list[dict]:
+    """Rows (one per workload) of medians unpatched vs patched, interleaved repetitions."""
+    integration = importlib.import_module(f"vft_kernels.integrations.{package}")
+    sizes = sizes or DEFAULT_SIZES[package]
+    dev = torch.device(device)
+    model = build_tiny_official(package, eager_flex=eager_flex, compile_block_mask=not eager_flex).to(dev)
+    rows = []
+    for name, fn in _workloads(model, sizes, steps).items():
+        times = {"unpatched": [], "patched": []}
+        first = {}
+        for variant in ("unpatched", "patched"):  # warm-up: compilation of the official code, caches
+            with integration.patched(model) if variant == "patched" else _nothing() as handle:
+                t0 = time.perf_counter()
+                fn()
+                _sync(dev)
+                first[variant] = time.perf_counter() - t0
+                if handle is not None:
+                    calls = [line.strip() for line in handle.summary().splitlines() if "attention calls" in line]
+        for _ in range(reps):
+            for variant in ("unpatched", "patched"):
+                with integration.patched(model) if variant == "patched" else _nothing():
+                    _sync(dev)
+                    t0 = time.perf_counter()
+                    fn()
+                    _sync(dev)
+                    times[variant].append(time.perf_counter() - t0)
+        med = {v: statistics.median(ts) for v, ts in times.items()}
+        row = {"package": package, "workload": name, "samples": len(sizes),
+               "sizes": " ".join("x".join(map(str, s)) for s in sizes),
+               "official_flex_attention": "eager" if eager_flex else "torch.compile", "reps": reps,
+               "unpatched_ms": med["unpatched"] * 1e3, "patched_ms": med["patched"] * 1e3,
+               "ratio": med["unpatched"] / med["patched"],
+               "unpatched_first_call_s": first["unpatched"], "patched_first_call_s": first["patched"],
+               "patched_attention": calls[0] if calls else "",
+               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+               "threads": torch.get_num_threads(), "torch": torch.__version__}
+        rows.append(row)
+        if verbose:
+            print(f"{package:12s} {name:24s} unpatched {row['unpatched_ms']:9.1f} ms  "
+                  f"patched {row['patched_ms']:9.1f} ms  ratio {row['ratio']:5.2f}x  "
+                  f"(first call {first['unpatched']:.1f} s / {first['patched']:.1f} s; {row['patched_attention']})",
+                  flush=True)
+    return rows
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def cases(ctx):
+    """Harness cases (benchmarks/run.py): each workload unpatched (baseline) and patched."""
+    from .common import Case
+
+    out = []
+    for package in THIRD_PARTY:
+        try:
+            integration = importlib.import_module(f"vft_kernels.integrations.{package}")
+            model = build_tiny_official(package, eager_flex=False, compile_block_mask=True).to(ctx.device)
+        except ImportError as e:
+            print(f"[integrations] {package}: {e}; skipped", file=sys.stderr)
+            continue
+        sizes = DEFAULT_SIZES[package][: 2 if ctx.quick else 3]
+        shape = f"{len(sizes)} samples " + " ".join("x".join(map(str, s)) for s in sizes)
+        for name, fn in _workloads(model, sizes, 2 if ctx.quick else 4).items():
+            def patched_fn(fn=fn, integration=integration, model=model):
+                with integration.patched(model):
+                    return fn()
+            out += [Case("integrations", f"{package} {name}", shape, "float32", "official", fn, baseline="official"),
+                    Case("integrations", f"{package} {name}", shape, "float32", "official+vft", patched_fn,
+                         baseline="official")]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--package", default="videoflextok,flextok", help="comma-separated subset of videoflextok,flextok")
+    p.add_argument("--reps", type=int, default=5, help="interleaved repetitions per variant (median reported)")
+    p.add_argument("--steps", type=int, default=4, help="sampler steps of detokenize")
+    p.add_argument("--eager-flex", action="store_true",
+                   help="official FlexAttention uncompiled (and block masks built eagerly) instead of as shipped")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=os.path.join(ROOT, "results"), help="folder for integrations.csv")
+    args = p.parse_args(argv)
+    rows = []
+    for package in [x for x in args.package.split(",") if x]:
+        try:
+            rows += measure(package, args.reps, args.steps, eager_flex=args.eager_flex, device=args.device)
+        except ImportError as e:
+            print(f"{package}: {e}; skipped", file=sys.stderr)
+    if not rows:
+        return 1
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "integrations.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
