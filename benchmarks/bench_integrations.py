@@ -249,6 +249,15 @@ DEFAULT_SIZES = {  # latent sizes of the samples packed in one call
 }
 
 
+# Model sizes: "tiny" (seconds; the tests' size) and "medium", the size the integration issue
+# asks for (width 256, 4 layers, 64 registers per frame / image, 3 latent frames of 8x8 patches).
+MODELS = {
+    "tiny": dict(dim=64, depth=2, head_dim=16, registers=4, sizes=DEFAULT_SIZES),
+    "medium": dict(dim=256, depth=4, head_dim=64, registers=64,
+                   sizes={"videoflextok": [(3, 16, 16)] * 2, "flextok": [(16, 16)] * 2}),
+}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -271,12 +280,14 @@ def _workloads(model: TinyOfficial, sizes: list, steps: int):
 
 
 def measure(package: str, reps: int, steps: int, sizes: Optional[list] = None, eager_flex: bool = False,
-            device: str = "cpu", verbose: bool = True) -> list[dict]:
+            device: str = "cpu", verbose: bool = True, model_size: str = "tiny") -> list[dict]:
     """Rows (one per workload) of medians unpatched vs patched, interleaved repetitions."""
     integration = importlib.import_module(f"vft_kernels.integrations.{package}")
-    sizes = sizes or DEFAULT_SIZES[package]
+    spec = dict(MODELS[model_size])
+    sizes = sizes or spec.pop("sizes")[package]
+    spec.pop("sizes", None)
     dev = torch.device(device)
-    model = build_tiny_official(package, eager_flex=eager_flex, compile_block_mask=not eager_flex).to(dev)
+    model = build_tiny_official(package, eager_flex=eager_flex, compile_block_mask=not eager_flex, **spec).to(dev)
     rows = []
     for name, fn in _workloads(model, sizes, steps).items():
         times = {"unpatched": [], "patched": []}
@@ -298,7 +309,8 @@ def measure(package: str, reps: int, steps: int, sizes: Optional[list] = None, e
                     _sync(dev)
                     times[variant].append(time.perf_counter() - t0)
         med = {v: statistics.median(ts) for v, ts in times.items()}
-        row = {"package": package, "workload": name, "samples": len(sizes),
+        row = {"package": package, "model": model_size, **{k: v for k, v in spec.items()}, "workload": name,
+               "samples": len(sizes),
                "sizes": " ".join("x".join(map(str, s)) for s in sizes),
                "official_flex_attention": "eager" if eager_flex else "torch.compile", "reps": reps,
                "unpatched_ms": med["unpatched"] * 1e3, "patched_ms": med["patched"] * 1e3,
@@ -325,25 +337,31 @@ class _nothing:
 
 
 def cases(ctx):
-    """Harness cases (benchmarks/run.py): each workload unpatched (baseline) and patched."""
+    """Harness cases (benchmarks/run.py): each workload on the official model as shipped
+    (baseline) and on an identical copy patched once (not per call: patching costs a few ms).
+    Quick runs use the tiny model, full runs the medium one (25 APG steps)."""
     from .common import Case
 
+    size = "tiny" if ctx.quick else "medium"
+    steps = 2 if ctx.quick else 25
     out = []
     for package in THIRD_PARTY:
+        spec = dict(MODELS[size])
+        sizes = spec.pop("sizes")[package][:2]
         try:
             integration = importlib.import_module(f"vft_kernels.integrations.{package}")
-            model = build_tiny_official(package, eager_flex=False, compile_block_mask=True).to(ctx.device)
+            official = build_tiny_official(package, eager_flex=False, compile_block_mask=True, **spec).to(ctx.device)
+            patched = build_tiny_official(package, eager_flex=False, compile_block_mask=True, **spec).to(ctx.device)
         except ImportError as e:
             print(f"[integrations] {package}: {e}; skipped", file=sys.stderr)
             continue
-        sizes = DEFAULT_SIZES[package][: 2 if ctx.quick else 3]
-        shape = f"{len(sizes)} samples " + " ".join("x".join(map(str, s)) for s in sizes)
-        for name, fn in _workloads(model, sizes, 2 if ctx.quick else 4).items():
-            def patched_fn(fn=fn, integration=integration, model=model):
-                with integration.patched(model):
-                    return fn()
-            out += [Case("integrations", f"{package} {name}", shape, "float32", "official", fn, baseline="official"),
-                    Case("integrations", f"{package} {name}", shape, "float32", "official+vft", patched_fn,
+        integration.patch(patched)  # same seed, same weights; the copy stays patched
+        shape = f"{size} model, {len(sizes)} samples " + " ".join("x".join(map(str, s)) for s in sizes)
+        plain, fast = _workloads(official, sizes, steps), _workloads(patched, sizes, steps)
+        for name in plain:
+            out += [Case("integrations", f"{package} {name}", shape, "float32", "official", plain[name],
+                         baseline="official"),
+                    Case("integrations", f"{package} {name}", shape, "float32", "official+vft", fast[name],
                          baseline="official")]
     return out
 
@@ -352,7 +370,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--package", default="videoflextok,flextok", help="comma-separated subset of videoflextok,flextok")
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions per variant (median reported)")
-    p.add_argument("--steps", type=int, default=4, help="sampler steps of detokenize")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps of detokenize (default: 4 for the tiny "
+                   "model, 25 for medium)")
+    p.add_argument("--model", choices=tuple(MODELS), default="tiny",
+                   help="model size: tiny (seconds) or medium (width 256, 4 layers, 64 registers; minutes)")
     p.add_argument("--eager-flex", action="store_true",
                    help="official FlexAttention uncompiled (and block masks built eagerly) instead of as shipped")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -361,7 +382,9 @@ def main(argv=None) -> int:
     rows = []
     for package in [x for x in args.package.split(",") if x]:
         try:
-            rows += measure(package, args.reps, args.steps, eager_flex=args.eager_flex, device=args.device)
+            steps = args.steps or (25 if args.model == "medium" else 4)
+            rows += measure(package, args.reps, steps, eager_flex=args.eager_flex, device=args.device,
+                            model_size=args.model)
         except ImportError as e:
             print(f"{package}: {e}; skipped", file=sys.stderr)
     if not rows:

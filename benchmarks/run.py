@@ -23,7 +23,7 @@ import torch
 
 from .common import Case, Context
 
-OPS = ("fsq", "flow", "attention", "e2e")
+OPS = ("fsq", "flow", "attention", "e2e", "integrations")
 
 
 # --------------------------------------------------------------------------------------
