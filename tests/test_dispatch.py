@@ -185,3 +185,50 @@ def test_info_report_shows_forced_backend(monkeypatch):
 
     monkeypatch.setenv("VFT_BACKEND", "reference")
     assert "forced: reference" in info.report()
+
+
+def test_backward_runs_under_the_forward_dispatch_state_on_another_thread():
+    """autograd may run an op's backward on its own thread (CUDA's device threads), where the
+    thread-local use_backend / poison_outputs are unset: the backward must still use the
+    forward's forced backend (recorded in the autograd context)."""
+    import threading
+
+    import vft_kernels as vk
+
+    calls = []
+    entry = dispatch._REGISTRY[("attention_backward", "reference")]
+    fsq_entry = dispatch._REGISTRY[("fsq_backward", "reference")]
+    entry.load(), fsq_entry.load()
+    original, fsq_original = entry._fn, fsq_entry._fn
+
+    def spy(*args, **kwargs):
+        calls.append(("attention", dispatch.forced_backend(), dispatch.poisoning()))
+        return original(*args, **kwargs)
+
+    def fsq_spy(*args, **kwargs):
+        calls.append(("fsq", dispatch.forced_backend(), dispatch.poisoning()))
+        return fsq_original(*args, **kwargs)
+
+    layout = vk.RegisterLayout(2, 3, 2)
+    q, k, v = (torch.randn(2, 1, layout.seq_len, 8, requires_grad=True) for _ in range(3))
+    z = torch.randn(4, 3, requires_grad=True)
+    entry._fn, fsq_entry._fn = spy, fsq_spy
+    try:
+        with vk.use_backend("reference"), dispatch.poison_outputs(False):
+            out = vk.register_attention(q, k, v, layout)
+            codes, _ = vk.fsq_quantize(z, (5, 5, 5))
+        errors = []
+
+        def run():  # a thread with no use_backend of its own, as autograd's device threads
+            try:
+                torch.autograd.grad((out.sum(), codes.sum()), (q, z))
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+    finally:
+        entry._fn, fsq_entry._fn = original, fsq_original
+    assert not errors, errors
+    assert sorted(calls) == [("attention", "reference", False), ("fsq", "reference", False)], calls

@@ -178,6 +178,26 @@ class use_backend:
         return False
 
 
+def capture_state() -> tuple:
+    """The calling thread's dispatch state (forced backend, output poisoning), for an op's
+    autograd context: autograd may run the backward on another thread (CUDA's device
+    threads), where the thread-locals of use_backend / poison_outputs are not set."""
+    return getattr(_forced, "name", None), getattr(_poison, "on", None)
+
+
+@contextlib.contextmanager
+def restored_state(state: tuple):
+    """Runs a block (an op's backward) under a state from :func:`capture_state`, on any
+    thread, restoring that thread's own state afterwards."""
+    name, poison = state
+    previous = getattr(_forced, "name", None), getattr(_poison, "on", None)
+    _forced.name, _poison.on = name, poison
+    try:
+        yield
+    finally:
+        _forced.name, _poison.on = previous
+
+
 # --------------------------------------------------------------------------------------
 # Selection
 

@@ -117,12 +117,15 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, keep, cu_seqlens)
     ctx.args = (blocks, patches, registers, mode)
     ctx.scale = scale
+    ctx.dispatch_state = dispatch.capture_state()  # the backward runs under the forward's choice
     ctx.mark_non_differentiable(lse)  # gradients flow through `out` only
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, keep, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _register_attention_backward(dout, q, k, v, out, lse, *ctx.args, keep, ctx.scale, cu_seqlens)
+    with dispatch.restored_state(ctx.dispatch_state):
+        dq, dk, dv = _register_attention_backward(dout, q, k, v, out, lse, *ctx.args, keep, ctx.scale,
+                                                  cu_seqlens)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 

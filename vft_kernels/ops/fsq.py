@@ -72,12 +72,14 @@ def _setup_context(ctx, inputs, output):
     z, levels, eps, _ = inputs
     ctx.save_for_backward(z)
     ctx.levels, ctx.eps = levels, eps
+    ctx.dispatch_state = dispatch.capture_state()  # the backward runs under the forward's choice
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_codes, grad_indices):
     (z,) = ctx.saved_tensors
-    return _fsq_quantize_backward(grad_codes, z, ctx.levels, ctx.eps), None, None, None
+    with dispatch.restored_state(ctx.dispatch_state):
+        return _fsq_quantize_backward(grad_codes, z, ctx.levels, ctx.eps), None, None, None
 
 
 _fsq_quantize.register_autograd(_backward, setup_context=_setup_context)
