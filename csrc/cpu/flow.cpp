@@ -5,6 +5,7 @@
 // diff) and then runs the update over the same group while it is still in its cache, so
 // memory is streamed once. Inner loops are branch-free over contiguous float data so the
 // compiler vectorises them (float lane sums folded into double per block of kBlock).
+#include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <torch/extension.h>
 
@@ -50,72 +51,74 @@ template <typename T, flow::Mode kMode>
 void elementwise(T* out, const T* x, const T* a, const T* b, const float* t, const float* tn, int64_t B,
                  int64_t S, float scale, const T* prefix, flow::Prefix geo) {
   const int64_t per_sample = (S + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static) if (B * S >= kParallelMin)
-  for (int64_t job = 0; job < B * per_sample; ++job) {
-    const int64_t s = job / per_sample;
-    const int64_t lo = s * S + (job % per_sample) * kBlock, hi = std::min(lo + kBlock, (s + 1) * S);
-    const float dt = tn[s] - t[s];
+  at::parallel_for(0, B * per_sample, std::max<int64_t>(1, kParallelMin / kBlock), [&](int64_t job_begin, int64_t job_end) {
+    for (int64_t job = job_begin; job < job_end; ++job) {
+      const int64_t s = job / per_sample;
+      const int64_t lo = s * S + (job % per_sample) * kBlock, hi = std::min(lo + kBlock, (s + 1) * S);
+      const float dt = tn[s] - t[s];
 #pragma GCC ivdep
-    for (int64_t i = lo; i < hi; ++i) {
-      float v;
-      if constexpr (kMode == flow::kNone) {
-        v = ld(a, i);
-      } else if constexpr (kMode == flow::kCfg) {
-        v = flow::cfg_velocity(ld(a, i), ld(b, i), scale);
-      } else {
-        v = flow::heun_velocity(ld(a, i), ld(b, i));
+      for (int64_t i = lo; i < hi; ++i) {
+        float v;
+        if constexpr (kMode == flow::kNone) {
+          v = ld(a, i);
+        } else if constexpr (kMode == flow::kCfg) {
+          v = flow::cfg_velocity(ld(a, i), ld(b, i), scale);
+        } else {
+          v = flow::heun_velocity(ld(a, i), ld(b, i));
+        }
+        out[i] = static_cast<T>(flow::euler(ld(x, i), dt, v));
       }
-      out[i] = static_cast<T>(flow::euler(ld(x, i), dt, v));
+      if (prefix != nullptr) write_prefix(out, prefix, lo, hi, geo);
     }
-    if (prefix != nullptr) write_prefix(out, prefix, lo, hi, geo);
-  }
+  });
 }
 
 template <typename T, typename M, bool kMom>
 void apg(T* out, const T* x, const T* vc, const T* vu, M* state, const float* t, const float* tn, int64_t G,
          int64_t L, int64_t groups_per_sample, Params p, const T* prefix, flow::Prefix geo) {
-#pragma omp parallel for schedule(static) if (G * L >= kParallelMin)
-  for (int64_t g = 0; g < G; ++g) {
-    const int64_t base = g * L;
-    double dd = 0, dv = 0, vv = 0;
-    for (int64_t lo = base; lo < base + L; lo += kBlock) {
-      const int64_t hi = std::min(lo + kBlock, base + L);
-      float sdd = 0.f, sdv = 0.f, svv = 0.f;
+  at::parallel_for(0, G, std::max<int64_t>(1, kParallelMin / std::max<int64_t>(L, 1)), [&](int64_t g_begin, int64_t g_end) {
+    for (int64_t g = g_begin; g < g_end; ++g) {
+      const int64_t base = g * L;
+      double dd = 0, dv = 0, vv = 0;
+      for (int64_t lo = base; lo < base + L; lo += kBlock) {
+        const int64_t hi = std::min(lo + kBlock, base + L);
+        float sdd = 0.f, sdv = 0.f, svv = 0.f;
 #pragma omp simd reduction(+ : sdd, sdv, svv)
-      for (int64_t i = lo; i < hi; ++i) {
+        for (int64_t i = lo; i < hi; ++i) {
+          const float c = ld(vc, i);
+          float d;
+          if constexpr (kMom) {
+            d = flow::apg_diff(c, ld(vu, i), p.momentum, ld(state, i));
+          } else {
+            d = flow::apg_diff(c, ld(vu, i));
+          }
+          sdd += d * d;
+          sdv += d * c;
+          svv += c * c;
+        }
+        dd += sdd;
+        dv += sdv;
+        vv += svv;
+      }
+      const flow::ApgCoeffs k = flow::apg_coeffs(static_cast<float>(dd), static_cast<float>(dv),
+                                                 static_cast<float>(vv), p.scale, p.eta, p.threshold);
+      const int64_t s = g / groups_per_sample;
+      const float dt = tn[s] - t[s];
+#pragma GCC ivdep
+      for (int64_t i = base; i < base + L; ++i) {
         const float c = ld(vc, i);
         float d;
         if constexpr (kMom) {
           d = flow::apg_diff(c, ld(vu, i), p.momentum, ld(state, i));
+          state[i] = static_cast<M>(d);
         } else {
           d = flow::apg_diff(c, ld(vu, i));
         }
-        sdd += d * d;
-        sdv += d * c;
-        svv += c * c;
+        out[i] = static_cast<T>(flow::euler(ld(x, i), dt, flow::apg_velocity(c, d, k)));
       }
-      dd += sdd;
-      dv += sdv;
-      vv += svv;
+      if (prefix != nullptr) write_prefix(out, prefix, base, base + L, geo);
     }
-    const flow::ApgCoeffs k = flow::apg_coeffs(static_cast<float>(dd), static_cast<float>(dv),
-                                               static_cast<float>(vv), p.scale, p.eta, p.threshold);
-    const int64_t s = g / groups_per_sample;
-    const float dt = tn[s] - t[s];
-#pragma GCC ivdep
-    for (int64_t i = base; i < base + L; ++i) {
-      const float c = ld(vc, i);
-      float d;
-      if constexpr (kMom) {
-        d = flow::apg_diff(c, ld(vu, i), p.momentum, ld(state, i));
-        state[i] = static_cast<M>(d);
-      } else {
-        d = flow::apg_diff(c, ld(vu, i));
-      }
-      out[i] = static_cast<T>(flow::euler(ld(x, i), dt, flow::apg_velocity(c, d, k)));
-    }
-    if (prefix != nullptr) write_prefix(out, prefix, base, base + L, geo);
-  }
+  });
 }
 
 template <typename T>

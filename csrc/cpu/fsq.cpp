@@ -8,6 +8,7 @@
 // and strides go through a small conversion buffer. OpenMP splits the blocks over threads.
 // The forward rounds by counting precomputed thresholds for levels <= 16 (no tanh; see
 // fwd_elements) and evaluates fsq_math.h's tanh otherwise; tests run both paths.
+#include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -216,25 +217,26 @@ void fsq_forward_impl(const at::Tensor& z2, at::Tensor& codes, at::Tensor& indic
   float* cf = dense_out ? codes.data_ptr<float>() : nullptr;
   Idx* idx = indices.data_ptr<Idx>();
 
-#pragma omp parallel for schedule(static) if (blocks >= 2 * kMinBlocksPerThread)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    alignas(64) float zbuf[K];
-    alignas(64) float cbuf[K];
-    alignas(64) Acc contrib[K];
-    const int64_t row0 = blk * kRows;
-    const int n = static_cast<int>(std::min<int64_t>(kRows, rows - row0));
-    const bool full = n == kRows;
-    const float* zp = zbuf;
-    if (dense_in && full) {
-      zp = zf + row0 * D;
-    } else {
-      load_block_any(z2, row0, n, D, s_row, s_dim, zbuf);
+  at::parallel_for(0, blocks, kMinBlocksPerThread, [&](int64_t blk_begin, int64_t blk_end) {
+    for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+      alignas(64) float zbuf[K];
+      alignas(64) float cbuf[K];
+      alignas(64) Acc contrib[K];
+      const int64_t row0 = blk * kRows;
+      const int n = static_cast<int>(std::min<int64_t>(kRows, rows - row0));
+      const bool full = n == kRows;
+      const float* zp = zbuf;
+      if (dense_in && full) {
+        zp = zf + row0 * D;
+      } else {
+        load_block_any(z2, row0, n, D, s_row, s_dim, zbuf);
+      }
+      float* cp = (dense_out && full) ? cf + row0 * D : cbuf;
+      fwd_elements<D, Acc>(zp, cp, contrib, t);
+      if (cp == cbuf) store_any(cbuf, static_cast<int64_t>(n) * D, codes, row0 * D);
+      row_indices<D, Idx>(contrib, idx + row0, n);
     }
-    float* cp = (dense_out && full) ? cf + row0 * D : cbuf;
-    fwd_elements<D, Acc>(zp, cp, contrib, t);
-    if (cp == cbuf) store_any(cbuf, static_cast<int64_t>(n) * D, codes, row0 * D);
-    row_indices<D, Idx>(contrib, idx + row0, n);
-  }
+  });
 }
 
 template <int D>
@@ -338,30 +340,31 @@ void fsq_backward_cpu(const at::Tensor& grad_codes2, const at::Tensor& z2, at::T
   const bool dense_z = is_dense_float(z2, d), dense_g = is_dense_float(grad_codes2, d);
   const bool dense_out = grad_z.scalar_type() == at::kFloat;
 
-#pragma omp parallel for schedule(static) if (blocks >= 2 * kMinBlocksPerThread)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    alignas(64) float zbuf[kRows * kMaxDims];
-    alignas(64) float gbuf[kRows * kMaxDims];
-    alignas(64) float obuf[kRows * kMaxDims];
-    const int64_t row0 = blk * kRows;
-    const int n = static_cast<int>(std::min<int64_t>(kRows, rows - row0));
-    const bool full = n == kRows;
-    const float* zp = zbuf;
-    const float* gp = gbuf;
-    if (dense_z && full) {
-      zp = z2.const_data_ptr<float>() + row0 * d;
-    } else {
-      load_block_any(z2, row0, n, d, z2.stride(0), z2.stride(1), zbuf);
+  at::parallel_for(0, blocks, kMinBlocksPerThread, [&](int64_t blk_begin, int64_t blk_end) {
+    for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+      alignas(64) float zbuf[kRows * kMaxDims];
+      alignas(64) float gbuf[kRows * kMaxDims];
+      alignas(64) float obuf[kRows * kMaxDims];
+      const int64_t row0 = blk * kRows;
+      const int n = static_cast<int>(std::min<int64_t>(kRows, rows - row0));
+      const bool full = n == kRows;
+      const float* zp = zbuf;
+      const float* gp = gbuf;
+      if (dense_z && full) {
+        zp = z2.const_data_ptr<float>() + row0 * d;
+      } else {
+        load_block_any(z2, row0, n, d, z2.stride(0), z2.stride(1), zbuf);
+      }
+      if (dense_g && full) {
+        gp = grad_codes2.const_data_ptr<float>() + row0 * d;
+      } else {
+        load_block_any(grad_codes2, row0, n, d, grad_codes2.stride(0), grad_codes2.stride(1), gbuf);
+      }
+      float* op = (dense_out && full) ? grad_z.data_ptr<float>() + row0 * d : obuf;
+      bwd_elements(gp, zp, op, shift, scale, K);
+      if (op == obuf) store_any(obuf, n * d, grad_z, row0 * d);
     }
-    if (dense_g && full) {
-      gp = grad_codes2.const_data_ptr<float>() + row0 * d;
-    } else {
-      load_block_any(grad_codes2, row0, n, d, grad_codes2.stride(0), grad_codes2.stride(1), gbuf);
-    }
-    float* op = (dense_out && full) ? grad_z.data_ptr<float>() + row0 * d : obuf;
-    bwd_elements(gp, zp, op, shift, scale, K);
-    if (op == obuf) store_any(obuf, n * d, grad_z, row0 * d);
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -377,20 +380,21 @@ void decode_impl(const at::Tensor& indices, at::Tensor& codes, const std::vector
   const Idx* in = indices.const_data_ptr<Idx>();
   float* out = codes.data_ptr<float>();
   const float nan = std::numeric_limits<float>::quiet_NaN();
-#pragma omp parallel for schedule(static) if (rows >= 4096)
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t v = static_cast<int64_t>(in[r * s]);
-    float* o = out + r * d;
-    for (int64_t j = 0; j < d; ++j) {
-      const int64_t L = levels[j];
-      int64_t q = v / basis[j];
-      if ((v % basis[j] != 0) && (v < 0)) --q;  // floor division
-      int64_t m = q % L;
-      if (m < 0) m += L;
-      const int64_t half_w = L / 2;
-      o[j] = v == -1 ? nan : static_cast<float>(m - half_w) / static_cast<float>(half_w);
+  at::parallel_for(0, rows, 2048, [&](int64_t r_begin, int64_t r_end) {
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      const int64_t v = static_cast<int64_t>(in[r * s]);
+      float* o = out + r * d;
+      for (int64_t j = 0; j < d; ++j) {
+        const int64_t L = levels[j];
+        int64_t q = v / basis[j];
+        if ((v % basis[j] != 0) && (v < 0)) --q;  // floor division
+        int64_t m = q % L;
+        if (m < 0) m += L;
+        const int64_t half_w = L / 2;
+        o[j] = v == -1 ? nan : static_cast<float>(m - half_w) / static_cast<float>(half_w);
+      }
     }
-  }
+  });
 }
 
 void fsq_decode_cpu(const at::Tensor& indices, at::Tensor codes, const std::vector<int64_t>& levels) {
