@@ -131,6 +131,70 @@ def test_checkpoint_resume_is_exact(tmp_path):
     torch.testing.assert_close(m.state_dict()["decoder.head.weight"], ema["decoder.head.weight"])
 
 
+def _weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_checkpoint_is_atomic_as_a_set(tmp_path, monkeypatch):
+    """A crash while a save writes its files leaves the previous checkpoint whole; a crash
+    while it moves them into place is finished by the next read (weights, optimizer, EMA and
+    step always come from one save)."""
+    cfg, out = preset("micro"), str(tmp_path / "run")
+    train(cfg, _tcfg(steps=2, ckpt_every=2), out, progress=False)
+    old = _weights(out)
+    model = VideoFlexTok(cfg)  # different weights than the trained ones
+    real_save = ckpt.save_file
+    calls = []
+
+    def failing_save(tensors, filename, *a, **k):  # dies on the second file of the set
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError("disk full (injected)")
+        return real_save(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(ckpt, "save_file", failing_save)
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(OSError, match="injected"):
+        ckpt.save(out, model, cfg, _tcfg(), step=99, optimizer=opt, ema=dict(model.state_dict()))
+    monkeypatch.setattr(ckpt, "save_file", real_save)
+    assert ckpt.read_state(out)["step"] == 2  # the old set, whole
+    for k, v in _weights(out).items():
+        assert torch.equal(v, old[k]), k
+    assert not os.path.exists(os.path.join(out, ckpt.INCOMING))
+
+    # Crash while moving the new set in: the first os.replace lands, then the process dies.
+    real_replace, moved = os.replace, []
+
+    def dying_replace(src, dst):
+        if ckpt.INCOMING in str(src) and ckpt.INCOMING not in str(dst):  # moving the set into place
+            if moved:
+                raise KeyboardInterrupt("killed (injected)")
+            moved.append(dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(out, model, cfg, _tcfg(), step=99, optimizer=opt, ema=dict(model.state_dict()))
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert os.path.isdir(os.path.join(out, ckpt.INCOMING))  # a half-moved set on disk
+    assert ckpt.read_state(out)["step"] == 99  # the read finished the move
+    new = model.state_dict()
+    for k, v in _weights(out).items():
+        assert torch.equal(v, new[k]), k
+    ema = load_file(os.path.join(out, "ema.safetensors"))
+    assert torch.equal(ema["decoder.head.weight"], new["decoder.head.weight"])
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path):
+    cfg, out = preset("micro"), str(tmp_path / "run")
+    train(cfg, _tcfg(steps=2, ckpt_every=2), out, progress=False)
+    state = ckpt.read_state(out)
+    state["world_size"] = 2
+    (tmp_path / "run" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ckpt.CheckpointError, match="world size 2, resuming with 1"):
+        train(cfg, _tcfg(steps=4), out, resume=True, progress=False)
+
+
 def test_checkpoint_from_other_config_is_refused(tmp_path):
     cfg = preset("micro")
     train(cfg, _tcfg(steps=1), str(tmp_path), progress=False)

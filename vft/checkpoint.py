@@ -8,11 +8,19 @@ A checkpoint is a folder::
     optimizer.safetensors  optimizer tensors, keyed "<param index>.<name>"
     optimizer.json         optimizer param groups and non-tensor state
     state.json             step, world size, rank checksums
+
+A save is atomic as a set: the new files are written into ``<folder>/.incoming/``, its
+``state.json`` last (the marker that the set is complete), and only then moved over the old
+ones (``os.replace`` per file). A crash while writing leaves the old checkpoint untouched
+(the incomplete ``.incoming`` is discarded on the next read or save); a crash while moving
+is finished (rolled forward) by the next read or save, so weights, optimizer, EMA and step
+always come from the same save.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Optional
 
 import torch
@@ -38,6 +46,29 @@ def _atomic_tensors(path: str, tensors: dict) -> None:
     os.replace(tmp, path)
 
 
+INCOMING = ".incoming"
+SET_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json", "config.json")
+
+
+def recover(path: str) -> None:
+    """Finish or discard an interrupted save in ``path`` (see the module doc)."""
+    tmp = os.path.join(path, INCOMING)
+    if not os.path.isdir(tmp):
+        return
+    marker = os.path.join(tmp, "state.json")
+    if os.path.isfile(marker):  # the new set is complete: move it in, state.json last
+        with open(marker) as fh:
+            files = json.load(fh).get("files", [])
+        for name in SET_FILES:
+            src, dst = os.path.join(tmp, name), os.path.join(path, name)
+            if os.path.isfile(src):
+                os.replace(src, dst)
+            elif name not in files and os.path.isfile(dst):
+                os.remove(dst)  # e.g. an old EMA file that the new set does not have
+        os.replace(marker, os.path.join(path, "state.json"))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested config dicts."""
     out = []
@@ -51,6 +82,7 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def read_config(path: str) -> tuple[ModelConfig, Optional[TrainConfig]]:
+    recover(path)
     f = os.path.join(path, "config.json")
     if not os.path.isfile(f):
         raise CheckpointError(f"{path} is not a vft checkpoint: {f} not found")
@@ -72,9 +104,15 @@ def save(path: str, model: torch.nn.Module, cfg: ModelConfig, train_cfg: Optiona
          step: int = 0, optimizer: Optional[torch.optim.Optimizer] = None, ema: Optional[dict] = None,
          extra_state: Optional[dict] = None) -> None:
     os.makedirs(path, exist_ok=True)
+    recover(path)
+    final, path = path, os.path.join(path, INCOMING)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    files = ["model.safetensors", "config.json"]
     _atomic_tensors(os.path.join(path, "model.safetensors"), model.state_dict())
     if ema is not None:
         _atomic_tensors(os.path.join(path, "ema.safetensors"), ema)
+        files.append("ema.safetensors")
     if optimizer is not None:
         sd = optimizer.state_dict()
         tensors, scalars = {}, {}
@@ -86,9 +124,11 @@ def save(path: str, model: torch.nn.Module, cfg: ModelConfig, train_cfg: Optiona
                     scalars.setdefault(str(pid), {})[k] = v
         _atomic_tensors(os.path.join(path, "optimizer.safetensors"), tensors)
         _atomic_json(os.path.join(path, "optimizer.json"), {"param_groups": sd["param_groups"], "scalars": scalars})
+        files += ["optimizer.safetensors", "optimizer.json"]
     _atomic_json(os.path.join(path, "config.json"),
                  {"model": cfg.to_dict(), "train": train_cfg.to_dict() if train_cfg else None})
-    _atomic_json(os.path.join(path, "state.json"), dict(step=step, **(extra_state or {})))
+    _atomic_json(os.path.join(path, "state.json"), dict(step=step, files=files, **(extra_state or {})))  # marker
+    recover(final)
 
 
 def load_weights(path: str, model: torch.nn.Module, use_ema: bool = True) -> str:
@@ -109,6 +149,7 @@ def load_weights(path: str, model: torch.nn.Module, use_ema: bool = True) -> str
 
 
 def load_optimizer(path: str, optimizer: torch.optim.Optimizer) -> None:
+    recover(path)
     with open(os.path.join(path, "optimizer.json")) as fh:
         meta = json.load(fh)
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
@@ -126,6 +167,7 @@ def load_optimizer(path: str, optimizer: torch.optim.Optimizer) -> None:
 
 
 def read_state(path: str) -> dict:
+    recover(path)
     f = os.path.join(path, "state.json")
     if not os.path.isfile(f):
         raise CheckpointError(f"{path} is not a vft checkpoint: {f} not found")

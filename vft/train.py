@@ -172,7 +172,16 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str, resume: bool = False, p
     model = VideoFlexTok(cfg).to(device)
     opt = make_optimizer(model, tcfg)
     start = 0
+    if os.path.isdir(out):
+        ckpt.recover(out)  # finish or discard an interrupted save
     if resume and os.path.isfile(os.path.join(out, "state.json")):
+        saved_world = int(ckpt.read_state(out).get("world_size", 1))
+        if saved_world != world:
+            raise ckpt.CheckpointError(
+                f"checkpoint {out} was written by a run with world size {saved_world}, resuming with {world}: the "
+                f"data order (clips (step * world + rank) * batch + i) and the per-rank random draws depend on it, "
+                f"so the run would not continue where it stopped. Resume with WORLD_SIZE={saved_world}, or start a "
+                f"new run from these weights with --init {out}")
         ckpt.load_weights(out, model, use_ema=False)
         ckpt.load_optimizer(out, opt)
         start = ckpt.read_state(out)["step"]
