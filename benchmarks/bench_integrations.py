@@ -42,6 +42,17 @@ def official_path(package: str) -> str:
     return os.path.normpath(os.path.join(ROOT, "..", "shared", "third_party", THIRD_PARTY[package]))
 
 
+INSTALL = "pip install -r requirements-integrations.txt"  # what the official code imports
+
+
+def official_on_path() -> None:
+    """Put every official snapshot that is present on sys.path (so ``import videoflextok`` works)."""
+    for package in THIRD_PARTY:
+        path = official_path(package)
+        if os.path.isdir(path) and path not in sys.path:
+            sys.path.insert(0, path)
+
+
 def import_official(package: str) -> dict:
     """The official modules the tiny models are built from (ImportError if the snapshot or
     one of its dependencies is missing)."""

@@ -18,8 +18,6 @@ backward.
 """
 import copy
 import importlib
-import os
-import sys
 import warnings
 
 import pytest
@@ -28,13 +26,10 @@ from torch import nn
 
 from vft_kernels.testing import assert_matches_reference
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _folder in ("videoflextok-4fd72ec", "flextok-87d00cc"):
-    _path = os.path.join(ROOT, "..", "shared", "third_party", _folder)
-    if os.path.isdir(_path) and _path not in sys.path:
-        sys.path.insert(0, _path)
+from benchmarks.bench_integrations import INSTALL, official_on_path
 
-INSTALL = "pip install -r requirements-integrations.txt"
+official_on_path()  # the pinned official code in ../shared/third_party, when present
+
 V, F = "videoflextok", "flextok"
 IL, SEQ = "BlockWiseSequenceInterleavePacker", "BlockWiseSequencePacker"
 

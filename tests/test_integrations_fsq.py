@@ -9,9 +9,7 @@ stand-in); nothing is downloaded. Tests skip, saying why, when an optional packa
 (pip install -r requirements-integrations.txt; the official code lives in ../shared/third_party).
 """
 import importlib
-import os
 import random
-import sys
 
 import pytest
 import torch
@@ -19,13 +17,10 @@ from torch import nn
 
 from vft_kernels.testing import assert_matches_reference, fsq_boundary_tokens
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _folder in ("videoflextok-4fd72ec", "flextok-87d00cc"):
-    _path = os.path.join(ROOT, "..", "shared", "third_party", _folder)
-    if os.path.isdir(_path) and _path not in sys.path:
-        sys.path.insert(0, _path)
+from benchmarks.bench_integrations import INSTALL, official_on_path
 
-INSTALL = "pip install -r requirements-integrations.txt"
+official_on_path()  # the pinned official code in ../shared/third_party, when present
+
 PACKAGES = ["videoflextok", "flextok"]
 
 
