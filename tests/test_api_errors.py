@@ -3,6 +3,8 @@ offending value (and, where there is one, the expected value)."""
 
 import math
 
+import warnings
+
 import pytest
 import torch
 
@@ -236,3 +238,22 @@ def test_forced_triton_on_cpu_without_interpreter(monkeypatch):
     with vk.use_backend("triton"):
         raises(dispatch.BackendUnavailableError, lambda: vk.flow_step(*_flow()[:2], 0.5, 0.25),
                "'triton'", "TRITON_INTERPRET=1")
+
+
+def test_dense_fallback_warns_once_with_reason_and_memory(monkeypatch):
+    """An automatic fall back to the dense reference (no kernel for the call) warns once per
+    reason, naming it and the memory the dense path takes (always on a GPU; on the CPU from
+    DENSE_WARN_BYTES_CPU on, lowered here)."""
+    from vft_kernels.ops import attention as ops_attention
+
+    monkeypatch.setattr(ops_attention, "DENSE_WARN_BYTES_CPU", 0)
+    monkeypatch.setattr(ops_attention, "_DENSE_WARNED", set())
+    q = torch.randn(2, 3, 6, 8, dtype=torch.float64)  # no kernel takes float64
+    with pytest.warns(RuntimeWarning, match=r"float64.*dense reference.*GiB for B=2, H=3, N=6"):
+        vk.register_attention(q, q, q, LAYOUT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vk.register_attention(q, q, q, LAYOUT)  # once per reason
+        with vk.use_backend("reference"):  # a forced reference is what the user asked for
+            monkeypatch.setattr(ops_attention, "_DENSE_WARNED", set())
+            vk.register_attention(q, q, q, LAYOUT)

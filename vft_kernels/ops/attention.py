@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 import weakref
 from typing import Optional
 
@@ -85,7 +86,36 @@ def _register_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     layout = _layout(blocks, patches, registers, mode)
     if cu_seqlens is not None and not cu_checked:  # (a device tensor: one sync)
         _check_cu_seqlens(cu_seqlens.to("cpu", torch.int64), layout, q.shape[2])
-    return dispatch.call("attention_forward", q.device, q, k, v, layout, keep, scale, cu_seqlens)
+    args = (q, k, v, layout, keep, scale, cu_seqlens)
+    backend, fn = dispatch.select("attention_forward", q.device, *args)
+    if backend == "reference" and dispatch.forced_backend() is None:
+        _warn_dense_fallback(q, args)
+    return fn(*args)
+
+
+# The dense reference materialises [B, N, N] masks and [B, H, N, N] float32 scores. When the
+# automatic selection falls back to it, warn once per reason: always on a GPU (a kernel was
+# expected), on the CPU from this many bytes on.
+DENSE_WARN_BYTES_CPU = 1 << 30
+_DENSE_WARNED: set = set()
+
+
+def _warn_dense_fallback(q: torch.Tensor, args: tuple) -> None:
+    B, H, N, _ = q.shape
+    # scores, probabilities and one more [B, H, N, N] float32 temporary, plus the bool mask
+    need = 3 * 4 * B * H * N * N + B * N * N
+    if q.device.type == "cpu" and need < DENSE_WARN_BYTES_CPU:
+        return
+    reasons = "; ".join(f"{name}: {why}" for name, fn, why in
+                        dispatch.candidates("attention_forward", q.device, *args) if fn is None)
+    key = (q.device.type, reasons)
+    if key in _DENSE_WARNED:
+        return
+    _DENSE_WARNED.add(key)
+    warnings.warn(f"register_attention: no kernel can run this call on {q.device.type} ({reasons}); falling back "
+                  f"to the dense reference, which materialises the [B, N, N] mask and [B, H, N, N] float32 scores: "
+                  f"about {need / 2**30:.2f} GiB for B={B}, H={H}, N={N} (warned once per reason)",
+                  RuntimeWarning, stacklevel=3)
 
 
 @_register_attention.register_fake
