@@ -213,6 +213,29 @@ def test_triton_round_half_even_helper():
     assert torch.equal(out, torch.round(x)), out
 
 
+@pytest.mark.skipif(_round_kernel is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="checks the interpreter's cast (conftest patches it to the GPU's rounding)")
+def test_interpreter_bf16_rounding():
+    # float32 -> bfloat16 in a kernel rounds to nearest even, as on the GPU (the stock
+    # interpreter truncates: 2.07786 -> 2.0625 instead of 2.078125). Ties, negatives,
+    # carries into the exponent, inf and NaN included.
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _narrow(x_ptr, o_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(o_ptr + offs, tl.load(x_ptr + offs, mask=offs < n).to(tl.bfloat16), mask=offs < n)
+
+    x = torch.tensor([2.07786, -2.07786, 1.00390625, 1.01171875, 255.9, -0.0, 3e38, math.inf, -math.inf,
+                      math.nan, 1e-40, 0.1])
+    out = torch.full(x.shape, float("nan"), dtype=torch.bfloat16)
+    _narrow[(1,)](x, out, x.numel(), BLOCK=16)
+    want = x.to(torch.bfloat16)
+    assert torch.equal(out.view(torch.int16)[~torch.isnan(x)], want.view(torch.int16)[~torch.isnan(x)]), (out, want)
+    assert bool(torch.isnan(out[torch.isnan(x)]).all())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nonfinite_rows(backend):
     levels = (8, 8, 8, 5, 5, 5)

@@ -165,7 +165,10 @@ inline void row_indices(const AccOf<Idx>* __restrict contrib, Idx* __restrict id
                                             _mm512_set1_epi32(D));
     __m512i sum = _mm512_setzero_si512(), any = _mm512_setzero_si512();
     for (int j = 0; j < D; ++j) {
-      const __m512i c = _mm512_i32gather_epi32(_mm512_add_epi32(rows, _mm512_set1_epi32(j)), contrib, 4);
+      // The masked form with an explicit zero source: GCC warns (-Wmaybe-uninitialized) on the
+      // undefined source vector inside the unmasked intrinsic.
+      const __m512i c = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), static_cast<__mmask16>(0xFFFF),
+                                                    _mm512_add_epi32(rows, _mm512_set1_epi32(j)), contrib, 4);
       sum = _mm512_add_epi32(sum, c);
       any = _mm512_or_si512(any, c);
     }
