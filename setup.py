@@ -30,6 +30,24 @@ except ImportError:
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"
+# The oldest torch the extension is built and tested against. It compiles against headers
+# and internal APIs of recent releases (torch/headeronly, at::native::cpublas::brgemm), and
+# only this release is tested, so older ones are refused here with a readable message
+# rather than failing deep in a C++ compile (or, worse, at import).
+MIN_TORCH = (2, 14)
+
+
+def _torch_version(text):
+    parts = []
+    for piece in text.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+if _torch_version(torch.__version__) < MIN_TORCH:
+    sys.exit(f"vft: needs torch >= {'.'.join(map(str, MIN_TORCH))} (the oldest release it is built and tested "
+             f"against), found torch {torch.__version__}; upgrade torch, then `pip install --no-build-isolation .`")
 
 
 def _env_flag(name):
@@ -112,7 +130,7 @@ setup(
     # The shipped tokenizer weights (vft.load_pretrained) travel in the wheel.
     package_data={"vft": ["pretrained/*/config.json", "pretrained/*/model.safetensors"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy", "safetensors", "tqdm"],
+    install_requires=[f"torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}", "numpy", "safetensors", "tqdm"],
     extras_require={
         "test": ["pytest", "hypothesis"],
         "video": ["av"],

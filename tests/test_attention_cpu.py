@@ -237,7 +237,7 @@ def test_supports_and_bad_arguments():
     assert out.dtype == torch.float64
     q32 = q.float()
     out = torch.empty_like(q32)
-    with pytest.raises(ValueError, match="lse must be"):
+    with pytest.raises(ValueError, match="lse must have shape \\[1, 1, 6\\], got \\[1, 1, 5\\]"):
         C.attention_forward_cpu(q32, q32, q32, keep.int(), NO_CU, 1, 4, 2, 0, 1.0, out, torch.empty(1, 1, 5))
     with pytest.raises(ValueError, match="layout expects N = 12"):
         C.attention_forward_cpu(q32, q32, q32, keep.int(), NO_CU, 2, 4, 2, 0, 1.0, out, torch.empty(1, 1, 6))

@@ -92,3 +92,20 @@ def test_setup_without_torch_is_one_line():
     assert res.returncode != 0
     assert "Traceback" not in res.stderr, res.stderr
     assert "pip install torch" in res.stderr and "--no-build-isolation" in res.stderr, res.stderr
+
+
+def test_setup_refuses_a_torch_older_than_the_tested_minimum(tmp_path):
+    # A stand-in torch 2.6 on the path: setup.py must stop with a message naming both
+    # versions, before any compile starts (README states the same minimum).
+    fake = tmp_path / "torch"
+    (fake / "utils").mkdir(parents=True)
+    (fake / "__init__.py").write_text("__version__ = '2.6.0+cpu'\nclass version:\n    cuda = None\n")
+    (fake / "utils" / "__init__.py").write_text("")
+    (fake / "utils" / "cpp_extension.py").write_text(
+        "CUDA_HOME = None\nBuildExtension = CppExtension = CUDAExtension = object\n")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "setup.py"), "--version"], cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(tmp_path)), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "needs torch >= 2.14" in proc.stderr and "found torch 2.6.0+cpu" in proc.stderr, proc.stderr
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert ">= 2.14" in readme

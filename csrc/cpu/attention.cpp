@@ -391,6 +391,10 @@ void backward(const Problem& pr, const float* q_fin, const float* qt, const floa
 // checks run here, before any parallel region.
 Problem make_problem(const at::Tensor& q, const at::Tensor& keep, const at::Tensor& cu_seqlens, int64_t blocks,
                      int64_t patches, int64_t registers, int64_t mode, double scale) {
+  VFT_CHECK_CPU(q, "attention: q");
+  VFT_CHECK_CPU(keep, "attention: keep");
+  VFT_CHECK_CPU(cu_seqlens, "attention: cu_seqlens");
+  VFT_CHECK_DTYPE(cu_seqlens, at::kInt, "attention: cu_seqlens (empty for a dense call)");
   VFT_CHECK(q.dim() == 4, "attention: q must be [B, H, N, D], got ", q.dim(), " dims");
   VFT_CHECK(mode >= 0 && mode <= 2, "attention: mode must be 0, 1 or 2, got ", mode);
   VFT_CHECK(blocks >= 1 && patches >= 1 && registers >= 0, "attention: bad layout T=", blocks, " P=", patches,
@@ -436,15 +440,16 @@ void fill_padding(const Problem& pr, T* t, int64_t width, T value) {
 }
 
 void check_out(const at::Tensor& t, at::ScalarType dtype, at::IntArrayRef shape, const char* name) {
-  VFT_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.sizes() == shape && t.is_contiguous(),
-            "attention: ", name, " must be a contiguous CPU ", dtype, " tensor of shape ", shape, ", got ",
-            t.scalar_type(), " ", t.sizes());
+  VFT_CHECK_CPU(t, name);
+  VFT_CHECK_DTYPE(t, dtype, name);
+  VFT_CHECK_SHAPE(t, shape, name);
+  VFT_CHECK_CONTIGUOUS(t, name);
 }
 
 void check_input(const at::Tensor& t, const at::Tensor& q, const char* name) {
-  VFT_CHECK(t.device().is_cpu() && t.scalar_type() == q.scalar_type() && t.sizes() == q.sizes(),
-            "attention: ", name, " must be a CPU ", q.scalar_type(), " tensor of shape ", q.sizes(), ", got ",
-            t.device(), " ", t.scalar_type(), " ", t.sizes());
+  VFT_CHECK_CPU(t, name);
+  VFT_CHECK_DTYPE(t, q.scalar_type(), name);
+  VFT_CHECK_SHAPE(t, q.sizes(), name);
 }
 
 at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
@@ -455,11 +460,11 @@ void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
                            const at::Tensor& cu_seqlens, int64_t blocks, int64_t patches, int64_t registers,
                            int64_t mode, double scale, at::Tensor& out, at::Tensor& lse) {
   Problem pr = make_problem(q, keep, cu_seqlens, blocks, patches, registers, mode, scale);
-  check_input(q, q, "q");
-  check_input(k, q, "k");
-  check_input(v, q, "v");
-  check_out(out, q.scalar_type(), q.sizes(), "out");
-  check_out(lse, at::kFloat, {pr.B, pr.H, pr.N}, "lse");
+  check_input(q, q, "attention: q");
+  check_input(k, q, "attention: k");
+  check_input(v, q, "attention: v");
+  check_out(out, q.scalar_type(), q.sizes(), "attention: out");
+  check_out(lse, at::kFloat, {pr.B, pr.H, pr.N}, "attention: lse");
   const at::Tensor qf = as_f32(q), ktf = transposed_f32(k), vf = as_f32(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward_cpu", [&] {
     forward<scalar_t>(pr, qf.data_ptr<float>(), ktf.data_ptr<float>(), vf.data_ptr<float>(),
@@ -475,13 +480,13 @@ void attention_backward_cpu(const at::Tensor& dout, const at::Tensor& q, const a
                             int64_t registers, int64_t mode, double scale, at::Tensor& dq, at::Tensor& dk,
                             at::Tensor& dv) {
   Problem pr = make_problem(q, keep, cu_seqlens, blocks, patches, registers, mode, scale);
-  for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&dout, "dout"}, {&out, "out"}}) check_input(*t, q, name);
-  VFT_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({pr.B, pr.H, pr.N}),
-            "attention: lse must be a CPU float32 tensor of shape [", pr.B, ", ", pr.H, ", ", pr.N, "], got ",
-            lse.scalar_type(), " ", lse.sizes());
-  check_out(dq, q.scalar_type(), q.sizes(), "dq");
-  check_out(dk, q.scalar_type(), q.sizes(), "dk");
-  check_out(dv, q.scalar_type(), q.sizes(), "dv");
+  for (auto [t, name] : {std::pair{&k, "attention: k"}, {&v, "attention: v"}, {&dout, "attention: dout"}, {&out, "attention: out"}}) check_input(*t, q, name);
+  VFT_CHECK_CPU(lse, "attention: lse");
+  VFT_CHECK_DTYPE(lse, at::kFloat, "attention: lse");
+  VFT_CHECK_SHAPE(lse, at::IntArrayRef({pr.B, pr.H, pr.N}), "attention: lse");
+  check_out(dq, q.scalar_type(), q.sizes(), "attention: dq");
+  check_out(dk, q.scalar_type(), q.sizes(), "attention: dk");
+  check_out(dv, q.scalar_type(), q.sizes(), "attention: dv");
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), dof = as_f32(dout);
   const at::Tensor qtf = qf.transpose(-1, -2).contiguous(), dotf = dof.transpose(-1, -2).contiguous();
   const auto finite = [](const at::Tensor& t) {

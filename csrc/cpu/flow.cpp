@@ -145,8 +145,8 @@ void check_like(const char* name, const torch::Tensor& t, const torch::Tensor& x
   VFT_CHECK(t.sizes() == x.sizes(), name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
   VFT_CHECK(t.scalar_type() == x.scalar_type(), name, " must have x's dtype ", x.scalar_type(), ", got ",
             t.scalar_type());
-  VFT_CHECK(t.device() == x.device(), name, " must be on x's device ", x.device(), ", got ", t.device());
-  VFT_CHECK(t.is_contiguous(), name, " must be contiguous");
+  VFT_CHECK_SAME_DEVICE(t, x, name);
+  VFT_CHECK_CONTIGUOUS(t, name);
 }
 
 void check_times(const torch::Tensor& t, const torch::Tensor& x) {

@@ -288,6 +288,10 @@ void fsq_forward_cpu(const at::Tensor& z2, at::Tensor codes, at::Tensor indices,
                      const std::vector<int64_t>& levels, const at::Tensor& thresholds) {
   const int64_t d = static_cast<int64_t>(levels.size());
   VFT_CHECK(d >= 1 && d <= kMaxDims, "fsq: the cpu kernel supports 1..", kMaxDims, " dims, got ", d);
+  VFT_CHECK_CPU(z2, "fsq: z");
+  VFT_CHECK_CPU(codes, "fsq: codes");
+  VFT_CHECK_CPU(indices, "fsq: indices");
+  VFT_CHECK_CPU(thresholds, "fsq: thresholds");
   check_rows(z2, "z", d);
   VFT_CHECK(codes.is_contiguous() && codes.sizes() == z2.sizes(), "fsq: codes must be contiguous ", z2.sizes(),
             ", got ", codes.sizes());
@@ -324,9 +328,12 @@ void bwd_elements(const float* __restrict g, const float* __restrict z, float* _
 // dtype of z.
 void fsq_backward_cpu(const at::Tensor& grad_codes2, const at::Tensor& z2, at::Tensor grad_z,
                       const at::Tensor& consts) {
+  VFT_CHECK_CPU(grad_codes2, "fsq: grad_codes");
+  VFT_CHECK_CPU(z2, "fsq: z");
+  VFT_CHECK_CPU(grad_z, "fsq: grad_z");
+  VFT_CHECK(z2.dim() == 2, "fsq: z must be [rows, d], got ", z2.sizes());
   const int64_t d = z2.size(1);
   VFT_CHECK(d >= 1 && d <= kMaxDims, "fsq: the cpu kernel supports 1..", kMaxDims, " dims, got ", d);
-  check_rows(z2, "z", d);
   check_rows(grad_codes2, "grad_codes", d);
   VFT_CHECK(grad_codes2.size(0) == z2.size(0) && grad_z.is_contiguous() && grad_z.sizes() == z2.sizes(),
             "fsq: grad_codes ", grad_codes2.sizes(), " and grad_z ", grad_z.sizes(), " must match z ", z2.sizes());
@@ -402,6 +409,8 @@ void decode_impl(const at::Tensor& indices, at::Tensor& codes, const std::vector
 
 void fsq_decode_cpu(const at::Tensor& indices, at::Tensor codes, const std::vector<int64_t>& levels) {
   const int64_t d = static_cast<int64_t>(levels.size());
+  VFT_CHECK_CPU(indices, "fsq: indices");
+  VFT_CHECK_CPU(codes, "fsq: codes");
   VFT_CHECK(indices.dim() == 1, "fsq: indices must be 1-D [rows], got ", indices.sizes());
   VFT_CHECK(codes.is_contiguous() && codes.scalar_type() == at::kFloat && codes.dim() == 2 &&
                 codes.size(0) == indices.size(0) && codes.size(1) == d,

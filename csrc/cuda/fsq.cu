@@ -130,6 +130,8 @@ void fsq_forward_cuda(const at::Tensor& z2, at::Tensor codes, at::Tensor indices
                 indices.numel() == z2.size(0),
             "fsq: cuda forward expects z [rows, ", p.d, "], contiguous codes and indices on CUDA; got z ",
             z2.sizes(), ", codes ", codes.sizes(), ", indices ", indices.sizes());
+  VFT_CHECK_SAME_DEVICE(codes, z2, "fsq: codes");
+  VFT_CHECK_SAME_DEVICE(indices, z2, "fsq: indices");
   const c10::cuda::CUDAGuard guard(z2.device());
   const int64_t rows = z2.size(0);
   if (rows == 0) return;
@@ -157,6 +159,8 @@ void fsq_backward_cuda(const at::Tensor& grad_codes2, const at::Tensor& z2, at::
                 grad_z.is_contiguous() && grad_z.sizes() == z2.sizes(),
             "fsq: cuda backward expects grad_codes, z, grad_z [rows, d] on CUDA; got ", grad_codes2.sizes(), ", ",
             z2.sizes(), ", ", grad_z.sizes());
+  VFT_CHECK_SAME_DEVICE(grad_codes2, z2, "fsq: grad_codes");
+  VFT_CHECK_SAME_DEVICE(grad_z, z2, "fsq: grad_z");
   const c10::cuda::CUDAGuard guard(z2.device());
   const int64_t rows = z2.size(0);
   if (rows == 0) return;
@@ -180,6 +184,7 @@ void fsq_decode_cuda(const at::Tensor& indices, at::Tensor codes, const std::vec
                 codes.size(1) == p.d,
             "fsq: cuda decode expects indices [rows] and contiguous float32 codes [rows, ", p.d, "] on CUDA; got ",
             indices.sizes(), ", ", codes.sizes());
+  VFT_CHECK_SAME_DEVICE(codes, indices, "fsq: codes");
   const c10::cuda::CUDAGuard guard(indices.device());
   const int64_t rows = indices.size(0);
   if (rows == 0) return;
