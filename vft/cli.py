@@ -151,7 +151,8 @@ def cmd_train(args) -> int:
     base = tiny_train_config() if cfg.name in ("micro", "tiny") else TrainConfig()
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed", "log_every", "ckpt_every",
                                               "keep_sampling", "data", "warmup_steps", "logit_normal_mean",
-                                              "ema_decay", "null_prob", "prefix_prob", "uniform_t_prob", "loss_t_min")
+                                              "ema_decay", "null_prob", "prefix_prob", "uniform_t_prob", "loss_t_min",
+                                              "workers")
                  if getattr(args, k) is not None}
     if args.bf16:
         overrides["bf16"] = True
@@ -277,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="'synthetic' (default), 'mixed' (synthetic + photo pans/zooms/cuts + bundled "
                    "real clips) or a folder of videos")
     p.add_argument("--fps", type=float, help="resample folder videos to this frame rate")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes that load clips (default 0: the main "
+                   "process; the batches are the same for any number)")
     for name, typ in (("steps", int), ("batch-size", int), ("lr", float), ("seed", int), ("log-every", int),
                       ("ckpt-every", int), ("warmup-steps", int), ("logit-normal-mean", float),
                       ("ema-decay", float), ("null-prob", float), ("prefix-prob", float),

@@ -200,6 +200,7 @@ class TrainConfig:
     data: str = "synthetic"  # "synthetic", "mixed" (vft.data.MixedVideos) or a folder of videos
     data_mix: tuple = (0.6, 0.25, 0.15)  # "mixed": weights of synthetic, photo and real clips
     data_fps: float = 0.0  # resample folder videos to this rate (0: keep the file's rate)
+    workers: int = 0  # DataLoader worker processes loading clips (0: on the main thread); batches are the same
     log_every: int = 10
     ckpt_every: int = 500
 
@@ -213,6 +214,8 @@ class TrainConfig:
                 raise ValueError(f"{n} must be in [0, 1], got {getattr(self, n)}")
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"workers must be an int >= 0, got {self.workers!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

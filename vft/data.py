@@ -5,6 +5,7 @@ Frames on disk / from the generator are uint8 ``[T, H, W, 3]``; the model takes 
 """
 from __future__ import annotations
 
+import collections
 import math
 import os
 from typing import Optional
@@ -203,32 +204,257 @@ def list_videos(folder: str) -> list[str]:
     return files
 
 
+class VideoInfo:
+    """What decoding a window of a file needs, from one pass over its packets (no decoding):
+    the presentation timestamps of its frames in order (``pts``, int64, in ``time_base``
+    units), its keyframes (``key_pts`` and the timestamps to seek to them, ``key_seek``) and
+    its frame rate as :func:`read_video` reports it (``rate``)."""
+
+    __slots__ = ("pts", "key_pts", "key_seek", "time_base", "rate", "_index")
+
+    def __init__(self, pts: torch.Tensor, key_pts: torch.Tensor, key_seek: torch.Tensor, time_base, rate: float):
+        self.pts, self.key_pts, self.key_seek, self.time_base, self.rate = pts, key_pts, key_seek, time_base, rate
+        self._index: dict = {}
+
+    def times(self) -> list[float]:
+        """Frame times in seconds, computed as PyAV's ``frame.time`` (what read_video uses)."""
+        num, den = self.time_base.numerator, self.time_base.denominator
+        return [float(p) * num / den for p in self.pts.tolist()]
+
+    def index(self, fps: Optional[float] = None) -> tuple[Optional[torch.Tensor], int, float]:
+        """(source frame of each output frame, or None for all frames as they are; number of
+        output frames; output rate) of ``read_video(path, fps)``."""
+        if fps not in self._index:
+            n_src = self.pts.numel()
+            if fps is None or abs(fps - self.rate) < 1e-6:
+                self._index[fps] = (None, n_src, self.rate)
+            else:
+                index = _resample_index(self.times(), fps)
+                self._index[fps] = (index, index.numel(), float(fps))
+        return self._index[fps]
+
+
+def _resample_index(times: list[float], fps: float) -> torch.Tensor:
+    """read_video's resampling: for each point of a ``fps`` time grid from the first frame to
+    the last, the index of the nearest earlier frame."""
+    t = torch.tensor(times, dtype=torch.float64)
+    t = t - t[0]
+    n = max(1, int(math.floor(float(t[-1]) * fps + 1e-9)) + 1)
+    grid = torch.arange(n, dtype=torch.float64) / fps
+    return (torch.searchsorted(t, grid + 1e-6, right=True) - 1).clamp(0, len(times) - 1)
+
+
+def probe_video(path: str) -> Optional[VideoInfo]:
+    """Frame timestamps, keyframes and rate of ``path`` from its packets (demuxed, not
+    decoded). None when the file cannot be read this way or when a seeking decode could
+    not be trusted to give the frames of a full decode (packets without timestamps,
+    duplicate timestamps, packets marked for discarding or corrupt, fewer packets than the
+    header declares): callers then fall back to :func:`read_video`, which also gives the
+    clear errors for unreadable files. Without keyframe flags, windows are decoded from the
+    start of the file (no seek)."""
+    av = _av()
+    if not os.path.isfile(path):
+        return None
+    try:
+        container = av.open(path)
+    except av.error.FFmpegError:
+        return None
+    with container:
+        if not container.streams.video:
+            return None
+        stream = container.streams.video[0]
+        declared = stream.frames
+        rate = float(stream.average_rate) if stream.average_rate else 0.0
+        time_base = stream.time_base
+        pts, key_pts, key_seek = [], [], []
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0 and packet.pts is None:  # the flushing packets at the end
+                    continue
+                if packet.pts is None or packet.is_discard or packet.is_corrupt:
+                    return None
+                pts.append(packet.pts)
+                if packet.is_keyframe:
+                    key_pts.append(packet.pts)
+                    key_seek.append(min(packet.pts, packet.dts) if packet.dts is not None else packet.pts)
+        except av.error.FFmpegError:
+            return None
+    if not pts or time_base is None or (declared and len(pts) < declared):
+        return None
+    pts_t = torch.tensor(sorted(pts), dtype=torch.int64)
+    if bool((pts_t[1:] == pts_t[:-1]).any()):
+        return None
+    order = sorted(range(len(key_pts)), key=key_pts.__getitem__)
+    info = VideoInfo(pts_t, torch.tensor([key_pts[k] for k in order], dtype=torch.int64),
+                     torch.tensor([key_seek[k] for k in order], dtype=torch.int64), time_base, rate)
+    if not rate:
+        times = info.times()
+        info.rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 25.0
+    return info
+
+
+class _SeekFailed(Exception):
+    """A seeking decode that cannot be trusted to match a full decode (fall back to one)."""
+
+
+def _decode_frames(path: str, info: VideoInfo, src: list[int], stats: Optional[dict] = None) -> torch.Tensor:
+    """Source frames ``src`` (indices into ``info.pts``) of ``path`` as uint8 [len(src), H, W, 3]:
+    seek to the last keyframe at or before the first of them, decode forward until the last.
+    Raises _SeekFailed when the decoder does not give exactly the expected frames.
+    ``stats`` (a Counter): counts "seeks" and "frames_decoded" into it."""
+    av = _av()
+    lo, hi = min(src), max(src)
+    first_pts = int(info.pts[lo])
+    # The last keyframe at or before the window (none: decode from the start, as read_video does).
+    k = max(0, int(torch.searchsorted(info.key_pts, first_pts, right=True)) - 1)
+    wanted = set(src)
+    got: dict[int, torch.Tensor] = {}
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            pos = start_pts = None  # pos: index into info.pts of the next frame the decoder must give
+            if k > 0:
+                container.seek(int(info.key_seek[k]), backward=True, any_frame=False, stream=stream)
+                if stats is not None:
+                    stats["seeks"] += 1
+            else:
+                pos = 0  # from the start, as read_video decodes
+            for packet in container.demux(stream):
+                if pos is None:
+                    if packet.pts is None:
+                        continue
+                    # The seek must land on a keyframe at or before the one asked for.
+                    j = int(torch.searchsorted(info.pts, packet.pts))
+                    if not packet.is_keyframe or j >= info.pts.numel() or int(info.pts[j]) != packet.pts \
+                            or packet.pts > int(info.key_pts[k]):
+                        raise _SeekFailed(f"seek landed on pts {packet.pts}")
+                    pos, start_pts = j, packet.pts
+                for frame in packet.decode():
+                    if frame.pts is None:
+                        raise _SeekFailed("decoded frame without a timestamp")
+                    if stats is not None:
+                        stats["frames_decoded"] += 1
+                    if start_pts is not None and frame.pts < start_pts:
+                        continue  # leading frames of an open GOP after a seek: not needed, maybe wrong
+                    if pos >= info.pts.numel() or frame.pts != int(info.pts[pos]):
+                        raise _SeekFailed(f"decoder gave pts {frame.pts}, expected frame {pos}")
+                    if pos in wanted:
+                        got[pos] = torch.from_numpy(frame.to_ndarray(format="rgb24"))
+                    pos += 1
+                    if pos > hi:
+                        return torch.stack([got[s] for s in src])
+    except av.error.FFmpegError as e:
+        raise _SeekFailed(str(e)) from None
+    raise _SeekFailed(f"the decoder stopped before frame {hi}")
+
+
+def read_clip(path: str, start: int, count: int, fps: Optional[float] = None,
+              info: Optional[VideoInfo] = None) -> tuple[torch.Tensor, float]:
+    """Frames ``start .. start + count - 1`` of ``read_video(path, fps)`` (same bits), decoding
+    only from the keyframe before them to their end. ``info``: from :func:`probe_video`
+    (probed here when not given). Falls back to a full decode when the file cannot be
+    probed or the seeking decode does not give exactly the frames of a full decode; raises
+    :class:`VideoReadError` for unreadable files and windows past the end."""
+    if info is None:
+        info = probe_video(path)
+    if info is not None:
+        index, n, rate = info.index(fps)
+        if start < 0 or count < 1 or start + count > n:
+            raise VideoReadError(f"video file {path} has {n} frames at {rate:g} fps; cannot read frames "
+                                 f"{start}..{start + count - 1}")
+        src = list(range(start, start + count)) if index is None else index[start:start + count].tolist()
+        try:
+            return _decode_frames(path, info, src), rate
+        except _SeekFailed:
+            pass
+    video, rate = read_video(path, fps)
+    if start < 0 or count < 1 or start + count > video.shape[0]:
+        raise VideoReadError(f"video file {path} has {video.shape[0]} frames at {rate:g} fps; cannot read frames "
+                             f"{start}..{start + count - 1}")
+    return video[start:start + count], rate
+
+
 class VideoFolder(torch.utils.data.Dataset):
     """Clips from a folder of videos: item i takes file ``i % n_files``, resamples it to
     ``fps`` (None: keep the file's rate), picks a seeded random ``frames``-long window and a
     seeded random crop after scaling to cover ``height x width``. Returns float
-    [3, frames, height, width] in [-1, 1]."""
+    [3, frames, height, width] in [-1, 1].
+
+    ``seek=True`` (default) decodes only the window: each file's frame timestamps and
+    keyframes are probed once from its packets (cached per file, up to ``info_cache``
+    files), then a clip seeks to the keyframe before its window and decodes forward to the
+    window's end. The frames are bit-identical to decoding the whole file with
+    :func:`read_video` (``seek=False``, the slower original path) and picking the same window;
+    files where that cannot be guaranteed (no timestamps, discarded packets, a seek that
+    lands elsewhere, ...) are decoded whole. Every draw is seeded by the index, so items do
+    not depend on the order or the process they are loaded in."""
 
     def __init__(self, folder: str, frames: int, height: int, width: int, fps: Optional[float] = None,
-                 length: Optional[int] = None, seed: int = 0):
+                 length: Optional[int] = None, seed: int = 0, seek: bool = True, info_cache: int = 4096):
         self.files = list_videos(folder)
         self.frames, self.height, self.width, self.fps, self.seed = frames, height, width, fps, seed
         self.length = length or len(self.files)
+        self.seek, self.info_cache = seek, info_cache
+        self._infos: "collections.OrderedDict[str, tuple]" = collections.OrderedDict()
+        # This process's counts: clips by seeking decode / by whole-file decode, seeks, frames decoded.
+        self.stats = collections.Counter()
 
     def __len__(self):
         return self.length
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        path = self.files[i % len(self.files)]
-        video, rate = read_video(path, self.fps)
-        if video.shape[0] < self.frames:
-            raise VideoReadError(f"video file {path} has {video.shape[0]} frames at {rate:g} fps; clips need "
-                                 f"{self.frames}")
+    def info(self, path: str) -> Optional[VideoInfo]:
+        """:func:`probe_video` of ``path``, cached (re-probed when the file's size or mtime
+        changes); None: the file is decoded whole."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None  # read_video raises the clear error
+        key = (st.st_mtime_ns, st.st_size)
+        hit = self._infos.get(path)
+        if hit is not None and hit[0] == key:
+            self._infos.move_to_end(path)
+            return hit[1]
+        info = probe_video(path)
+        self._set_info(path, key, info)
+        return info
+
+    def _set_info(self, path, key, info):
+        self._infos[path] = (key, info)
+        self._infos.move_to_end(path)
+        while len(self._infos) > max(1, self.info_cache):
+            self._infos.popitem(last=False)
+
+    def _draw(self, i: int, n: int, rate: float, path: str) -> tuple[int, tuple[float, float]]:
+        if n < self.frames:
+            raise VideoReadError(f"video file {path} has {n} frames at {rate:g} fps; clips need {self.frames}")
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        start = int(torch.randint(0, video.shape[0] - self.frames + 1, (1,), generator=g))
-        offset = tuple(torch.rand(2, generator=g).tolist())
-        clip = resize_crop(video[start:start + self.frames], self.height, self.width, offset)
-        return to_model_range(clip)
+        start = int(torch.randint(0, n - self.frames + 1, (1,), generator=g))
+        return start, tuple(torch.rand(2, generator=g).tolist())
+
+    def window(self, i: int) -> tuple[torch.Tensor, tuple[float, float]]:
+        """Item i before scaling and cropping: (uint8 [frames, H, W, 3] of the file, crop offset)."""
+        path = self.files[i % len(self.files)]
+        info = self.info(path) if self.seek else None
+        if info is not None:
+            index, n, rate = info.index(self.fps)
+            start, offset = self._draw(i, n, rate, path)
+            src = list(range(start, start + self.frames)) if index is None else \
+                index[start:start + self.frames].tolist()
+            try:
+                clip = _decode_frames(path, info, src, self.stats)
+                self.stats["seeking"] += 1
+                return clip, offset
+            except _SeekFailed:
+                st = os.stat(path)
+                self._set_info(path, (st.st_mtime_ns, st.st_size), None)  # decode this file whole from now on
+        video, rate = read_video(path, self.fps)
+        self.stats["whole"] += 1
+        start, offset = self._draw(i, video.shape[0], rate, path)
+        return video[start:start + self.frames], offset
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        clip, offset = self.window(i)
+        return to_model_range(resize_crop(clip, self.height, self.width, offset))
 
 
 # ------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ keep count (``pow2``: uniform over {1, 2, 4, ..., R}; ``uniform``: uniform over 
 null condition with probability ``null_prob``, and with probability ``prefix_prob`` a
 clean prefix of 1..T'-1 latent frames (so the decoder learns the continuation used for
 long videos). All draws come from a generator seeded by (seed, step, rank) and the data
-of step s are the clips ``s * world * B + rank * B + i``, so a resumed run continues
+of step s are the clips ``s * world * B + rank * B + i`` (:class:`StepBatchSampler`; loaded
+by ``TrainConfig.workers`` DataLoader worker processes), so a resumed run continues
 exactly where it stopped.
 
 Launch with ``torchrun --nproc_per_node N -m vft.cli train ...`` for DDP (gloo on CPU,
@@ -132,6 +133,39 @@ def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.Ada
                               {"params": no_decay, "weight_decay": 0.0}], lr=tcfg.lr, betas=tcfg.betas)
 
 
+class StepBatchSampler(torch.utils.data.Sampler):
+    """The clip indices of training steps ``start .. stop - 1`` on ``rank`` of ``world``: step s
+    takes clips ``(s * world + rank) * batch_size + i`` for i < batch_size, so the batches
+    depend only on the step (a resumed run continues with exactly the batches it would
+    have had) and the ranks split every step's ``world * batch_size`` clips."""
+
+    def __init__(self, batch_size: int, start: int, stop: int, rank: int = 0, world: int = 1):
+        if batch_size < 1 or world < 1 or not 0 <= rank < world:
+            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world, got {batch_size}, {rank}, {world}")
+        self.batch_size, self.start, self.stop, self.rank, self.world = batch_size, start, stop, rank, world
+
+    def __len__(self):
+        return max(0, self.stop - self.start)
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            base = (step * self.world + self.rank) * self.batch_size
+            yield list(range(base, base + self.batch_size))
+
+
+def make_loader(data, tcfg: TrainConfig, start: int, stop: Optional[int] = None, rank: int = 0, world: int = 1,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """Batches [B, 3, T, H, W] of steps ``start .. stop - 1`` (default: to ``tcfg.steps``),
+    loaded by ``tcfg.workers`` worker processes (0: on the calling thread). Every dataset
+    here draws its randomness from generators seeded by the clip index, so the batches are
+    the same with any number of workers; the loader's own seed (worker base seeds) comes
+    from ``tcfg.seed``, not from the global RNG, which training does not disturb."""
+    sampler = StepBatchSampler(tcfg.batch_size, start, tcfg.steps if stop is None else stop, rank, world)
+    return torch.utils.data.DataLoader(
+        data, batch_sampler=sampler, num_workers=tcfg.workers, pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(tcfg.seed * 1_000_003 + rank))
+
+
 def make_dataset(cfg: ModelConfig, tcfg: TrainConfig):
     if tcfg.data == "synthetic":
         return SyntheticVideos(cfg.frames, cfg.height, cfg.width, seed=tcfg.seed)
@@ -207,9 +241,11 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str, resume: bool = False, p
     window = Telemetry(cfg.codebook_size, device)
     model.train()
     done = start
+    pin = device.type == "cuda"
+    batches = iter(make_loader(data, tcfg, start, tcfg.steps, rank, world, pin_memory=pin)) \
+        if tcfg.steps > start else iter(())
     for step in range(start, tcfg.steps):
-        base = (step * world + rank) * B
-        video = torch.stack([data[base + i] for i in range(B)]).to(device)
+        video = next(batches).to(device, non_blocking=pin)  # clips (step * world + rank) * B + i
         gen = torch.Generator().manual_seed(tcfg.seed * 1_000_003 + step * 1009 + rank)
         inputs = {k: v.to(device) for k, v in draw(cfg, tcfg, B, gen).items()}
         for g in opt.param_groups:
@@ -258,6 +294,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str, resume: bool = False, p
             _save(out, model, cfg, tcfg, done, opt, ema, rank, world)
         if bool(stop):
             break
+    del batches  # stops the loader's worker processes
     bar.close()
     checksums = _gather_checksums(model, world, device)
     if rank == 0:
