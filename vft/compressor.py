@@ -112,18 +112,37 @@ class VAECompressor(nn.Module):
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         check_video(video)
-        z = self._need_vae().encode(video)
+        vae = self._need_vae()
         want = (video.shape[0],) + self.latent_shape(*video.shape[2:])
-        if tuple(z.shape) != want:
-            raise ValueError(f"VAE encode returned {tuple(z.shape)}, expected {want}")
+        z = vae.encode(video)
+        _check_vae_output("encode", z, want)
         return z * self.cfg.scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._need_vae().decode(latents / self.cfg.scale)
+        vae = self._need_vae()
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 5 or latents.shape[1] != self.channels:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"VAE compressor: latents must be [B, {self.channels}, T', H', W'], got {got}")
+        B, _, t, h, w = latents.shape
+        sf = self.cfg.spatial_factor
+        video = vae.decode(latents / self.cfg.scale)
+        _check_vae_output("decode", video, (B, 3, self.frames_for(t), h * sf, w * sf))
+        return video
+
+
+def _check_vae_output(what: str, out, want: tuple) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"VAE {what} must return a tensor of shape {want}, got {type(out).__name__} (wrap the "
+                        "VAE's own API in a small adapter module)")
+    if tuple(out.shape) != want:
+        raise ValueError(f"VAE {what} returned {tuple(out.shape)}, expected {want}")
 
 
 def build_compressor(cfg: CompressorConfig, vae: Optional[nn.Module] = None) -> nn.Module:
     if cfg.kind == "pixel":
+        if vae is not None:  # it would be silently ignored
+            raise ValueError("this model works in pixel space (compressor kind 'pixel'): it takes no VAE, got "
+                             f"{type(vae).__name__}")
         return PixelCompressor(cfg)
     return VAECompressor(cfg, vae)
