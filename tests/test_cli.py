@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import vft_kernels as vk
+from vft_kernels import dispatch
 from safetensors.torch import load_file, save_file
 
 from vft.cli import main, sample_clip
@@ -128,3 +129,22 @@ def test_bad_inputs_are_clear_errors(trained, tmp_path, capsys):
     assert "different model config" in err and "decoder.depth" in err
     assert "not a vft checkpoint" in _err(capsys, ["tokenize", clip, "--checkpoint", str(tmp_path), "--out", "x"])
     assert "unknown config key" in _err(capsys, ["train", "--preset", "micro", "--set", "depth=2", "--out", "x"])
+
+
+def test_forced_backend_without_every_op_is_refused_up_front(tmp_path, capsys):
+    # The cuda backend has no register attention kernel: every model command is refused
+    # before any work, naming the op and the reason; the backends that have every op run.
+    out = str(tmp_path / "demo")
+    for cmd in (["demo", "--out", out], ["train", "--preset", "micro", "--out", out, "--steps", "1"]):
+        err = _err(capsys, cmd + ["--backend", "cuda"])
+        assert "--backend cuda cannot run this command" in err, err
+        if dispatch.backend_status("cuda") is None:  # _C has the CUDA kernels (built with nvcc)
+            assert "attention_forward has no cuda kernel (it is implemented by: cpu, reference, triton)" in err, err
+        else:
+            assert "backend 'cuda' is not available" in err, err
+    assert not os.path.exists(out)
+    assert main(["demo", "--out", out, "--steps", "1", "--keep", "1", "--no-timing", "--no-progress",
+                 "--backend", "cpu"]) == 0
+    assert os.path.isfile(os.path.join(out, "summary.json"))
+    # `info` only reports, so it accepts any backend.
+    assert main(["info", "--preset", "micro", "--backend", "cuda"]) == 0

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 import vft_kernels as vk
+from vft_kernels import dispatch
 
 from . import checkpoint as ckpt
 from .config import PRESETS, ModelConfig, TrainConfig, parse_override, preset, tiny_train_config
@@ -339,8 +340,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_MODEL_COMMANDS = ("train", "tokenize", "detokenize", "reconstruct", "demo")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.backend is not None and args.command in _MODEL_COMMANDS:
+        # Every model command runs all the ops: refuse a backend that lacks one now, with the
+        # reason, rather than after loading the model (the cuda backend has no attention).
+        device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+        problems = dispatch.forced_backend_problems(args.backend, dispatch.OPS, device)
+        if problems:
+            print(f"vft {args.command}: error: --backend {args.backend} cannot run this command on {device}: "
+                  + "; ".join(problems) + ". Leave --backend unset (automatic) or pick a backend that has every op "
+                  "(`vft info` lists them).", file=sys.stderr)
+            return 2
     try:
         with vk.use_backend(args.backend):
             return args.fn(args)

@@ -243,6 +243,27 @@ def call(op: str, device: torch.device, *args, **kwargs):
     return select(op, device, *args, **kwargs)[1](*args, **kwargs)
 
 
+def forced_backend_problems(backend: str, ops, device) -> list:
+    """Why ``backend`` forced for all of ``ops`` on ``device`` would fail: one line per op it
+    cannot run there (empty when it can run them all). Lets a program refuse up front, with
+    the reason, instead of failing at the first call of a missing op mid-run."""
+    device = torch.device(device)
+    reason = backend_status(backend)
+    if reason is not None:
+        return [f"backend {backend!r} is not available: {reason}"]
+    problems = []
+    for op in ops:
+        entry = _REGISTRY.get((op, backend))
+        if entry is None:
+            have = sorted(b for (o, b) in _REGISTRY if o == op)
+            problems.append(f"{op} has no {backend} kernel (it is implemented by: {', '.join(have)})")
+            continue
+        why = _device_status(backend, entry, device) or entry.load()
+        if why:
+            problems.append(f"{op} cannot run on {backend} for {device.type} tensors: {why}")
+    return problems
+
+
 def available_backends() -> dict:
     """``{op: {device: [backends in priority order that can run it here]}}``.
 
