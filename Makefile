@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 # One build at a time in this tree (ninja recompiles only what changed).
 BUILD_LOCK := flock $(CURDIR)/.build.lock
 
-.PHONY: demo test build bench eval info aot clean
+.PHONY: demo test build bench eval info aot gpu-check clean
 
 $(VENV)/.deps: requirements-dev.txt requirements-integrations.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ info: build
 
 aot: build
 	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR) $(PY) -m vft_kernels.triton.aot
+
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf build vft_kernels/_C*.so .pytest_cache results demo_out
