@@ -265,3 +265,24 @@ def test_packed_argument_errors():
     with pytest.raises(ValueError, match="\\[1, H, N, D\\], got B = 2"):
         q2 = torch.randn(2, 2, 20, 8)
         vk.register_attention(q2, q2, q2, layout, cu_seqlens=[0, 8])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_reference_rounds_p_and_ds_like_the_kernels(dtype):
+    # SPEC §4's bound scales with the low-precision reference's error, so that reference
+    # must take the kernels' rounding steps: P in v's dtype before P V, P in dO's dtype
+    # before P^T dO, dS in q/k's dtype before dS K and dS^T Q.
+    torch.manual_seed(0)
+    layout = vk.RegisterLayout(1, 13, 0, "full")
+    q, k, v, do = (torch.randn(1, 2, 13, 16).to(dtype) for _ in range(4))
+    keep = torch.zeros(1, dtype=torch.int32)
+    out, lse = ra.attention_forward(q, k, v, layout, keep, 0.25)
+    s = q.float() @ k.float().transpose(-1, -2) * 0.25
+    p = torch.softmax(s, -1)
+    assert torch.equal(out, (p.to(dtype).float() @ v.float()).to(dtype))
+    assert not torch.equal(out, (p @ v.float()).to(dtype)), "no rounding step taken: the check cannot tell"
+    dq, dk, dv = ra.attention_backward(do, q, k, v, out, lse, layout, keep, 0.25)
+    assert torch.equal(dv, (p.to(dtype).float().transpose(-1, -2) @ do.float()).to(dtype))
+    ds = p * (do.float() @ v.float().transpose(-1, -2) - (do.float() * out.float()).sum(-1, keepdim=True))
+    assert torch.equal(dq, (ds.to(dtype).float() @ k.float() * 0.25).to(dtype))
+    assert torch.equal(dk, (ds.to(dtype).float().transpose(-1, -2) @ q.float() * 0.25).to(dtype))

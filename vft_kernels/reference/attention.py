@@ -1,5 +1,8 @@
 """Reference register attention (SPEC.md §2): dense mask, float32 (float64 for float64 input)
 softmax. Dropped query rows give exactly zero output and lse = -inf; they pass no gradient.
+For fp16 / bf16 inputs, P and dS are rounded to the inputs' dtype before their matrix
+products, as the flash-style kernels do (and as flash-attention's reference does), so the
+low-precision run measures the error those steps cause (SPEC.md §4).
 
 Packed (varlen) calls, ``cu_seqlens`` given: sample ``s`` is tokens ``[cu[s], cu[s+1])`` of
 the one sequence (q is [1, H, N, D]) with ``(cu[s+1] - cu[s]) / (P + R)`` time blocks; each
@@ -8,6 +11,18 @@ sample is attended on its own slice, exactly as a dense call, and rows from ``cu
 import torch
 
 from ..layout import RegisterLayout
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _operand(t, dtype):
+    """``t`` rounded to ``dtype`` (and back) when that is fp16/bf16: the flash-style kernels
+    feed P and dS to their matrix products in the inputs' dtype, and the low-precision
+    reference takes the same rounding steps so that it measures the error those steps
+    cause (SPEC.md §4: the bound is twice the low-precision reference's error). Identity
+    in float32 / float64."""
+    return t.to(dtype).to(t.dtype) if dtype in LOW_PRECISION else t
 
 
 def varlen_samples(layout, cu_seqlens):
@@ -55,7 +70,7 @@ def attention_forward(q, k, v, layout, keep, scale, cu_seqlens=None):
     s = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale
     s = s.masked_fill(~(allowed | ~live), float("-inf"))
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    out = torch.matmul(torch.exp(s - lse), v.to(cdt))
+    out = torch.matmul(_operand(torch.exp(s - lse), v.dtype), v.to(cdt))
     out = torch.where(live, out, 0.0)
     lse = torch.where(live, lse, float("-inf"))
     return out.to(q.dtype), lse.squeeze(-1).to(torch.float32 if cdt == torch.float32 else cdt)
@@ -77,13 +92,13 @@ def attention_backward(dout, q, k, v, out, lse, layout, keep, scale, cu_seqlens=
     # Rows without any allowed key (softmax of all -inf = NaN) and masked pairs get P = 0;
     # a NaN from the inputs stays NaN on allowed pairs only.
     p = torch.where(allowed, torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1), 0.0)
-    dv = torch.matmul(p.transpose(-1, -2), do)
+    dv = torch.matmul(_operand(p, dout.dtype).transpose(-1, -2), do)
     dp = torch.matmul(do, vf.transpose(-1, -2))
     # rowsum(dO * O) == (dp * p).sum(-1); computed from `out` like the flash kernels do, so
     # the low-precision reference carries the same cancellation error in dp - delta.
     ds = torch.where(allowed, p * (dp - (do * out.to(cdt)).sum(-1, keepdim=True)), 0.0)
     # A non-finite q_i (k_j) already makes every allowed ds entry of row i (column j) NaN;
     # zeroing it in the operand stops 0 * NaN on masked pairs from reaching other tokens.
-    dq = torch.matmul(ds, torch.where(kf.isfinite(), kf, 0.0)) * scale
-    dk = torch.matmul(ds.transpose(-1, -2), torch.where(qf.isfinite(), qf, 0.0)) * scale
+    dq = torch.matmul(_operand(ds, k.dtype), torch.where(kf.isfinite(), kf, 0.0)) * scale
+    dk = torch.matmul(_operand(ds, q.dtype).transpose(-1, -2), torch.where(qf.isfinite(), qf, 0.0)) * scale
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
