@@ -82,7 +82,8 @@ def test_fp16(mode, T, P, R, keep):
 
 
 @pytest.mark.parametrize("D,dtype", [(32, torch.float32), (64, torch.float32), (32, torch.float16),
-                                     (64, torch.float16)])
+                                     (64, torch.float16), (8, torch.float32), (24, torch.float16),
+                                     (80, torch.float32)])  # the last three run zero-padded
 def test_head_dims(D, dtype):
     check_against_reference(RegisterLayout(2, 6, 5, "block_causal_last"), [5, 2], H=1, D=D, dtype=dtype)
 
@@ -369,18 +370,20 @@ def test_supports_reasons():
         return tri.supports_attention_forward(q, q, q, layout, keep, 1.0)
 
     assert reason(16, torch.float32) is None and reason(128, torch.float16) is None
-    assert reason(59, torch.float32) == "head dim 59 not in (16, 32, 64, 128)"
+    assert reason(59, torch.float32) is None  # zero-padded to 64
+    assert reason(129, torch.float32) == "head dim 129 > 128 (the kernels take (16, 32, 64, 128); smaller dims " \
+        "are zero-padded)"
     assert "float64" in reason(16, torch.float64)
     assert "bfloat16" in reason(16, torch.bfloat16)
-    q = torch.randn(1, 1, 4, 48)
-    assert "head dim 48" in tri.supports_attention_backward(q, q, q, q, q, q[..., 0], layout, keep, 1.0)
+    q = torch.randn(1, 1, 4, 160)
+    assert "head dim 160" in tri.supports_attention_backward(q, q, q, q, q, q[..., 0], layout, keep, 1.0)
     p = torch.randn(1, 1, 8, 16)
     packed = torch.tensor([0, 4, 8], dtype=torch.int32)
     assert tri.supports_attention_forward(p, p, p, layout, keep.repeat(2), 1.0, packed) is None
     assert tri.supports_attention_backward(p, p, p, p, p, p[..., 0], layout, keep.repeat(2), 1.0, packed) is None
     many = torch.zeros(65537, dtype=torch.int32)  # 65536 samples: more than grid dim z allows
     assert "65536" in tri.supports_attention_forward(p, p, p, layout, keep, 1.0, many)
-    with vk.use_backend("triton"), pytest.raises(BackendUnavailableError, match="head dim 48"):
+    with vk.use_backend("triton"), pytest.raises(BackendUnavailableError, match="head dim 160"):
         vk.register_attention(q, q, q, layout, keep=keep)
 
 

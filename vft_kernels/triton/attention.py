@@ -489,8 +489,8 @@ def _supports(q, D):
         return f"dtype {q.dtype} not supported (float16, bfloat16, float32)"
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         return "bfloat16 tl.dot is wrong under TRITON_INTERPRET=1"
-    if D not in HEAD_DIMS:
-        return f"head dim {D} not in {HEAD_DIMS}"
+    if _padded_dim(D) is None:
+        return f"head dim {D} > {HEAD_DIMS[-1]} (the kernels take {HEAD_DIMS}; smaller dims are zero-padded)"
     B, H = q.shape[:2]
     if max(B, H) > 65535:  # grid dims y, z
         return f"batch {B} and heads {H} must each be <= 65535"
@@ -536,13 +536,32 @@ def _fill_padding(cu_seqlens, *fills):
                                                             num_warps=4)
 
 
+def _padded_dim(D):
+    """The kernels' head dim that serves D (the smallest of HEAD_DIMS >= D), None if D is
+    larger than all of them."""
+    return next((d for d in HEAD_DIMS if d >= D), None)
+
+
+def _pad_head(t, Dp):
+    """t [..., D] zero-padded to [..., Dp] (contiguous). Zero columns of q and k leave every
+    score unchanged; zero columns of v, dout and out give zero output / gradient columns,
+    which are sliced off: exact, for O(N D) copies against the O(N^2 D) kernels."""
+    return torch.nn.functional.pad(t, (0, Dp - t.shape[-1]))
+
+
 def attention_forward(q, k, v, layout, keep, scale, cu_seqlens=None, *, block_m=None, block_n=None):
     """q, k, v [B, H, N, D] (fp16/bf16/fp32, any strides), keep int32 [B] on q's device ->
     (out [B, H, N, D] q.dtype, lse [B, H, N] float32, -inf on dropped rows).
     Packed: q, k, v [1, H, N, D], keep int32 [S], cu_seqlens int32 [S + 1] (module doc).
 
-    ``block_m``/``block_n`` override the tile sizes (powers of two >= 16; for tests)."""
+    ``block_m``/``block_n`` override the tile sizes (powers of two >= 16; for tests).
+    Head dims not in HEAD_DIMS run zero-padded to the next one (the scale is the caller's)."""
     B, H, N, D = q.shape
+    Dp = _padded_dim(D)
+    if Dp != D:
+        out, lse = attention_forward(*(_pad_head(t, Dp) for t in (q, k, v)), layout, keep, scale, cu_seqlens,
+                                     block_m=block_m, block_n=block_n)
+        return out[..., :D].contiguous(), lse
     out = new_output((B, H, N, D), q.dtype, q.device)
     lse = new_output((B, H, N), torch.float32, q.device)
     if out.numel() == 0:
@@ -562,8 +581,14 @@ def attention_forward(q, k, v, layout, keep, scale, cu_seqlens=None, *, block_m=
 def attention_backward(dout, q, k, v, out, lse, layout, keep, scale, cu_seqlens=None, *, block_m=None,
                        block_n=None):
     """Gradients of attention_forward: dout, out [B, H, N, D], lse [B, H, N] float32 ->
-    (dq, dk, dv) [B, H, N, D] in q's dtype. Deterministic (no atomics)."""
+    (dq, dk, dv) [B, H, N, D] in q's dtype. Deterministic (no atomics). Head dims not in
+    HEAD_DIMS run zero-padded, as in attention_forward."""
     B, H, N, D = q.shape
+    Dp = _padded_dim(D)
+    if Dp != D:
+        grads = attention_backward(*(_pad_head(t, Dp) for t in (dout, q, k, v, out)), lse, layout, keep, scale,
+                                   cu_seqlens, block_m=block_m, block_n=block_n)
+        return tuple(g[..., :D].contiguous() for g in grads)
     dq = new_output((B, H, N, D), q.dtype, q.device)
     dk = new_output((B, H, N, D), k.dtype, k.device)
     dv = new_output((B, H, N, D), v.dtype, v.device)
