@@ -113,8 +113,6 @@ def _sampling_kwargs(args) -> dict:
 
 
 def cmd_info(args) -> int:
-    from vft_kernels import dispatch
-
     print(f"vft_kernels {vk.__version__}, torch {torch.__version__}")
     for op, devs in vk.available_backends().items():
         for dev, names in devs.items():
