@@ -429,3 +429,95 @@ def test_non_finite_inputs_propagate_like_the_reference(mode):
     """NaN / inf in q or k propagate as in the reference (they used to come out as dropped,
     all-zero rows with lse = -inf); dropped queries stay exactly 0."""
     check_attention_non_finite("triton", mode)
+
+
+PRECISION_SCRIPT = """
+import torch
+from vft_kernels.triton.attention import dot_precision
+m = torch.backends.cuda.matmul
+{setup}
+print("RESULT", dot_precision(torch.float32), dot_precision(torch.float16), dot_precision(torch.bfloat16))
+"""
+
+
+@pytest.mark.parametrize("setup, fp32", [
+    ("", "ieee"),  # torch's default: full-precision fp32 matmuls
+    ("m.fp32_precision = 'tf32'", "tf32"),
+    ("m.fp32_precision = 'tf32'; m.fp32_precision = 'ieee'", "ieee"),
+    ("torch.set_float32_matmul_precision('high')", "tf32"),
+    ("torch.set_float32_matmul_precision('medium')", "tf32"),
+    ("torch.set_float32_matmul_precision('high'); torch.set_float32_matmul_precision('highest')", "ieee"),
+    ("m.allow_tf32 = True", "tf32"),
+    ("m.allow_tf32 = True; m.fp32_precision = 'ieee'", "ieee"),  # a mix of the old and new switches
+    ("torch.backends.fp32_precision = 'tf32'", "tf32"),
+])
+def test_fp32_dot_precision_follows_torch(setup, fp32):
+    """fp32 attention uses full-precision dots unless PyTorch allows TF32 for fp32 CUDA
+    matmuls, through any of its switches (each case in a fresh process: the switches are
+    global); fp16 / bf16 operands are unaffected."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-W", "ignore", "-c", PRECISION_SCRIPT.format(setup=setup)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT")][0]
+    assert line.split()[1:] == [fp32, "tf32", "tf32"]
+
+
+class _LaunchSpy:
+    """Wraps a Triton kernel: records the constexprs of each launch, then runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append({k: kwargs.get(k) for k in ("D", "PRECISION", "BLOCK_M", "BLOCK_N")})
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True])
+@pytest.mark.parametrize("D", [16, 64])
+def test_launches_use_the_precision_torch_asks_for(monkeypatch, allow_tf32, D):
+    """The forward, dq and dk/dv launches get PRECISION from dot_precision, with the fp32
+    "ieee" tiles; fp32 head dim 16 runs zero-padded to 32 in full precision (and natively
+    with TF32); the results match the reference either way."""
+    monkeypatch.setattr(tri, "_tf32_allowed", lambda: allow_tf32)
+    spies = {name: _LaunchSpy(getattr(tri, name)) for name in ("_fwd_kernel", "_dq_kernel", "_dkdv_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(tri, name, spy)
+    layout = RegisterLayout(2, 8, 4, "block_causal_last")
+    check_against_reference(layout, [4, 1], 2, D, torch.float32)
+    precision = "tf32" if allow_tf32 else "ieee"
+    served = 32 if (D == 16 and not allow_tf32) else D
+    for name, spy in spies.items():
+        assert spy.launches, f"{name} was not launched"
+        for launch in spy.launches:
+            assert launch["PRECISION"] == precision and launch["D"] == served, (name, launch)
+    # fp16 operands: always "tf32" (tl.dot ignores it for them), never padded.
+    for spy in spies.values():
+        spy.launches.clear()
+    check_against_reference(layout, [4, 1], 2, D, torch.float16)
+    assert all(launch["PRECISION"] == "tf32" and launch["D"] == D for spy in spies.values()
+               for launch in spy.launches)
+    # The GPU tiles of each precision (the interpreter runs 16 x 16 tiles).
+    assert tri._config("dq", 64, torch.float32, "ieee") == tri._IEEE_CONFIGS["dq"][None]
+    assert tri._config("dq", 64, torch.float32, "tf32") != tri._config("dq", 64, torch.float32, "ieee")
+    assert tri._config("fwd", 64, torch.float16, "ieee") == tri._config("fwd", 64, torch.float16, "tf32")
+
+
+def test_aot_spill_rule():
+    """Spills fail the AOT check, except a few bytes in a full-precision fp32 variant that
+    uses few registers (ptxas's placement there, not register pressure)."""
+    from vft_kernels.triton import aot
+
+    def row(kernel, regs, spill):
+        return {"kernel": kernel, "arch": "sm_90", "regs": regs, "spill_stores": spill, "spill_loads": spill}
+
+    ok = [row("attn_fwd_full_fp32_ieee_d128", 80, 8), row("attn_fwd_full_fp16_d64", 168, 0)]
+    bad = [row("attn_fwd_full_fp32_ieee_d128", 200, 8), row("attn_fwd_full_fp32_ieee_d128", 80, 32),
+           row("attn_fwd_full_fp32_d128", 80, 4), row("attn_dq_full_fp16_d64", 96, 4),
+           {"kernel": "attn_dq_full_fp32_ieee_d64", "arch": "sm_80", "error": "boom"}]
+    assert aot.failures(ok) == []
+    assert len(aot.failures(bad)) == len(bad)

@@ -41,8 +41,12 @@ new image/video size or register count reuses the compiled kernel (beyond Triton
 specialisation of int arguments equal to 1 or divisible by 16).
 
 Precision: softmax statistics, accumulators and ``delta`` are float32; fp16/bf16 operands
-go to the tensor cores as is, fp32 operands as TF32 on GPU (Triton's default ``tl.dot``
-precision; the interpreter multiplies in exact fp32).
+go to the tensor cores as is. fp32 operands follow PyTorch's switch for fp32 CUDA matmuls
+(``torch.backends.cuda.matmul.fp32_precision``, or the older ``allow_tf32`` /
+``torch.set_float32_matmul_precision``), read at each call: full fp32 products
+(``input_precision="ieee"``, CUDA cores) by default, as ``torch.matmul``; TF32 tensor-core
+products when the user allows TF32 there. The two are separate compiled variants with their
+own tile sizes (see ``_config``). The interpreter multiplies in exact fp32 either way.
 """
 from __future__ import annotations
 
@@ -222,7 +226,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, keep_ptr, cu_ptr,
                 sob, soh, son, sod, slb, slh,
                 N, T, P, R, scale,
                 MODE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                VARLEN: tl.constexpr):
+                VARLEN: tl.constexpr, PRECISION: tl.constexpr = "tf32"):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -256,7 +260,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, keep_ptr, cu_ptr,
             col_ok = offs_n < k_stop
             kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * skn, mask=col_ok[None, :], other=0.0)
             v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * svn, mask=col_ok[:, None], other=0.0)
-            s = tl.dot(q, kt) * scale
+            s = tl.dot(q, kt, input_precision=PRECISION) * scale
             if not _tile_is_full(q0, N, k0, k_stop, keep, S, P, R, BLOCK_M, BLOCK_N, MODE):
                 s = tl.where(_allowed(offs_m[:, None], offs_n[None, :], keep, N, k_stop, S, P, MODE), s,
                              float("-inf"))
@@ -266,7 +270,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, keep_ptr, cu_ptr,
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
     # l == 0 exactly for dropped query rows (they saw no key): zero output, lse = -inf. Every
@@ -307,7 +311,7 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
                  sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
                  N, T, P, R, scale,
                  MODE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 VARLEN: tl.constexpr):
+                 VARLEN: tl.constexpr, PRECISION: tl.constexpr = "tf32"):
     pid_n = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -351,18 +355,18 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
             lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
             # Transposed scores [BLOCK_N, BLOCK_M]: the dk/dv products then need no transpose of P.
-            pt = tl.exp(tl.dot(k, qt) * scale - lse[None, :])
+            pt = tl.exp(tl.dot(k, qt, input_precision=PRECISION) * scale - lse[None, :])
             if not _tile_is_full(q0, q_stop, k0, N, keep, S, P, R, BLOCK_M, BLOCK_N, MODE):
                 # Dropped rows have lse = -inf (p = inf there): select, never multiply.
                 pt = tl.where(_allowed(offs_m[None, :], offs_n[:, None], keep, q_stop, N, S, P, MODE), pt, 0.0)
-            dv += tl.dot(pt.to(do.dtype), do)
-            dpt = tl.dot(v, tl.trans(do))
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             # Exactly 0 where P is (masked pairs), also for a NaN row (delta NaN); a non-finite q
             # row already makes its allowed dS entries NaN, so it is zeroed as an operand: 0 * NaN
             # on masked pairs must not reach keys it cannot see.
             dst = tl.where(pt == 0.0, 0.0, pt * (dpt - delta[None, :]))
             qt = tl.where(tl.abs(qt) < float("inf"), qt, 0.0)  # (scores done: reuse its registers)
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
+            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
 
     dk_ptrs = dk_ptr + b * sdkb + h * sdkh + cols * sdkn + offs_d[None, :] * sdkd
     dv_ptrs = dv_ptr + b * sdvb + h * sdvh + cols * sdvn + offs_d[None, :] * sdvd
@@ -376,7 +380,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, keep_ptr
                sdqb, sdqh, sdqn, sdqd,
                N, T, P, R, scale,
                MODE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               VARLEN: tl.constexpr):
+               VARLEN: tl.constexpr, PRECISION: tl.constexpr = "tf32"):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -415,7 +419,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, keep_ptr
             col_ok = offs_n < k_stop
             kt = tl.load(kt_base + offs_n.to(tl.int64)[None, :] * skn, mask=col_ok[None, :], other=0.0)
             vt = tl.load(vt_base + offs_n.to(tl.int64)[None, :] * svn, mask=col_ok[None, :], other=0.0)
-            p = tl.exp(tl.dot(q, kt) * scale - lse[:, None])
+            p = tl.exp(tl.dot(q, kt, input_precision=PRECISION) * scale - lse[:, None])
             if not _tile_is_full(q0, N, k0, k_stop, keep, S, P, R, BLOCK_M, BLOCK_N, MODE):
                 p = tl.where(_allowed(offs_m[:, None], offs_n[None, :], keep, N, k_stop, S, P, MODE), p, 0.0)
                 # Only partial tiles hold masked pairs: there a non-finite key (which already makes
@@ -423,9 +427,9 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, keep_ptr
                 # does not reach rows that cannot see it. (A masked pair gives 0 * (dp - delta):
                 # NaN only for a NaN row, whose dq is NaN anyway.)
                 kt = tl.where(tl.abs(kt) < float("inf"), kt, 0.0)
-            dp = tl.dot(do, vt)
+            dp = tl.dot(do, vt, input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
 
     tl.store(dq_ptr + b * sdqb + h * sdqh + rows * sdqn + offs_d[None, :] * sdqd,
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -456,7 +460,11 @@ def _interpreting() -> bool:
 # BLOCK_N keys in every kernel. Chosen so that every variant compiles for sm_80 and sm_90
 # without register spills and within 100 KB of shared memory (sm_86/sm_89 limit):
 # python -m vft_kernels.triton.aot --only attention.
-def _config(kernel, D, dtype):
+def _config(kernel, D, dtype, precision="tf32"):
+    if dtype == torch.float32 and precision == "ieee":
+        # Full-precision fp32 dots run on CUDA cores with every operand in registers: small
+        # tiles, so that no variant spills.
+        return _IEEE_CONFIGS[kernel].get(D, _IEEE_CONFIGS[kernel][None])
     fp32 = dtype == torch.float32
     if kernel == "fwd":
         if fp32:
@@ -469,6 +477,41 @@ def _config(kernel, D, dtype):
     if fp32:  # dq
         return (32, 32, 4, 2) if D == 128 else (64, 32, 8, 2)
     return {16: (64, 64, 4, 3), 128: (64, 32, 8, 2)}.get(D, (64, 64, 8, 2))
+
+
+# fp32 "ieee" tiles per kernel: {head dim: config}, None for the other head dims. Head dim
+# 16 runs zero-padded to 32 in this precision (IEEE_HEAD_DIMS): no d16 tiling compiled for
+# both sm_80 and sm_90 without a (small) spill in dk/dv.
+IEEE_HEAD_DIMS = (32, 64, 128)
+_IEEE_CONFIGS = {
+    "fwd": {128: (32, 32, 8, 2), None: (64, 32, 8, 2)},
+    "dkdv": {None: (32, 32, 8, 2)},
+    "dq": {None: (32, 32, 8, 2)},
+}
+
+
+def _tf32_allowed() -> bool:
+    """Does PyTorch use TF32 for fp32 matmuls on CUDA right now? The new per-backend switch
+    (``torch.backends.cuda.matmul.fp32_precision``, then the global
+    ``torch.backends.fp32_precision``) wins when set; "none" defers to the legacy
+    ``allow_tf32`` flag, which ``torch.set_float32_matmul_precision`` also sets."""
+    for p in (getattr(torch.backends.cuda.matmul, "fp32_precision", "none"),
+              getattr(torch.backends, "fp32_precision", "none")):
+        if p == "tf32":
+            return True
+        if p == "ieee":
+            return False
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # torch refuses to read the legacy flag after a mix of the two APIs
+        return torch.get_float32_matmul_precision() != "highest"
+
+
+def dot_precision(dtype) -> str:
+    """The ``tl.dot`` input precision of a call with operands of ``dtype``: "ieee" for
+    float32 unless PyTorch allows TF32 (``_tf32_allowed``), else "tf32" (which fp16 / bf16
+    dots ignore)."""
+    return "ieee" if dtype == torch.float32 and not _tf32_allowed() else "tf32"
 
 
 def _blocks(config, q, block_m, block_n):
@@ -536,10 +579,10 @@ def _fill_padding(cu_seqlens, *fills):
                                                             num_warps=4)
 
 
-def _padded_dim(D):
-    """The kernels' head dim that serves D (the smallest of HEAD_DIMS >= D), None if D is
-    larger than all of them."""
-    return next((d for d in HEAD_DIMS if d >= D), None)
+def _padded_dim(D, precision="tf32"):
+    """The kernels' head dim that serves D (the smallest of HEAD_DIMS, or for full-precision
+    fp32 of IEEE_HEAD_DIMS, >= D), None if D is larger than all of them."""
+    return next((d for d in (IEEE_HEAD_DIMS if precision == "ieee" else HEAD_DIMS) if d >= D), None)
 
 
 def _pad_head(t, Dp):
@@ -557,7 +600,8 @@ def attention_forward(q, k, v, layout, keep, scale, cu_seqlens=None, *, block_m=
     ``block_m``/``block_n`` override the tile sizes (powers of two >= 16; for tests).
     Head dims not in HEAD_DIMS run zero-padded to the next one (the scale is the caller's)."""
     B, H, N, D = q.shape
-    Dp = _padded_dim(D)
+    precision = dot_precision(q.dtype)
+    Dp = _padded_dim(D, precision)
     if Dp != D:
         out, lse = attention_forward(*(_pad_head(t, Dp) for t in (q, k, v)), layout, keep, scale, cu_seqlens,
                                      block_m=block_m, block_n=block_n)
@@ -566,13 +610,13 @@ def attention_forward(q, k, v, layout, keep, scale, cu_seqlens=None, *, block_m=
     lse = new_output((B, H, N), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
-    bm, bn, warps, stages = _blocks(_config("fwd", D, q.dtype), q, block_m, block_n)
+    bm, bn, warps, stages = _blocks(_config("fwd", D, q.dtype, precision), q, block_m, block_n)
     keep = keep.to(torch.int32)
     rows, programs, sizes = _launch_shape(layout, B, N, cu_seqlens)
     _fwd_kernel[(triton.cdiv(rows, bm), H, programs)](
         q, k, v, out, lse, keep, cu_seqlens, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         lse.stride(0), lse.stride(1), *sizes, float(scale), MODE=MODE_IDS[layout.mode], D=D, BLOCK_M=bm,
-        BLOCK_N=bn, VARLEN=cu_seqlens is not None, num_warps=warps, num_stages=stages)
+        BLOCK_N=bn, VARLEN=cu_seqlens is not None, PRECISION=precision, num_warps=warps, num_stages=stages)
     if cu_seqlens is not None:
         _fill_padding(cu_seqlens, (out, 0.0), (lse, float("-inf")))
     return out, lse
@@ -584,7 +628,8 @@ def attention_backward(dout, q, k, v, out, lse, layout, keep, scale, cu_seqlens=
     (dq, dk, dv) [B, H, N, D] in q's dtype. Deterministic (no atomics). Head dims not in
     HEAD_DIMS run zero-padded, as in attention_forward."""
     B, H, N, D = q.shape
-    Dp = _padded_dim(D)
+    precision = dot_precision(q.dtype)
+    Dp = _padded_dim(D, precision)
     if Dp != D:
         grads = attention_backward(*(_pad_head(t, Dp) for t in (dout, q, k, v, out)), lse, layout, keep, scale,
                                    cu_seqlens, block_m=block_m, block_n=block_n)
@@ -597,7 +642,7 @@ def attention_backward(dout, q, k, v, out, lse, layout, keep, scale, cu_seqlens=
     keep = keep.to(torch.int32)
     lse = lse.contiguous()
     delta = new_output((B, H, N), torch.float32, q.device)
-    bm, bn, warps, stages = _blocks(_config("dq", D, q.dtype), q, block_m, block_n)
+    bm, bn, warps, stages = _blocks(_config("dq", D, q.dtype, precision), q, block_m, block_n)
     # delta is row-wise: one dense pass over all N rows serves packed calls too.
     _delta_kernel[(triton.cdiv(N, bm), H, B)](out, dout, delta, *out.stride(), *dout.stride(),
                                               delta.stride(0), delta.stride(1), N, D=D, BLOCK_M=bm,
@@ -605,11 +650,11 @@ def attention_backward(dout, q, k, v, out, lse, layout, keep, scale, cu_seqlens=
     rows, programs, sizes = _launch_shape(layout, B, N, cu_seqlens)
     common = (keep, cu_seqlens, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0),
               lse.stride(1))
-    consts = dict(MODE=MODE_IDS[layout.mode], D=D, VARLEN=cu_seqlens is not None)
+    consts = dict(MODE=MODE_IDS[layout.mode], D=D, VARLEN=cu_seqlens is not None, PRECISION=precision)
     _dq_kernel[(triton.cdiv(rows, bm), H, programs)](q, k, v, dout, lse, delta, dq, *common, *dq.stride(), *sizes,
                                                      float(scale), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
                                                      num_stages=stages, **consts)
-    bm, bn, warps, stages = _blocks(_config("dkdv", D, q.dtype), q, block_m, block_n)
+    bm, bn, warps, stages = _blocks(_config("dkdv", D, q.dtype, precision), q, block_m, block_n)
     _dkdv_kernel[(triton.cdiv(rows, bn), H, programs)](q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride(),
                                                        *dv.stride(), *sizes, float(scale), BLOCK_M=bm, BLOCK_N=bn,
                                                        num_warps=warps, num_stages=stages, **consts)
@@ -656,30 +701,35 @@ def _variant(name, fn, dtype, constexprs, num_warps, num_stages, sizes=("N", "T"
 
 
 def aot_variants(modes=tuple(MODE_IDS), head_dims=HEAD_DIMS, dtypes=DTYPES, kernels=("delta", "pad", *_KERNELS),
-                 varlen=(False, True)):
+                 varlen=(False, True), precisions=("tf32", "ieee")):
     """Every kernel variant the host code launches on GPU: mode x head dim x dtype x
-    dense/packed (``varlen``) for the forward, dq and dk/dv kernels, head dim x dtype for the
-    delta kernel, and for packed calls the padding kernel per output dtype (lse: fp32 rows
-    of length 1)."""
+    dense/packed (``varlen``) for the forward, dq and dk/dv kernels (fp32 once per dot
+    precision in ``precisions``), head dim x dtype (x precision) for the delta kernel, and
+    for packed calls the padding kernel per output dtype (lse: fp32 rows of length 1)."""
     variants = []
     for dtype in dtypes:
         if "pad" in kernels and True in varlen:
             variants.append(_variant(f"attn_pad_{_TRITON_DTYPE[dtype]}", _pad_kernel, dtype, {"BLOCK": _PAD_BLOCK},
                                      4, 1))
-        for D in head_dims:
-            tag = f"{_TRITON_DTYPE[dtype]}_d{D}"
-            if "delta" in kernels:
-                bm = _config("dq", D, dtype)[0]
-                variants.append(_variant(f"attn_delta_{tag}", _delta_kernel, dtype, {"D": D, "BLOCK_M": bm}, 4, 1))
-            for kernel, fn in _KERNELS.items():
-                if kernel not in kernels:
-                    continue
-                bm, bn, warps, stages = _config(kernel, D, dtype)
-                for mode in modes:
-                    for packed in varlen:
-                        constexprs = {"MODE": MODE_IDS[mode], "D": D, "BLOCK_M": bm, "BLOCK_N": bn, "VARLEN": packed}
-                        name = f"attn_{kernel}{'_varlen' if packed else ''}_{mode}_{tag}"
-                        variants.append(_variant(name, fn, dtype, constexprs, warps, stages))
+        for precision in (precisions if dtype == torch.float32 else ("tf32",)):
+            for D in head_dims:
+                if precision == "ieee" and D not in IEEE_HEAD_DIMS:
+                    continue  # runs zero-padded
+                tag = f"{_TRITON_DTYPE[dtype]}{'_ieee' if precision == 'ieee' else ''}_d{D}"
+                if "delta" in kernels:
+                    bm = _config("dq", D, dtype, precision)[0]
+                    variants.append(_variant(f"attn_delta_{tag}", _delta_kernel, dtype, {"D": D, "BLOCK_M": bm},
+                                             4, 1))
+                for kernel, fn in _KERNELS.items():
+                    if kernel not in kernels:
+                        continue
+                    bm, bn, warps, stages = _config(kernel, D, dtype, precision)
+                    for mode in modes:
+                        for packed in varlen:
+                            constexprs = {"MODE": MODE_IDS[mode], "D": D, "BLOCK_M": bm, "BLOCK_N": bn,
+                                          "VARLEN": packed, "PRECISION": precision}
+                            name = f"attn_{kernel}{'_varlen' if packed else ''}_{mode}_{tag}"
+                            variants.append(_variant(name, fn, dtype, constexprs, warps, stages))
     if "pad" in kernels and True in varlen:
         variants.append(_variant("attn_pad_lse", _pad_kernel, torch.float32, {"BLOCK": _PAD_BLOCK, "row_len": 1}, 4, 1,
                                  sizes=("num_samples", "head_len")))
