@@ -8,6 +8,7 @@ and ``eval_tokens.png`` into ``--out``.
 
     python -m benchmarks.eval_tokens --clips 32                 # held-out synthetic clips
     python -m benchmarks.eval_tokens --source photo             # held-out photo pans / zooms
+    python -m benchmarks.eval_tokens --source synthetic-detailed  # the busier wave background
     python -m benchmarks.eval_tokens --videos DIR               # a folder of real videos
     python -m benchmarks.eval_tokens --checkpoint ckpt/         # a trained checkpoint instead
 """
@@ -24,18 +25,20 @@ import torch
 from tqdm.auto import tqdm
 
 from vft import checkpoint as ckpt
-from vft.data import MixedVideos, list_videos
+from vft.data import DETAILED_WAVES, WAVE_CYCLES, MixedVideos, list_videos
 from vft.demo import write_quality_png
 from vft.metrics import codebook_usage, mean_ci, psnr, ssim
 from vft.pretrained import load_pretrained
 from vft.train import keep_values
 
-SOURCES = {"synthetic": (1.0, 0.0, 0.0), "photo": (0.0, 1.0, 0.0), "mixed": (0.7, 0.3, 0.0)}
+SOURCES = {"synthetic": (1.0, 0.0, 0.0), "photo": (0.0, 1.0, 0.0), "mixed": (0.7, 0.3, 0.0),
+           "synthetic-detailed": (1.0, 0.0, 0.0)}
 
 
 def heldout_clips(cfg, n: int, source: str = "synthetic") -> torch.Tensor:
     """n held-out clips [n, 3, T, H, W] of the model's chunk size (seeds / photos never trained on)."""
-    ds = MixedVideos(cfg.frames, cfg.height, cfg.width, weights=SOURCES[source], heldout=True)
+    waves = DETAILED_WAVES if source == "synthetic-detailed" else WAVE_CYCLES
+    ds = MixedVideos(cfg.frames, cfg.height, cfg.width, weights=SOURCES[source], heldout=True, wave_cycles=waves)
     return torch.stack([ds[i] for i in range(n)])
 
 

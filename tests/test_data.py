@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vft.data import (SyntheticVideos, VideoFolder, VideoReadError, from_model_range, read_video, resize_crop,
+from vft.data import (DETAILED_WAVES, WAVE_CYCLES, SyntheticVideos, VideoFolder, VideoReadError, from_model_range, read_video, resize_crop,
                       synthetic_video, to_model_range, write_video)
 
 
@@ -15,6 +15,27 @@ def test_synthetic_video_is_deterministic_and_moves():
     assert a.float().std() > 10  # not a flat image
     ds = SyntheticVideos(6, 24, 40, seed=3)
     assert torch.equal(ds[0], to_model_range(a))
+
+
+def test_wave_cycles_change_only_the_background():
+    # Same seed, busier background: the shapes (drawn from the same random draws) are in
+    # the same places, so the frames agree where a shape covers them in both.
+    calm = synthetic_video(5, 4, 32, 32)
+    busy = synthetic_video(5, 4, 32, 32, DETAILED_WAVES)
+    assert torch.equal(calm, synthetic_video(5, 4, 32, 32, WAVE_CYCLES))
+    same = (calm == busy).all(dim=-1)
+    assert 0.02 < same.float().mean() < 0.9  # the shapes agree, the background does not
+
+    def roughness(v):  # mean absolute horizontal gradient of the background-dominated frames
+        return (v[..., 1:, :].float() - v[..., :-1, :].float()).abs().mean()
+
+    flat = [synthetic_video(s, 2, 32, 32, (0.0, 0.0)) for s in range(8)]
+    assert sum(roughness(synthetic_video(s, 2, 32, 32, DETAILED_WAVES)) for s in range(8)) > \
+        sum(roughness(synthetic_video(s, 2, 32, 32)) for s in range(8)) > sum(roughness(v) for v in flat)
+    assert torch.equal(SyntheticVideos(4, 32, 32, seed=5, wave_cycles=DETAILED_WAVES)[0], to_model_range(busy))
+    for bad in ((2.0, 1.0), (-1.0, 1.0)):
+        with pytest.raises(ValueError, match="wave_cycles"):
+            synthetic_video(0, 2, 8, 8, bad)
 
 
 def test_range_conversions_round_trip():
