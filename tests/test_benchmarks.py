@@ -211,3 +211,26 @@ def test_report_tables_ratios_and_spread(tmp_path):
                            _meta("r3", date="2030-01-03T00:00:00Z"))
     assert report.main(["--csv", path, "--out", str(out)]) == 0
     assert "| skipped: needs CUDA |" in out.read_text()
+
+
+def test_linear_bounds_reports_both_backgrounds(capsys):
+    """benchmarks.linear_bounds (the yardstick of README "Results"): PCA bounds rise with
+    the numbers per latent frame, beat the mean colour, and the busy background is harder."""
+    import re
+
+    from benchmarks import linear_bounds
+
+    assert linear_bounds.main(["--size", "16", "--train-clips", "60", "--heldout-clips", "6", "--dims", "4,24",
+                               "--ae-steps", "100"]) == 0
+    out = capsys.readouterr().out
+    calm, busy = out.split("detailed background")
+    assert calm.startswith("calm background") and calm.count("linear autoencoder") == 1
+
+    def numbers(block):
+        base = float(re.search(r"mean colour ([\d.]+) dB", block).group(1))
+        pca = {int(d): float(v) for d, v in re.findall(r"PCA,\s+(\d+) numbers per latent frame: ([\d.]+) dB", block)}
+        return base, pca
+
+    (calm_base, calm_pca), (busy_base, busy_pca) = numbers(calm), numbers(busy)
+    assert calm_pca[24] > calm_pca[4] > calm_base - 0.5 and busy_pca[24] > busy_pca[4]
+    assert calm_pca[24] > busy_pca[24]

@@ -1,0 +1,99 @@
+"""What a linear code can reach on the synthetic clips: ``python -m benchmarks.linear_bounds``.
+
+A yardstick for the tokenizer (issue #10). Per latent frame (2 frames of H x W RGB, the
+pixel compressor's temporal factor), it reports the held-out PSNR of
+
+* the best linear code with ``d`` numbers per latent frame (PCA on training clips, for
+  each ``--dims``; a tokenizer with R registers of an n-dimensional FSQ carries R * n
+  numbers per latent frame, quantised), and
+* a linear autoencoder (``frame -> d -> frame``, Adam, fresh clips every step, batch 8 clips
+  like ``vft train``) after each 100 steps, i.e. how fast the simplest model learns it,
+
+for the calm default background (``WAVE_CYCLES``) and the busy one of the first runs
+(``DETAILED_WAVES``), next to the per-clip mean-colour baseline.
+
+    python -m benchmarks.linear_bounds                     # 32x32, PCA on 3,000 clips, AE 1,000 steps
+    python -m benchmarks.linear_bounds --ae-steps 0        # PCA only (about 20 s)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from vft.data import DETAILED_WAVES, HELDOUT_SEED, WAVE_CYCLES, synthetic_video, to_model_range
+
+BACKGROUNDS = {"calm": WAVE_CYCLES, "detailed": DETAILED_WAVES}
+
+
+def latent_frames(seed0: int, n: int, size: int, waves) -> torch.Tensor:
+    """n clips of 8 frames -> [4 n, 6 size^2]: one row per latent frame (2 frames), in [-1, 1]."""
+    v = torch.stack([to_model_range(synthetic_video(seed0 + i, 8, size, size, waves)) for i in range(n)])
+    return v.reshape(n, 3, 4, 2, size, size).permute(0, 2, 1, 3, 4, 5).reshape(n * 4, -1)
+
+
+def psnr_rows(rec: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean over rows of the PSNR in [0, 1] units (values are in [-1, 1])."""
+    mse = ((rec - ref) / 2).square().mean(dim=1)
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+def pca_bounds(train: torch.Tensor, held: torch.Tensor, dims) -> dict[int, float]:
+    mean = train.mean(dim=0)
+    _, _, V = torch.pca_lowrank(train - mean, q=max(dims), center=False, niter=3)
+    return {d: psnr_rows((held - mean) @ V[:, :d] @ V[:, :d].T + mean, held) for d in dims}
+
+
+def linear_ae_curve(size: int, waves, held: torch.Tensor, d: int, steps: int, lr: float) -> dict[int, float]:
+    torch.manual_seed(0)
+    n = held.shape[1]
+    enc, dec = torch.nn.Linear(n, d), torch.nn.Linear(d, n)
+    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=lr)
+    curve = {}
+    for step in range(steps + 1):
+        if step % 100 == 0:
+            with torch.no_grad():
+                curve[step] = psnr_rows(dec(enc(held)), held)
+        if step == steps:
+            break
+        x = latent_frames(step * 8, 8, size, waves)
+        loss = (dec(enc(x)) - x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return curve
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=32, help="frame height = width")
+    p.add_argument("--train-clips", type=int, default=3000, help="clips for PCA")
+    p.add_argument("--heldout-clips", type=int, default=200)
+    p.add_argument("--dims", default="8,16,32,64,128", help="numbers per latent frame for PCA")
+    p.add_argument("--ae-dim", type=int, default=32)
+    p.add_argument("--ae-steps", type=int, default=1000)
+    p.add_argument("--ae-lr", type=float, default=3e-3)
+    args = p.parse_args(argv)
+    dims = [int(d) for d in args.dims.split(",")]
+    if min(dims) < 1 or max(dims) > 6 * args.size ** 2:
+        p.error(f"--dims must be in [1, {6 * args.size ** 2}], got {dims}")
+    for name, waves in BACKGROUNDS.items():
+        train = latent_frames(0, args.train_clips, args.size, waves)
+        held = latent_frames(HELDOUT_SEED, args.heldout_clips, args.size, waves)
+        clips = held.reshape(args.heldout_clips, 4, 3, 2, -1).transpose(1, 2).reshape(args.heldout_clips, 3, -1)
+        base = clips.mean(dim=2, keepdim=True).expand_as(clips).reshape(args.heldout_clips, -1)
+        print(f"{name} background {waves} cycles/frame, {args.size}x{args.size}: "
+              f"mean colour {psnr_rows(base, clips.reshape(args.heldout_clips, -1)):.2f} dB")
+        for d, v in pca_bounds(train, held, dims).items():
+            print(f"  PCA, {d:4d} numbers per latent frame: {v:.2f} dB")
+        if args.ae_steps:
+            curve = linear_ae_curve(args.size, waves, held, args.ae_dim, args.ae_steps, args.ae_lr)
+            print(f"  linear autoencoder ({args.ae_dim} numbers, lr {args.ae_lr}): "
+                  + ", ".join(f"{s}: {v:.2f}" for s, v in curve.items()))
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
