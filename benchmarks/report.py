@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Optional
 
-from .run import ROOT, default_all_csv
+from .run import ROOT, _fmt, default_all_csv
 
 DEFAULT_OUT = os.path.join(ROOT, "docs", "performance.md")
 
@@ -33,10 +33,6 @@ def _float(text: Optional[str]) -> Optional[float]:
         return float(text)
     except (TypeError, ValueError):
         return None
-
-
-def _ms(v: float) -> str:
-    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
 
 
 def _cell(text: str) -> str:
@@ -66,7 +62,7 @@ def _result(r: dict[str, str]) -> list[str]:
     med, speedup = _float(r.get("median_ms")), _float(r.get("speedup"))
     if med is None:
         return ["", ""]
-    timing = f"{_ms(med)} ({_ms(float(r['q20_ms']))}-{_ms(float(r['q80_ms']))})"
+    timing = f"{_fmt(med)} ({_fmt(float(r['q20_ms']))}-{_fmt(float(r['q80_ms']))})"
     if speedup is None:
         return [timing, ""]
     return [timing, "baseline" if r["provider"] == r["baseline"] else f"{speedup:.2f}x"]
