@@ -75,13 +75,60 @@ def cases(ctx: Context) -> list[Case]:
     return [c for shape in shapes for c in _shape_cases(shape, ctx.device, compiled)]
 
 
+def overhead(repeats: int = 7, calls: int = 2000) -> dict:
+    """The op layer's fixed cost per APG step (microseconds, median of ``repeats`` runs of
+    ``calls`` calls) on a tiny tensor, where the kernel itself costs almost nothing: the
+    public ``vk.flow_step`` with float and with tensor times, one step of the
+    ``vk.flow_sample`` loop (its velocity function returns precomputed tensors), and the
+    backend function alone. Overhead = a row minus "kernel only"."""
+    import statistics
+    import time
+
+    from vft_kernels.ops.flow import _LoopStepper
+
+    dev = torch.device("cpu")
+    backend = _kernel_backends(dev)[0]
+    x, vc, vu = (torch.randn(4, 16, 5, 2, 2) for _ in range(3))
+    dst = torch.empty_like(x)
+    t, tn = torch.full((4,), 0.6), torch.full((4,), 0.5)
+    kw = dict(guidance="apg", scale=3.0)
+    fn = dispatch._REGISTRY[("flow_step", backend)]._fn
+    step = _LoopStepper(dict(kw, apg_eta=0.0, apg_norm_threshold=0.0, apg_momentum=0.0, reduce_ndim=3,
+                             prefix=None, prefix_len=0))
+    rows = {
+        "flow_step, float times": lambda: vk.flow_step(x, vc, 0.6, 0.5, vu, out=dst, **kw),
+        "flow_step, tensor times": lambda: vk.flow_step(x, vc, t, tn, vu, out=dst, **kw),
+        "flow_sample loop step": lambda: step(x, vc, t, tn, vu, dst),
+        f"{backend} kernel only": lambda: fn(dst, x, vc, vu, t, tn, "apg", 3.0, 0.0, 0.0, 0.0, None, 3, None, 0),
+    }
+    out = {}
+    for name, f in rows.items():
+        for _ in range(200):
+            f()
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                f()
+            runs.append((time.perf_counter() - t0) / calls * 1e6)
+        out[name] = statistics.median(runs)
+    return out
+
+
 def main(argv=None):
     import torch.utils.benchmark as tb
 
     p = argparse.ArgumentParser(description="time the flow step cases (median, torch.utils.benchmark)")
     p.add_argument("--quick", action="store_true", help="only the [4, 16, 5, 32, 32] latent")
     p.add_argument("--min-run-time", type=float, default=1.0)
+    p.add_argument("--overhead", action="store_true", help="only the op layer's fixed cost per call (us)")
     args = p.parse_args(argv)
+    if args.overhead:
+        res = overhead()
+        floor = res[next(k for k in res if k.endswith("kernel only"))]
+        for name, us in res.items():
+            print(f"{name:28s} {us:8.1f} us  (overhead {us - floor:6.1f} us)")
+        return
     ctx = Context(device=torch.device("cpu"), quick=args.quick)
     base = {}
     print(f"{'shape':14s} {'step':32s} {'provider':20s} {'median ms':>10s} {'speedup':>8s} {'GB/s':>7s}")

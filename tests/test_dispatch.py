@@ -232,3 +232,37 @@ def test_backward_runs_under_the_forward_dispatch_state_on_another_thread():
         entry._fn, fsq_entry._fn = original, fsq_original
     assert not errors, errors
     assert sorted(calls) == [("attention", "reference", False), ("fsq", "reference", False)], calls
+
+
+def test_memoised_selection_follows_the_forced_backend(monkeypatch):
+    """flow_step memoises its backend choice per dtype / shape; forcing another backend
+    afterwards (use_backend) still takes effect, and float times give the same step as
+    tensor times."""
+    from vft_kernels.ops import flow as flow_ops
+
+    if dispatch.backend_status("cpu") is not None:
+        pytest.skip("cpu backend not built")
+    calls = {}
+    for backend in ("reference", "cpu"):
+        entry = dispatch._REGISTRY[("flow_step", backend)]
+        assert entry.load() is None
+        real = entry._fn
+
+        def spy(*args, _real=real, _name=backend):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args)
+
+        monkeypatch.setattr(entry, "_fn", spy)
+    monkeypatch.setattr(dispatch, "_SELECTED", {})  # forget choices memoised before the spies
+    x, v = torch.randn(3, 2, 5, 2), torch.randn(3, 2, 5, 2)
+    a = vk.flow_step(x, v, 0.75, 0.5)
+    a2 = vk.flow_step(x, v, 0.75, 0.5)
+    with vk.use_backend("reference"):
+        b = vk.flow_step(x, v, torch.full((3,), 0.75), torch.full((3,), 0.5))
+    assert calls == {"cpu": 2, "reference": 1}
+    torch.testing.assert_close(a, b)
+    assert torch.equal(a, a2)
+    for i in range(2 * flow_ops._MAX_TIMES):  # the float-time memo stays bounded
+        flow_ops._float_times(i / 7, 3, x.device)
+    assert len(flow_ops._TIMES) <= flow_ops._MAX_TIMES
+    assert torch.equal(flow_ops._float_times(0.75, 3, x.device), torch.full((3,), 0.75))

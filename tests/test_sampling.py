@@ -134,3 +134,76 @@ def test_bad_arguments():
         vk.flow_sample(fn, noise, 2, prefix_len=2)
     with pytest.raises(ValueError, match="cuda_graph=True needs CUDA"):
         vk.flow_sample(fn, noise, 2, cuda_graph=True)
+
+
+def _spy_backend(monkeypatch, op, backend):
+    entry = dispatch._REGISTRY[(op, backend)]
+    assert entry.load() is None
+    calls, real = [], entry._fn
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(entry, "_fn", spy)
+    monkeypatch.setattr(dispatch, "_SELECTED", {})  # forget choices memoised before the spy
+    return calls
+
+
+@pytest.mark.parametrize("guidance", ["none", "apg"])
+def test_loop_checks_the_velocities_of_every_step(guidance):
+    """The loop validates its options once, but every step's velocities are still checked:
+    a wrong shape or dtype at a late step is a clear error, not garbage."""
+    mu, sigma = _mu_sigma()
+    good = gaussian_velocity(mu, sigma)
+    for bad, match in ((lambda v: v[:, :2], "v_cond must have x's shape"),
+                       (lambda v: v.double(), "v_cond must have x's dtype")):
+        def fn(x, t):
+            v = good(x, t)
+            v = bad(v) if float(t[0]) < 0.6 else v  # steps 1-2 of 4 are fine
+            return v if guidance == "none" else (v, good(x, t))
+
+        with pytest.raises(ValueError, match=match):
+            vk.flow_sample(fn, torch.randn(SHAPE), 4, guidance=guidance, scale=1.5)
+
+
+@pytest.mark.parametrize("guidance", ["none", "cfg"])
+def test_loop_takes_strided_and_grad_velocities(guidance):
+    """Velocities that are non-contiguous views or require grad (a model called without
+    no_grad) take the checked path and give the same trajectory."""
+    mu, sigma = _mu_sigma()
+    vel = gaussian_velocity(mu, sigma)
+    noise = torch.randn(SHAPE)
+
+    def plain(x, t):
+        return vel(x, t) if guidance == "none" else (vel(x, t), 0.5 * vel(x, t))
+
+    def odd(x, t):
+        v = vel(x, t)
+        if float(t[0]) < 0.6:
+            v = v.transpose(3, 4).contiguous().transpose(3, 4)  # same values, strided
+        else:
+            v = v.clone().requires_grad_()
+        return v if guidance == "none" else (v, 0.5 * vel(x, t))
+
+    want = vk.flow_sample(plain, noise, 4, guidance=guidance, scale=1.5)
+    got = vk.flow_sample(odd, noise, 4, guidance=guidance, scale=1.5)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_loop_runs_on_the_backend_in_force(monkeypatch):
+    """The loop picks its backend at its first step, honouring use_backend (and a later loop
+    honours a change)."""
+    if not _available("cpu"):
+        pytest.skip("cpu backend not built")
+    ref = _spy_backend(monkeypatch, "flow_step", "reference")
+    cpu = _spy_backend(monkeypatch, "flow_step", "cpu")
+    mu, sigma = _mu_sigma()
+    fn = gaussian_velocity(mu, sigma)
+    noise = torch.randn(SHAPE)
+    with vk.use_backend("reference"):
+        a = vk.flow_sample(fn, noise, 5)
+    assert len(ref) == 5 and len(cpu) == 0
+    b = vk.flow_sample(fn, noise, 5)
+    assert len(ref) == 5 and len(cpu) == 5
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

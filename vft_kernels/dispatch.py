@@ -243,6 +243,25 @@ def call(op: str, device: torch.device, *args, **kwargs):
     return select(op, device, *args, **kwargs)[1](*args, **kwargs)
 
 
+_SELECTED: dict = {}
+_MAX_SELECTED = 256
+
+
+def call_cached(op: str, key: tuple, device: torch.device, *args):
+    """:func:`call` with the selection memoised: for ops whose backends' ``check`` functions
+    depend only on what ``key`` holds (e.g. the dtypes), so a hot loop of small calls pays
+    one dictionary lookup instead of the walk over backends. The memo also keys on
+    everything else selection reads (the forced backend, ``TRITON_INTERPRET``, the device)."""
+    k = (op, key, device, forced_backend(), os.environ.get("TRITON_INTERPRET"))
+    fn = _SELECTED.get(k)
+    if fn is None:
+        fn = select(op, device, *args)[1]
+        if len(_SELECTED) >= _MAX_SELECTED:
+            _SELECTED.clear()
+        _SELECTED[k] = fn
+    return fn(*args)
+
+
 def forced_backend_problems(backend: str, ops, device) -> list:
     """Why ``backend`` forced for all of ``ops`` on ``device`` would fail: one line per op it
     cannot run there (empty when it can run them all). Lets a program refuse up front, with

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .ops.flow import GUIDANCE, flow_heun_step, flow_step
+from .ops.flow import GUIDANCE, _LoopStepper, flow_heun_step
 
 SOLVERS = ("euler", "heun")
 _GRAPHS: "OrderedDict[tuple, _Captured]" = OrderedDict()
@@ -113,6 +113,7 @@ def _integrate(velocity_fn, noise, prefix, time_rows, solver, progress, opts):
     step_kw = dict(opts, prefix=prefix)
     if opts["guidance"] == "apg" and opts["apg_momentum"] != 0:
         step_kw["momentum"] = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    euler = _LoopStepper(step_kw)
     steps = range(rows.shape[0] - 1)
     if progress:
         from tqdm.auto import tqdm
@@ -121,12 +122,12 @@ def _integrate(velocity_fn, noise, prefix, time_rows, solver, progress, opts):
     for i in steps:
         t, tn = rows[i], rows[i + 1]
         vc, vu = _velocities(velocity_fn, x, t, guided)
-        flow_step(x, vc, t, tn, vu, **step_kw, out=buf)  # Euler step, or Heun's predictor
+        euler(x, vc, t, tn, vu, buf)  # Euler step, or Heun's predictor
         if solver == "heun":
             v2c, v2u = _velocities(velocity_fn, buf, tn, guided)
             if guided:
                 x.lerp_(buf, 0.5)  # x + dt/2 v1
-                flow_step(x, v2c, mids[i], tn, v2u, **step_kw, out=buf)
+                euler(x, v2c, mids[i], tn, v2u, buf)
             else:
                 flow_heun_step(x, vc, v2c, t, tn, out=buf)
                 if p > 0:

@@ -44,6 +44,22 @@ def _check_x(x):
         raise ValueError(f"flow_step: x must be float32, float16 or bfloat16, got {x.dtype}")
 
 
+_TIMES: dict = {}
+_MAX_TIMES = 512
+
+
+def _float_times(value: float, B: int, device: torch.device) -> torch.Tensor:
+    """A float32 [B] tensor filled with ``value``, memoised (a sampler asks for the same
+    few dozen times every call; the kernels only read them)."""
+    key = (value, B, device)
+    out = _TIMES.get(key)
+    if out is None:
+        if len(_TIMES) >= _MAX_TIMES:
+            _TIMES.clear()
+        out = _TIMES[key] = torch.full((B,), value, dtype=torch.float32, device=device)
+    return out
+
+
 def _time_tensors(t: Time, t_next: Time, x: torch.Tensor):
     """Validate t, t_next (floats or [B] float tensors); return float32 [B] tensors on x's device."""
     B = x.shape[0]
@@ -59,7 +75,7 @@ def _time_tensors(t: Time, t_next: Time, x: torch.Tensor):
                 raise ValueError(f"flow_step: {name} must be on x's device {x.device}, got {value.device}")
             out.append(value.to(torch.float32))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out.append(torch.full((B,), float(value), dtype=torch.float32, device=x.device))
+            out.append(_float_times(float(value), B, x.device))
         else:
             raise TypeError(f"flow_step: {name} must be a float or a float tensor [B], got {type(value).__name__}")
     if not isinstance(t, torch.Tensor) and not isinstance(t_next, torch.Tensor) and not t_next < t:
@@ -86,8 +102,11 @@ def _run_flow_step(out, x, v_cond, v_uncond, t, t_next, guidance, scale, apg_eta
                    apg_momentum, momentum, reduce_ndim, prefix, prefix_len):
     dst = _contiguous_out(out)
     mom = momentum if momentum is None or momentum.is_contiguous() else momentum.contiguous()
-    dispatch.call("flow_step", x.device, dst, x, v_cond, v_uncond, t, t_next, guidance, scale, apg_eta,
-                  apg_norm_threshold, apg_momentum, mom, reduce_ndim, prefix, prefix_len)
+    # The backends' checks read only these: dtypes, and the row count (shape, guidance, reduce_ndim).
+    key = (x.dtype, None if mom is None else mom.dtype, x.shape, guidance, reduce_ndim)
+    dispatch.call_cached("flow_step", key, x.device, dst, x, v_cond,
+                         v_uncond, t, t_next, guidance, scale, apg_eta, apg_norm_threshold, apg_momentum, mom,
+                         reduce_ndim, prefix, prefix_len)
     if dst is not out:
         out.copy_(dst)
     if mom is not momentum:
@@ -112,7 +131,7 @@ def _(out, x, v_cond, v_uncond, t, t_next, guidance, scale, apg_eta, apg_norm_th
 
 def _run_flow_heun_step(out, x, v1, v2, t, t_next):
     dst = _contiguous_out(out)
-    dispatch.call("flow_heun_step", x.device, dst, x, v1, v2, t, t_next)
+    dispatch.call_cached("flow_heun_step", (x.dtype, x.shape), x.device, dst, x, v1, v2, t, t_next)
     if dst is not out:
         out.copy_(dst)
 
@@ -213,6 +232,40 @@ def flow_step(x: torch.Tensor, v_cond: torch.Tensor, t: Time, t_next: Time, v_un
             _check_time_values(t_, tn_)
         _run_flow_step(*args)
     return dst
+
+
+class _LoopStepper:
+    """The guided Euler step of one sampling loop (``vft_kernels.flow_sample``) without the
+    per-call cost of :func:`flow_step`: the loop validates its options once, makes its own
+    times (a decreasing grid, so no per-step value check) and its own contiguous buffers, so
+    each step only checks the velocities it is given (shape, dtype, device, autograd) and
+    calls the backend selected at the first step. Anything unusual (a velocity that
+    requires grad, a non-contiguous one) goes through :func:`flow_step`."""
+
+    def __init__(self, opts: dict):
+        self.opts, self.fn = opts, None
+        self.mom = opts.get("momentum") if opts["guidance"] == "apg" and opts["apg_momentum"] != 0 else None
+        self.guided = opts["guidance"] != "none"
+        o = opts
+        self.tail = (o["guidance"], float(o["scale"]), float(o["apg_eta"]), float(o["apg_norm_threshold"]),
+                     float(o["apg_momentum"]), self.mom, o["reduce_ndim"], o["prefix"] if o["prefix_len"] else None,
+                     o["prefix_len"])
+
+    def __call__(self, x, v_cond, t, t_next, v_uncond, out):
+        if self.fn is None or torch.compiler.is_compiling():  # first step: every check, pick the backend
+            flow_step(x, v_cond, t, t_next, v_uncond, **self.opts, out=out)
+            if not torch.compiler.is_compiling():
+                vu = v_uncond if self.guided else None
+                self.fn = dispatch.select("flow_step", x.device, out, x, v_cond, vu, t, t_next, *self.tail)[1]
+            return out
+        _check_tensor("v_cond", v_cond, x)
+        if self.guided:
+            _check_tensor("v_uncond", v_uncond, x)
+        vu = v_uncond if self.guided else None
+        if not (v_cond.is_contiguous() and (vu is None or vu.is_contiguous())) or _needs_grad(v_cond, vu):
+            return flow_step(x, v_cond, t, t_next, v_uncond, **self.opts, out=out)
+        self.fn(out, x, v_cond, vu, t, t_next, *self.tail)
+        return out
 
 
 def flow_heun_step(x: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, t: Time, t_next: Time,
