@@ -25,7 +25,11 @@ def _model(mode="mask_token", **over):
         for name, p in m.decoder.named_parameters():
             if "modulation" in name or name.startswith("head"):
                 p.normal_(0, 0.05)
+        m.encoder.to_fsq.weight.normal_(0, 0.05)  # zero-initialised under linear_path
     return m.eval()
+
+
+LINEAR = dict(prediction="x", linear_path=True)
 
 
 def test_pixel_compressor_exact_inverse_and_shape():
@@ -104,9 +108,10 @@ def test_solvers_and_guidance_run(solver, guidance):
     assert (guidance == "none") == torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("linear", [False, True], ids=["", "linear_path"])
 @pytest.mark.parametrize("mode", ["mask_token", "drop"])
-def test_gradients_reach_every_parameter(mode):
-    m = _model(mode).train()
+def test_gradients_reach_every_parameter(mode, linear):
+    m = _model(mode, **(LINEAR if linear else {})).train()
     cfg = m.cfg
     inputs = draw(cfg, tiny_train_config(null_prob=0.5, prefix_prob=0.5), 4, torch.Generator().manual_seed(3))
     inputs["keep"] = torch.tensor([1, 2, 4, 3])
@@ -119,9 +124,10 @@ def test_gradients_reach_every_parameter(mode):
         assert p.grad.abs().max() > 0, f"{name} got an all-zero gradient"
 
 
+@pytest.mark.parametrize("linear", [False, True], ids=["", "linear_path"])
 @pytest.mark.parametrize("mode", ["mask_token", "drop"])
-def test_decoder_ignores_dropped_tokens(mode):
-    m = _model(mode)
+def test_decoder_ignores_dropped_tokens(mode, linear):
+    m = _model(mode, **(LINEAR if linear else {}))
     lat = m.compressor.encode(_video())
     codes, _ = m.encoder(lat)
     t = torch.full((2, lat.shape[2]), 0.7)
@@ -137,9 +143,10 @@ def test_decoder_ignores_dropped_tokens(mode):
     assert (a - c).abs().max() > 1e-3
 
 
-def test_drop_mode_keep_equals_truncation():
+@pytest.mark.parametrize("linear", [False, True], ids=["", "linear_path"])
+def test_drop_mode_keep_equals_truncation(linear):
     """With `drop`, a decoder given keep=K equals one given only the first K tokens."""
-    m = _model("drop")
+    m = _model("drop", **(LINEAR if linear else {}))
     lat = m.compressor.encode(_video())
     codes, tokens = m.encoder(lat)
     t = torch.full((2, lat.shape[2]), 0.4)
@@ -169,6 +176,40 @@ def test_mask_token_mode_uses_mask_token_for_dropped():
         m.decoder.mask_token.sub_(delta)
     assert (a - b).abs().max() > 1e-3
     torch.testing.assert_close(c, m.decoder(lat, t, codes, torch.tensor([4])), rtol=0, atol=0)
+
+
+def test_linear_path_needs_x_prediction():
+    with pytest.raises(ValueError, match="linear_path needs prediction 'x'"):
+        preset("micro").replace(linear_path=True)
+
+
+def test_linear_path_starts_as_a_linear_autoencoder():
+    """A fresh linear_path model: the transformers' parts start at zero (zero to_fsq and
+    adaLN-zero head), so the FSQ input is the linear code of the frame and the clean estimate
+    at t = 1 is the linear decoding of the kept codes, the rest read from linear_mask."""
+    torch.manual_seed(0)
+    m = VideoFlexTok(preset("micro").replace(**LINEAR)).eval()
+    with torch.no_grad():
+        m.decoder.linear_mask.normal_()
+    cfg, lat = m.cfg, m.compressor.encode(_video())
+    B, C, T, H, W = lat.shape
+    frames = lat.transpose(1, 2).reshape(B, T, -1)
+    z = m.encoder.linear_in(frames).reshape(B, T, cfg.registers, cfg.fsq_dim)
+    torch.testing.assert_close(m.encoder.raw_z(lat), z)
+    codes, _ = m.encoder(lat)
+    noise = torch.randn_like(lat)
+    keep = torch.tensor([1, 3])
+    x0_hat = noise - m.decoder(noise, torch.ones(B, T), codes, keep)
+    R = cfg.registers
+    expect = codes.clone()
+    for b in range(B):
+        expect[b, :, int(keep[b]):] = m.decoder.linear_mask[int(keep[b]):]
+    lin = m.decoder.linear_out(expect.reshape(B, T, R * cfg.fsq_dim))
+    torch.testing.assert_close(x0_hat, lin.reshape(B, T, C, H, W).transpose(1, 2), rtol=1e-5, atol=1e-5)
+    # the null condition reads linear_mask everywhere, as keep = 0 does
+    null = m.decoder.linear_x0(codes, keep, torch.tensor([True, False]))
+    torch.testing.assert_close(null[0], m.decoder.linear_x0(codes, torch.tensor([0, 0]))[0])
+    torch.testing.assert_close(null[1], lin[1])
 
 
 def test_encoder_is_causal_in_time():

@@ -96,6 +96,10 @@ class ModelConfig:
     fsq_norm: str = "batch"  # "batch": normalise the FSQ input per dim (vft.model.FSQInputNorm); "none"
     prediction: str = "v"  # what the decoder's head outputs: "v" velocity, "x" clean latents (velocity derived)
     chunk_overlap: int = 1  # latent frames shared by consecutive chunks of a long video
+    # A linear path around both transformers (vft.model.LinearPath): a per-frame linear map
+    # latent frame -> FSQ input added to the encoder's, and codes -> clean latent frame added
+    # to the decoder's x-prediction. Needs prediction "x".
+    linear_path: bool = False
 
     def __post_init__(self):
         if isinstance(self.compressor, dict):
@@ -111,6 +115,9 @@ class ModelConfig:
             raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {self.dropout_mode!r}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.linear_path and self.prediction != "x":
+            raise ValueError(f"linear_path needs prediction 'x' (the path predicts clean latents), got "
+                             f"prediction {self.prediction!r}")
         if self.fsq_norm not in FSQ_NORMS:
             raise ValueError(f"fsq_norm must be one of {FSQ_NORMS}, got {self.fsq_norm!r}")
         c = self.compressor
@@ -153,6 +160,12 @@ class ModelConfig:
     @property
     def patch_dim(self) -> int:
         return self.compressor.latent_channels * self.patch_size ** 2
+
+    @property
+    def frame_dim(self) -> int:
+        """Numbers in one latent frame: C * H' * W'."""
+        h, w = self.latent_hw
+        return self.compressor.latent_channels * h * w
 
     @property
     def fsq_dim(self) -> int:

@@ -218,6 +218,10 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(e.width, bias=False)
         self.to_fsq = nn.Linear(e.width, cfg.fsq_dim, bias=False)
         self.fsq_norm = FSQInputNorm(cfg.fsq_dim) if cfg.fsq_norm == "batch" else None
+        # linear_path: a per-frame linear code of the whole latent frame, added to the FSQ input.
+        self.linear_in = nn.Linear(cfg.frame_dim, cfg.registers * cfg.fsq_dim) if cfg.linear_path else None
+        if cfg.linear_path:  # the transformer's part starts at zero, as the decoder's head does
+            nn.init.zeros_(self.to_fsq.weight)
 
     def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """latents [B, C, T, H, W] -> (codes [B, T, R, d] float32 (differentiable),
@@ -245,7 +249,11 @@ class Encoder(nn.Module):
         for block in self.blocks:
             x = block(x, layout, None)
         regs = x.reshape(B, T, P + cfg.registers, W)[:, :, P:]
-        return self.to_fsq(self.norm(regs)).float()
+        z = self.to_fsq(self.norm(regs)).float()
+        if self.linear_in is not None:
+            frames = latents.transpose(1, 2).reshape(B, T, C * H * Wd)
+            z = z + self.linear_in(frames).reshape(B, T, cfg.registers, cfg.fsq_dim).float()
+        return z
 
 
 class Decoder(nn.Module):
@@ -264,6 +272,13 @@ class Decoder(nn.Module):
         self.final_norm = nn.LayerNorm(d.width, elementwise_affine=False)
         self.final_modulation = nn.Linear(d.width, 2 * d.width)
         self.head = nn.Linear(d.width, cfg.patch_dim, bias=False)
+        if cfg.linear_path:
+            # All R codes of a frame -> its clean latents; registers past keep (and the null
+            # condition) read a learned per-register code instead.
+            self.linear_out = nn.Linear(cfg.registers * cfg.fsq_dim, cfg.frame_dim)
+            self.linear_mask = nn.Parameter(torch.zeros(cfg.registers, cfg.fsq_dim))
+        else:
+            self.linear_out = None
         self._zero_init()
 
     def _zero_init(self):
@@ -309,10 +324,26 @@ class Decoder(nn.Module):
         out = unpatchify(self.head(self.final_norm(x[:, :, :P]) * (1 + scale) + shift).float(), C, H, Wd, p)
         if cfg.prediction == "v":
             return out
+        if self.linear_out is not None:
+            out = out + self.linear_x0(codes, keep, null).reshape(B, T, C, H, Wd).transpose(1, 2)
         # x-prediction: the network outputs the clean latents and the velocity follows from
         # x_t = t * noise + (1 - t) * x0, so it never has to reproduce the noise itself.
         tc = t.float().clamp(min=X_PRED_T_MIN)[:, None, :, None, None]
         return (x_t.float() - out) / tc
+
+    def linear_x0(self, codes: torch.Tensor, keep: torch.Tensor, null: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The linear path's clean-latent estimate [B, T, C * H' * W'] (float32) from the first
+        ``keep`` codes of each frame (the rest, and every code of a null sample, replaced by
+        the learned ``linear_mask``)."""
+        cfg = self.cfg
+        B, T, K, d = codes.shape
+        R = cfg.registers
+        full = F.pad(codes.float(), (0, 0, 0, R - K))
+        kept = (torch.arange(R, device=codes.device)[None, :] < keep[:, None])[:, None, :, None]  # [B, 1, R, 1]
+        if null is not None:
+            kept = kept & ~null[:, None, None, None]
+        full = torch.where(kept, full, self.linear_mask.float())
+        return self.linear_out(full.reshape(B, T, R * d).to(self.linear_out.weight.dtype)).float()
 
 
 # ------------------------------------------------------------------------------------
