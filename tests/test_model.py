@@ -212,6 +212,30 @@ def test_linear_path_starts_as_a_linear_autoencoder():
     torch.testing.assert_close(null[1], lin[1])
 
 
+def test_linear_loss_is_the_linear_paths_clean_error():
+    """forward(linear_loss=w) = flow loss + w * MSE of the linear path's clean estimate over
+    the non-prefix frames of the samples with codes; flow_loss in the stats excludes it."""
+    m = _model(**LINEAR).train()
+    cfg = m.cfg
+    inputs = draw(cfg, tiny_train_config(), 4, torch.Generator().manual_seed(5))
+    inputs["prefix_len"] = torch.tensor([0, 1, 0, 2])
+    inputs["null"] = torch.tensor([False, False, True, False])
+    video = _video(4)
+    torch.manual_seed(0)
+    base = m(video, **inputs, linear_loss=0.0)
+    torch.manual_seed(0)
+    total, stats = m(video, **inputs, linear_loss=2.5, return_stats=True)
+    torch.testing.assert_close(stats["flow_loss"], base.detach())
+    x0 = m.compressor.encode(video)
+    codes, _ = vk.fsq_quantize(m.encoder.pre_quant(x0, batch_stats=True), cfg.fsq_levels)
+    lin = m.decoder.linear_x0(codes, inputs["keep"])  # [B, T, C H W]
+    B, C, T, H, W = x0.shape
+    err = (lin - x0.transpose(1, 2).reshape(B, T, -1)).square().mean(-1)
+    rows = [err[b, int(inputs["prefix_len"][b]):] for b in (0, 1, 3)]
+    want = base + 2.5 * torch.cat(rows).mean()
+    torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-6)
+
+
 def test_encoder_is_causal_in_time():
     """Encoder outputs of a latent frame never depend on later frames (block-causal attention)."""
     m = _model()

@@ -151,6 +151,7 @@ def cmd_train(args) -> int:
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed", "log_every", "ckpt_every",
                                               "keep_sampling", "data", "warmup_steps", "logit_normal_mean",
                                               "ema_decay", "null_prob", "prefix_prob", "uniform_t_prob", "loss_t_min",
+                                              "linear_loss",
                                               "workers")
                  if getattr(args, k) is not None}
     if args.bf16:
@@ -282,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, typ in (("steps", int), ("batch-size", int), ("lr", float), ("seed", int), ("log-every", int),
                       ("ckpt-every", int), ("warmup-steps", int), ("logit-normal-mean", float),
                       ("ema-decay", float), ("null-prob", float), ("prefix-prob", float),
-                      ("uniform-t-prob", float), ("loss-t-min", float)):
+                      ("uniform-t-prob", float), ("loss-t-min", float), ("linear-loss", float)):
         p.add_argument(f"--{name}", type=typ)
     p.add_argument("--keep-sampling", choices=["pow2", "uniform"])
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")

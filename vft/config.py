@@ -209,6 +209,7 @@ class TrainConfig:
     logit_normal_std: float = 1.0
     uniform_t_prob: float = 0.0  # probability that a sample's flow time is drawn from U(0, 1) instead
     loss_t_min: float = 0.0  # > 0: weight the velocity error by max(t, loss_t_min)^2 (= clean-estimate error)
+    linear_loss: float = 1.0  # linear_path models: weight of the linear path's own clean-latent MSE
     seed: int = 0
     data: str = "synthetic"  # "synthetic", "mixed" (vft.data.MixedVideos) or a folder of videos
     data_mix: tuple = (0.6, 0.25, 0.15)  # "mixed": weights of synthetic, photo and real clips
@@ -222,6 +223,8 @@ class TrainConfig:
         self.data_mix = tuple(self.data_mix)
         if self.keep_sampling not in KEEP_SAMPLING:
             raise ValueError(f"keep_sampling must be one of {KEEP_SAMPLING}, got {self.keep_sampling!r}")
+        if not self.linear_loss >= 0:
+            raise ValueError(f"linear_loss must be >= 0, got {self.linear_loss}")
         for n in ("null_prob", "prefix_prob", "uniform_t_prob", "loss_t_min"):
             if not 0 <= getattr(self, n) <= 1:
                 raise ValueError(f"{n} must be in [0, 1], got {getattr(self, n)}")

@@ -368,7 +368,7 @@ class VideoFlexTok(nn.Module):
     # Training ------------------------------------------------------------------------
     def forward(self, video: torch.Tensor, t: torch.Tensor, prefix_len: torch.Tensor, noise: torch.Tensor,
                 keep: torch.Tensor, null: torch.Tensor, return_stats: bool = False, shuffled_loss: bool = False,
-                loss_t_min: float = 0.0):
+                loss_t_min: float = 0.0, linear_loss: float = 1.0):
         """Rectified-flow training loss (the random draws come from the caller, see
         ``vft.train.draw``).
 
@@ -380,10 +380,17 @@ class VideoFlexTok(nn.Module):
         makes it the squared error of the implied clean estimate ``x_t - t v`` (for t >=
         loss_t_min).
 
+        linear_loss: with ``cfg.linear_path``, add this times the squared error of the linear
+        path's own clean-latent estimate (from the kept codes; over the non-prefix frames of
+        the samples with codes). The flow loss alone teaches the codes only through the
+        high-noise samples; this term trains the encoder and the linear path as a
+        (nested-dropout) linear autoencoder at every step.
+
         return_stats: also return a dict of detached telemetry: ``tokens`` [B, T', R] and
         ``z`` (the FSQ input); with ``shuffled_loss`` also ``shuffled_loss``, the same loss
         with the codes rolled by one sample across the batch (no gradient; equal to the
-        loss when the decoder ignores its tokens)."""
+        loss when the decoder ignores its tokens), and ``flow_loss``, the loss without the
+        linear term."""
         x0 = self.compressor.encode(video)
         B, T = x0.shape[0], x0.shape[2]
         z = self.encoder.pre_quant(x0, batch_stats=self.training)
@@ -403,10 +410,16 @@ class VideoFlexTok(nn.Module):
             err = err.mean(dim=(1, 3, 4))  # [B, T]
             return (err * weight).sum() / weight.sum().clamp(min=1)
 
-        loss = loss_with(codes)
+        loss = flow_loss = loss_with(codes)
+        if self.decoder.linear_out is not None and linear_loss > 0:
+            C, H, Wd = x0.shape[1], x0.shape[3], x0.shape[4]
+            lin = self.decoder.linear_x0(codes, keep).reshape(B, T, C, H, Wd).transpose(1, 2)
+            w = weight * (~null).float()[:, None]
+            err = (lin - x0.float()).square().mean(dim=(1, 3, 4))  # [B, T]
+            loss = loss + linear_loss * (err * w).sum() / w.sum().clamp(min=1)
         if not return_stats:
             return loss
-        stats = {"tokens": tokens.detach(), "z": z.detach()}
+        stats = {"tokens": tokens.detach(), "z": z.detach(), "flow_loss": flow_loss.detach()}
         if shuffled_loss:
             with torch.no_grad():
                 stats["shuffled_loss"] = loss_with(codes.detach().roll(1, dims=0)) if B > 1 else loss.detach()

@@ -85,7 +85,7 @@ class Telemetry:
         self.moments[:3] += torch.stack([torch.tensor(float(z.numel()), dtype=torch.float64, device=z.device),
                                          z.sum(), z.square().sum()])
         if "shuffled_loss" in stats:
-            self.moments[3] = float(loss.detach())
+            self.moments[3] = float(stats.get("flow_loss", loss).detach())
             self.moments[4] = float(stats["shuffled_loss"])
 
     def summary(self, world: int = 1) -> dict:
@@ -252,7 +252,8 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str, resume: bool = False, p
             g["lr"] = lr_at(step, tcfg)
         log_step = (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.bf16):
-            loss, stats = ddp(video, **inputs, return_stats=True, shuffled_loss=log_step, loss_t_min=tcfg.loss_t_min)
+            loss, stats = ddp(video, **inputs, return_stats=True, shuffled_loss=log_step, loss_t_min=tcfg.loss_t_min,
+                                linear_loss=tcfg.linear_loss)
         window.add(stats, loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
