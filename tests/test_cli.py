@@ -50,6 +50,39 @@ def test_tokenize_detokenize_reconstruct(trained, capsys):
     assert "codebook usage" in capsys.readouterr().out
 
 
+def test_tokenize_with_a_target_psnr_stores_per_frame_keep(trained, capsys, monkeypatch):
+    """`vft tokenize --target-psnr` stores the per-latent-frame token counts found by
+    search_keep; `vft detokenize` uses them (and --keep overrides them)."""
+    import vft.cli as cli
+
+    root, clip, ck = trained
+    real_load = cli.ckpt.load_model
+
+    def load_sensitive(*a, **k):  # a 2-step model's zero-initialised head ignores the tokens
+        m = real_load(*a, **k)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in m.decoder.named_parameters():
+                if "modulation" in name or name.startswith("head"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        return m
+
+    monkeypatch.setattr(cli.ckpt, "load_model", load_sensitive)
+    tok = str(root / "adaptive.safetensors")
+    assert main(["tokenize", clip, "--checkpoint", ck, "--out", tok, "--target-psnr", "1.0", "--search-steps", "2"]) == 0
+    data = load_file(tok)
+    keep = data["keep"]
+    assert keep.shape == (1, 6) and keep.dtype == torch.int32 and (keep == 1).all()  # 1 dB: one token is enough
+    assert "keep per latent frame [1, 1, 1, 1, 1, 1]" in capsys.readouterr().out
+    a, b, c = (str(root / f"{n}.mp4") for n in ("stored", "one", "all"))
+    assert main(["detokenize", tok, "--checkpoint", ck, "--out", a, "--steps", "2"]) == 0
+    assert main(["detokenize", tok, "--checkpoint", ck, "--out", b, "--steps", "2", "--keep", "1"]) == 0
+    assert main(["detokenize", tok, "--checkpoint", ck, "--out", c, "--steps", "2", "--keep", "4"]) == 0
+    assert torch.equal(read_video(a)[0], read_video(b)[0]) and not torch.equal(read_video(a)[0], read_video(c)[0])
+    assert main(["tokenize", clip, "--checkpoint", ck, "--out", tok, "--target-psnr", "90", "--search-steps", "1"]) == 2
+    assert "unreachable" in capsys.readouterr().err
+
+
 def test_info_reports_parameter_counts(capsys):
     assert main(["info", "--preset", "videoflextok_k600", "--preset", "micro"]) == 0
     out = capsys.readouterr().out

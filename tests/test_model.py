@@ -271,6 +271,48 @@ def test_chunked_processing_of_long_video():
     torch.testing.assert_close(out[:, :, :4], head, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("linear", [False, True], ids=["", "linear_path"])
+def test_per_frame_keep(linear):
+    """keep [B, T'] (mask_token mode): equal rows give keep [B]'s output; a frame's velocity
+    depends only on the keeps of itself and earlier frames (block-causal decoder); long
+    videos slice it per chunk."""
+    m = _model("mask_token", **(LINEAR if linear else {}))
+    lat = m.compressor.encode(_video())
+    codes, tokens = m.encoder(lat)
+    T = lat.shape[2]
+    t = torch.full((2, T), 0.6)
+    same = m.decoder(lat, t, codes, torch.tensor([2, 3]))
+    torch.testing.assert_close(m.decoder(lat, t, codes, torch.tensor([[2] * T, [3] * T])), same, rtol=0, atol=0)
+    a = m.decoder(lat, t, codes, torch.tensor([[1, 2, 3, 4], [4, 4, 1, 2]]))
+    b = m.decoder(lat, t, codes, torch.tensor([[1, 2, 1, 1], [4, 4, 4, 4]]))
+    torch.testing.assert_close(a[0, :, :2], b[0, :, :2], rtol=0, atol=0)  # frames 0-1 share keeps
+    torch.testing.assert_close(a[1, :, :2], b[1, :, :2], rtol=0, atol=0)
+    assert (a[0, :, 2] - b[0, :, 2]).abs().max() > 1e-4 and (a[1, :, 2] - b[1, :, 2]).abs().max() > 1e-4
+    # through detokenize, also across chunks of a long video
+    v = _video(1, 10)
+    tok = m.tokenize(v)
+    per_frame = torch.tensor([[1, 2, 3, 4, 4, 3, 2, 1, 2, 3]])
+    out = m.detokenize(tok, keep=per_frame, steps=2)
+    assert out.shape == v.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(m.detokenize(tok, keep=torch.full((1, 10), 3), steps=2),
+                               m.detokenize(tok, keep=3, steps=2), rtol=0, atol=0)
+    head = m.detokenize(tok[:, :4], keep=per_frame[:, :4], steps=2)  # the first chunk alone
+    torch.testing.assert_close(out[:, :, :4], head, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"keep must be an int tensor \[B\] or \[B, T'\] = \(1, 10\)"):
+        m.detokenize(tok, keep=torch.ones(1, 9, dtype=torch.long), steps=2)
+
+
+def test_per_frame_keep_in_drop_mode_must_be_constant():
+    m = _model("drop")
+    lat = m.compressor.encode(_video())
+    codes, _ = m.encoder(lat)
+    t = torch.full((2, lat.shape[2]), 0.6)
+    torch.testing.assert_close(m.decoder(lat, t, codes, torch.tensor([[2] * 4, [3] * 4])),
+                               m.decoder(lat, t, codes, torch.tensor([2, 3])), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="needs dropout_mode 'mask_token'"):
+        m.decoder(lat, t, codes, torch.tensor([[1, 2, 3, 4], [4, 4, 4, 4]]))
+
+
 def test_bad_inputs_are_clear_errors():
     m = _model()
     R, n = m.cfg.registers, m.cfg.codebook_size

@@ -69,11 +69,17 @@ def load_clip(path: str, cfg: ModelConfig, fps: Optional[float] = None,
     return to_model_range(frames)[None], rate
 
 
-def save_tokens(path: str, tokens: torch.Tensor, cfg: ModelConfig, fps: float) -> None:
+def save_tokens(path: str, tokens: torch.Tensor, cfg: ModelConfig, fps: float,
+                keep: Optional[torch.Tensor] = None, extra: Optional[dict] = None) -> None:
+    """tokens int [B, T', R] (and optionally a per-latent-frame keep [B, T']) -> safetensors."""
     from safetensors.torch import save_file
 
-    save_file({"tokens": tokens.to(torch.int32).contiguous().cpu()}, path,
-              metadata={"config": cfg.name, "registers": str(cfg.registers), "fps": str(fps)})
+    tensors = {"tokens": tokens.to(torch.int32).contiguous().cpu()}
+    if keep is not None:
+        tensors["keep"] = keep.to(torch.int32).contiguous().cpu()
+    meta = {"config": cfg.name, "registers": str(cfg.registers), "fps": str(fps)}
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    save_file(tensors, path, metadata=meta)
 
 
 def load_tokens(path: str) -> tuple[torch.Tensor, dict]:
@@ -85,7 +91,10 @@ def load_tokens(path: str) -> tuple[torch.Tensor, dict]:
         with safe_open(path, "pt") as f:
             if "tokens" not in f.keys():
                 raise ValueError(f"{path} has no 'tokens' tensor (keys: {list(f.keys())})")
-            return f.get_tensor("tokens"), f.metadata() or {}
+            meta = dict(f.metadata() or {})
+            if "keep" in f.keys():  # per-latent-frame token counts (vft tokenize --target-psnr)
+                meta["keep"] = f.get_tensor("keep").long()
+            return f.get_tensor("tokens"), meta
     except Exception as e:  # safetensors raises its own error types for malformed files
         if isinstance(e, ValueError) and "tokens" in str(e):
             raise
@@ -171,9 +180,22 @@ def cmd_train(args) -> int:
 def cmd_tokenize(args) -> int:
     model = ckpt.load_model(args.checkpoint, str(_device(args.device)))
     video, fps = load_clip(args.video, model.cfg, args.fps)
-    tokens = model.tokenize(video.to(_device(args.device)))
-    save_tokens(args.out, tokens, model.cfg, fps)
-    print(f"tokens {tuple(tokens.shape)} (B, latent frames, registers) -> {args.out}")
+    video = video.to(_device(args.device))
+    if args.target_psnr is None:
+        tokens = model.tokenize(video)
+        save_tokens(args.out, tokens, model.cfg, fps)
+        print(f"tokens {tuple(tokens.shape)} (B, latent frames, registers) -> {args.out}")
+        return 0
+    from .adaptive import search_keep
+
+    res = search_keep(model, video, target=args.target_psnr, granularity=args.granularity, steps=args.search_steps)
+    tokens, keep = res["tokens"], res["keep"]
+    save_tokens(args.out, tokens, model.cfg, fps, keep=keep,
+                extra={"target_psnr": args.target_psnr, "granularity": args.granularity, "psnr": float(res["quality"][0]),
+                       "search_steps": args.search_steps})
+    print(f"tokens {tuple(tokens.shape)} (B, latent frames, registers), keep per latent frame "
+          f"{keep[0].tolist()} (mean {float(res['mean_tokens'][0]):.2f} of {model.cfg.registers}), "
+          f"PSNR {float(res['quality'][0]):.2f} dB >= {args.target_psnr} -> {args.out}")
     return 0
 
 
@@ -184,7 +206,10 @@ def cmd_detokenize(args) -> int:
     if meta.get("config") and meta["config"] != model.cfg.name:
         raise ValueError(f"tokens in {args.tokens} were made by config {meta['config']!r}, the checkpoint is "
                          f"{model.cfg.name!r}")
-    keep = None if args.keep is None else _parse_keeps(args.keep, model.cfg.registers)[0]
+    if args.keep is not None:
+        keep = _parse_keeps(args.keep, model.cfg.registers)[0]
+    else:  # the per-frame counts stored by `vft tokenize --target-psnr`, if any
+        keep = meta["keep"].to(device) if "keep" in meta else None
     video = model.detokenize(tokens.to(device), keep=keep, **_sampling_kwargs(args))
     fps = args.fps or float(meta.get("fps", 8))
     write_video(args.out, from_model_range(video[0]), fps)
@@ -299,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--fps", type=float, default=None)
+    p.add_argument("--target-psnr", type=float, default=None,
+                   help="also store the fewest tokens per latent frame (or per --granularity) whose reconstruction "
+                   "reaches this PSNR (vft.adaptive.search_keep; `vft detokenize` then uses them)")
+    p.add_argument("--granularity", choices=["clip", "chunk", "frame"], default="frame")
+    p.add_argument("--search-steps", type=int, default=25, help="sampling steps of the search's reconstructions "
+                   "(APG, scale 1.5: detokenize's defaults)")
     p.set_defaults(fn=cmd_tokenize)
 
     p = sub.add_parser("detokenize", help="tokens (.safetensors) -> video file")

@@ -6,7 +6,8 @@ records it in ``config.json`` and refuses to load into a different one); a
 
 * ``micro``: a 2-layer toy for tests and smoke runs.
 * ``tiny``: pixel space (space-time-to-depth 2x2x2), 8 frames of 32x32 RGB, width 128,
-  4 + 4 layers, 8 registers per latent frame, FSQ (8,5,5,5). Trains on a 2-core CPU.
+  4 + 4 layers, 16 registers per latent frame, FSQ (8,5,5,5), x-prediction with a linear
+  path (see ``ModelConfig.linear_path``). Trains on a 2-core CPU.
 * ``videoflextok_k600``: 17-frame 128x128 chunks through a frozen 4x8x8 16-channel video
   VAE, 2x2 patches, 256 registers per latent frame, FSQ (8,8,8,5,5,5), 18-layer encoder
   and 18-layer decoder at width 1152.
@@ -276,7 +277,8 @@ def _tiny() -> ModelConfig:
         name="tiny", frames=8, height=32, width=32,
         compressor=CompressorConfig(kind="pixel", temporal_factor=2, spatial_factor=2),
         encoder=TransformerConfig(width=128, depth=4), decoder=TransformerConfig(width=128, depth=4),
-        patch_size=2, registers=8, fsq_levels=(8, 5, 5, 5), dropout_mode="mask_token", chunk_overlap=1)
+        patch_size=2, registers=16, fsq_levels=(8, 5, 5, 5), dropout_mode="mask_token", chunk_overlap=1,
+        prediction="x", linear_path=True)
 
 
 def _micro() -> ModelConfig:
@@ -323,9 +325,13 @@ def tiny_train_config(**kw) -> TrainConfig:
     most steps are at high noise, where the velocity can only be predicted from the tokens
     (with the usual mean 0.0 the decoder learned to denoise from the noisy patches alone
     and ignored its tokens, issue #10), and U(0, 1) for 25 %, so the low-noise end that
-    removes the last noise when sampling is trained too."""
-    base = dict(steps=2000, batch_size=8, lr=1.5e-3, warmup_steps=200, ema_decay=0.999, logit_normal_mean=1.5,
-                uniform_t_prob=0.25)
+    removes the last noise when sampling is trained too.
+
+    With x-prediction the velocity error is weighted by max(t, 0.2)^2 (the clean-estimate
+    error, capped at 25x the velocity error's weight near t = 0), and a linear-path model
+    adds its linear path's own clean error (``linear_loss``)."""
+    base = dict(steps=2000, batch_size=8, lr=2e-3, warmup_steps=200, ema_decay=0.999, logit_normal_mean=1.5,
+                uniform_t_prob=0.25, loss_t_min=0.2, linear_loss=1.0)
     base.update(kw)
     return TrainConfig(**base)
 

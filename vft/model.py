@@ -163,24 +163,32 @@ class TimestepEmbedding(nn.Module):
 # Encoder and decoder
 
 
-def _keep_tensor(keep: KeepArg, batch: int, registers: int, device) -> torch.Tensor:
-    """None / int / [B] int tensor -> int64 [B] in [0, R] (clear errors otherwise)."""
+def _keep_tensor(keep: KeepArg, batch: int, registers: int, device, frames: Optional[int] = None) -> torch.Tensor:
+    """None / int / [B] int tensor -> int64 [B] in [0, R]; with ``frames`` given, a per-frame
+    [B, T'] int tensor is accepted too (returned as int64 [B, T']). Clear errors otherwise."""
     if keep is None:
         return torch.full((batch,), registers, dtype=torch.int64, device=device)
+    what = "an int tensor [B]" + (f" or [B, T'] = ({batch}, {frames})" if frames is not None else "")
     if isinstance(keep, bool) or not isinstance(keep, (int, torch.Tensor)):
-        raise TypeError(f"keep must be None, an int or an int tensor [B], got {type(keep).__name__}")
+        raise TypeError(f"keep must be None, an int or {what}, got {type(keep).__name__}")
     if isinstance(keep, int):
         keep = torch.full((batch,), keep, dtype=torch.int64, device=device)
     if keep.dtype.is_floating_point or keep.dtype == torch.bool:
         raise ValueError(f"keep must be an integer tensor, got {keep.dtype}")
     if keep.dim() == 0:
         keep = keep.expand(batch)
-    if tuple(keep.shape) != (batch,):
-        raise ValueError(f"keep must have shape [B] = ({batch},), got {tuple(keep.shape)}")
-    lo, hi = int(keep.min()), int(keep.max())
-    if lo < 0 or hi > registers:
-        raise ValueError(f"keep must be in [0, R={registers}], got {lo if lo < 0 else hi}")
+    if tuple(keep.shape) != (batch,) and (frames is None or tuple(keep.shape) != (batch, frames)):
+        raise ValueError(f"keep must be {what}, got shape {tuple(keep.shape)}")
+    if keep.numel():
+        lo, hi = int(keep.min()), int(keep.max())
+        if lo < 0 or hi > registers:
+            raise ValueError(f"keep must be in [0, R={registers}], got {lo if lo < 0 else hi}")
     return keep.to(device=device, dtype=torch.int64)
+
+
+def _frame_keep(keep: torch.Tensor, frames: int) -> torch.Tensor:
+    """keep [B] or [B, T] -> [B, T]."""
+    return keep[:, None].expand(keep.shape[0], frames) if keep.dim() == 1 else keep
 
 
 class FSQInputNorm(nn.Module):
@@ -296,8 +304,9 @@ class Decoder(nn.Module):
 
         x_t: noised latents [B, C, T, H, W]; t: float [B, T] (per latent frame: clean
         prefix frames have t = 0); codes: [B, T, K, d] float (K <= R registers given);
-        keep: int64 [B] in [0, K]; null: optional bool [B], samples that get the learned
-        null condition instead of the codes. Returns v [B, C, T, H, W] float32."""
+        keep: int64 [B] in [0, K], or [B, T] (per latent frame; ``mask_token`` mode only);
+        null: optional bool [B], samples that get the learned null condition instead of the
+        codes. Returns v [B, C, T, H, W] float32."""
         cfg, W = self.cfg, self.cfg.decoder.width
         B, C, T, H, Wd = x_t.shape
         K = codes.shape[2]
@@ -308,7 +317,12 @@ class Decoder(nn.Module):
         patches = patches + sincos_2d(H // p, Wd // p, W, x_t.device) + time
         regs = self.code_embed(codes.to(patches.dtype))  # [B, T, K, W]
         r = torch.arange(K, device=x_t.device)
-        dropped = (r[None, :] >= keep[:, None])[:, None, :, None]  # [B, 1, K, 1]
+        if keep.dim() == 2 and cfg.dropout_mode == "drop":
+            if bool((keep != keep[:, :1]).any()):
+                raise ValueError("a per-frame keep [B, T'] that differs between frames needs dropout_mode "
+                                 "'mask_token'; this model drops registers in attention, whose keep is per sample")
+            keep = keep[:, 0]
+        dropped = (r[None, None, :] >= _frame_keep(keep, T)[:, :, None])[..., None]  # [B, T, K, 1]
         if cfg.dropout_mode == "mask_token":
             regs = torch.where(dropped, self.mask_token.to(regs.dtype), regs)
         if null is not None:
@@ -333,13 +347,13 @@ class Decoder(nn.Module):
 
     def linear_x0(self, codes: torch.Tensor, keep: torch.Tensor, null: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The linear path's clean-latent estimate [B, T, C * H' * W'] (float32) from the first
-        ``keep`` codes of each frame (the rest, and every code of a null sample, replaced by
-        the learned ``linear_mask``)."""
+        ``keep`` codes of each frame (keep [B] or [B, T]; the rest, and every code of a null
+        sample, replaced by the learned ``linear_mask``)."""
         cfg = self.cfg
         B, T, K, d = codes.shape
         R = cfg.registers
         full = F.pad(codes.float(), (0, 0, 0, R - K))
-        kept = (torch.arange(R, device=codes.device)[None, :] < keep[:, None])[:, None, :, None]  # [B, 1, R, 1]
+        kept = (torch.arange(R, device=codes.device)[None, None, :] < _frame_keep(keep, T)[:, :, None])[..., None]
         if null is not None:
             kept = kept & ~null[:, None, None, None]
         full = torch.where(kept, full, self.linear_mask.float())
@@ -499,7 +513,7 @@ class VideoFlexTok(nn.Module):
             if not guided:
                 return self.decoder(x, t_frames, codes, keep)
             v = self.decoder(x.repeat(2, 1, 1, 1, 1), t_frames.repeat(2, 1), codes.repeat(2, 1, 1, 1),
-                             keep.repeat(2), null)
+                             keep.repeat(2, *([1] * (keep.dim() - 1))), null)
             return v[:B], v[B:]
 
         return vk.flow_sample(velocity_fn, noise, steps, guidance=guidance, scale=scale, shift=shift, solver=solver,
@@ -514,7 +528,7 @@ class VideoFlexTok(nn.Module):
         self.check_tokens(tokens)
         cfg = self.cfg
         B, T, K = tokens.shape
-        keep = _keep_tensor(keep, B, cfg.registers, tokens.device).clamp(max=K)
+        keep = _keep_tensor(keep, B, cfg.registers, tokens.device, frames=T).clamp(max=K)
         codes = vk.fsq_indices_to_codes(tokens, cfg.fsq_levels)
         C, h, w = cfg.compressor.latent_channels, *cfg.latent_hw
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -526,7 +540,8 @@ class VideoFlexTok(nn.Module):
             end = min(start + Tc, T)
             prefix_len = new - start
             prefix = out[:, :, start:new] if prefix_len else None
-            x = self._sample_chunk(codes[:, start:end], keep, noise[:, :, start:end], prefix, prefix_len, steps,
+            k = keep[:, start:end] if keep.dim() == 2 else keep
+            x = self._sample_chunk(codes[:, start:end], k, noise[:, :, start:end], prefix, prefix_len, steps,
                                    guidance, scale, solver, shift, apg_momentum, progress)
             out[:, :, new:end] = x[:, :, prefix_len:]
         return out
@@ -538,7 +553,8 @@ class VideoFlexTok(nn.Module):
         """tokens int [B, T', K] -> video float32 [B, 3, T, H, W] (clamped to [-1, 1]).
 
         keep: None (all), an int or an int tensor [B] in [0, R]: use only the first keep
-        tokens of every latent frame. guidance "none" | "cfg" | "apg" with ``scale``;
+        tokens of every latent frame; or [B, T'] for a number per latent frame (models with
+        dropout_mode "mask_token", e.g. from ``vft.adaptive.search_keep``). guidance "none" | "cfg" | "apg" with ``scale``;
         solver "euler" | "heun"; the same seed gives the same output."""
         lat = self.detokenize_latents(tokens, keep, steps, guidance, scale, solver, seed, shift, apg_momentum,
                                       progress)

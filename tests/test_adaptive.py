@@ -1,0 +1,153 @@
+"""vft.adaptive.search_keep (issue #13) on stub models whose quality as a function of the
+token count is known exactly (monotone, non-monotone, and frame-causal), and on a real
+micro model."""
+import math
+import types
+
+import pytest
+import torch
+
+from vft.adaptive import search_keep
+from vft.config import preset
+from vft.metrics import psnr
+from vft.model import VideoFlexTok
+
+
+class Stub:
+    """Reconstruction = video + a constant error per latent frame chosen so that frame t's
+    PSNR is ``curve[keep_t] - causal * (R - keep_{t-1})`` (temporal factor 1)."""
+
+    def __init__(self, curve, causal=0.0, frames=4):
+        self.curve, self.causal = curve, causal
+        R = len(curve) - 1
+        self.cfg = types.SimpleNamespace(registers=R, latent_frames=frames, chunk_overlap=1,
+                                         compressor=types.SimpleNamespace(kind="pixel", temporal_factor=1))
+        self.video = None
+        self.calls = 0
+
+    chunks = VideoFlexTok.chunks
+
+    def frame_psnr(self, keep_row, t):
+        prev = self.cfg.registers if t == 0 else int(keep_row[t - 1])
+        return self.curve[int(keep_row[t])] - self.causal * (self.cfg.registers - prev)
+
+    def tokenize(self, video):
+        self.video = video
+        return torch.zeros(video.shape[0], video.shape[2], self.cfg.registers, dtype=torch.int32)
+
+    def detokenize(self, tokens, keep=None, **kw):
+        self.calls += 1
+        B, T = tokens.shape[:2]
+        keep = keep if keep.dim() == 2 else keep[:, None].expand(B, T)
+        out = torch.empty(B, 3, T, 4, 4, dtype=torch.float64)
+        for b in range(B):
+            for t in range(T):
+                delta = 2 * 10 ** (-self.frame_psnr(keep[b], t) / 20)
+                out[b, :, t] = delta
+        return out
+
+
+def _video(B=1, T=4):
+    return torch.zeros(B, 3, T, 4, 4, dtype=torch.float64)
+
+
+MONO = [None, 10.0, 13.0, 15.0, 16.5, 17.5, 18.2, 18.8, 19.3, 19.7, 20.0, 20.2, 20.4, 20.5, 20.6, 20.7, 20.8]
+
+
+@pytest.mark.parametrize("target", [9.0, 13.0, 15.1, 18.8, 20.75, 20.8])
+def test_clip_search_finds_the_smallest_k(target):
+    stub = Stub(MONO)
+    res = search_keep(stub, _video(2), target=target)
+    want = next(k for k in range(1, 17) if MONO[k] >= target)
+    assert res["keep"].tolist() == [[want] * 4] * 2
+    assert res["quality"].tolist() == pytest.approx([MONO[want]] * 2, abs=1e-9)
+    assert res["mean_tokens"].tolist() == [want, want]
+    # bisection: about log2(R) + 1 evaluations per clip (+ K - 1 verified, + the final decode)
+    assert res["evaluations"] <= 2 * (math.ceil(math.log2(16)) + 3)
+
+
+def test_non_monotone_curve():
+    curve = [None, 10.0, 12.0, 11.0, 11.2, 11.4, 13.0, 14.0, 15.0]
+    stub = Stub(curve)
+    exact = search_keep(stub, _video(), target=11.5, exact=True)
+    assert exact["keep"][0].tolist() == [2] * 4  # the smallest K with quality >= 11.5
+    fast = search_keep(stub, _video(), target=11.5)
+    k = int(fast["keep"][0, 0])  # bisection's answer is verified: meets the target, K - 1 misses
+    assert curve[k] >= 11.5 and curve[k - 1] < 11.5
+
+
+def test_frame_search_accounts_for_earlier_frames():
+    """Frame t's quality drops when frame t - 1 keeps fewer tokens; the per-frame search fixes
+    earlier frames first, so every frame meets the target and each K is minimal given them."""
+    stub = Stub(MONO, causal=0.3)
+    res = search_keep(stub, _video(), target=17.0, granularity="frame")
+    row = res["keep"][0]
+    for t in range(4):
+        assert stub.frame_psnr(row, t) >= 17.0
+        smaller = row.clone()
+        smaller[t] -= 1
+        assert stub.frame_psnr(smaller, t) < 17.0
+    assert row.tolist() != [row[0].item()] * 4  # later frames need more than frame 0
+    assert res["mean_tokens"][0] < 16
+    clip = search_keep(stub, _video(), target=17.0)  # the clip's PSNR (all frames' MSE) meets it
+    assert clip["quality"][0] >= 17.0 and len(set(clip["keep"][0].tolist())) == 1
+
+
+def test_chunk_search_is_constant_per_chunk():
+    stub = Stub(MONO, causal=0.3)
+    res = search_keep(stub, _video(T=10), target=17.0, granularity="chunk")
+    row = res["keep"][0].tolist()
+    assert [(s, n) for s, n in stub.chunks(10)] == [(0, 0), (3, 4), (6, 7)]
+    assert len(set(row[0:4])) == 1 and len(set(row[4:7])) == 1 and len(set(row[7:10])) == 1
+    for t in range(10):
+        assert stub.frame_psnr(res["keep"][0], t) >= 17.0 - 1e-9 or t not in (0, 4, 7)
+
+
+def test_tradeoff_form_matches_brute_force():
+    stub = Stub(MONO)
+    for lam in (0.0, 0.25, 0.65, 2.5):  # no ties between neighbouring K
+        res = search_keep(stub, _video(), lam=lam)
+        want = max(range(1, 17), key=lambda k: (MONO[k] - lam * k, -k))
+        assert res["keep"][0].tolist() == [want] * 4, lam
+
+
+def test_bad_targets_are_clear_errors():
+    stub = Stub(MONO)
+    with pytest.raises(ValueError, match=r"unreachable for clip 0, latent frames 0..3: all R = 16 tokens give 20.8"):
+        search_keep(stub, _video(), target=25.0)
+    for bad in (-1.0, float("nan"), float("inf"), "20", True):
+        with pytest.raises(ValueError, match="target must be"):
+            search_keep(stub, _video(), target=bad)
+    with pytest.raises(ValueError, match="exactly one of target"):
+        search_keep(stub, _video())
+    with pytest.raises(ValueError, match="exactly one of target"):
+        search_keep(stub, _video(), target=10.0, lam=0.1)
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        search_keep(stub, _video(), target=10.0, granularity="scene")
+    with pytest.raises(ValueError, match="metric must be one of"):
+        search_keep(stub, _video(), target=10.0, metric="lpips")
+    with pytest.raises(ValueError, match="SSIM target must be <= 1"):
+        search_keep(stub, _video(), target=20.0, metric="ssim")
+    with pytest.raises(ValueError, match=r"video must be a float tensor \[B, 3, T, H, W\]"):
+        search_keep(stub, torch.zeros(3, 4, 4, 4), target=10.0)
+
+
+def test_real_model_per_frame_answer_reproduces():
+    """On a (random) micro model: the per-frame keeps decode to the reported quality, and
+    every frame meets a target that every frame reaches with all R tokens."""
+    torch.manual_seed(0)
+    m = VideoFlexTok(preset("micro")).eval()
+    with torch.no_grad():
+        for name, p in m.decoder.named_parameters():
+            if "modulation" in name or name.startswith("head"):
+                p.normal_(0, 0.05)
+    video = torch.rand(1, 3, 4, 16, 16) * 2 - 1
+    kw = dict(steps=2, guidance="none")
+    tok = m.tokenize(video)
+    full = m.detokenize(tok, keep=4, **kw)
+    target = min(psnr(full[:, :, t], video[:, :, t]) for t in range(4)) - 0.05
+    res = search_keep(m, video, target=target, granularity="frame", **kw)
+    rec = m.detokenize(res["tokens"], keep=res["keep"], **kw)
+    assert res["quality"][0].item() == pytest.approx(psnr(rec, video), abs=1e-6)
+    for t, q in enumerate(res["group_quality"][0]):
+        assert q >= target and 1 <= res["keep"][0, t] <= 4
