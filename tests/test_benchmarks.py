@@ -234,3 +234,33 @@ def test_linear_bounds_reports_both_backgrounds(capsys):
     (calm_base, calm_pca), (busy_base, busy_pca) = numbers(calm), numbers(busy)
     assert calm_pca[24] > calm_pca[4] > calm_base - 0.5 and busy_pca[24] > busy_pca[4]
     assert calm_pca[24] > busy_pca[24]
+
+
+def test_eval_adaptive_policies_on_a_micro_model(tmp_path):
+    """benchmarks.eval_adaptive: the five clip kinds, and the policies' numbers follow from
+    the measured quality-by-K curves (fixed K = smallest K whose mean reaches the target;
+    per-clip oracle = each clip's smallest K, R when unreachable)."""
+    from benchmarks import eval_adaptive as ea
+    from vft.config import preset
+    from vft.model import VideoFlexTok
+
+    torch.manual_seed(0)
+    m = VideoFlexTok(preset("micro")).eval()
+    with torch.no_grad():
+        for name, p in m.decoder.named_parameters():
+            if "modulation" in name or name.startswith("head"):
+                p.normal_(0, 0.05)
+    clips, kinds = ea.mixed_clips(m.cfg, 1)
+    assert clips.shape == (5, 3, 4, 16, 16) and kinds == list(ea.KINDS)
+    assert torch.equal(clips[0, :, 0], clips[0, :, 3])  # static
+    sampling = dict(steps=1, guidance="none")
+    first = ea.evaluate(m, clips, kinds, [0.0], sampling, progress=False)
+    curve = first["mean_psnr_by_k"]
+    targets = [min(curve) - 1, max(curve) + 50]
+    res = ea.evaluate(m, clips, kinds, targets, sampling, progress=False)
+    easy, impossible = res["rows"]
+    assert easy["fixed_k"] == 1 and easy["oracle_clip_tokens"] <= 4 and easy["oracle_frame_tokens"] >= 1
+    assert impossible["fixed_k"] is None and impossible["oracle_clip_tokens"] == 4
+    assert impossible["oracle_frame_tokens"] == 4
+    ea.plot(res, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
