@@ -66,3 +66,20 @@ def _interpreter_rounds_bf16_to_nearest():
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_rounds_bf16_to_nearest()
+
+
+def _token_sensitive(model, seed: int = 0):
+    """Leave adaLN-zero's identity start: give the decoder's modulation and head small random
+    weights, so a fresh (or briefly trained) model's output depends on its tokens."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.decoder.named_parameters():
+            if "modulation" in name or name.startswith("head"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.fixture
+def token_sensitive():
+    """``token_sensitive(model)``: see _token_sensitive."""
+    return _token_sensitive

@@ -236,7 +236,7 @@ def test_linear_bounds_reports_both_backgrounds(capsys):
     assert calm_pca[24] > busy_pca[24]
 
 
-def test_eval_adaptive_policies_on_a_micro_model(tmp_path):
+def test_eval_adaptive_policies_on_a_micro_model(tmp_path, token_sensitive):
     """benchmarks.eval_adaptive: the five clip kinds, and the policies' numbers follow from
     the measured quality-by-K curves (fixed K = smallest K whose mean reaches the target;
     per-clip oracle = each clip's smallest K, R when unreachable)."""
@@ -245,11 +245,7 @@ def test_eval_adaptive_policies_on_a_micro_model(tmp_path):
     from vft.model import VideoFlexTok
 
     torch.manual_seed(0)
-    m = VideoFlexTok(preset("micro")).eval()
-    with torch.no_grad():
-        for name, p in m.decoder.named_parameters():
-            if "modulation" in name or name.startswith("head"):
-                p.normal_(0, 0.05)
+    m = token_sensitive(VideoFlexTok(preset("micro")).eval())
     clips, kinds = ea.mixed_clips(m.cfg, 1)
     assert clips.shape == (5, 3, 4, 16, 16) and kinds == list(ea.KINDS)
     assert torch.equal(clips[0, :, 0], clips[0, :, 3])  # static

@@ -50,7 +50,7 @@ def test_tokenize_detokenize_reconstruct(trained, capsys):
     assert "codebook usage" in capsys.readouterr().out
 
 
-def test_tokenize_with_a_target_psnr_stores_per_frame_keep(trained, capsys, monkeypatch):
+def test_tokenize_with_a_target_psnr_stores_per_frame_keep(trained, capsys, monkeypatch, token_sensitive):
     """`vft tokenize --target-psnr` stores the per-latent-frame token counts found by
     search_keep; `vft detokenize` uses them (and --keep overrides them)."""
     import vft.cli as cli
@@ -59,13 +59,7 @@ def test_tokenize_with_a_target_psnr_stores_per_frame_keep(trained, capsys, monk
     real_load = cli.ckpt.load_model
 
     def load_sensitive(*a, **k):  # a 2-step model's zero-initialised head ignores the tokens
-        m = real_load(*a, **k)
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, p in m.decoder.named_parameters():
-                if "modulation" in name or name.startswith("head"):
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        return m
+        return token_sensitive(real_load(*a, **k))
 
     monkeypatch.setattr(cli.ckpt, "load_model", load_sensitive)
     tok = str(root / "adaptive.safetensors")
