@@ -263,6 +263,11 @@ def test_memoised_selection_follows_the_forced_backend(monkeypatch):
     torch.testing.assert_close(a, b)
     assert torch.equal(a, a2)
     for i in range(2 * flow_ops._MAX_TIMES):  # the float-time memo stays bounded
-        flow_ops._float_times(i / 7, 3, x.device)
+        flow_ops._float_times(i / 7, 3, x.device, x)
     assert len(flow_ops._TIMES) <= flow_ops._MAX_TIMES
-    assert torch.equal(flow_ops._float_times(0.75, 3, x.device), torch.full((3,), 0.75))
+    assert torch.equal(flow_ops._float_times(0.75, 3, x.device, x), torch.full((3,), 0.75))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:  # tracing: nothing fake may enter the memo
+        flow_ops._float_times(0.3125, 3, x.device, mode.from_tensor(x))
+    assert (0.3125, 3, x.device) not in flow_ops._TIMES

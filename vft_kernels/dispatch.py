@@ -253,7 +253,10 @@ def call_cached(op: str, key: tuple, device: torch.device, *args):
     one dictionary lookup instead of the walk over backends. The memo also keys on
     everything else selection reads (the forced backend, ``TRITON_INTERPRET``, the device)."""
     k = (op, key, device, forced_backend(), os.environ.get("TRITON_INTERPRET"))
-    fn = _SELECTED.get(k)
+    try:
+        fn = _SELECTED.get(k)
+    except TypeError:  # symbolic shapes (torch.export tracing) are not hashable: select afresh
+        return call(op, device, *args)
     if fn is None:
         fn = select(op, device, *args)[1]
         if len(_SELECTED) >= _MAX_SELECTED:

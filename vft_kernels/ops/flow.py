@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+from torch.utils import _python_dispatch
 
 from .. import dispatch
 from ..reference import flow as ref
@@ -48,9 +49,14 @@ _TIMES: dict = {}
 _MAX_TIMES = 512
 
 
-def _float_times(value: float, B: int, device: torch.device) -> torch.Tensor:
+def _float_times(value: float, B: int, device: torch.device, like: torch.Tensor) -> torch.Tensor:
     """A float32 [B] tensor filled with ``value``, memoised (a sampler asks for the same
-    few dozen times every call; the kernels only read them)."""
+    few dozen times every call; the kernels only read them). Only plain eager tensors are
+    memoised: never while compiling, exporting or under any other tracing mode (``like``,
+    the step's x, is then a fake / proxy tensor or a mode is active)."""
+    if (type(B) is not int or type(like) is not torch.Tensor or torch.compiler.is_compiling()
+            or _python_dispatch._get_current_dispatch_mode() is not None):
+        return torch.full((B,), value, dtype=torch.float32, device=device)
     key = (value, B, device)
     out = _TIMES.get(key)
     if out is None:
@@ -75,7 +81,7 @@ def _time_tensors(t: Time, t_next: Time, x: torch.Tensor):
                 raise ValueError(f"flow_step: {name} must be on x's device {x.device}, got {value.device}")
             out.append(value.to(torch.float32))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out.append(_float_times(float(value), B, x.device))
+            out.append(_float_times(float(value), B, x.device, x))
         else:
             raise TypeError(f"flow_step: {name} must be a float or a float tensor [B], got {type(value).__name__}")
     if not isinstance(t, torch.Tensor) and not isinstance(t_next, torch.Tensor) and not t_next < t:
