@@ -38,9 +38,10 @@ pybind11::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "vft kernels: CPU (and CUDA, if built) kernels of FSQ, register attention, flow step";
+  m.doc() = "vft kernels: CPU (and CUDA, if built) kernels of FSQ, register attention, flow step, transformer-block ops";
   m.def("build_info", &build_info, "Build metadata: compiler, flags, torch version, CUDA archs.");
   vft::bind_fsq(m);
   vft::bind_attention(m);
   vft::bind_flow(m);
+  vft::bind_block(m);
 }

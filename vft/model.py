@@ -87,8 +87,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: vk.RegisterLayout, keep: Optional[torch.Tensor]) -> torch.Tensor:
         B, N, W = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        qkv = self.qkv(x)
+        # split + per-head RMSNorm of q and k in one op (vk.qk_rms_norm), into [B, H, N, D]
+        q, k, v = vk.qk_rms_norm(qkv, self.heads, self.q_norm.weight, self.k_norm.weight, eps=self.q_norm.eps)
         # The kernel has its own precision rules (fp32 softmax); keep autocast out of it.
         with torch.autocast(x.device.type, enabled=False):
             out = vk.register_attention(q, k, v, layout, keep=keep)
@@ -102,8 +103,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, width, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(vk.swiglu(self.gate_up(x)))
 
 
 class EncoderBlock(nn.Module):
@@ -135,16 +135,14 @@ class DecoderBlock(nn.Module):
     def forward(self, x, c, layout, keep):
         """x [B, T, S, W] (S = P + R tokens per frame), c [B, T, W] -> [B, T, S, W]."""
         B, T, S, W = x.shape
-        mod = self.modulation(F.silu(c)).reshape(B, T, 2, 6, 1, W)
-        is_reg = (torch.arange(S, device=x.device) >= layout.patches)[:, None]  # [S, 1]
-
-        def param(i):  # [B, T, S, W]: the patch or the register value of modulation vector i
-            return torch.where(is_reg, mod[:, :, 1, i], mod[:, :, 0, i])
-
-        h = self.norm1(x) * (1 + param(1)) + param(0)
-        x = x + param(2) * self.attn(h.reshape(B, T * S, W), layout, keep).reshape(B, T, S, W)
-        h = self.norm2(x) * (1 + param(4)) + param(3)
-        return x + param(5) * self.mlp(h)
+        # [B, T, 2 (patch, register), 6, W] -> vector i is mod[:, :, :, i] ([B, T, 2, W]); the
+        # block ops pick the patch or register row per token from the layout.
+        mod = self.modulation(F.silu(c)).reshape(B, T, 2, 6, W).to(x.dtype)
+        eps = self.norm1.eps
+        h = vk.modulated_layer_norm(x, mod[:, :, :, 1], mod[:, :, :, 0], layout, eps=eps)
+        a = self.attn(h.reshape(B, T * S, W), layout, keep).reshape(B, T, S, W).to(x.dtype)
+        x, h = vk.gated_residual_norm(x, mod[:, :, :, 2], a, mod[:, :, :, 4], mod[:, :, :, 3], layout, eps=eps)
+        return vk.gated_residual(x, mod[:, :, :, 5], self.mlp(h).to(x.dtype), layout)
 
 
 class TimestepEmbedding(nn.Module):

@@ -24,6 +24,12 @@ Backend implementation contract (what a kernel module provides), by op key:
 * ``flow_step(out, x, v_cond, v_uncond, t, t_next, guidance, scale, apg_eta,
   apg_norm_threshold, apg_momentum, momentum, reduce_ndim, prefix, prefix_len) -> None``
 * ``flow_heun_step(out, x, v1, v2, t, t_next) -> None``
+* ``block_norm_forward(x, gate, h, scale, shift, patches, eps) -> (x_new | None, y | None)``
+* ``block_norm_backward(d_res, dy, xn, gate, h, scale, shift, patches, eps) -> (dx, dgate, dh, dscale, dshift)``
+* ``swiglu_forward(gate_up) -> out``; ``swiglu_backward(dout, gate_up) -> dgate_up``
+* ``qk_norm_forward(qkv, heads, q_weight, k_weight, eps) -> (q, k, v)``;
+  ``qk_norm_backward(dq, dk, dv, qkv, heads, q_weight, k_weight, eps) -> (dqkv, dq_weight, dk_weight)``
+  (block ops: docs/spec_block_ops.md; gate/h or scale/shift may be None)
 
 Arguments arrive validated by ``vft_kernels.ops`` (see each op file for exact shapes);
 tensors may have any strides. Outputs are allocated with :func:`new_output` so tests can
@@ -53,6 +59,12 @@ OPS = (
     "attention_backward",
     "flow_step",
     "flow_heun_step",
+    "block_norm_forward",
+    "block_norm_backward",
+    "swiglu_forward",
+    "swiglu_backward",
+    "qk_norm_forward",
+    "qk_norm_backward",
 )
 
 

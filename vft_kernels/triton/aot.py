@@ -20,7 +20,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-MODULES = ("fsq", "attention", "flow")
+MODULES = ("fsq", "attention", "flow", "block")
 
 
 @dataclass
