@@ -31,7 +31,7 @@ import torch
 
 from .common import Case, Context
 
-OPS = ("fsq", "flow", "attention", "e2e", "integrations")
+OPS = ("fsq", "flow", "attention", "block", "e2e", "integrations")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_CSV = os.path.join(ROOT, "benchmarks", "results", "all.csv")
 

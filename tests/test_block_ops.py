@@ -222,6 +222,7 @@ def test_public_ops_autograd_cpu_vs_reference(dtype):
         (lambda *a: vk.modulated_layer_norm(*a, layout, eps=EPS), (x, scale, shift), (dy,), 7 * 33),
         (lambda *a: vk.gated_residual(*a, 4), (x, gate, h), (d_res,), 7),
         (vk.swiglu, (torch.randn(3, 5, 18),), (torch.randn(3, 5, 9),), 1),
+        (vk.swiglu, (torch.randn(3, 5, 18), torch.randn(7, 9)), (torch.randn(3, 5, 7),), 15),
         (lambda *a: vk.qk_rms_norm(a[0], 2, a[1], a[2]), (torch.randn(2, 5, 3 * 2 * 6), torch.randn(6),
                                                           torch.randn(6)),
          tuple(torch.randn(2, 2, 5, 6) for _ in range(3)), 60),
@@ -232,6 +233,22 @@ def test_public_ops_autograd_cpu_vs_reference(dtype):
         lowp = _public_run("reference", dtype, fn, inputs, grads)
         for i, (o, a, b) in enumerate(zip(got, want, lowp)):
             assert_matches_reference(f"public output/grad {i}", o, a, b, dtype, reduction_len=n)
+
+
+def test_swiglu_with_projection_keeps_only_gate_up_for_backward():
+    """The fused down projection recomputes the activation: autograd holds gate_up and the
+    weight, not the [..., H] activation the unfused pair keeps."""
+    gu = torch.randn(4, 64, requires_grad=True)
+    w = torch.randn(8, 32, requires_grad=True)
+
+    def saved(backend):
+        sizes = []
+        with vk.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(
+                lambda t: sizes.append(tuple(t.shape)) or t, lambda t: t):
+            vk.swiglu(gu, w)
+        return sizes
+
+    assert (4, 32) not in saved("cpu") and (4, 32) in saved("reference")
 
 
 def test_public_ops_run_the_selected_backend():
@@ -252,6 +269,8 @@ def test_opcheck_block_ops():
         torch.library.opcheck(torch.ops.vft.block_norm, (args[0], None, None, args[3], args[4], 2, EPS))
         torch.library.opcheck(torch.ops.vft.block_norm, (args[0], args[1], args[2], None, None, 2, EPS))
         torch.library.opcheck(torch.ops.vft.swiglu, (torch.randn(3, 10, requires_grad=True),))
+        torch.library.opcheck(torch.ops.vft.swiglu_linear, (torch.randn(2, 3, 10, requires_grad=True),
+                                                            torch.randn(4, 5, requires_grad=True)))
         torch.library.opcheck(torch.ops.vft.qk_rms_norm, (torch.randn(2, 3, 24, requires_grad=True), 2,
                                                           torch.randn(4, requires_grad=True),
                                                           torch.randn(4, requires_grad=True), 1e-6))
@@ -281,6 +300,8 @@ def test_block_ops_bad_input_errors():
         vk.gated_residual_norm(x, m, x, m, m, layout, eps=0.0)
     with pytest.raises(ValueError, match="even last dim"):
         vk.swiglu(torch.randn(3, 5))
+    with pytest.raises(ValueError, match=r"proj_weight must be \[O, H\] with H = 3"):
+        vk.swiglu(torch.randn(3, 6), torch.randn(4, 4))
     with pytest.raises(ValueError, match=r"qkv must be \[B, N, 3 \* heads \* D\]"):
         vk.qk_rms_norm(torch.randn(2, 5, 20), 3, torch.ones(2), torch.ones(2))
     with pytest.raises(ValueError, match=r"q_weight must be \[D\] = \[4\]"):

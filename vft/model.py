@@ -103,7 +103,8 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, width, bias=False)
 
     def forward(self, x):
-        return self.down(vk.swiglu(self.gate_up(x)))
+        # the down projection inside the op: its backward recomputes the activation
+        return vk.swiglu(self.gate_up(x), self.down.weight)
 
 
 class EncoderBlock(nn.Module):

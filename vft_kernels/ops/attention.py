@@ -123,7 +123,8 @@ def _(q, k, v, blocks, patches, registers, mode, keep, scale, cu_seqlens=None, c
     B, H, N, _ = q.shape
     # lse is float32, float64 for float64 input (as the reference computes it)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q), q.new_empty((B, H, N), dtype=lse_dtype)
+    # contiguous, as every backend allocates it (empty_like would copy a permuted q's strides)
+    return q.new_empty(q.shape), q.new_empty((B, H, N), dtype=lse_dtype)
 
 
 @torch.library.custom_op("vft::register_attention_backward", mutates_args=())
@@ -138,7 +139,7 @@ def _register_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.T
 
 @_register_attention_backward.register_fake
 def _(dout, q, k, v, out, lse, blocks, patches, registers, mode, keep, scale, cu_seqlens=None):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):

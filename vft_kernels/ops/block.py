@@ -4,7 +4,7 @@ ops, autograd, backends.
 * ``modulated_layer_norm(x, scale, shift, layout)``: LN(x) (1 + scale[sel]) + shift[sel]
 * ``gated_residual(x, gate, h, layout)``: x + gate[sel] h
 * ``gated_residual_norm(x, gate, h, scale, shift, layout)``: both, in one pass
-* ``swiglu(gate_up)``: silu(gate) up
+* ``swiglu(gate_up, proj_weight=None)``: silu(gate) up (optionally @ proj_weight.T)
 * ``qk_rms_norm(qkv, heads, q_weight, k_weight)``: split + per-head RMSNorm of q and k
 
 ``x`` is ``[B, T, S, W]``: ``T`` blocks (latent frames) of ``S = P + R`` tokens; the
@@ -232,6 +232,33 @@ def _swiglu_bwd(ctx, dout):
 _swiglu.register_autograd(_swiglu_bwd, setup_context=_swiglu_setup)
 
 
+@torch.library.custom_op("vft::swiglu_linear", mutates_args=())
+def _swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(_call("swiglu_forward", gate_up.device, gate_up), weight.t())
+
+
+@_swiglu_linear.register_fake
+def _(gate_up, weight):
+    return gate_up.new_empty(tuple(gate_up.shape[:-1]) + (weight.shape[0],))
+
+
+def _swiglu_linear_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # not the activation: the backward recomputes it
+    ctx.dispatch_state = dispatch.capture_state()
+
+
+def _swiglu_linear_bwd(ctx, dout):
+    gate_up, weight = ctx.saved_tensors
+    with dispatch.restored_state(ctx.dispatch_state):
+        act = _swiglu(gate_up)
+        out_features, hidden = weight.shape
+        d_weight = torch.matmul(dout.reshape(-1, out_features).t(), act.reshape(-1, hidden))
+        return _swiglu_backward(torch.matmul(dout, weight), gate_up), d_weight
+
+
+_swiglu_linear.register_autograd(_swiglu_linear_bwd, setup_context=_swiglu_linear_setup)
+
+
 @torch.library.custom_op("vft::qk_rms_norm", mutates_args=())
 def _qk_rms_norm(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor, k_weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -330,17 +357,31 @@ def gated_residual_norm(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, sc
     return x_new, y
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+def swiglu(gate_up: torch.Tensor, proj_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up = [gate | up]`` [..., 2 H] (the fused gate/up
     projection's output) -> [..., H] in its dtype. The kernels' backward recomputes the
-    SiLU from gate_up instead of storing it."""
+    SiLU from gate_up instead of storing it.
+
+    With ``proj_weight`` [O, H] (the MLP's bias-free down projection) the result is
+    ``swiglu(gate_up) @ proj_weight.T`` [..., O], and the backward recomputes the activation
+    for the weight gradient instead of keeping the [..., H] tensor alive (activation memory:
+    gate_up only, where the unfused pair keeps gate_up and the activation)."""
     op = "swiglu"
     _check_float("gate_up", op, gate_up)
     if gate_up.dim() < 1 or gate_up.shape[-1] % 2:
         raise ValueError(f"{op}: gate_up must be [..., 2 H] with an even last dim, got shape {tuple(gate_up.shape)}")
+    if proj_weight is not None:
+        _check_float("proj_weight", op, proj_weight)
+        if proj_weight.dim() != 2 or proj_weight.shape[1] != gate_up.shape[-1] // 2:
+            raise ValueError(f"{op}: proj_weight must be [O, H] with H = {gate_up.shape[-1] // 2}, got shape "
+                             f"{tuple(proj_weight.shape)}")
+        if proj_weight.device != gate_up.device:
+            raise ValueError(f"{op}: proj_weight must be on gate_up's device ({gate_up.device}), got {proj_weight.device}")
+        proj_weight = proj_weight.to(gate_up.dtype)  # autocast: the projection runs in the activations' dtype
     if _use_reference("swiglu_forward", gate_up.device, (gate_up,), (gate_up,)):
-        return ref.swiglu(gate_up)
-    return _swiglu(gate_up)
+        act = ref.swiglu(gate_up)
+        return act if proj_weight is None else torch.nn.functional.linear(act, proj_weight)
+    return _swiglu(gate_up) if proj_weight is None else _swiglu_linear(gate_up, proj_weight)
 
 
 def qk_rms_norm(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor, k_weight: torch.Tensor,
