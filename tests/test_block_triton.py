@@ -270,6 +270,8 @@ def test_public_swiglu_qk_autograd(dtype):
     g = torch.Generator().manual_seed(321)
     gu = _rand((2, 3, 2 * 7), dtype, g, 2.0)
     _compare_op("swiglu", vk.swiglu, [gu], [_rand((2, 3, 7), dtype, g)], dtype, (1,), (1,))
+    w = _rand((5, 7), dtype, g)
+    _compare_op("swiglu+proj", vk.swiglu, [gu, w], [_rand((2, 3, 5), dtype, g)], dtype, (7,), (5, 6))
     B, N, H, D = 2, 3, 2, 6
     qkv = _rand((B, N, 3 * H * D), dtype, g)
     wq, wk = _rand((D,), dtype, g, 0.3, 1.0), _rand((D,), dtype, g, 0.3, 1.0)
