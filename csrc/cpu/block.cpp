@@ -169,14 +169,25 @@ void block_norm_backward_impl(const OptT& d_res, const OptT& dy, const at::Tenso
   at::parallel_for(0, frames, std::max<int64_t>(1, grain_rows(W * S)), [&](int64_t f_begin, int64_t f_end) {
     std::vector<float> mem(3 * W);
     float *xh = mem.data(), *dyh = xh + W, *gf = dyh + W;
-    // sums over up to S tokens: double, so they stay as accurate as a pairwise float sum
+    // Sums over the S tokens of a frame: float partials over kFold tokens (vectorised), folded
+    // into double, so they stay at least as accurate as a pairwise float sum.
+    constexpr int64_t kFold = 16;
+    std::vector<float> part(6 * W);
     std::vector<double> acc(6 * W);
-    double* acc_sc = acc.data();     // [2, W]
-    double* acc_sh = acc_sc + 2 * W;  // [2, W]
-    double* acc_g = acc_sh + 2 * W;   // [2, W]
+    float* acc_sc = part.data();     // [2, W]
+    float* acc_sh = acc_sc + 2 * W;  // [2, W]
+    float* acc_g = acc_sh + 2 * W;   // [2, W]
+    auto fold = [&]() {
+      for (int64_t i = 0; i < 6 * W; ++i) {
+        acc[i] += part[i];
+        part[i] = 0.0f;
+      }
+    };
     for (int64_t f = f_begin; f < f_end; ++f) {
-      std::fill(acc_sc, acc_sc + 6 * W, 0.0);
+      std::fill(acc.begin(), acc.end(), 0.0);
+      std::fill(part.begin(), part.end(), 0.0f);
       for (int64_t s = 0; s < S; ++s) {
+        if (s % kFold == kFold - 1) fold();
         const int64_t r = f * S + s;
         if (drp != nullptr) {
           load_row(gf, drp + r * W, W);
@@ -191,8 +202,8 @@ void block_norm_backward_impl(const OptT& d_res, const OptT& dy, const at::Tenso
           const int64_t ks = (Ksc == 2 && s >= P) ? 1 : 0;
           const T* sc = scp + (f * Ksc + ks) * W;
           const T* dyr = dyp + r * W;
-          double* asc = acc_sc + ks * W;
-          double* ash = acc_sh + ks * W;
+          float* asc = acc_sc + ks * W;
+          float* ash = acc_sh + ks * W;
 #pragma GCC ivdep
           for (int64_t w = 0; w < W; ++w) {
             const float d = static_cast<float>(dyr[w]);
@@ -214,7 +225,7 @@ void block_norm_backward_impl(const OptT& d_res, const OptT& dy, const at::Tenso
           const T* gt = gp + (f * Kg + kg) * W;
           const T* hr = hp + r * W;
           T* dhr = dho + r * W;
-          double* ag = acc_g + kg * W;
+          float* ag = acc_g + kg * W;
 #pragma GCC ivdep
           for (int64_t w = 0; w < W; ++w) {
             dhr[w] = static_cast<T>(gf[w] * static_cast<float>(gt[w]));
@@ -222,12 +233,16 @@ void block_norm_backward_impl(const OptT& d_res, const OptT& dy, const at::Tenso
           }
         }
       }
+      fold();
+      const double* tot_sc = acc.data();
+      const double* tot_sh = tot_sc + 2 * W;
+      const double* tot_g = tot_sh + 2 * W;
       if (dsco != nullptr) {
         for (int64_t k = 0; k < Ksc; ++k) {
           for (int64_t w = 0; w < W; ++w) {
             // K = 1: both kinds' sums go to the one shared row
-            const double vsc = Ksc == 2 ? acc_sc[k * W + w] : acc_sc[w] + acc_sc[W + w];
-            const double vsh = Ksc == 2 ? acc_sh[k * W + w] : acc_sh[w] + acc_sh[W + w];
+            const double vsc = Ksc == 2 ? tot_sc[k * W + w] : tot_sc[w] + tot_sc[W + w];
+            const double vsh = Ksc == 2 ? tot_sh[k * W + w] : tot_sh[w] + tot_sh[W + w];
             dsco[(f * Ksc + k) * W + w] = static_cast<T>(vsc);
             dsho[(f * Ksc + k) * W + w] = static_cast<T>(vsh);
           }
@@ -236,7 +251,7 @@ void block_norm_backward_impl(const OptT& d_res, const OptT& dy, const at::Tenso
       if (dgo != nullptr) {
         for (int64_t k = 0; k < Kg; ++k) {
           for (int64_t w = 0; w < W; ++w) {
-            dgo[(f * Kg + k) * W + w] = static_cast<T>(Kg == 2 ? acc_g[k * W + w] : acc_g[w] + acc_g[W + w]);
+            dgo[(f * Kg + k) * W + w] = static_cast<T>(Kg == 2 ? tot_g[k * W + w] : tot_g[w] + tot_g[W + w]);
           }
         }
       }
@@ -454,10 +469,17 @@ void qk_norm_backward_impl(const T* dq, const T* dk, const T* dv, const at::Tens
   const T* in = qkv.data_ptr<T>();
   const T* grads[3] = {dq, dk, dv};
   at::parallel_for(0, B * N, grain_rows(3 * H * D), [&](int64_t begin, int64_t end) {
-    std::vector<float> mem(3 * D);
-    float *x = mem.data(), *gw = x + D, *dy = gw + D;
+    std::vector<float> mem(5 * D, 0.0f);
+    float *x = mem.data(), *gw = x + D, *dy = gw + D, *part_acc = dy + D;  // float partials [2, D]
     double* dw = dw_partial + at::get_thread_num() * 2 * D;
+    auto fold = [&]() {  // float partials over a few rows, folded into double (vectorised sums)
+      for (int64_t i = 0; i < 2 * D; ++i) {
+        dw[i] += part_acc[i];
+        part_acc[i] = 0.0f;
+      }
+    };
     for (int64_t bn = begin; bn < end; ++bn) {
+      if ((bn - begin) % 8 == 7) fold();
       const int64_t b = bn / N, n = bn % N;
       for (int64_t part = 0; part < 3; ++part) {
         for (int64_t hd = 0; hd < H; ++hd) {
@@ -472,7 +494,7 @@ void qk_norm_backward_impl(const T* dq, const T* dk, const T* dv, const at::Tens
           load_row(dy, g, D);
           const float r = static_cast<float>(1.0 / std::sqrt(lane_dot(x, x, D) / D + eps));
           const float* w = wts + part * D;
-          double* dwp = dw + part * D;
+          float* dwp = part_acc + part * D;
 #pragma GCC ivdep
           for (int64_t i = 0; i < D; ++i) {
             gw[i] = dy[i] * w[i];
@@ -484,6 +506,7 @@ void qk_norm_backward_impl(const T* dq, const T* dk, const T* dv, const at::Tens
         }
       }
     }
+    fold();
   });
 }
 
