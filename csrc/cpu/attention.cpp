@@ -489,8 +489,10 @@ void attention_backward_cpu(const at::Tensor& dout, const at::Tensor& q, const a
   check_out(dv, q.scalar_type(), q.sizes(), "attention: dv");
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), dof = as_f32(dout);
   const at::Tensor qtf = qf.transpose(-1, -2).contiguous(), dotf = dof.transpose(-1, -2).contiguous();
+  // One pass in the common case: a finite sum means every element is finite (a NaN or inf
+  // makes the sum non-finite); otherwise, or if the sum overflowed, non-finite entries are zeroed.
   const auto finite = [](const at::Tensor& t) {
-    return t.isfinite().all().item<bool>() ? t : at::where(t.isfinite(), t, 0.0f).contiguous();
+    return std::isfinite(t.sum().item<float>()) ? t : at::where(t.isfinite(), t, 0.0f).contiguous();
   };
   const at::Tensor q_fin = finite(qf), k_fin = finite(kf);
   // delta = rowsum(dO * O); lse in log2 units, +inf on dropped rows so exp2(s - lse2) = 0.
