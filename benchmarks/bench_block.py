@@ -21,7 +21,7 @@ import torch
 import vft_kernels as vk
 from vft_kernels.reference import block as ref
 
-from .common import Case, Context
+from .common import Case, Context, train_step_fn
 
 # the tiny decoder's block activations: B = 8 clips, T' = 4 latent frames of 64 patches + 16 registers
 B, T, P, R, W = 8, 4, 64, 16, 128
@@ -139,15 +139,6 @@ def saved_activation_bytes(model, video, inputs) -> int:
     return sum(seen.values())
 
 
-def _train_step(model, opt, video, inputs):
-    def step():
-        loss = model(video, **inputs)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
-
-
 def _time(fn, reps: int) -> float:
     fn()
     ts = []
@@ -165,12 +156,12 @@ def targets(rounds: int, reps: int, batch: int, widths, compile_ref: bool, out_d
     setups = {w: _model_setup(w, batch, device) for w in widths}
     runs = {}
     for w, (cfg, model, opt, video, inputs) in setups.items():
-        step = _train_step(model, opt, video, inputs)
+        step = train_step_fn(model, opt, video, inputs)
         for backend in (fast, "reference"):
             runs[(f"train step {cfg.name}", backend)] = (lambda b=backend, s=step: _with(b, s))
         if compile_ref:
             compiled = torch.compile(model, dynamic=False)
-            cstep = _train_step(compiled, opt, video, inputs)
+            cstep = train_step_fn(compiled, opt, video, inputs)
             runs[(f"train step {cfg.name}", "compile(reference)")] = (lambda s=cstep: _with("reference", s))
         for backend in (fast, "reference"):
             with vk.use_backend(backend):

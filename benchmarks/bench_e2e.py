@@ -12,7 +12,7 @@ from vft.data import SyntheticVideos
 from vft.model import VideoFlexTok
 from vft.train import draw, make_optimizer
 
-from .common import Case, Context
+from .common import Case, Context, train_step_fn
 
 OPS = ("fsq_forward", "fsq_decode", "attention_forward", "attention_backward", "flow_step")
 
@@ -48,12 +48,7 @@ def cases(ctx: Context) -> list[Case]:
     train_model = VideoFlexTok(cfg).to(ctx.device).train()
     opt = make_optimizer(train_model, tcfg)
 
-    def train_step():
-        loss = train_model(video, **inputs)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
+    train_step = train_step_fn(train_model, opt, video, inputs)
 
     shape = f"B={batch} {cfg.frames}x{cfg.height}x{cfg.width} T'={cfg.latent_frames} P={cfg.patches} R={cfg.registers}"
     out = []

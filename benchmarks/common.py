@@ -38,3 +38,14 @@ class Case:
     flops: Optional[float] = None  # useful flops, for GFLOP/s
     extra: dict = field(default_factory=dict)  # more columns (e.g. density, keep)
     skipped: Optional[str] = None  # why this case is not timed here (then fn is None)
+
+
+def train_step_fn(model, opt, video, inputs):
+    """One training step of a VideoFlexTok (forward, backward, optimizer) as a closure."""
+    def step():
+        loss = model(video, **inputs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return step

@@ -81,6 +81,14 @@ inline double lane_dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// LayerNorm statistics of a float row: mean and 1 / sqrt(biased variance + eps), two-pass.
+inline void row_stats(const float* p, int64_t n, double eps, float& mean, float& rstd) {
+  const double mu = lane_sum(p, n) / n;
+  const double var = lane_sq_dev(p, n, static_cast<float>(mu)) / n;
+  mean = static_cast<float>(mu);
+  rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
+}
+
 template <typename T>
 inline void load_row(float* dst, const T* src, int64_t n) {
 #pragma GCC ivdep
@@ -141,9 +149,8 @@ void block_norm_forward_impl(const at::Tensor& x, const OptT& gate, const OptT& 
         load_row(b, xr, W);
       }
       if (yo == nullptr) continue;
-      const double mean = lane_sum(b, W) / W;
-      const double var = lane_sq_dev(b, W, static_cast<float>(mean)) / W;
-      const float m = static_cast<float>(mean), rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
+      float m, rstd;
+      row_stats(b, W, eps, m, rstd);
       const T* sc = scp + geo.mod_row(r, Ksc) * W;
       const T* sh = shp + geo.mod_row(r, Ksh) * W;
       T* out = yo + r * W;
@@ -196,9 +203,8 @@ void block_norm_backward_impl(const OptT& d_res, const OptT& dy, const at::Tenso
         }
         if (norm) {
           load_row(xh, xp + r * W, W);
-          const double mean = lane_sum(xh, W) / W;
-          const double var = lane_sq_dev(xh, W, static_cast<float>(mean)) / W;
-          const float m = static_cast<float>(mean), rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
+          float m, rstd;
+          row_stats(xh, W, eps, m, rstd);
           const int64_t ks = (Ksc == 2 && s >= P) ? 1 : 0;
           const T* sc = scp + (f * Ksc + ks) * W;
           const T* dyr = dyp + r * W;
