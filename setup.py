@@ -128,7 +128,8 @@ setup(
     description="Kernels (Triton, CUDA, CPU) and a model layer for flexible-length video tokenizers",
     packages=find_packages(include=["vft_kernels", "vft_kernels.*", "vft", "vft.*"]),
     # The shipped tokenizer weights (vft.load_pretrained) travel in the wheel.
-    package_data={"vft": ["pretrained/*/config.json", "pretrained/*/model.safetensors"]},
+    package_data={"vft": ["pretrained/*/config.json", "pretrained/*/model.safetensors", "pretrained/*/router.json",
+                          "pretrained/*/router.safetensors"]},
     python_requires=">=3.10",
     install_requires=[f"torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}", "numpy", "safetensors", "tqdm"],
     extras_require={

@@ -23,7 +23,14 @@ the clips, by the mean tokens per latent frame they spend:
   only the guide).
 
 The saving is ``1 - tokens(oracle) / tokens(fixed)``. Writes ``eval_adaptive.csv`` / ``.json``
-/ ``.png`` into ``--out``. The learned router of issue #13 is not built yet, so it has no row.
+/ ``.png`` into ``--out``.
+
+With ``--router`` the learned router (``vft.router``) is a third policy: the oracle-frame
+rule (argmax_K PSNR(K) - lambda K per latent frame) on the router's *predicted* curves (one
+prediction per clip, no decodes), its keeps decoded, and the cheapest lambda whose decoded
+mean PSNR reaches the target taken (the same equal-mean-PSNR rule as the oracles; columns
+``router_*``). Also reported: the
+router's time per clip against one decode.
 """
 from __future__ import annotations
 
@@ -31,37 +38,40 @@ import argparse
 import csv
 import json
 import os
+import sys
 
 import torch
 from tqdm.auto import tqdm
 
 from vft import checkpoint as ckpt
-from vft.data import DETAILED_WAVES, synthetic_video, to_model_range
-from vft.data import HELDOUT_SEED
+from vft.adaptive import KINDS, mixed_clips  # noqa: F401 (mixed_clips is re-exported for callers)
 from vft.metrics import psnr
 from vft.pretrained import load_pretrained
 
-KINDS = ("static", "slow", "fast", "cluttered", "cut")
+# 0, 40 values log-spaced over 0.01 .. 5 dB per token, and "one token per frame"
+LAMBDAS = (0.0,) + tuple(0.01 * 500 ** (i / 39) for i in range(40)) + (1e9,)
 
 
-def mixed_clips(cfg, per_kind: int, seed: int = HELDOUT_SEED + 50_000) -> tuple[torch.Tensor, list[str]]:
-    """``per_kind`` held-out clips of each kind in KINDS: ([n, 3, T, H, W] in [-1, 1], kinds)."""
-    T, H, W = cfg.frames, cfg.height, cfg.width
-    clips, kinds = [], []
-    for i in range(per_kind):
-        s = seed + 10 * i
-        base = synthetic_video(s, T, H, W)
-        clips += [base[:1].expand(T, H, W, 3), base, synthetic_video(s + 1, 3 * T, H, W)[::3],
-                  synthetic_video(s + 2, T, H, W, wave_cycles=DETAILED_WAVES),
-                  torch.cat([base[:T // 2], synthetic_video(s + 3, T, H, W)[T // 2:]])]
-        kinds += list(KINDS)
-    return torch.stack([to_model_range(c.contiguous()) for c in clips]), kinds
+def router_frontier(model, router, clips, tokens, sampling) -> tuple[list, float]:
+    """(points (mean tokens per latent frame, mean decoded PSNR, lambda), seconds of one
+    router call per clip): each latent frame takes argmax_K predicted PSNR(K) - lambda K on
+    the router's predicted curves (the oracle-frame rule without its R decodes per clip),
+    for each lambda of LAMBDAS; the keeps are then decoded and measured."""
+    import time
+
+    t0 = time.perf_counter()
+    pred = router.predict(model, clips, tokens)  # [n, T, R], one pass
+    per_clip = (time.perf_counter() - t0) / len(clips)
+    points = []
+    for lam in LAMBDAS:
+        keep = router.keep_for_lambda(model, clips, lam, pred=pred)
+        got = [psnr(model.detokenize(tokens[i:i + 1], keep=keep[i:i + 1], **sampling)[0], clips[i])
+               for i in range(len(clips))]
+        points.append((float(keep.double().mean()), sum(got) / len(got), lam))
+    return points, per_clip
 
 
-LAMBDAS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 1e9)
-
-
-def evaluate(model, clips, kinds, targets, sampling, progress=True) -> dict:
+def evaluate(model, clips, kinds, targets, sampling, progress=True, router=None) -> dict:
     from vft.adaptive import pixel_frames
 
     cfg, R = model.cfg, model.cfg.registers
@@ -85,6 +95,15 @@ def evaluate(model, clips, kinds, targets, sampling, progress=True) -> dict:
         got = [psnr(model.detokenize(tokens[i:i + 1], keep=kf[i:i + 1], **sampling)[0], clips[i])
                for i in range(len(clips))]
         frontier["frame"].append((float(kf.double().mean()), sum(got) / len(got), lam))
+    timing = {}
+    if router is not None:
+        import time
+
+        frontier["router"], timing["router_s_per_clip"] = router_frontier(model, router, clips, tokens, sampling)
+        t0 = time.perf_counter()
+        for i in range(len(clips)):
+            model.detokenize(tokens[i:i + 1], **sampling)
+        timing["decode_s_per_clip"] = (time.perf_counter() - t0) / len(clips)
     mean_by_k = clip_q.mean(0)
     rows = []
     for target in targets:
@@ -95,12 +114,13 @@ def evaluate(model, clips, kinds, targets, sampling, progress=True) -> dict:
         for name, points in frontier.items():
             reach = [p for p in points if p[1] >= target]
             best = min(reach) if reach else (float("nan"), float("nan"), float("nan"))
-            row[f"oracle_{name}_tokens"], row[f"oracle_{name}_psnr"], row[f"oracle_{name}_lambda"] = best
-            row[f"oracle_{name}_saving"] = 1 - best[0] / fixed_k if fixed_k and reach else float("nan")
+            key = "router" if name == "router" else f"oracle_{name}"
+            row[f"{key}_tokens"], row[f"{key}_psnr"], row[f"{key}_lambda"] = best
+            row[f"{key}_saving"] = 1 - best[0] / fixed_k if fixed_k and reach else float("nan")
         rows.append(row)
     per_kind = {k: clip_q[[i for i in range(len(kinds)) if kinds[i] == k]].mean(0).tolist() for k in KINDS if k in kinds}
     return {"rows": rows, "mean_psnr_by_k": mean_by_k.tolist(), "psnr_by_k_per_kind": per_kind,
-            "frontier": frontier, "clips": len(clips), "kinds": kinds}
+            "frontier": frontier, "clips": len(clips), "kinds": kinds, **timing}
 
 
 def plot(result: dict, path: str) -> None:
@@ -112,9 +132,12 @@ def plot(result: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     curve = result["mean_psnr_by_k"]
     ax.plot(range(1, len(curve) + 1), curve, "o-", label="fixed K (mean PSNR)")
-    for name, marker in (("clip", "s-"), ("frame", "^-")):
+    for name, marker in (("clip", "s-"), ("frame", "^-"), ("router", "x-")):
+        if name not in result["frontier"]:
+            continue
         pts = sorted(result["frontier"][name])
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=f"oracle, a K per {name} (lambda sweep)")
+        label = "router, a K per frame (lambda sweep)" if name == "router" else f"oracle, a K per {name} (lambda sweep)"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=label)
     ax.set_xlabel("mean tokens per latent frame")
     ax.set_ylabel("mean PSNR (dB)")
     ax.grid(alpha=0.3)
@@ -132,6 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", choices=["none", "cfg", "apg"], default="apg")
     p.add_argument("--scale", type=float, default=1.5)
+    p.add_argument("--router", default=None, help="also evaluate a learned router: 'tiny' (shipped) or a folder; "
+                   "it should be trained for the same --steps / --guidance")
     p.add_argument("--out", default="results/eval_adaptive")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -140,7 +165,15 @@ def main(argv=None) -> int:
     clips, kinds = mixed_clips(model.cfg, args.per_kind)
     targets = [float(t) for t in args.targets.split(",") if t.strip()]
     sampling = dict(steps=args.steps, guidance=args.guidance, scale=args.scale)
-    result = evaluate(model, clips, kinds, targets, sampling, progress=not args.no_progress)
+    router = None
+    if args.router:
+        from vft.pretrained import load_router
+
+        router = load_router(args.router)
+        if router.sampling and {k: router.sampling.get(k) for k in ("steps", "guidance")} != \
+                {"steps": args.steps, "guidance": args.guidance}:
+            print(f"warning: the router was trained for {router.sampling}, evaluated with {sampling}", file=sys.stderr)
+    result = evaluate(model, clips, kinds, targets, sampling, progress=not args.no_progress, router=router)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "eval_adaptive.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -150,10 +183,17 @@ def main(argv=None) -> int:
         w.writerows(result["rows"])
     plot(result, os.path.join(args.out, "eval_adaptive.png"))
     print(f"{len(clips)} clips ({args.per_kind} per kind: {', '.join(KINDS)}), {args.steps} {args.guidance} steps")
-    print(f"{'target':>7} {'fixed K':>8} {'its PSNR':>9} {'oracle/clip':>12} {'saving':>7} {'oracle/frame':>13} {'saving':>7}")
+    head = f"{'target':>7} {'fixed K':>8} {'its PSNR':>9} {'oracle/clip':>12} {'saving':>7} {'oracle/frame':>13} {'saving':>7}"
+    print(head + (f" {'router':>7} {'saving':>7}" if router is not None else ""))
     for r in result["rows"]:
-        print(f"{r['target_psnr']:7.2f} {str(r['fixed_k']):>8} {r['fixed_psnr']:9.2f} {r['oracle_clip_tokens']:12.2f} "
-              f"{r['oracle_clip_saving']:7.1%} {r['oracle_frame_tokens']:13.2f} {r['oracle_frame_saving']:7.1%}")
+        line = (f"{r['target_psnr']:7.2f} {str(r['fixed_k']):>8} {r['fixed_psnr']:9.2f} {r['oracle_clip_tokens']:12.2f} "
+                f"{r['oracle_clip_saving']:7.1%} {r['oracle_frame_tokens']:13.2f} {r['oracle_frame_saving']:7.1%}")
+        if router is not None:
+            line += f" {r['router_tokens']:7.2f} {r['router_saving']:7.1%}"
+        print(line)
+    if router is not None:
+        print(f"router: {result['router_s_per_clip'] * 1e3:.1f} ms per clip vs one decode "
+              f"{result['decode_s_per_clip'] * 1e3:.1f} ms")
     print(f"-> {args.out}/eval_adaptive.csv, .json, .png")
     return 0
 

@@ -30,10 +30,31 @@ from typing import Callable, Optional
 
 import torch
 
+from .data import DETAILED_WAVES, HELDOUT_SEED, synthetic_video, to_model_range
 from .metrics import psnr, ssim
 
 GRANULARITIES = ("clip", "chunk", "frame")
 METRICS = ("psnr", "ssim")
+
+KINDS = ("static", "slow", "fast", "cluttered", "cut")
+
+
+def mixed_clips(cfg, per_kind: int, seed: int = HELDOUT_SEED + 50_000) -> tuple[torch.Tensor, list[str]]:
+    """``per_kind`` clips of each kind in KINDS: ([n, 3, T, H, W] in [-1, 1], kinds). The
+    default seed is held out (benchmarks.eval_adaptive); seeds below HELDOUT_SEED make
+    training clips (the router's labels). Kinds: ``static`` (the first frame repeated),
+    ``slow`` (a clip as generated), ``fast`` (every third frame of a 3x longer clip),
+    ``cluttered`` (the busy background), ``cut`` (half of one clip, then half of another)."""
+    T, H, W = cfg.frames, cfg.height, cfg.width
+    clips, kinds = [], []
+    for i in range(per_kind):
+        s = seed + 10 * i
+        base = synthetic_video(s, T, H, W)
+        clips += [base[:1].expand(T, H, W, 3), base, synthetic_video(s + 1, 3 * T, H, W)[::3],
+                  synthetic_video(s + 2, T, H, W, wave_cycles=DETAILED_WAVES),
+                  torch.cat([base[:T // 2], synthetic_video(s + 3, T, H, W)[T // 2:]])]
+        kinds += list(KINDS)
+    return torch.stack([to_model_range(c.contiguous()) for c in clips]), kinds
 
 
 def pixel_frames(cfg, latent_frame: int) -> range:

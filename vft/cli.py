@@ -177,10 +177,35 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _tokenize_routed(args, model, video, fps) -> int:
+    """tokenize with per-latent-frame token counts from the learned router (one pass, no decodes)."""
+    from .pretrained import load_router
+
+    if not args.router:
+        raise ValueError("--budget needs --router (tiny, or a router folder)")
+    if args.target_psnr is not None and args.budget is not None:
+        raise ValueError("give --target-psnr or --budget, not both")
+    router = load_router(args.router)
+    tokens = model.tokenize(video)
+    if args.budget is not None:
+        keep = router.keep_for_budget(model, video, args.budget, tokens)
+        what = {"budget": args.budget}
+    else:
+        keep = router.keep_for_target(model, video, args.target_psnr, tokens)
+        what = {"target_psnr": args.target_psnr}
+    save_tokens(args.out, tokens, model.cfg, fps, keep=keep, extra={**what, "policy": "router", "router": args.router})
+    print(f"tokens {tuple(tokens.shape)} (B, latent frames, registers), keep per latent frame (router) "
+          f"{keep[0].tolist()} ({int(keep[0].sum())} tokens, mean {float(keep[0].double().mean()):.2f} of "
+          f"{model.cfg.registers}) -> {args.out}")
+    return 0
+
+
 def cmd_tokenize(args) -> int:
     model = ckpt.load_model(args.checkpoint, str(_device(args.device)))
     video, fps = load_clip(args.video, model.cfg, args.fps)
     video = video.to(_device(args.device))
+    if args.budget is not None or (args.target_psnr is not None and args.router):
+        return _tokenize_routed(args, model, video, fps)
     if args.target_psnr is None:
         tokens = model.tokenize(video)
         save_tokens(args.out, tokens, model.cfg, fps)
@@ -327,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-psnr", type=float, default=None,
                    help="also store the fewest tokens per latent frame (or per --granularity) whose reconstruction "
                    "reaches this PSNR (vft.adaptive.search_keep; `vft detokenize` then uses them)")
+    p.add_argument("--router", default=None, help="pick the per-frame token counts with a learned router instead "
+                   "of searching by decoding: 'tiny' (shipped with the tiny model) or a router folder (vft.router)")
+    p.add_argument("--budget", type=int, default=None, help="with --router: at most this many tokens per clip, "
+                   "spread over the latent frames where the router predicts they help most")
     p.add_argument("--granularity", choices=["clip", "chunk", "frame"], default="frame")
     p.add_argument("--search-steps", type=int, default=25, help="sampling steps of the search's reconstructions "
                    "(APG, scale 1.5: detokenize's defaults)")

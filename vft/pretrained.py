@@ -84,3 +84,14 @@ def export(checkpoint: str, name: str, command: str, calibration_clips: int = 25
     shutil.copyfile(os.path.join(checkpoint, "log.csv"), os.path.join(folder, "train_log.csv"))
     return folder
 
+
+
+def load_router(name: str = "tiny"):
+    """The token-budget router shipped with pretrained model ``name`` (``vft.router``), or
+    a router folder's path (``router.json`` + ``router.safetensors``)."""
+    from .router import KeepRouter
+
+    if name not in PRETRAINED:
+        return KeepRouter.load(name)
+    with resources.as_file(pretrained_dir(name)) as folder:
+        return KeepRouter.load(str(folder))
