@@ -22,7 +22,9 @@ the clips, by the mean tokens per latent frame they spend:
   what counts (a frame's quality also depends on earlier frames' tokens, so the curves are
   only the guide).
 
-The saving is ``1 - tokens(oracle) / tokens(fixed)``. Writes ``eval_adaptive.csv`` / ``.json``
+The saving is ``1 - tokens(oracle) / tokens(fixed)``. ``by_fixed_k`` in the JSON gives the
+same without rounding: for every fixed K, the tokens each policy needs for that K's own mean
+PSNR, linear between the policy's frontier points. Writes ``eval_adaptive.csv`` / ``.json``
 / ``.png`` into ``--out``.
 
 With ``--router`` the learned router (``vft.router``) is a third policy: the oracle-frame
@@ -69,6 +71,44 @@ def router_frontier(model, router, clips, tokens, sampling) -> tuple[list, float
                for i in range(len(clips))]
         points.append((float(keep.double().mean()), sum(got) / len(got), lam))
     return points, per_clip
+
+
+def pareto(points) -> tuple[list, list]:
+    """(tokens, psnr) of the points no other point beats with fewer or equal tokens, by tokens."""
+    toks, best, top = [], [], -float("inf")
+    for t, q, *_ in sorted(points):
+        if q > top:
+            toks.append(t)
+            best.append(q)
+            top = q
+    return toks, best
+
+
+def tokens_at(points, target: float) -> float:
+    """Mean tokens a policy needs for mean PSNR ``target``, linear between its frontier points
+    (reachable by giving part of the clips one lambda and the rest the next); NaN if none reaches it."""
+    toks, qs = pareto(points)
+    if not qs or target > qs[-1]:
+        return float("nan")
+    if target <= qs[0]:
+        return toks[0]
+    j = next(i for i in range(1, len(qs)) if qs[i] >= target)
+    w = (target - qs[j - 1]) / (qs[j] - qs[j - 1])
+    return toks[j - 1] + w * (toks[j] - toks[j - 1])
+
+
+def savings_at_fixed_k(mean_by_k: list, frontier: dict) -> list:
+    """For every fixed K: its mean PSNR as the target, and each adaptive policy's tokens (on
+    its interpolated frontier) and saving 1 - tokens / K at that PSNR. Unlike the table at
+    round targets, no policy is rounded up to an integer K."""
+    rows = []
+    for k, q in enumerate(mean_by_k, start=1):
+        row = {"fixed_k": k, "psnr": q}
+        for name, points in frontier.items():
+            need = tokens_at(points, q)
+            row[f"{name}_tokens"], row[f"{name}_saving"] = need, 1 - need / k
+        rows.append(row)
+    return rows
 
 
 def evaluate(model, clips, kinds, targets, sampling, progress=True, router=None) -> dict:
@@ -118,9 +158,10 @@ def evaluate(model, clips, kinds, targets, sampling, progress=True, router=None)
             row[f"{key}_tokens"], row[f"{key}_psnr"], row[f"{key}_lambda"] = best
             row[f"{key}_saving"] = 1 - best[0] / fixed_k if fixed_k and reach else float("nan")
         rows.append(row)
+    by_fixed_k = savings_at_fixed_k(mean_by_k.tolist(), frontier)
     per_kind = {k: clip_q[[i for i in range(len(kinds)) if kinds[i] == k]].mean(0).tolist() for k in KINDS if k in kinds}
     return {"rows": rows, "mean_psnr_by_k": mean_by_k.tolist(), "psnr_by_k_per_kind": per_kind,
-            "frontier": frontier, "clips": len(clips), "kinds": kinds, **timing}
+            "frontier": frontier, "by_fixed_k": by_fixed_k, "clips": len(clips), "kinds": kinds, **timing}
 
 
 def plot(result: dict, path: str) -> None:
@@ -191,6 +232,9 @@ def main(argv=None) -> int:
         if router is not None:
             line += f" {r['router_tokens']:7.2f} {r['router_saving']:7.1%}"
         print(line)
+    inner = [r for r in result["by_fixed_k"] if 1 < r["fixed_k"] < model.cfg.registers]
+    print("at each fixed K's own mean PSNR (K = 2 .. R - 1), mean saving on the interpolated frontiers: " + ", ".join(
+        f"{name} {sum(r[f'{name}_saving'] for r in inner) / len(inner):.1%}" for name in result["frontier"]))
     if router is not None:
         print(f"router: {result['router_s_per_clip'] * 1e3:.1f} ms per clip vs one decode "
               f"{result['decode_s_per_clip'] * 1e3:.1f} ms")

@@ -285,3 +285,17 @@ def test_bench_block_cases_run_and_fused_ops_save_activation_memory():
         with vk.use_backend(backend):
             sizes[backend] = bench_block.saved_activation_bytes(model, video, inputs)
     assert sizes["cpu"] <= 0.75 * sizes["reference"], sizes
+
+
+def test_eval_adaptive_savings_on_interpolated_frontiers():
+    """tokens_at interpolates linearly between Pareto points; savings_at_fixed_k compares at
+    each fixed K's own PSNR (known answers)."""
+    from benchmarks import eval_adaptive as ea
+
+    pts = [(1.0, 10.0, 9.0), (3.0, 14.0, 0.5), (2.0, 11.0, 1.0), (2.5, 10.5, 2.0)]  # (2.5, 10.5) is dominated
+    assert ea.pareto(pts) == ([1.0, 2.0, 3.0], [10.0, 11.0, 14.0])
+    assert ea.tokens_at(pts, 9.0) == 1.0 and ea.tokens_at(pts, 12.5) == pytest.approx(2.5)
+    assert math.isnan(ea.tokens_at(pts, 14.5))
+    rows = ea.savings_at_fixed_k([10.0, 12.5, 14.0], {"p": pts})
+    assert [r["p_tokens"] for r in rows] == pytest.approx([1.0, 2.5, 3.0])
+    assert [r["p_saving"] for r in rows] == pytest.approx([0.0, 1 - 2.5 / 2, 0.0])
