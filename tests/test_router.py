@@ -124,6 +124,7 @@ def test_cli_tokenize_with_router(tmp_path):
         with safe_open(tok, "pt") as f:
             keep = f.get_tensor("keep")
             assert f.metadata()["policy"] == "router"
+            assert '"steps": 1' in f.metadata()["router_sampling"]  # what its predictions assume
         assert keep.shape == (1, 4) and int(keep.min()) >= 1
         if "--budget" in extra:
             assert int(keep.sum()) == 20

@@ -13,6 +13,7 @@ Every command takes ``--backend`` (reference, cpu, triton, cuda; default: automa
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -193,10 +194,15 @@ def _tokenize_routed(args, model, video, fps) -> int:
     else:
         keep = router.keep_for_target(model, video, args.target_psnr, tokens)
         what = {"target_psnr": args.target_psnr}
-    save_tokens(args.out, tokens, model.cfg, fps, keep=keep, extra={**what, "policy": "router", "router": args.router})
+    sampling = router.sampling or {}
+    save_tokens(args.out, tokens, model.cfg, fps, keep=keep,
+                extra={**what, "policy": "router", "router": args.router, "router_sampling": json.dumps(sampling)})
     print(f"tokens {tuple(tokens.shape)} (B, latent frames, registers), keep per latent frame (router) "
           f"{keep[0].tolist()} ({int(keep[0].sum())} tokens, mean {float(keep[0].double().mean()):.2f} of "
           f"{model.cfg.registers}) -> {args.out}")
+    if sampling:
+        print(f"note: the router predicts quality for decoding with {sampling}: `vft detokenize --steps "
+              f"{sampling.get('steps')} --guidance {sampling.get('guidance')}` (other settings give other PSNRs)")
     return 0
 
 
