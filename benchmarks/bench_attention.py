@@ -18,7 +18,8 @@ reason. flash-attn has no float32 kernels, so on CUDA every case also runs in bf
 
 Shapes: FlexTok-like image (B=4, H=12, T=1, P=256, R=256, D=64; keep all, 32, 1 and
 per-sample powers of two) and VideoFlexTok-like video (B=2, H=12, T=5, P=256, R=32 and
-R=256, ``block_causal_last``). ``flops`` counts only the allowed (query, key) pairs, for
+R=256, ``block_causal_last``; and R=32 with a different keep per latent frame, the per-block
+keep of adaptive token budgets). ``flops`` counts only the allowed (query, key) pairs, for
 every provider: 4 * D * pairs * H forward, 2.5x that for forward+backward. Quick mode:
 the image shape with keep=32, forward only.
 
@@ -50,7 +51,7 @@ XFORMERS = "xformers(BlockDiagonalMask, kept tokens)"
 
 
 def _shapes(quick: bool):
-    """(label, B, H, D, layout, keep list)."""
+    """(label, B, H, D, layout, keep list: an int per sample, or per block a list per sample)."""
     image = RegisterLayout(1, 256, 256, "block_causal_last")
     if quick:
         return [("image", 4, 12, 64, image, [32] * 4)]
@@ -58,13 +59,17 @@ def _shapes(quick: bool):
     for R in (32, 256):
         video = RegisterLayout(5, 256, R, "block_causal_last")
         shapes += [("video", 2, 12, 64, video, [R] * 2), ("video", 2, 12, 64, video, [R, R // 4])]
+    # Per-frame token budgets (vft.adaptive / vft.router): a keep per latent frame, the same
+    # 60 % of the registers on average as the [R, R // 4] case of R = 32 above.
+    video = RegisterLayout(5, 256, 32, "block_causal_last")
+    shapes.append(("video", 2, 12, 64, video, [[32, 8, 16, 4, 32], [4, 4, 32, 8, 16]]))
     return shapes
 
 
 def sdpa_mask(layout: RegisterLayout, keep: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """SDPA's fastest valid boolean mask for ``keep`` (int [B]) and the provider name saying
-    which it is: the shared [N, N] mask when every sample keeps the same number of
-    registers, else the per-sample [B, 1, N, N] mask."""
+    """SDPA's fastest valid boolean mask for ``keep`` (int [B], or per block [B, T]) and the
+    provider name saying which it is: the shared [N, N] mask when every sample keeps the
+    same registers, else the per-sample [B, 1, N, N] mask."""
     if bool((keep == keep[0]).all()):
         return SDPA_SHARED, layout.materialize(keep[:1])[0]
     return SDPA_PER_SAMPLE, layout.materialize(keep)[:, None]
@@ -128,11 +133,12 @@ def _unavailable(ctx: Context, library: str, module: str) -> Optional[str]:
     return None
 
 
-def _kept_tokens(layout: RegisterLayout, keep: int, device: torch.device) -> torch.Tensor:
-    """Indices of the tokens a sample keeping ``keep`` registers per block has: every patch
-    and the first ``keep`` registers of each block."""
-    j = torch.arange(layout.seq_len, device=device) % layout.block_size
-    return (j < layout.patches + keep).nonzero().flatten()
+def _kept_tokens(layout: RegisterLayout, keep, device: torch.device) -> torch.Tensor:
+    """Indices of the tokens a sample keeping ``keep`` registers per block (an int, or a list
+    of one per block) has: every patch and the first ``keep`` registers of each block."""
+    n = torch.arange(layout.seq_len, device=device)
+    per_token = torch.tensor(keep, device=device)[n // layout.block_size] if isinstance(keep, list) else keep
+    return (n % layout.block_size < layout.patches + per_token).nonzero().flatten()
 
 
 def _pack(t: torch.Tensor, index: list[torch.Tensor]) -> torch.Tensor:
@@ -144,7 +150,7 @@ def _pack(t: torch.Tensor, index: list[torch.Tensor]) -> torch.Tensor:
 def _gpu_providers(ctx: Context, layout: RegisterLayout, keep: torch.Tensor, scale: float,
                    dtype: torch.dtype) -> dict[str, Provider]:
     """flash-attn and xformers on the cheapest dense superset of the mask (module doc)."""
-    index = [_kept_tokens(layout, int(n), ctx.device) for n in keep.tolist()]
+    index = [_kept_tokens(layout, n, ctx.device) for n in keep.tolist()]
     lengths = [len(i) for i in index]
     out = {}
     why = _unavailable(ctx, "flash-attn", "flash_attn")
@@ -215,7 +221,10 @@ def _shape_cases(ctx: Context, label: str, B: int, H: int, D: int, layout: Regis
     q, k, v, dout = (torch.randn(B, H, N, D, device=ctx.device, dtype=dtype, generator=gen) for _ in range(4))
     pairs = sum(layout.allowed_pairs(x) for x in keep)
     flops = 4.0 * D * pairs * H
-    keep_s = f"keep={keep[0]}" if len(set(keep)) == 1 else "keep=" + "/".join(map(str, keep))
+    if isinstance(keep[0], list):  # per block
+        keep_s = "keep per frame=" + "/".join(",".join(map(str, row)) for row in keep)
+    else:
+        keep_s = f"keep={keep[0]}" if len(set(keep)) == 1 else "keep=" + "/".join(map(str, keep))
     shape = (f"{label} B={B} H={H} T={layout.blocks} P={layout.patches} R={layout.registers} "
              f"D={D} N={N} {layout.mode} {keep_s}")
     extra = {"density": round(layout.density(keep_t.cpu()), 4), "keep": keep_s}

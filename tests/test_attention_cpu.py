@@ -84,6 +84,43 @@ def test_matches_reference_fp32(mode, tpr):
     _check_against_reference(layout, keep, D)
 
 
+def _block_keeps(R, B, T, rng):
+    """Per-block keep [B, T] mixing 0, 1, R and random values, different between blocks."""
+    return torch.tensor([[rng.choice([0, 1, R, rng.randint(0, R)]) for _ in range(T)] for _ in range(B)],
+                        dtype=torch.int32).clamp(max=R)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("tpr", [(3, 5, 3), (4, 7, 6), (2, 37, 30), (3, 11, 0), (2, 64, 64), (5, 3, 17), (2, 130, 3)],
+                         ids=lambda t: "T%dP%dR%d" % t)
+def test_per_block_keep_matches_reference(mode, tpr):
+    """keep [B, T]: a different number of registers per time block (per-frame token budgets),
+    forward and backward against the reference; blocks smaller and larger than a tile."""
+    T, P, R = tpr
+    layout = RegisterLayout(T, P, R, mode)
+    rng = random.Random(hash(("pb", mode, tpr)) & 0xFFFF)
+    keep = _block_keeps(R, 3, T, rng)
+    _check_against_reference(layout, keep, rng.choice([16, 40]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_per_block_keep_low_precision_noncontiguous(dtype):
+    layout = RegisterLayout(3, 20, 12, "block_causal_last")
+    keep = torch.tensor([[12, 0, 5], [3, 12, 12], [0, 0, 1]], dtype=torch.int32)
+    _check_against_reference(layout, keep, 32, dtype=dtype, noncontig=True)
+
+
+def test_per_block_keep_equal_values_equal_per_sample_keep():
+    """A per-block keep whose blocks agree gives bit for bit the per-sample result."""
+    layout = RegisterLayout(3, 19, 9, "block_causal_last")
+    q, k, v, dout = _inputs(2, 2, layout.seq_len, 32, torch.float32)
+    keep = torch.tensor([4, 9], dtype=torch.int32)
+    a = _cpu_grads(q, k, v, dout, layout, keep, 0.2)
+    b = _cpu_grads(q, k, v, dout, layout, keep[:, None].expand(2, 3), 0.2)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("D", [16, 32, 64, 128, 40, 1, 256])
 def test_head_dims(D):
     layout = RegisterLayout(2, 23, 9, "block_causal_last")
@@ -200,14 +237,15 @@ def test_tile_classification_port_matches_layout():
         T, P, R = rng.randint(1, 4), rng.randint(1, 40), rng.randint(0, 20)
         mode = rng.choice(MODES)
         layout = RegisterLayout(T, P, R, mode)
-        keep = rng.randint(0, R)
+        keep = rng.randint(0, R) if rng.random() < 0.4 else [rng.randint(0, R) for _ in range(T)]
+        keep_row = torch.tensor([keep] * T if isinstance(keep, int) else keep, dtype=torch.int32)
         N = layout.seq_len
         tiles = []
         for _ in range(40):
             q0 = rng.randrange(N)
             k0 = rng.randrange(N)
             tiles.append((q0, rng.randint(q0 + 1, N), k0, rng.randint(k0 + 1, N)))
-        got = C.attention_tiles_cpu(T, P, R, MODES.index(mode), keep, torch.tensor(tiles, dtype=torch.int64))
+        got = C.attention_tiles_cpu(T, P, R, MODES.index(mode), keep_row, torch.tensor(tiles, dtype=torch.int64))
         for (q0, q1, k0, k1), row in zip(tiles, got.tolist()):
             want = [int(layout.classify_tile(q0, q1, k0, k1, keep)), *layout.key_range(q0, q1, keep),
                     *layout.query_range(k0, k1, keep)]
@@ -221,6 +259,10 @@ def test_keep_out_of_range_is_clamped_by_the_kernel():
     q, k, v, _ = _inputs(2, 1, layout.seq_len, 8, torch.float32)
     bad = cpp.attention_forward(q, k, v, layout, torch.tensor([-3, 99]), 0.5)
     good = cpp.attention_forward(q, k, v, layout, torch.tensor([0, 4]), 0.5)
+    for b, g in zip(bad, good):
+        assert torch.equal(b, g)
+    bad = cpp.attention_forward(q, k, v, layout, torch.tensor([[-3, 99], [7, -1]]), 0.5)
+    good = cpp.attention_forward(q, k, v, layout, torch.tensor([[0, 4], [4, 0]]), 0.5)
     for b, g in zip(bad, good):
         assert torch.equal(b, g)
 
@@ -238,20 +280,28 @@ def test_supports_and_bad_arguments():
     q32 = q.float()
     out = torch.empty_like(q32)
     with pytest.raises(ValueError, match="lse must have shape \\[1, 1, 6\\], got \\[1, 1, 5\\]"):
-        C.attention_forward_cpu(q32, q32, q32, keep.int(), NO_CU, 1, 4, 2, 0, 1.0, out, torch.empty(1, 1, 5))
+        C.attention_forward_cpu(q32, q32, q32, keep.int()[:, None], NO_CU, 1, 4, 2, 0, 1.0, out, torch.empty(1, 1, 5))
+    with pytest.raises(ValueError, match=r"keep must be a contiguous int32 \[B = 1, T = 1\] tensor \(per-block"):
+        C.attention_forward_cpu(q32, q32, q32, keep.int(), NO_CU, 1, 4, 2, 0, 1.0, out, torch.empty(1, 1, 6))
     with pytest.raises(ValueError, match="layout expects N = 12"):
-        C.attention_forward_cpu(q32, q32, q32, keep.int(), NO_CU, 2, 4, 2, 0, 1.0, out, torch.empty(1, 1, 6))
+        C.attention_forward_cpu(q32, q32, q32, keep.int()[:, None], NO_CU, 2, 4, 2, 0, 1.0, out, torch.empty(1, 1, 6))
 
 
 # ------------------------------------------------------------------------------------
 # Packed (varlen) calls
 
 
-def _packed_case(P, R, blocks, pad, rng):
+def _packed_case(P, R, blocks, pad, rng, per_block=False):
+    """(cu_seqlens, N, keep): keep [S], or with ``per_block`` [S, max(blocks)] (columns past a
+    sample's own block count hold values the kernels must ignore)."""
     cu = [0]
     for T in blocks:
         cu.append(cu[-1] + T * (P + R))
-    keep = torch.tensor([rng.choice([0, 1, R, rng.randint(0, R)]) if R else 0 for _ in blocks], dtype=torch.int32)
+    if per_block:
+        keep = torch.tensor([[rng.choice([0, 1, R, rng.randint(0, R)]) for _ in range(max(blocks))] for _ in blocks],
+                            dtype=torch.int32)
+    else:
+        keep = torch.tensor([rng.choice([0, 1, R, rng.randint(0, R)]) if R else 0 for _ in blocks], dtype=torch.int32)
     return cu, cu[-1] + pad, keep.clamp(max=R)
 
 
@@ -270,10 +320,12 @@ PACKED_DTYPES = [(c, torch.float32) for c in PACKED] + [(PACKED[1], d) for d in 
 @pytest.mark.parametrize("case, dtype", PACKED_DTYPES,
                          ids=lambda x: "P%dR%d-%s-pad%d" % (x[0], x[1], "_".join(map(str, x[2])), x[3])
                          if isinstance(x, tuple) else str(x).replace("torch.", ""))
-def test_packed_matches_reference(mode, case, dtype):
+@pytest.mark.parametrize("per_block", [False, True], ids=["keep_S", "keep_ST"])
+def test_packed_matches_reference(mode, case, dtype, per_block):
     P, R, blocks, pad = case
-    rng = random.Random(f"{mode}{case}{dtype}")  # str seeds are stable across processes
-    cu, N, keep = _packed_case(P, R, blocks, pad, rng)
+    # str seeds are stable across processes
+    rng = random.Random(f"{mode}{case}{dtype}" + (" per-block" if per_block else ""))
+    cu, N, keep = _packed_case(P, R, blocks, pad, rng, per_block)
     layout = RegisterLayout(max(blocks), P, R, mode)
     D, H = rng.choice([16, 24, 64]), 2
     q, k, v, dout = _inputs(1, H, N, D, dtype, noncontig=True)
@@ -297,10 +349,12 @@ def test_packed_matches_reference(mode, case, dtype):
     assert bool((lse[:, :, tail] == float("-inf")).all())
 
 
-def test_packed_equals_separate_dense_calls():
-    """Each packed sample gives bitwise what a dense call on that sample alone gives."""
+@pytest.mark.parametrize("keeps", [[4, 0, 2], [[4, 0, 1], [2, 4, 4], [0, 3, 4]]], ids=["keep_S", "keep_ST"])
+def test_packed_equals_separate_dense_calls(keeps):
+    """Each packed sample gives bitwise what a dense call on that sample alone gives (a
+    per-block keep's row cut to the sample's own blocks)."""
     P, R, mode = 7, 4, "block_causal_last"
-    blocks, keeps = [3, 1, 2], [4, 0, 2]
+    blocks = [3, 1, 2]
     layout = RegisterLayout(3, P, R, mode)
     cu = [0, 33, 44, 66]
     q, k, v, _ = _inputs(1, 3, 70, 32, torch.float32)
@@ -308,8 +362,9 @@ def test_packed_equals_separate_dense_calls():
         packed = vk.register_attention(q, k, v, layout, keep=torch.tensor(keeps), cu_seqlens=cu)
         for s, T in enumerate(blocks):
             a, b = cu[s], cu[s + 1]
+            own = torch.tensor([keeps[s]]) if isinstance(keeps[s], int) else torch.tensor([keeps[s][:T]])
             alone = vk.register_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], RegisterLayout(T, P, R, mode),
-                                          keep=torch.tensor([keeps[s]]))
+                                          keep=own)
             assert torch.equal(packed[:, :, a:b], alone), f"sample {s}"
 
 
@@ -324,7 +379,7 @@ def test_packed_bad_arguments_at_the_binding():
     with pytest.raises(ValueError, match="exceeds N = 12"):
         C.attention_forward_cpu(q12, q12, q12, keep, torch.tensor([0, 8, 16], dtype=torch.int32), 2, 3, 1, 0, 1.0,
                                 torch.empty_like(q12), lse[:, :, :12].contiguous())
-    with pytest.raises(ValueError, match="keep must be a contiguous int32 \\[S = 2\\]"):
+    with pytest.raises(ValueError, match="keep must be a contiguous int32 \\[S = 2, T = 2\\]"):
         C.attention_forward_cpu(q, q, q, keep[:1], torch.tensor([0, 8, 16], dtype=torch.int32), 2, 3, 1, 0, 1.0,
                                 out, lse)
 

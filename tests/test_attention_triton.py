@@ -33,16 +33,17 @@ def _attention(backend, q, k, v, layout, keep, dout, cu_seqlens=None):
 
 
 def _dropped(layout, keep):
-    """Bool [B, N]: tokens dropped by ``keep``."""
-    j = torch.arange(layout.seq_len) % layout.block_size
-    return j[None, :] >= layout.patches + keep.long()[:, None]
+    """Bool [B, N]: tokens dropped by ``keep`` ([B] or per-block [B, T])."""
+    n = torch.arange(layout.seq_len)
+    per_token = keep.long()[:, None] if keep.dim() == 1 else keep.long()[:, n // layout.block_size]
+    return (n % layout.block_size)[None, :] >= layout.patches + per_token
 
 
 def check_against_reference(layout, keep, H, D, dtype, make_input=lambda t: t):
     """Forward (out, lse) and dq/dk/dv of the Triton backend against the float64 reference
     (SPEC.md §4, reduction length N), plus exact zeros on dropped tokens."""
     keep = torch.tensor(keep, dtype=torch.int32)
-    B, N = keep.numel(), layout.seq_len
+    B, N = keep.shape[0], layout.seq_len
     q, k, v, dout = (torch.randn(B, H, N, D).to(dtype) for _ in range(4))
     got = _attention("triton", make_input(q), make_input(k), make_input(v), layout, keep, make_input(dout))
     ref64 = _attention("reference", q.double(), k.double(), v.double(), layout, keep, dout.double())
@@ -91,6 +92,27 @@ def test_head_dims(D, dtype):
 def test_size_one_dims():
     check_against_reference(RegisterLayout(1, 1, 1, "block_causal_last"), [1], H=1, D=16, dtype=torch.float32)
     check_against_reference(RegisterLayout(1, 1, 1, "full"), [0], H=1, D=16, dtype=torch.float32)
+
+
+# (T, P, R, per-block keep [B, T]): blocks of 5-13 tokens under 16-wide tiles (a tile holds
+# blocks with different keeps), keeps mixing 0, 1, R and others, one sample with equal keeps.
+PER_BLOCK = [
+    (3, 4, 3, [[3, 0, 2], [0, 3, 1]]),
+    (4, 2, 5, [[5, 5, 5, 5], [1, 0, 4, 2]]),
+    (2, 7, 6, [[0, 6], [6, 0], [2, 5]]),
+    (3, 1, 4, [[4, 1, 0], [0, 2, 4]]),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T,P,R,keep", PER_BLOCK)
+def test_per_block_keep_fp32(mode, T, P, R, keep):
+    check_against_reference(RegisterLayout(T, P, R, mode), keep, H=2, D=16, dtype=torch.float32)
+
+
+def test_per_block_keep_fp16_noncontiguous():
+    check_against_reference(RegisterLayout(3, 4, 3, "block_causal_last"), [[3, 0, 2], [1, 3, 3]], H=2, D=32,
+                            dtype=torch.float16, make_input=noncontiguous)
 
 
 def test_random_keep():
@@ -185,10 +207,10 @@ PACKINGS = [
 
 def _packed_zero_rows(layout, cu, keep, N):
     """Bool [N]: rows of a packed call that must be exactly zero (lse -inf): dropped
-    registers and padding."""
+    registers and padding (keep [S] or per-block [S, layout.blocks])."""
     zero = torch.ones(N, dtype=torch.bool)
-    for s, a, b, _ in reference.varlen_samples(layout, cu):
-        zero[a:b] = torch.arange(b - a) % layout.block_size >= layout.patches + int(keep[s])
+    for s, a, b, lay in reference.varlen_samples(layout, cu):
+        zero[a:b] = _dropped(lay, keep[s:s + 1] if keep.dim() == 1 else keep[s:s + 1, :lay.blocks])[0]
     return zero
 
 
@@ -251,6 +273,15 @@ def test_packed_tile_sizes(mode):
                      block_n=bn)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_per_block_keep(mode):
+    """keep [S, layout.blocks] in a packed call; columns past a sample's own block count
+    (here 99 / -5, which the kernels would clamp) are ignored."""
+    T, P, R, cu, N, _ = PACKINGS[0]  # samples of 2, 0, 3 and 1 blocks
+    keep = [[2, 0, 99], [1, -5, 99], [0, 2, 1], [1, 99, 99]]
+    check_packed(RegisterLayout(T, P, R, mode), cu, N, keep, H=2, D=16, dtype=torch.float32)
+
+
 def test_packed_noncontiguous_inputs():
     layout = RegisterLayout(3, 5, 2, "block_causal_last")
     check_packed(layout, *PACKINGS[0][3:], H=2, D=16, dtype=torch.float32, make_input=noncontiguous)
@@ -273,8 +304,8 @@ def test_packed_public_api():
 
 
 @triton.jit
-def _schedule_kernel(out_ptr, keep, N, T, P, R, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                     MODE: tl.constexpr):
+def _schedule_kernel(out_ptr, kp, keep, N, T, P, R, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                     MODE: tl.constexpr, PER_BLOCK: tl.constexpr):
     """Writes, per (query tile, key tile): class, mask-free flag, key end of the query tile
     and query range of the key tile, computed by the kernels' schedule helpers."""
     qi = tl.program_id(0)
@@ -285,16 +316,17 @@ def _schedule_kernel(out_ptr, keep, N, T, P, R, BLOCK_Q: tl.constexpr, BLOCK_K: 
     q1 = tl.minimum(q0 + BLOCK_Q, N)
     k1 = tl.minimum(k0 + BLOCK_K, N)
     base = out_ptr + (qi * tl.num_programs(1) + ki) * 5
-    tl.store(base, tri._classify_tile(q0, q1, k0, k1, keep, S, P, R, MODE))
-    tl.store(base + 1, tri._tile_is_full(q0, N, k0, N, keep, S, P, R, BLOCK_Q, BLOCK_K, MODE).to(tl.int32))
-    tl.store(base + 2, tri._key_end(q0, q1, keep, T, S, P, MODE))
-    q_lo, q_hi = tri._query_range(k0, k1, keep, T, S, P, MODE)
+    tl.store(base, tri._classify_tile(q0, q1, k0, k1, kp, keep, T, S, P, R, MODE, PER_BLOCK))
+    tl.store(base + 1, tri._tile_is_full(q0, N, k0, N, kp, keep, T, S, P, R, BLOCK_Q, BLOCK_K, MODE,
+                                         PER_BLOCK).to(tl.int32))
+    tl.store(base + 2, tri._key_end(q0, q1, kp, keep, T, S, P, R, MODE, PER_BLOCK))
+    q_lo, q_hi = tri._query_range(k0, k1, kp, keep, T, S, P, R, MODE, PER_BLOCK)
     tl.store(base + 3, q_lo)
     tl.store(base + 4, q_hi)
 
 
 @triton.jit
-def _stretch_kernel(out_ptr, keep, N, P, R):
+def _stretch_kernel(out_ptr, kp, keep, N, T, P, R, PER_BLOCK: tl.constexpr):
     """For [lo, hi) = program ids: writes the number of stretches, then their bounds."""
     lo = tl.program_id(0)
     hi = tl.program_id(1)
@@ -303,7 +335,7 @@ def _stretch_kernel(out_ptr, keep, N, P, R):
     n = tri._num_stretches(lo, hi, keep, S, R)
     tl.store(base, n)
     for i in range(0, n):
-        start, stop = tri._stretch(i, lo, hi, keep, S, P, R)
+        start, stop = tri._stretch(i, lo, hi, kp, keep, T, S, P, R, PER_BLOCK)
         tl.store(base + 1 + 2 * i, start)
         tl.store(base + 2 + 2 * i, stop)
 
@@ -319,10 +351,14 @@ def test_schedule_matches_layout(mode):
         layout = RegisterLayout(T, P, R, mode)
         N, bq, bk = layout.seq_len, 16, 16
         nq, nk = triton.cdiv(N, bq), triton.cdiv(N, bk)
-        for keep in sorted({0, R, int(torch.randint(0, R + 1, (1,), generator=gen))}):
+        per_block = [int(x) for x in torch.randint(0, R + 1, (T,), generator=gen)]
+        for keep in sorted({0, R, int(torch.randint(0, R + 1, (1,), generator=gen))}) + [per_block]:
+            pb = isinstance(keep, list)
             got = torch.full((nq, nk, 5), -7, dtype=torch.int32)
-            _schedule_kernel[(nq, nk)](got, keep, N, T, P, R, BLOCK_Q=bq, BLOCK_K=bk, MODE=tri.MODE_IDS[mode])
-            dense = layout.materialize(keep)[0]
+            kp = torch.tensor(keep if pb else [keep], dtype=torch.int32)
+            _schedule_kernel[(nq, nk)](got, kp, min(keep) if pb else keep, N, T, P, R, BLOCK_Q=bq, BLOCK_K=bk,
+                                       MODE=tri.MODE_IDS[mode], PER_BLOCK=pb)
+            dense = layout.materialize(torch.tensor([keep]))[0]
             for qi in range(nq):
                 for ki in range(nk):
                     q0, k0 = qi * bq, ki * bk
@@ -332,20 +368,28 @@ def test_schedule_matches_layout(mode):
                     want = [cls, int(cls == 2 and inside), layout.key_range(q0, q1, keep)[1],
                             *layout.query_range(k0, k1, keep)]
                     where = f"{layout} keep={keep} tile q[{q0},{q1}) k[{k0},{k1})"
-                    assert got[qi, ki].tolist() == want, where
+                    row = got[qi, ki].tolist()
+                    if pb and want[0] == 2 and row[0] == 1:
+                        # A per-block keep's dropped-token test uses the sample's smallest keep
+                        # (a superset): a FULL tile may be masked needlessly, never the reverse.
+                        want[:2] = [1, 0]
+                    assert row == want, where
                     block = dense[q0:q1, k0:k1]
                     assert cls == (0 if not block.any() else 2 if block.all() else 1), where
 
 
 def test_stretches_cover_kept_tokens():
     """_stretch splits any [lo, hi) into disjoint ranges holding exactly its kept tokens
-    (one range when nothing is dropped), so the sweeps never see a fully dropped tile."""
+    (one range when nothing is dropped), so the sweeps never see a fully dropped tile; also
+    for per-block keeps."""
     for T, P, R in ((3, 2, 2), (2, 3, 0)):
         layout = RegisterLayout(T, P, R)
         N = layout.seq_len
-        for keep in range(R + 1):
+        for keep in [*range(R + 1), *([[2, 0, 1], [0, 2, 2]] if R == 2 else [])]:
+            pb = isinstance(keep, list)
             got = torch.full((N + 1, N + 1, 2 * N + 1), -7, dtype=torch.int32)
-            _stretch_kernel[(N + 1, N + 1)](got, keep, N, P, R)
+            kp = torch.tensor(keep if pb else [keep], dtype=torch.int32)
+            _stretch_kernel[(N + 1, N + 1)](got, kp, min(keep) if pb else keep, N, T, P, R, PER_BLOCK=pb)
             kept = ~_dropped(layout, torch.tensor([keep]))[0]
             for lo in range(N + 1):
                 for hi in range(lo, N + 1):
@@ -358,7 +402,7 @@ def test_stretches_cover_kept_tokens():
                     want[lo:hi] = kept[lo:hi].int()
                     where = f"{layout} keep={keep} [{lo}, {hi}): {bounds}"
                     assert torch.equal(cover, want), where
-                    assert keep < R or n == int(hi > lo), where
+                    assert (min(keep) if pb else keep) < R or n == int(hi > lo), where
 
 
 def test_supports_reasons():
@@ -390,9 +434,12 @@ def test_supports_reasons():
 AOT_SCRIPT = """
 import torch
 from vft_kernels.triton import aot, attention
-vs = attention.aot_variants(modes=("block_causal_last",), head_dims=(64, 128))
+vs = attention.aot_variants(modes=("block_causal_last",), head_dims=(64, 128), per_block=(False,))
 vs += attention.aot_variants(modes=("full", "block_causal"), head_dims=(16, 32), dtypes=(torch.float16,),
-                             kernels=("fwd", "dkdv", "dq"))
+                             kernels=("fwd", "dkdv", "dq"), per_block=(False,))
+vs += attention.aot_variants(modes=("block_causal_last",), head_dims=(64,), dtypes=(torch.bfloat16, torch.float32),
+                             kernels=("fwd", "dkdv", "dq"), varlen=(False,), precisions=("tf32",),
+                             per_block=(True,))
 rows = [aot.compile_variant(v, a) for v in vs for a in (80, 90)]
 for r in rows:
     print("ROW", r["kernel"], r["arch"], r.get("regs"), r.get("spill_stores"), r.get("shared"),
@@ -404,7 +451,8 @@ for f in aot.failures(rows):
 
 def test_aot_compile_sm80_sm90():
     """A representative subset of the kernel variants (every kernel and mode, dense and
-    packed, all three dtypes, the two largest and two smallest head dims) compiles for sm_80 and sm_90
+    packed, per-sample and per-block keep, all three dtypes, the two largest and two
+    smallest head dims) compiles for sm_80 and sm_90
     without spills; fp16 and bf16 dots use tensor cores (mma on sm_80; wgmma or mma on
     sm_90). The full set: ``python -m vft_kernels.triton.aot --only attention``."""
     env = dict(os.environ)

@@ -14,15 +14,17 @@ MODES = ("full", "block_causal", "block_causal_last")
 
 @functools.lru_cache(maxsize=None)
 def spec_mask(T, P, R, mode, keep):
-    """bool [N, N] for one sample, straight from the SPEC text (independent of layout.py)."""
+    """bool [N, N] for one sample, straight from the SPEC text (independent of layout.py);
+    keep: an int, or a tuple of T ints (per block)."""
     S = P + R
     N = T * S
+    kb = (lambda t: keep) if isinstance(keep, int) else (lambda t: keep[t])
     rows = []
     for i in range(N):
         row = []
         for k in range(N):
             ti, ji, tk, jk = i // S, i % S, k // S, k % S
-            if (ji >= P and ji - P >= keep) or (jk >= P and jk - P >= keep):
+            if (ji >= P and ji - P >= kb(ti)) or (jk >= P and jk - P >= kb(tk)):
                 row.append(False)  # dropped query or key
             elif mode == "full":
                 row.append(True)
@@ -40,7 +42,10 @@ def layouts(draw):
     P = draw(st.integers(1, 5))
     R = draw(st.integers(0, 4))
     mode = draw(st.sampled_from(MODES))
-    keep = draw(st.integers(0, R))
+    if draw(st.booleans()):  # one keep per sample
+        keep = draw(st.integers(0, R))
+    else:  # per block
+        keep = tuple(draw(st.lists(st.integers(0, R), min_size=T, max_size=T)))
     return T, P, R, mode, keep
 
 
@@ -105,6 +110,32 @@ def test_dense_forms_match_spec(args, raw_keeps):
     assert torch.equal(layout.materialize(None)[0], spec_mask(T, P, R, mode, R))
 
 
+@settings(max_examples=150, deadline=None)
+@given(layouts(), st.lists(st.lists(st.integers(0, 4), min_size=4, max_size=4), min_size=1, max_size=3))
+def test_per_block_dense_forms_match_spec(args, raw_keeps):
+    T, P, R, mode, _ = args
+    layout = RegisterLayout(T, P, R, mode)
+    keeps = [tuple(k % (R + 1) for k in row[:T]) for row in raw_keeps]
+    keep = torch.tensor(keeps, dtype=torch.int32)  # [B, T]
+    want = torch.stack([spec_mask(T, P, R, mode, k) for k in keeps])
+    assert torch.equal(layout.materialize(keep), want)
+    N = layout.seq_len
+    b = torch.arange(len(keeps))[:, None, None]
+    n = torch.arange(N)
+    mm = layout.mask_mod(keep)(b, torch.zeros((), dtype=torch.int64), n[None, :, None], n[None, None, :])
+    assert torch.equal(mm.expand(len(keeps), N, N), want)
+    for k in keeps:
+        assert layout.allowed_pairs(k) == int(spec_mask(T, P, R, mode, k).sum())
+    assert layout.density(keep) == pytest.approx(want.double().mean().item(), rel=1e-12)
+    # a per-block keep with equal values is the per-sample keep
+    assert torch.equal(layout.materialize(keep[:, :1].expand(-1, T)), layout.materialize(keep[:, 0]))
+
+
+def test_per_block_keep_shape_error():
+    with pytest.raises(ValueError, match=r"per-block keep must be \[B, T = 3\]"):
+        RegisterLayout(3, 2, 2).materialize(torch.ones(2, 4, dtype=torch.int64))
+
+
 def test_mask_mod_with_flex_create_mask():
     from torch.nn.attention.flex_attention import create_mask
 
@@ -115,6 +146,10 @@ def test_mask_mod_with_flex_create_mask():
     assert torch.equal(mask[:, 0], torch.stack([spec_mask(3, 3, 3, "block_causal_last", k) for k in (3, 0, 2)]))
     int_mask = create_mask(layout.mask_mod(1), 1, None, N, N, device="cpu")
     assert torch.equal(int_mask[0, 0], spec_mask(3, 3, 3, "block_causal_last", 1))
+    per_block = torch.tensor([[3, 0, 2], [1, 3, 0]])
+    pb_mask = create_mask(layout.mask_mod(per_block), 2, None, N, N, device="cpu")
+    assert torch.equal(pb_mask[:, 0], torch.stack([spec_mask(3, 3, 3, "block_causal_last", (3, 0, 2)),
+                                                   spec_mask(3, 3, 3, "block_causal_last", (1, 3, 0))]))
 
 
 def test_whole_sequence_tiles_and_known_values():

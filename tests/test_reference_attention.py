@@ -286,3 +286,34 @@ def test_low_precision_reference_rounds_p_and_ds_like_the_kernels(dtype):
     ds = p * (do.float() @ v.float().transpose(-1, -2) - (do.float() * out.float()).sum(-1, keepdim=True))
     assert torch.equal(dq, (ds.to(dtype).float() @ k.float() * 0.25).to(dtype))
     assert torch.equal(dk, (ds.to(dtype).float().transpose(-1, -2) @ q.float() * 0.25).to(dtype))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_per_block_keep(mode):
+    """keep [B, T]: block t of sample b keeps keep[b, t] registers (SPEC-style mask from
+    layout.materialize, which test_layout checks against the SPEC's words per block); a
+    per-block keep with equal values is the per-sample keep."""
+    layout = vk.RegisterLayout(3, 4, 3, mode)
+    keep = torch.tensor([[3, 0, 2], [1, 3, 0]], dtype=torch.int32)
+    q, k, v = make_qkv(2, 2, layout.seq_len, 5)
+    want, want_lse = dense_attention(q, k, v, layout.materialize(keep), 0.4)
+    out, lse = ra.attention_forward(q, k, v, layout, keep, 0.4)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-12, atol=1e-12)
+    same = ra.attention_forward(q, k, v, layout, torch.tensor([[2, 2, 2], [0, 0, 0]]), 0.4)[0]
+    torch.testing.assert_close(same, ra.attention_forward(q, k, v, layout, torch.tensor([2, 0]), 0.4)[0],
+                               rtol=0, atol=0)
+
+
+def test_per_block_keep_errors():
+    layout = vk.RegisterLayout(3, 4, 3, "block_causal_last")
+    q = torch.randn(2, 1, layout.seq_len, 8)
+    with pytest.raises(ValueError, match=r"keep must have shape \[B\] = \(2,\) or \[B, T\] = \(2, 3\) \(per time "
+                                         r"block\), got \(2, 4\)"):
+        vk.register_attention(q, q, q, layout, keep=torch.zeros(2, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"keep values must be in \[0, R=3\], got 4"):
+        vk.register_attention(q, q, q, layout, keep=torch.tensor([[3, 4, 0], [0, 0, 0]]))
+    packed = torch.randn(1, 1, 28, 8)
+    with pytest.raises(ValueError, match=r"\[S, T\] = \(2, 3\)"):
+        vk.register_attention(packed, packed, packed, layout, keep=torch.zeros(2, 2, dtype=torch.int32),
+                              cu_seqlens=[0, 7, 28])

@@ -303,7 +303,8 @@ class Decoder(nn.Module):
 
         x_t: noised latents [B, C, T, H, W]; t: float [B, T] (per latent frame: clean
         prefix frames have t = 0); codes: [B, T, K, d] float (K <= R registers given);
-        keep: int64 [B] in [0, K], or [B, T] (per latent frame; ``mask_token`` mode only);
+        keep: int64 [B] in [0, K], or [B, T] (per latent frame; in ``drop`` mode the
+        attention kernels take it as a per-block keep);
         null: optional bool [B], samples that get the learned null condition instead of the
         codes. Returns v [B, C, T, H, W] float32."""
         cfg, W = self.cfg, self.cfg.decoder.width
@@ -316,11 +317,6 @@ class Decoder(nn.Module):
         patches = patches + sincos_2d(H // p, Wd // p, W, x_t.device) + time
         regs = self.code_embed(codes.to(patches.dtype))  # [B, T, K, W]
         r = torch.arange(K, device=x_t.device)
-        if keep.dim() == 2 and cfg.dropout_mode == "drop":
-            if bool((keep != keep[:, :1]).any()):
-                raise ValueError("a per-frame keep [B, T'] that differs between frames needs dropout_mode "
-                                 "'mask_token'; this model drops registers in attention, whose keep is per sample")
-            keep = keep[:, 0]
         dropped = (r[None, None, :] >= _frame_keep(keep, T)[:, :, None])[..., None]  # [B, T, K, 1]
         if cfg.dropout_mode == "mask_token":
             regs = torch.where(dropped, self.mask_token.to(regs.dtype), regs)
@@ -552,8 +548,8 @@ class VideoFlexTok(nn.Module):
         """tokens int [B, T', K] -> video float32 [B, 3, T, H, W] (clamped to [-1, 1]).
 
         keep: None (all), an int or an int tensor [B] in [0, R]: use only the first keep
-        tokens of every latent frame; or [B, T'] for a number per latent frame (models with
-        dropout_mode "mask_token", e.g. from ``vft.adaptive.search_keep``). guidance "none" | "cfg" | "apg" with ``scale``;
+        tokens of every latent frame; or [B, T'] for a number per latent frame (e.g. from
+        ``vft.adaptive.search_keep`` or the router). guidance "none" | "cfg" | "apg" with ``scale``;
         solver "euler" | "heun"; the same seed gives the same output."""
         lat = self.detokenize_latents(tokens, keep, steps, guidance, scale, solver, seed, shift, apg_momentum,
                                       progress)

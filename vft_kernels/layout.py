@@ -2,7 +2,8 @@
 
 A sample is ``T`` time blocks of ``P`` patches followed by ``R`` registers, interleaved
 ``[patches_0 | registers_0 | patches_1 | registers_1 | ...]``; ``N = T * (P + R)``. With
-nested dropout, sample ``b`` keeps registers ``r < keep[b]`` of every block.
+nested dropout, sample ``b`` keeps registers ``r < keep[b]`` of every block (``keep`` [B]),
+or ``r < keep[b, t]`` of block ``t`` (per-block ``keep`` [B, T]).
 
 Besides the dense forms for tests (``materialize``, ``mask_mod``) this module holds the
 analytic tile classification kernels use to skip work (``classify_tile``, ``key_range``,
@@ -62,14 +63,15 @@ class RegisterLayout:
     # ----------------------------------------------------------------------------------
     # Dense semantics
 
-    def allowed(self, i, k, keep):
-        """Elementwise mask: may query ``i`` attend to key ``k`` in a sample keeping ``keep``
-        registers per block? Works on broadcastable integer tensors (used by materialize and
-        mask_mod, so both share this one definition)."""
+    def allowed(self, i, k, keep, keep_k=None):
+        """Elementwise mask: may query ``i`` attend to key ``k``? ``keep`` is the number of
+        registers kept in the query's block, ``keep_k`` in the key's block (default: the
+        same, i.e. one keep per sample). Works on broadcastable integer tensors (used by
+        materialize and mask_mod, so both share this one definition)."""
         S, P = self.block_size, self.patches
         ti, ji = i // S, i % S
         tk, jk = k // S, k % S
-        kept = (ji < P + keep) & (jk < P + keep)
+        kept = (ji < P + keep) & (jk < P + (keep if keep_k is None else keep_k))
         if self.mode == "full":
             return kept
         if self.mode == "block_causal":
@@ -78,21 +80,37 @@ class RegisterLayout:
         return kept & ((tk < ti) | ((tk == ti) & same_block_ok))
 
     def _keep_tensor(self, keep, device, batch: Optional[int] = None):
-        if keep is None:
-            return torch.full((batch or 1,), self.registers, dtype=torch.int64, device=device)
-        if isinstance(keep, int):
-            return torch.full((batch or 1,), keep, dtype=torch.int64, device=device)
-        return keep.to(device=device, dtype=torch.int64).reshape(-1)
+        """keep (None, an int, a [B] or a per-block [B, T] tensor) -> int64 [B, T] on device."""
+        if keep is None or isinstance(keep, int):
+            value = self.registers if keep is None else keep
+            return torch.full((batch or 1, self.blocks), value, dtype=torch.int64, device=device)
+        keep = keep.to(device=device, dtype=torch.int64)
+        if keep.dim() == 2:
+            if keep.shape[1] != self.blocks:
+                raise ValueError(f"RegisterLayout: a per-block keep must be [B, T = {self.blocks}], got "
+                                 f"{tuple(keep.shape)}")
+            return keep
+        keep = keep.reshape(-1)
+        return keep[:, None].expand(keep.shape[0], self.blocks)
 
     def materialize(self, keep=None, device=None) -> torch.Tensor:
-        """Dense boolean mask [B, N, N] (B = len(keep), 1 when keep is None). For tests."""
+        """Dense boolean mask [B, N, N] (B = len(keep), 1 when keep is None; keep may be
+        per block, [B, T]). For tests."""
         keep = self._keep_tensor(keep, device)
         n = torch.arange(self.seq_len, device=keep.device)
-        return self.allowed(n[None, :, None], n[None, None, :], keep[:, None, None])
+        per_token = keep[:, n // self.block_size]  # [B, N]: keep of each token's block
+        return self.allowed(n[None, :, None], n[None, None, :], per_token[:, :, None], per_token[:, None, :])
 
     def mask_mod(self, keep=None):
         """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` for this layout and ``keep``
-        (int tensor [B], an int, or None for all registers)."""
+        (int tensor [B] or per-block [B, T], an int, or None for all registers)."""
+        if isinstance(keep, torch.Tensor) and keep.dim() == 2:
+            S = self.block_size
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return self.allowed(q_idx, kv_idx, keep[b, q_idx // S], keep[b, kv_idx // S])
+
+            return mask_mod
         keep_t = keep if isinstance(keep, torch.Tensor) else None
         keep_i = self.registers if keep is None else keep
 
@@ -102,53 +120,74 @@ class RegisterLayout:
 
         return mask_mod
 
-    def allowed_pairs(self, keep: int) -> int:
-        """Number of allowed (query, key) pairs in one sample keeping ``keep`` registers."""
+    def allowed_pairs(self, keep) -> int:
+        """Number of allowed (query, key) pairs in one sample keeping ``keep`` registers (an
+        int, or a sequence of T ints: one per block)."""
         T, P = self.blocks, self.patches
-        n = P + keep  # kept tokens per block
+        keeps = [keep] * T if isinstance(keep, int) else [int(x) for x in keep]
+        n = [P + k for k in keeps]  # kept tokens per block
         if self.mode == "full":
-            return (T * n) ** 2
-        if self.mode == "block_causal":
-            return n * n * T * (T + 1) // 2
-        own_block = P * P + keep * P + keep * (keep + 1) // 2
-        return n * n * T * (T - 1) // 2 + T * own_block
+            return sum(n) ** 2
+        earlier = 0  # kept keys in the blocks before t
+        total = 0
+        for t in range(T):
+            if self.mode == "block_causal":
+                total += n[t] * (earlier + n[t])
+            else:
+                k = keeps[t]
+                total += n[t] * earlier + P * P + k * P + k * (k + 1) // 2
+            earlier += n[t]
+        return total
 
     def density(self, keep=None) -> float:
-        """Fraction of allowed pairs over B * N * N (keep: None, an int or a [B] tensor)."""
+        """Fraction of allowed pairs over B * N * N (keep: None, an int, a [B] or a
+        per-block [B, T] tensor)."""
         if keep is None:
             keeps = [self.registers]
         elif isinstance(keep, int):
             keeps = [keep]
+        elif keep.dim() == 2:
+            keeps = [row for row in keep.tolist()]
         else:
             keeps = [int(x) for x in keep.reshape(-1).tolist()]
         return sum(self.allowed_pairs(k) for k in keeps) / (len(keeps) * self.seq_len ** 2)
 
     # ----------------------------------------------------------------------------------
-    # Analytic tile classification (half-open token ranges, one sample with ``keep``)
+    # Analytic tile classification (half-open token ranges of one sample). ``keep`` is the
+    # sample's keep: an int (every block) or a sequence of T ints (per block). Since P >= 1
+    # every block's patches are kept, so the first / last kept token of a range depends only
+    # on the keep of the block holding its first / last token.
 
-    def _first_kept(self, lo: int, hi: int, keep: int) -> Optional[int]:
+    def _kb(self, keep, t: int) -> int:
+        """Registers kept in block t."""
+        return keep if isinstance(keep, int) else int(keep[t])
+
+    def _first_kept(self, lo: int, hi: int, keep) -> Optional[int]:
         S, P = self.block_size, self.patches
         x = lo
-        if x % S >= P + keep:  # in the dropped tail of its block: jump to the next block
+        if x % S >= P + self._kb(keep, x // S):  # in the dropped tail of its block: next block
             x = (x // S + 1) * S
         return x if x < hi else None
 
-    def _last_kept(self, lo: int, hi: int, keep: int) -> Optional[int]:
+    def _last_kept(self, lo: int, hi: int, keep) -> Optional[int]:
         S, P = self.block_size, self.patches
         x = hi - 1
-        if x % S >= P + keep:  # back to the last kept token of this block
-            x = (x // S) * S + P + keep - 1
+        kb = self._kb(keep, x // S)
+        if x % S >= P + kb:  # back to the last kept token of this block
+            x = (x // S) * S + P + kb - 1
         return x if x >= lo else None
 
-    def _has_dropped(self, lo: int, hi: int, keep: int) -> bool:
+    def _has_dropped(self, lo: int, hi: int, keep) -> bool:
         S, P = self.block_size, self.patches
-        if keep >= self.registers:
-            return False
-        first = lo if lo % S >= P + keep else (lo // S) * S + P + keep
-        return first < hi
+        for t in range(lo // S, (hi - 1) // S + 1):
+            kb = self._kb(keep, t)
+            if kb < self.registers and max(lo, t * S + P + kb) < min(hi, (t + 1) * S):
+                return True
+        return False
 
-    def classify_tile(self, q0: int, q1: int, k0: int, k1: int, keep: int) -> Tile:
-        """Classify queries [q0, q1) x keys [k0, k1) of a sample keeping ``keep`` registers.
+    def classify_tile(self, q0: int, q1: int, k0: int, k1: int, keep) -> Tile:
+        """Classify queries [q0, q1) x keys [k0, k1) of a sample keeping ``keep`` registers
+        (an int, or one int per block).
 
         FULL: every pair allowed (no dropped token in either range). MASKED: no pair
         allowed (dropped queries count as attending nothing). PARTIAL otherwise."""
@@ -181,7 +220,7 @@ class RegisterLayout:
         jk_max, jq_min = (k1 - 1) % S, q0 % S
         return Tile.FULL if jk_max < P or jq_min >= jk_max else Tile.PARTIAL
 
-    def key_range(self, q0: int, q1: int, keep: int) -> tuple[int, int]:
+    def key_range(self, q0: int, q1: int, keep) -> tuple[int, int]:
         """Smallest [k_lo, k_hi) holding every key allowed for some query in [q0, q1)
         (empty (0, 0) when no query there is kept). k_lo is always 0: patch 0 is visible
         to every kept query."""
@@ -191,12 +230,12 @@ class RegisterLayout:
             return 0, 0
         t, j = i // S, i % S
         if self.mode == "full":
-            return 0, (self.blocks - 1) * S + P + keep
+            return 0, (self.blocks - 1) * S + P + self._kb(keep, self.blocks - 1)
         if self.mode == "block_causal":
-            return 0, t * S + P + keep
+            return 0, t * S + P + self._kb(keep, t)
         return 0, t * S + (P if j < P else j + 1)
 
-    def query_range(self, k0: int, k1: int, keep: int) -> tuple[int, int]:
+    def query_range(self, k0: int, k1: int, keep) -> tuple[int, int]:
         """Smallest [q_lo, q_hi) holding every query that attends some key in [k0, k1)
         (empty (0, 0) when no key there is kept). For the backward pass over key tiles."""
         S, P = self.block_size, self.patches
@@ -204,7 +243,7 @@ class RegisterLayout:
         if k is None:
             return 0, 0
         t, j = k // S, k % S
-        q_hi = (self.blocks - 1) * S + P + keep  # one past the last kept query
+        q_hi = (self.blocks - 1) * S + P + self._kb(keep, self.blocks - 1)  # one past the last kept query
         if self.mode == "full":
             return 0, q_hi
         if self.mode == "block_causal":

@@ -116,14 +116,12 @@ inline float exp2_nonpos(float x) {
 struct Problem {
   TileLayout layout;
   int64_t B, H, N, D;
-  const int32_t* keep;  // [samples], clamped to [0, R] when read
+  const int32_t* keep;  // [samples, layout.blocks]: per-block keeps, clamped to [0, R] when read
   float scale;
   int64_t samples;
   const int32_t* cu = nullptr;  // [samples + 1] for packed calls
 
-  int64_t keep_of(int64_t s) const {
-    return std::min<int64_t>(std::max<int64_t>(keep[s], 0), layout.registers);
-  }
+  const int32_t* keep_of(int64_t s) const { return keep + s * layout.blocks; }
   int64_t row_of(int64_t s) const { return cu ? 0 : s; }       // batch row holding sample s
   int64_t start_of(int64_t s) const { return cu ? cu[s] : 0; }  // its first token in that row
   TileLayout layout_of(int64_t s) const {
@@ -143,7 +141,7 @@ void scale_tile(float* s, int64_t rows, int64_t cols, int64_t ld, float mul) {
 
 // Sets masked scores of tile rows [q0, q0 + nq) x keys [k0, k0 + nk) to -inf (ld = row
 // stride of s). Dropped queries mask their whole row.
-void apply_mask(const TileLayout& L, int64_t keep, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* s,
+void apply_mask(const TileLayout& L, const int32_t* keep, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* s,
                 int64_t ld) {
   const int64_t S = L.block_size(), k1 = k0 + nk;
   for (int64_t r = 0; r < nq; ++r) {
@@ -162,7 +160,7 @@ void apply_mask(const TileLayout& L, int64_t keep, int64_t q0, int64_t nq, int64
 }
 
 // apply_mask for a transposed tile: st[key r][query c] (ld = row stride).
-void apply_mask_t(const TileLayout& L, int64_t keep, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* st,
+void apply_mask_t(const TileLayout& L, const int32_t* keep, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* st,
                   int64_t ld) {
   const int64_t S = L.block_size(), k1 = k0 + nk;
   for (int64_t c = 0; c < nq; ++c) {
@@ -214,7 +212,8 @@ void forward(const Problem& pr, const float* q, const float* kt, const float* v,
     const TileLayout L = pr.layout_of(s);
     const int64_t N = L.seq_len(), q0 = qt * kBlockM;
     if (q0 >= N) return;
-    const int64_t keep = pr.keep_of(s), q1 = std::min(q0 + kBlockM, N);
+    const int32_t* keep = pr.keep_of(s);
+    const int64_t q1 = std::min(q0 + kBlockM, N);
     const int64_t bh = pr.row_of(s) * pr.H + h, start = pr.start_of(s);
     const int64_t off = (bh * pr.N + start) * D;  // row-major [N, D] operands
     const int64_t off_t = bh * pr.N * D + start;   // transposed [D, N] operands (ld = ldt)
@@ -316,7 +315,7 @@ void backward(const Problem& pr, const float* q_fin, const float* qt, const floa
     const TileLayout L = pr.layout_of(s);
     const int64_t N = L.seq_len();
     const int64_t n_kt = (N + kBlockN - 1) / kBlockN, per_group = (n_kt + groups - 1) / groups;
-    const int64_t keep = pr.keep_of(s);
+    const int32_t* keep = pr.keep_of(s);
     const int64_t bh = pr.row_of(s) * pr.H + h, start = pr.start_of(s);
     const int64_t off = (bh * pr.N + start) * D;  // row-major [N, D] operands
     const int64_t off_t = bh * pr.N * D + start;   // transposed [D, N] operands (ld = ldt)
@@ -422,9 +421,10 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& keep, const at::Tens
   } else {
     VFT_CHECK(pr.N == pr.layout.seq_len(), "attention: layout expects N = ", pr.layout.seq_len(), ", got ", pr.N);
   }
-  VFT_CHECK(keep.scalar_type() == at::kInt && keep.dim() == 1 && keep.size(0) == pr.samples && keep.is_contiguous(),
-            "attention: keep must be a contiguous int32 [", packed ? "S = " : "B = ", pr.samples,
-            "] tensor, got ", keep.scalar_type(), " ", keep.sizes());
+  VFT_CHECK(keep.scalar_type() == at::kInt && keep.dim() == 2 && keep.size(0) == pr.samples &&
+                keep.size(1) == blocks && keep.is_contiguous(),
+            "attention: keep must be a contiguous int32 [", packed ? "S = " : "B = ", pr.samples, ", T = ", blocks,
+            "] tensor (per-block keeps), got ", keep.scalar_type(), " ", keep.sizes());
   pr.keep = keep.data_ptr<int32_t>();
   return pr;
 }
@@ -527,10 +527,15 @@ void attention_backward_cpu(const at::Tensor& dout, const at::Tensor& q, const a
 // Test hook: the tile classification of the port, for comparison with layout.py.
 // tiles: int64 [n, 4] rows (q0, q1, k0, k1) -> int64 [n, 5] rows
 // (classify_tile, key_range(q0, q1), query_range(k0, k1)).
-at::Tensor attention_tiles_cpu(int64_t blocks, int64_t patches, int64_t registers, int64_t mode, int64_t keep,
-                               const at::Tensor& tiles) {
+at::Tensor attention_tiles_cpu(int64_t blocks, int64_t patches, int64_t registers, int64_t mode,
+                               const at::Tensor& keep_blocks, const at::Tensor& tiles) {
   VFT_CHECK(tiles.scalar_type() == at::kLong && tiles.dim() == 2 && tiles.size(1) == 4,
             "attention_tiles: tiles must be int64 [n, 4], got ", tiles.scalar_type(), " ", tiles.sizes());
+  VFT_CHECK(keep_blocks.scalar_type() == at::kInt && keep_blocks.dim() == 1 && keep_blocks.numel() == blocks &&
+                keep_blocks.is_contiguous() && keep_blocks.device().is_cpu(),
+            "attention_tiles: keep must be a contiguous CPU int32 [T = ", blocks, "], got ",
+            keep_blocks.scalar_type(), " ", keep_blocks.sizes());
+  const int32_t* keep = keep_blocks.data_ptr<int32_t>();
   const TileLayout L{blocks, patches, registers, static_cast<MaskMode>(mode)};
   const at::Tensor t = tiles.contiguous();
   at::Tensor res = at::empty({t.size(0), 5}, t.options());
@@ -550,13 +555,14 @@ at::Tensor attention_tiles_cpu(int64_t blocks, int64_t patches, int64_t register
 void bind_attention(pybind11::module_& m) {
   m.def("attention_forward_cpu", &attention_forward_cpu,
         "Register attention forward (float32 math). q, k, v [B, H, N, D] CPU float32/bfloat16/float16; "
-        "keep int32 [B] ([S] packed); cu_seqlens: empty, or int32 [S + 1] for S samples packed in one row (B = 1); "
+        "keep int32 [B, T] ([S, T] packed; per-block keeps); cu_seqlens: empty, or int32 [S + 1] for S samples packed in one row (B = 1); "
         "writes out [B, H, N, D] (q's dtype) and lse float32 [B, H, N].");
   m.def("attention_backward_cpu", &attention_backward_cpu,
-        "Register attention backward: dout, q, k, v, out [B, H, N, D], lse float32 [B, H, N], keep int32 [B] "
-        "([S] packed), cu_seqlens as in attention_forward_cpu; writes dq, dk, dv [B, H, N, D] (q's dtype).");
+        "Register attention backward: dout, q, k, v, out [B, H, N, D], lse float32 [B, H, N], keep int32 [B, T] "
+        "([S, T] packed), cu_seqlens as in attention_forward_cpu; writes dq, dk, dv [B, H, N, D] (q's dtype).");
   m.def("attention_tiles_cpu", &attention_tiles_cpu,
-        "Test hook: classify_tile / key_range / query_range of the C++ port for int64 tiles [n, 4].");
+        "Test hook: classify_tile / key_range / query_range of the C++ port for int64 tiles [n, 4] and a "
+        "sample's per-block keeps (int32 [T]).");
   m.def(
       "attention_cpu_gemm_path",
       [](const std::string& name) {

@@ -32,8 +32,13 @@ def _supports(q: torch.Tensor):
     return None
 
 
-def _keep_i32(keep: torch.Tensor) -> torch.Tensor:
-    return keep.to(torch.int32).contiguous()
+def _keep_i32(keep: torch.Tensor, layout) -> torch.Tensor:
+    """The kernels' keep: contiguous int32 [samples, T] per-block keeps (a per-sample keep
+    [samples] repeated over the blocks: samples * T ints)."""
+    keep = keep.to(torch.int32)
+    if keep.dim() == 1:
+        keep = keep[:, None].expand(keep.shape[0], layout.blocks)
+    return keep.contiguous()
 
 
 _DENSE = torch.empty(0, dtype=torch.int32)
@@ -53,13 +58,13 @@ def supports_attention_backward(dout, q, k, v, out, lse, layout, keep, scale, cu
 
 
 def attention_forward(q, k, v, layout, keep, scale, cu_seqlens=None):
-    """q, k, v [B, H, N, D] (float32/bfloat16/float16, any strides), keep int [B] ->
+    """q, k, v [B, H, N, D] (float32/bfloat16/float16, any strides), keep int [B] or [B, T] ->
     (out [B, H, N, D] q.dtype, lse [B, H, N] float32, -inf on dropped rows). Packed calls:
-    B = 1, keep [S], cu_seqlens int [S + 1]; padding rows give 0 / -inf."""
+    B = 1, keep [S] or [S, T], cu_seqlens int [S + 1]; padding rows give 0 / -inf."""
     B, H, N, D = q.shape
     out = new_output((B, H, N, D), q.dtype, q.device)
     lse = new_output((B, H, N), torch.float32, q.device)
-    _forward_cpu(q, k, v, _keep_i32(keep), _cu_i32(cu_seqlens), layout.blocks, layout.patches, layout.registers,
+    _forward_cpu(q, k, v, _keep_i32(keep, layout), _cu_i32(cu_seqlens), layout.blocks, layout.patches, layout.registers,
                  MODES.index(layout.mode), float(scale), out, lse)
     return out, lse
 
@@ -70,6 +75,6 @@ def attention_backward(dout, q, k, v, out, lse, layout, keep, scale, cu_seqlens=
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(q.shape, q.dtype, q.device)
     dv = new_output(q.shape, q.dtype, q.device)
-    _backward_cpu(dout, q, k, v, out, lse.float(), _keep_i32(keep), _cu_i32(cu_seqlens), layout.blocks, layout.patches,
+    _backward_cpu(dout, q, k, v, out, lse.float(), _keep_i32(keep, layout), _cu_i32(cu_seqlens), layout.blocks, layout.patches,
                   layout.registers, MODES.index(layout.mode), float(scale), dq, dk, dv)
     return dq, dk, dv

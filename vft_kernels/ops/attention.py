@@ -170,7 +170,8 @@ def register_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout
 
     q, k, v: [B, H, N, D] (fp32/fp16/bf16, same dtype and device), N = layout.seq_len.
     keep: optional int tensor [B] in [0, R]: registers r >= keep[b] are dropped (never
-    attended to; their output rows are zero). scale defaults to 1/sqrt(D).
+    attended to; their output rows are zero); or per time block, [B, T]: registers
+    r >= keep[b, t] of block t are dropped. scale defaults to 1/sqrt(D).
     Returns out [B, H, N, D] (input dtype), and lse [B, H, N] float32 (-inf on dropped
     rows; not differentiable) when ``return_lse``.
 
@@ -180,7 +181,8 @@ def register_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout
     sequence of ``(cu[s+1] - cu[s]) / (P + R)`` time blocks (a multiple of P + R, at most
     ``layout.blocks``; ``layout`` gives P, R and the mode, ``layout.blocks`` is the largest
     sample's block count) that attends only within itself, keeping ``keep[s]`` registers
-    (keep ``[S]``). Rows ``n >= cu[S]`` are padding: zero output, lse -inf, zero gradients.
+    (keep ``[S]``), or ``keep[s, t]`` in its block ``t`` (keep ``[S, layout.blocks]``; columns
+    past the sample's own block count are ignored). Rows ``n >= cu[S]`` are padding: zero output, lse -inf, zero gradients.
     The offsets are always checked on the host: a list/tuple before the call (then copied to
     the device without a sync), a tensor inside the op (also under torch.compile; a device
     tensor costs one sync, so on GPU pass a list)."""
@@ -237,12 +239,15 @@ def register_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout
         keep = torch.full((B,), layout.registers, dtype=torch.int32, device=q.device)
     else:
         if not isinstance(keep, torch.Tensor):
-            raise TypeError(f"register_attention: keep must be an int tensor [B] or None, got {type(keep).__name__}")
+            raise TypeError(f"register_attention: keep must be an int tensor [B] or [B, T], or None, got "
+                            f"{type(keep).__name__}")
         if keep.dtype.is_floating_point or keep.dtype.is_complex or keep.dtype == torch.bool:
             raise ValueError(f"register_attention: keep must be an integer tensor, got {keep.dtype}")
-        if tuple(keep.shape) != (B,):
-            what = "[S] (one per packed sample)" if cu_seqlens is not None else "[B]"
-            raise ValueError(f"register_attention: keep must have shape {what} = ({B},), got {tuple(keep.shape)}")
+        if tuple(keep.shape) not in ((B,), (B, layout.blocks)):
+            what = (f"[S] = ({B},) (one per packed sample) or [S, T] = ({B}, {layout.blocks}) (per time block)"
+                    if cu_seqlens is not None else
+                    f"[B] = ({B},) or [B, T] = ({B}, {layout.blocks}) (per time block)")
+            raise ValueError(f"register_attention: keep must have shape {what}, got {tuple(keep.shape)}")
         if keep.device != q.device:
             raise ValueError(f"register_attention: keep must be on q's device {q.device}, got {keep.device}")
         # Passed as given: the op checks the values in this dtype, the backends narrow.

@@ -35,6 +35,11 @@ def varlen_samples(layout, cu_seqlens):
             yield s, a, b, RegisterLayout((b - a) // S, layout.patches, layout.registers, layout.mode)
 
 
+def _sample_keep(keep, s, layout):
+    """Sample s's keep ([1], or [1, T_s] from a per-block [S, T_max]) in a packed call."""
+    return keep[s:s + 1] if keep.dim() == 1 else keep[s:s + 1, :layout.blocks]
+
+
 def _stitch(pieces, N, fills):
     """Concatenates per-sample results along the token dim (2) and pads them to N tokens
     (pieces: list of (start, tuple of tensors); fills: padding value per output)."""
@@ -51,15 +56,17 @@ def _stitch(pieces, N, fills):
 
 
 def attention_forward(q, k, v, layout, keep, scale, cu_seqlens=None):
-    """q, k, v [B, H, N, D]; keep int [B] -> (out [B, H, N, D] q.dtype, lse [B, H, N] float32).
-    Packed: q, k, v [1, H, N, D], keep [S], cu_seqlens int [S + 1] (see the module doc).
+    """q, k, v [B, H, N, D]; keep int [B] or per-block [B, T] -> (out [B, H, N, D] q.dtype,
+    lse [B, H, N] float32). Packed: q, k, v [1, H, N, D], keep [S] or [S, T], cu_seqlens int
+    [S + 1] (see the module doc).
 
     Differentiable through autograd (used as the ground truth for the backward pass)."""
     if cu_seqlens is not None:
         # An empty leading "sample" gives the concatenation a correctly typed first piece.
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         pieces = [(0, (q[:, :, :0], q.new_empty(q.shape[:2] + (0,), dtype=lse_dtype)))]
-        pieces += [(a, attention_forward(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], lay, keep[s:s + 1], scale))
+        pieces += [(a, attention_forward(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], lay, _sample_keep(keep, s, lay),
+                                         scale))
                    for s, a, b, lay in varlen_samples(layout, cu_seqlens)]
         return _stitch(pieces, q.shape[2], (0.0, float("-inf")))
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -82,7 +89,7 @@ def attention_backward(dout, q, k, v, out, lse, layout, keep, scale, cu_seqlens=
     if cu_seqlens is not None:
         pieces = [(0, tuple(t[:, :, :0].to(q.dtype) for t in (q, k, v)))]
         pieces += [(a, attention_backward(dout[:, :, a:b], q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], out[:, :, a:b],
-                                          lse[:, :, a:b], lay, keep[s:s + 1], scale))
+                                          lse[:, :, a:b], lay, _sample_keep(keep, s, lay), scale))
                    for s, a, b, lay in varlen_samples(layout, cu_seqlens)]
         return _stitch(pieces, q.shape[2], (0.0, 0.0, 0.0))
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32

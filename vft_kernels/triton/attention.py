@@ -73,33 +73,53 @@ FULL = tl.constexpr(2)
 
 
 @triton.jit
-def _first_kept(lo, hi, keep, S, P):
-    """First kept token in [lo, hi), or -1."""
-    x = tl.where(lo % S >= P + keep, (lo // S + 1) * S, lo)
+def _kb(kp, t, keep, T, R, PER_BLOCK: tl.constexpr):
+    """Registers kept in time block(s) ``t`` (a scalar or a tensor of block indices): with a
+    per-block keep, ``keep[b, t]`` read from the sample's row ``kp`` (``t`` clamped to
+    [0, T - 1], the value to [0, R]); otherwise the sample's ``keep``."""
+    if PER_BLOCK:
+        tc = tl.minimum(tl.maximum(t, 0), T - 1)
+        kb = tl.minimum(tl.maximum(tl.load(kp + tc), 0), R)
+    else:
+        kb = keep
+    return kb
+
+
+@triton.jit
+def _first_kept(lo, hi, kp, keep, T, S, P, R, PER_BLOCK: tl.constexpr):
+    """First kept token in [lo, hi), or -1 (only lo's block matters: P >= 1 keeps every
+    block's patches)."""
+    kb = _kb(kp, lo // S, keep, T, R, PER_BLOCK)
+    x = tl.where(lo % S >= P + kb, (lo // S + 1) * S, lo)
     return tl.where(x < hi, x, -1)
 
 
 @triton.jit
-def _last_kept(lo, hi, keep, S, P):
-    """Last kept token in [lo, hi), or -1."""
+def _last_kept(lo, hi, kp, keep, T, S, P, R, PER_BLOCK: tl.constexpr):
+    """Last kept token in [lo, hi), or -1 (only the block of hi - 1 matters)."""
     x = hi - 1
+    kb = _kb(kp, x // S, keep, T, R, PER_BLOCK)
     j = x % S
-    x = tl.where(j >= P + keep, x - j + P + keep - 1, x)
+    x = tl.where(j >= P + kb, x - j + P + kb - 1, x)
     return tl.where(x >= lo, x, -1)
 
 
 @triton.jit
 def _has_dropped(lo, hi, keep, S, P, R):
-    """Does [lo, hi) hold a dropped register?"""
+    """Does [lo, hi) hold a dropped register of a sample keeping ``keep`` registers in every
+    block? Called with the sample's smallest keep: exact for a per-sample keep, and for a
+    per-block one a superset test (True whenever a register there is dropped), so a tile it
+    calls FULL has no dropped token."""
     first = tl.where(lo % S >= P + keep, lo, (lo // S) * S + P + keep)
     return (keep < R) & (first < hi)
 
 
 @triton.jit
-def _classify_tile(q0, q1, k0, k1, keep, S, P, R, MODE: tl.constexpr):
-    """MASKED / PARTIAL / FULL for queries [q0, q1) x keys [k0, k1) (layout.classify_tile)."""
-    i = _last_kept(q0, q1, keep, S, P)
-    k = _first_kept(k0, k1, keep, S, P)
+def _classify_tile(q0, q1, k0, k1, kp, keep, T, S, P, R, MODE: tl.constexpr, PER_BLOCK: tl.constexpr):
+    """MASKED / PARTIAL / FULL for queries [q0, q1) x keys [k0, k1) (layout.classify_tile;
+    with a per-block keep a tile may be called PARTIAL where it is FULL, never the reverse)."""
+    i = _last_kept(q0, q1, kp, keep, T, S, P, R, PER_BLOCK)
+    k = _first_kept(k0, k1, kp, keep, T, S, P, R, PER_BLOCK)
     masked = (i < 0) | (k < 0)
     # Clamp before dividing: -1 // S differs between the interpreter and the GPU.
     i = tl.maximum(i, 0)
@@ -122,29 +142,29 @@ def _classify_tile(q0, q1, k0, k1, keep, S, P, R, MODE: tl.constexpr):
 
 
 @triton.jit
-def _key_end(q0, q1, keep, T, S, P, MODE: tl.constexpr):
+def _key_end(q0, q1, kp, keep, T, S, P, R, MODE: tl.constexpr, PER_BLOCK: tl.constexpr):
     """One past the last key any query in [q0, q1) may see (layout.key_range; 0 if none)."""
-    i = _last_kept(q0, q1, keep, S, P)
+    i = _last_kept(q0, q1, kp, keep, T, S, P, R, PER_BLOCK)
     ic = tl.maximum(i, 0)
     t = ic // S
     j = ic % S
     if MODE == 0:
-        end = (T - 1) * S + P + keep
+        end = (T - 1) * S + P + _kb(kp, T - 1, keep, T, R, PER_BLOCK)
     elif MODE == 1:
-        end = t * S + P + keep
+        end = t * S + P + _kb(kp, t, keep, T, R, PER_BLOCK)
     else:
         end = t * S + tl.where(j < P, P, j + 1)
     return tl.where(i < 0, 0, end)
 
 
 @triton.jit
-def _query_range(k0, k1, keep, T, S, P, MODE: tl.constexpr):
+def _query_range(k0, k1, kp, keep, T, S, P, R, MODE: tl.constexpr, PER_BLOCK: tl.constexpr):
     """[q_lo, q_hi) of the queries that see some key in [k0, k1) (layout.query_range)."""
-    k = _first_kept(k0, k1, keep, S, P)
+    k = _first_kept(k0, k1, kp, keep, T, S, P, R, PER_BLOCK)
     kc = tl.maximum(k, 0)
     t = kc // S
     j = kc % S
-    q_hi = (T - 1) * S + P + keep
+    q_hi = (T - 1) * S + P + _kb(kp, T - 1, keep, T, R, PER_BLOCK)
     if MODE == 0:
         q_lo = 0 * kc
     elif MODE == 1:
@@ -155,16 +175,17 @@ def _query_range(k0, k1, keep, T, S, P, MODE: tl.constexpr):
 
 
 @triton.jit
-def _allowed(qi, ki, keep, q_stop, k_stop, S, P, MODE: tl.constexpr):
+def _allowed(qi, ki, kp, keep, T, q_stop, k_stop, S, P, R, MODE: tl.constexpr, PER_BLOCK: tl.constexpr):
     """Elementwise mask for partial tiles: layout.allowed, restricted to rows < q_stop and
     columns < k_stop (the sequence end or the end of the stretch being swept). ``qi`` and
     ``ki`` are broadcastable 2-D index tensors ([BQ, 1] and [1, BK], or transposed), so the
-    div/mod runs once per row and column, not per pair."""
+    div/mod (and a per-block keep's load) runs once per row and column, not per pair."""
     tq = qi // S
     jq = qi % S
     tk = ki // S
     jk = ki % S
-    ok = (jq < P + keep) & (qi < q_stop) & (jk < P + keep) & (ki < k_stop)
+    ok = (jq < P + _kb(kp, tq, keep, T, R, PER_BLOCK)) & (qi < q_stop) & \
+        (jk < P + _kb(kp, tk, keep, T, R, PER_BLOCK)) & (ki < k_stop)
     if MODE == 1:
         ok = ok & (tk <= tq)
     elif MODE == 2:
@@ -173,25 +194,26 @@ def _allowed(qi, ki, keep, q_stop, k_stop, S, P, MODE: tl.constexpr):
 
 
 @triton.jit
-def _tile_is_full(q0, q_stop, k0, k_stop, keep, S, P, R, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                  MODE: tl.constexpr):
+def _tile_is_full(q0, q_stop, k0, k_stop, kp, keep, T, S, P, R, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                  MODE: tl.constexpr, PER_BLOCK: tl.constexpr):
     """Can the tile at (q0, k0) skip the mask? Only if _classify_tile says FULL and the tile
     does not cross q_stop / k_stop (rows/columns past them must be masked)."""
     q1 = tl.minimum(q0 + BLOCK_Q, q_stop)
     k1 = tl.minimum(k0 + BLOCK_K, k_stop)
-    cls = _classify_tile(q0, q1, k0, k1, keep, S, P, R, MODE)
+    cls = _classify_tile(q0, q1, k0, k1, kp, keep, T, S, P, R, MODE, PER_BLOCK)
     return (cls == FULL) & (q0 + BLOCK_Q <= q_stop) & (k0 + BLOCK_K <= k_stop)
 
 
 @triton.jit
-def _stretch(i, lo, hi, keep, S, P, R):
-    """Bounds of the i-th stretch of kept tokens in [lo, hi): the kept part (P + keep
-    tokens) of time block lo // S + i, clipped to [lo, hi); with nothing dropped (keep ==
-    R) the whole of [lo, hi) is one stretch. Sweeping stretches never visits a tile that
-    holds only dropped tokens."""
+def _stretch(i, lo, hi, kp, keep, T, S, P, R, PER_BLOCK: tl.constexpr):
+    """Bounds of the i-th stretch of kept tokens in [lo, hi): the kept part (P + its keep
+    tokens) of time block lo // S + i, clipped to [lo, hi); with nothing dropped (the
+    sample's smallest keep == R) the whole of [lo, hi) is one stretch. Sweeping stretches
+    never visits a tile that holds only dropped tokens."""
     dense = keep == R
-    start = tl.where(dense, lo, tl.maximum((lo // S + i) * S, lo))
-    stop = tl.where(dense, hi, tl.minimum((lo // S + i) * S + P + keep, hi))
+    blk = lo // S + i
+    start = tl.where(dense, lo, tl.maximum(blk * S, lo))
+    stop = tl.where(dense, hi, tl.minimum(blk * S + P + _kb(kp, blk, keep, T, R, PER_BLOCK), hi))
     return start, stop
 
 
@@ -221,17 +243,18 @@ def _sample_rows(cu_ptr, s, S):
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, keep_ptr, cu_ptr,
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, keep_ptr, kmin_ptr, skeep, cu_ptr,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 sob, soh, son, sod, slb, slh,
                 N, T, P, R, scale,
                 MODE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                VARLEN: tl.constexpr, PRECISION: tl.constexpr = "tf32"):
+                VARLEN: tl.constexpr, PER_BLOCK: tl.constexpr = False, PRECISION: tl.constexpr = "tf32"):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     S = P + R
-    keep = _load_keep(keep_ptr, b, R)
+    keep = _load_keep(kmin_ptr, b, R)  # the sample's keep (per-block keeps: their minimum)
+    kp = keep_ptr + b * skeep  # per-block keeps: the sample's row
     q0 = pid_m * BLOCK_M
     if VARLEN:  # program z is sample b: its rows of batch 0, its own N and T
         start, N, T = _sample_rows(cu_ptr, b, S)
@@ -252,17 +275,18 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, keep_ptr, cu_ptr,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of the scores
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    k_end = _key_end(q0, tl.minimum(q0 + BLOCK_M, N), keep, T, S, P, MODE)
+    k_end = _key_end(q0, tl.minimum(q0 + BLOCK_M, N), kp, keep, T, S, P, R, MODE, PER_BLOCK)
     for i in range(0, _num_stretches(0, k_end, keep, S, R)):
-        k_start, k_stop = _stretch(i, 0, k_end, keep, S, P, R)
+        k_start, k_stop = _stretch(i, 0, k_end, kp, keep, T, S, P, R, PER_BLOCK)
         for k0 in range(k_start, k_stop, BLOCK_N):
             offs_n = k0 + tl.arange(0, BLOCK_N)
             col_ok = offs_n < k_stop
             kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * skn, mask=col_ok[None, :], other=0.0)
             v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * svn, mask=col_ok[:, None], other=0.0)
             s = tl.dot(q, kt, input_precision=PRECISION) * scale
-            if not _tile_is_full(q0, N, k0, k_stop, keep, S, P, R, BLOCK_M, BLOCK_N, MODE):
-                s = tl.where(_allowed(offs_m[:, None], offs_n[None, :], keep, N, k_stop, S, P, MODE), s,
+            if not _tile_is_full(q0, N, k0, k_stop, kp, keep, T, S, P, R, BLOCK_M, BLOCK_N, MODE, PER_BLOCK):
+                s = tl.where(_allowed(offs_m[:, None], offs_n[None, :], kp, keep, T, N, k_stop, S, P, R, MODE,
+                                      PER_BLOCK), s,
                              float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # Rows with no allowed key yet keep m = -inf; shift them by 0 to avoid inf - inf.
@@ -306,17 +330,18 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr,
 
 
 @triton.jit
-def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, keep_ptr, cu_ptr,
+def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, keep_ptr, kmin_ptr, skeep, cu_ptr,
                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd, slb, slh,
                  sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
                  N, T, P, R, scale,
                  MODE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 VARLEN: tl.constexpr, PRECISION: tl.constexpr = "tf32"):
+                 VARLEN: tl.constexpr, PER_BLOCK: tl.constexpr = False, PRECISION: tl.constexpr = "tf32"):
     pid_n = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     S = P + R
-    keep = _load_keep(keep_ptr, b, R)
+    keep = _load_keep(kmin_ptr, b, R)  # the sample's keep (per-block keeps: their minimum)
+    kp = keep_ptr + b * skeep  # per-block keeps: the sample's row
     k0 = pid_n * BLOCK_N
     if VARLEN:
         start, N, T = _sample_rows(cu_ptr, b, S)
@@ -344,9 +369,9 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
 
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    q_lo, q_hi = _query_range(k0, tl.minimum(k0 + BLOCK_N, N), keep, T, S, P, MODE)
+    q_lo, q_hi = _query_range(k0, tl.minimum(k0 + BLOCK_N, N), kp, keep, T, S, P, R, MODE, PER_BLOCK)
     for i in range(0, _num_stretches(q_lo, q_hi, keep, S, R)):
-        q_start, q_stop = _stretch(i, q_lo, q_hi, keep, S, P, R)
+        q_start, q_stop = _stretch(i, q_lo, q_hi, kp, keep, T, S, P, R, PER_BLOCK)
         for q0 in range(q_start, q_stop, BLOCK_M):
             offs_m = q0 + tl.arange(0, BLOCK_M)
             row_ok = offs_m < q_stop
@@ -356,9 +381,10 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
             delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
             # Transposed scores [BLOCK_N, BLOCK_M]: the dk/dv products then need no transpose of P.
             pt = tl.exp(tl.dot(k, qt, input_precision=PRECISION) * scale - lse[None, :])
-            if not _tile_is_full(q0, q_stop, k0, N, keep, S, P, R, BLOCK_M, BLOCK_N, MODE):
+            if not _tile_is_full(q0, q_stop, k0, N, kp, keep, T, S, P, R, BLOCK_M, BLOCK_N, MODE, PER_BLOCK):
                 # Dropped rows have lse = -inf (p = inf there): select, never multiply.
-                pt = tl.where(_allowed(offs_m[None, :], offs_n[:, None], keep, q_stop, N, S, P, MODE), pt, 0.0)
+                pt = tl.where(_allowed(offs_m[None, :], offs_n[:, None], kp, keep, T, q_stop, N, S, P, R, MODE,
+                                       PER_BLOCK), pt, 0.0)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             # Exactly 0 where P is (masked pairs), also for a NaN row (delta NaN); a non-finite q
@@ -375,17 +401,18 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
 
 
 @triton.jit
-def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, keep_ptr, cu_ptr,
+def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, keep_ptr, kmin_ptr, skeep, cu_ptr,
                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd, slb, slh,
                sdqb, sdqh, sdqn, sdqd,
                N, T, P, R, scale,
                MODE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               VARLEN: tl.constexpr, PRECISION: tl.constexpr = "tf32"):
+               VARLEN: tl.constexpr, PER_BLOCK: tl.constexpr = False, PRECISION: tl.constexpr = "tf32"):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     S = P + R
-    keep = _load_keep(keep_ptr, b, R)
+    keep = _load_keep(kmin_ptr, b, R)  # the sample's keep (per-block keeps: their minimum)
+    kp = keep_ptr + b * skeep  # per-block keeps: the sample's row
     q0 = pid_m * BLOCK_M
     if VARLEN:
         start, N, T = _sample_rows(cu_ptr, b, S)
@@ -411,17 +438,18 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, keep_ptr
     vt_base = v_ptr + b * svb + h * svh + offs_d[:, None] * svd
 
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    k_end = _key_end(q0, tl.minimum(q0 + BLOCK_M, N), keep, T, S, P, MODE)
+    k_end = _key_end(q0, tl.minimum(q0 + BLOCK_M, N), kp, keep, T, S, P, R, MODE, PER_BLOCK)
     for i in range(0, _num_stretches(0, k_end, keep, S, R)):
-        k_start, k_stop = _stretch(i, 0, k_end, keep, S, P, R)
+        k_start, k_stop = _stretch(i, 0, k_end, kp, keep, T, S, P, R, PER_BLOCK)
         for k0 in range(k_start, k_stop, BLOCK_N):
             offs_n = k0 + tl.arange(0, BLOCK_N)
             col_ok = offs_n < k_stop
             kt = tl.load(kt_base + offs_n.to(tl.int64)[None, :] * skn, mask=col_ok[None, :], other=0.0)
             vt = tl.load(vt_base + offs_n.to(tl.int64)[None, :] * svn, mask=col_ok[None, :], other=0.0)
             p = tl.exp(tl.dot(q, kt, input_precision=PRECISION) * scale - lse[:, None])
-            if not _tile_is_full(q0, N, k0, k_stop, keep, S, P, R, BLOCK_M, BLOCK_N, MODE):
-                p = tl.where(_allowed(offs_m[:, None], offs_n[None, :], keep, N, k_stop, S, P, MODE), p, 0.0)
+            if not _tile_is_full(q0, N, k0, k_stop, kp, keep, T, S, P, R, BLOCK_M, BLOCK_N, MODE, PER_BLOCK):
+                p = tl.where(_allowed(offs_m[:, None], offs_n[None, :], kp, keep, T, N, k_stop, S, P, R, MODE,
+                                      PER_BLOCK), p, 0.0)
                 # Only partial tiles hold masked pairs: there a non-finite key (which already makes
                 # the ds entries of the rows that see it NaN) is zeroed as an operand, so 0 * NaN
                 # does not reach rows that cannot see it. (A masked pair gives 0 * (dp - delta):
@@ -579,6 +607,17 @@ def _fill_padding(cu_seqlens, *fills):
                                                             num_warps=4)
 
 
+def _keep_args(keep):
+    """(keep_ptr, kmin_ptr, skeep) kernel arguments and PER_BLOCK for keep int [B] (the
+    kernels read keep[b]) or per-block [B, T] (row b at keep_ptr + b * skeep, and the row
+    minimum, which decides the dense fast path and bounds the dropped tokens, from kmin)."""
+    keep = keep.to(torch.int32)
+    if keep.dim() == 1:
+        return (keep, keep, 0), False
+    keep = keep.contiguous()
+    return (keep, keep.amin(dim=1), keep.stride(0)), True
+
+
 def _padded_dim(D, precision="tf32"):
     """The kernels' head dim that serves D (the smallest of HEAD_DIMS, or for full-precision
     fp32 of IEEE_HEAD_DIMS, >= D), None if D is larger than all of them."""
@@ -593,9 +632,10 @@ def _pad_head(t, Dp):
 
 
 def attention_forward(q, k, v, layout, keep, scale, cu_seqlens=None, *, block_m=None, block_n=None):
-    """q, k, v [B, H, N, D] (fp16/bf16/fp32, any strides), keep int32 [B] on q's device ->
-    (out [B, H, N, D] q.dtype, lse [B, H, N] float32, -inf on dropped rows).
-    Packed: q, k, v [1, H, N, D], keep int32 [S], cu_seqlens int32 [S + 1] (module doc).
+    """q, k, v [B, H, N, D] (fp16/bf16/fp32, any strides), keep int [B] or per-block [B, T]
+    on q's device -> (out [B, H, N, D] q.dtype, lse [B, H, N] float32, -inf on dropped rows).
+    Packed: q, k, v [1, H, N, D], keep int [S] or [S, layout.blocks], cu_seqlens int32
+    [S + 1] (module doc).
 
     ``block_m``/``block_n`` override the tile sizes (powers of two >= 16; for tests).
     Head dims not in HEAD_DIMS run zero-padded to the next one (the scale is the caller's)."""
@@ -611,12 +651,13 @@ def attention_forward(q, k, v, layout, keep, scale, cu_seqlens=None, *, block_m=
     if out.numel() == 0:
         return out, lse
     bm, bn, warps, stages = _blocks(_config("fwd", D, q.dtype, precision), q, block_m, block_n)
-    keep = keep.to(torch.int32)
+    keep_args, per_block = _keep_args(keep)
     rows, programs, sizes = _launch_shape(layout, B, N, cu_seqlens)
     _fwd_kernel[(triton.cdiv(rows, bm), H, programs)](
-        q, k, v, out, lse, keep, cu_seqlens, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q, k, v, out, lse, *keep_args, cu_seqlens, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         lse.stride(0), lse.stride(1), *sizes, float(scale), MODE=MODE_IDS[layout.mode], D=D, BLOCK_M=bm,
-        BLOCK_N=bn, VARLEN=cu_seqlens is not None, PRECISION=precision, num_warps=warps, num_stages=stages)
+        BLOCK_N=bn, VARLEN=cu_seqlens is not None, PER_BLOCK=per_block, PRECISION=precision, num_warps=warps,
+        num_stages=stages)
     if cu_seqlens is not None:
         _fill_padding(cu_seqlens, (out, 0.0), (lse, float("-inf")))
     return out, lse
@@ -639,7 +680,7 @@ def attention_backward(dout, q, k, v, out, lse, layout, keep, scale, cu_seqlens=
     dv = new_output((B, H, N, D), v.dtype, v.device)
     if dq.numel() == 0:
         return dq, dk, dv
-    keep = keep.to(torch.int32)
+    keep_args, per_block = _keep_args(keep)
     lse = lse.contiguous()
     delta = new_output((B, H, N), torch.float32, q.device)
     bm, bn, warps, stages = _blocks(_config("dq", D, q.dtype, precision), q, block_m, block_n)
@@ -648,9 +689,10 @@ def attention_backward(dout, q, k, v, out, lse, layout, keep, scale, cu_seqlens=
                                               delta.stride(0), delta.stride(1), N, D=D, BLOCK_M=bm,
                                               num_warps=4)
     rows, programs, sizes = _launch_shape(layout, B, N, cu_seqlens)
-    common = (keep, cu_seqlens, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0),
+    common = (*keep_args, cu_seqlens, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0),
               lse.stride(1))
-    consts = dict(MODE=MODE_IDS[layout.mode], D=D, VARLEN=cu_seqlens is not None, PRECISION=precision)
+    consts = dict(MODE=MODE_IDS[layout.mode], D=D, VARLEN=cu_seqlens is not None, PER_BLOCK=per_block,
+                  PRECISION=precision)
     _dq_kernel[(triton.cdiv(rows, bm), H, programs)](q, k, v, dout, lse, delta, dq, *common, *dq.stride(), *sizes,
                                                      float(scale), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
                                                      num_stages=stages, **consts)
@@ -672,7 +714,7 @@ _KERNELS = {"fwd": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}
 _HEAD_DIM_STRIDES = ("sqd", "skd", "svd", "sod", "sgd", "sdkd", "sdvd", "sdqd")
 
 
-def _variant(name, fn, dtype, constexprs, num_warps, num_stages, sizes=("N", "T", "P", "R", "num_samples")):
+def _variant(name, fn, dtype, constexprs, num_warps, num_stages, sizes=("N", "T", "P", "R", "num_samples", "skeep")):
     """A Variant for a launch on contiguous-row tensors: head-dim strides are 1 (Triton
     specialises them to constants), pointers are 16-byte aligned and the other strides are
     multiples of 16 (D is), as the launcher assumes at run time; ``sizes`` are arbitrary."""
@@ -682,7 +724,7 @@ def _variant(name, fn, dtype, constexprs, num_warps, num_stages, sizes=("N", "T"
     constexprs = {**constexprs, **{s: 1 for s in _HEAD_DIM_STRIDES if s in fn.arg_names}}
     if constexprs.get("VARLEN") is False:
         constexprs["cu_ptr"] = None  # dense launches pass no offsets
-    pointers = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "keep_ptr": "*i32", "cu_ptr": "*i32"}
+    pointers = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "keep_ptr": "*i32", "kmin_ptr": "*i32", "cu_ptr": "*i32"}
     signature, divisible = {}, []
     for arg in fn.arg_names:
         if arg in constexprs:
@@ -701,9 +743,9 @@ def _variant(name, fn, dtype, constexprs, num_warps, num_stages, sizes=("N", "T"
 
 
 def aot_variants(modes=tuple(MODE_IDS), head_dims=HEAD_DIMS, dtypes=DTYPES, kernels=("delta", "pad", *_KERNELS),
-                 varlen=(False, True), precisions=("tf32", "ieee")):
+                 varlen=(False, True), precisions=("tf32", "ieee"), per_block=(False, True)):
     """Every kernel variant the host code launches on GPU: mode x head dim x dtype x
-    dense/packed (``varlen``) for the forward, dq and dk/dv kernels (fp32 once per dot
+    dense/packed (``varlen``) x per-sample/per-block keep for the forward, dq and dk/dv kernels (fp32 once per dot
     precision in ``precisions``), head dim x dtype (x precision) for the delta kernel, and
     for packed calls the padding kernel per output dtype (lse: fp32 rows of length 1)."""
     variants = []
@@ -726,10 +768,11 @@ def aot_variants(modes=tuple(MODE_IDS), head_dims=HEAD_DIMS, dtypes=DTYPES, kern
                     bm, bn, warps, stages = _config(kernel, D, dtype, precision)
                     for mode in modes:
                         for packed in varlen:
-                            constexprs = {"MODE": MODE_IDS[mode], "D": D, "BLOCK_M": bm, "BLOCK_N": bn,
-                                          "VARLEN": packed, "PRECISION": precision}
-                            name = f"attn_{kernel}{'_varlen' if packed else ''}_{mode}_{tag}"
-                            variants.append(_variant(name, fn, dtype, constexprs, warps, stages))
+                            for pb in per_block:
+                                constexprs = {"MODE": MODE_IDS[mode], "D": D, "BLOCK_M": bm, "BLOCK_N": bn,
+                                              "VARLEN": packed, "PER_BLOCK": pb, "PRECISION": precision}
+                                name = f"attn_{kernel}{'_varlen' if packed else ''}{'_pb' if pb else ''}_{mode}_{tag}"
+                                variants.append(_variant(name, fn, dtype, constexprs, warps, stages))
     if "pad" in kernels and True in varlen:
         variants.append(_variant("attn_pad_lse", _pad_kernel, torch.float32, {"BLOCK": _PAD_BLOCK, "row_len": 1}, 4, 1,
                                  sizes=("num_samples", "head_len")))
