@@ -14,7 +14,10 @@ its kept tokens (every patch and the first ``keep`` registers of each block) wit
 block-causal / register mask among them. Their inputs are put into their layout
 (transposed, packed) once, outside the timing. They are timed only on CUDA and when
 importable (the ``bench-gpu`` extra); otherwise each gives a skipped case with the
-reason. flash-attn has no float32 kernels, so on CUDA every case also runs in bfloat16.
+reason. flash-attn has no float32 kernels, so on CUDA every case also runs in bfloat16; on
+the CPU the bfloat16 cases (full runs) add ``cpu(float32 inputs)``, the same kernel on float32
+copies, so that the bf16 path's gain (AMX tile products where the CPU has AMX-BF16) is a
+same-run ratio.
 
 Shapes: FlexTok-like image (B=4, H=12, T=1, P=256, R=256, D=64; keep all, 32, 1 and
 per-sample powers of two) and VideoFlexTok-like video (B=2, H=12, T=5, P=256, R=32 and
@@ -48,6 +51,7 @@ SDPA_PER_SAMPLE = "sdpa(per-sample mask)"
 FLASH_DENSE = "flash-attn(all tokens, no mask)"
 FLASH_VARLEN = "flash-attn varlen(kept tokens, no mask)"
 XFORMERS = "xformers(BlockDiagonalMask, kept tokens)"
+CPU_FP32_INPUTS = "cpu(float32 inputs)"
 
 
 def _shapes(quick: bool):
@@ -198,13 +202,17 @@ def _providers(ctx: Context, layout: RegisterLayout, keep: torch.Tensor, scale: 
     }
     vft_backend = "cpu" if ctx.device.type == "cpu" else "triton"
     providers[vft_backend] = Provider(backend(vft_backend))
+    if ctx.device.type == "cpu" and dtype == torch.bfloat16:
+        # The same kernel on float32 copies of the inputs: the bf16 path's gain in this case.
+        providers[CPU_FP32_INPUTS] = Provider(backend("cpu"), prepare=lambda t: t.float())
     providers.update(_flex_providers(ctx, layout, keep, scale))
     providers.update(_gpu_providers(ctx, layout, keep, scale, dtype))
     return baseline, providers
 
 
 def cases(ctx: Context) -> list[Case]:
-    dtypes = (torch.float32, torch.bfloat16) if ctx.device.type == "cuda" else (torch.float32,)
+    # bf16 on the CPU too (AMX tile products where the CPU has them), except in quick runs.
+    dtypes = (torch.float32,) if ctx.device.type == "cpu" and ctx.quick else (torch.float32, torch.bfloat16)
     out = []
     for label, B, H, D, layout, keep in _shapes(ctx.quick):
         for dtype in dtypes:
@@ -274,7 +282,13 @@ def _main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--min-run-time", type=float, default=1.0)
     parser.add_argument("--shapes", choices=("image", "video", "all"), default="all")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "all"), default="all")
+    parser.add_argument("--providers", default="",
+                        help="semicolon-separated provider names to time (default: all), e.g. "
+                             "'cpu;cpu(float32 inputs);sdpa(shared [N,N] mask);sdpa(per-sample mask)'")
+    parser.add_argument("--forward-only", action="store_true")
     args = parser.parse_args()
+    wanted = [p for p in args.providers.split(";") if p]
 
     def median(fn):
         fn()  # warm-up (and compilation)
@@ -291,15 +305,18 @@ def _main():
     for c in cases(ctx):
         if args.shapes != "all" and not c.shape.startswith(args.shapes):
             continue
+        if (args.dtype != "all" and c.dtype != args.dtype) or (wanted and c.provider not in wanted) \
+                or (args.forward_only and c.name != "forward"):
+            continue
         if c.skipped is not None:
             print(f"{c.name:17s} {c.shape:80s} {c.provider:42s} skipped: {c.skipped}", flush=True)
             continue
         mm_rate = matmul_rate()
         t = median(c.fn)
-        times[(c.name, c.shape, c.provider)] = t
-        base = times.get((c.name, c.shape, c.baseline))
+        times[(c.name, c.shape, c.dtype, c.provider)] = t
+        base = times.get((c.name, c.shape, c.dtype, c.baseline))
         ratio = f"{base / t:5.2f}x" if base else "   - "
-        print(f"{c.name:17s} {c.shape:80s} {c.provider:42s} {t * 1e3:9.2f} ms  vs sdpa {ratio}  "
+        print(f"{c.name:17s} {c.dtype:9s} {c.shape:80s} {c.provider:42s} {t * 1e3:9.2f} ms  vs sdpa {ratio}  "
               f"{c.flops / t / 1e9:6.1f} GFLOP/s ({c.flops / t / 1e9 / mm_rate:4.0%} of mm)  "
               f"(mm {mm_rate:.0f})  density {c.extra['density']}", flush=True)
 

@@ -154,6 +154,26 @@ def test_unusual_scales(scale):
                              16, scale=scale)
 
 
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "fp32_products"])
+@pytest.mark.parametrize("D", [16, 40, 64, 128, 200])
+def test_bf16_forward_paths(amx, D):
+    """bf16 forwards run their tile products on AMX where the CPU has it (operands packed in
+    VNNI layout, P rounded to bf16 as the reference does), else in float32; both meet the
+    SPEC.md §4 bound: head dims padded to 32 and split into 64-column panels, N not a
+    multiple of the 64-token tile, per-sample and per-block keep, non-contiguous inputs."""
+    if amx and not C.attention_cpu_amx_available():
+        pytest.skip("no AMX-BF16 on this CPU (the float32 products are tested by the other case)")
+    previous = C.attention_cpu_bf16_amx(amx)
+    try:
+        assert C.attention_cpu_bf16_amx(amx) == amx
+        layout = RegisterLayout(3, 37, 20, "block_causal_last")  # N = 171
+        for keep in (torch.tensor([20, 0, 7], dtype=torch.int32),
+                     torch.tensor([[20, 3, 0], [1, 20, 20], [0, 0, 9]], dtype=torch.int32)):
+            _check_against_reference(layout, keep, D, dtype=torch.bfloat16, H=2, noncontig=D == 40)
+    finally:
+        C.attention_cpu_bf16_amx(previous)
+
+
 @pytest.mark.parametrize("path", ["blas", "aten"])
 def test_fallback_gemm_paths(path):
     """The tile-product fallbacks (BLAS sgemm where torch has no oneDNN brgemm, ATen where

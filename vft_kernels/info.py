@@ -44,6 +44,10 @@ def report() -> str:
             f" ({bi['cuda_reason']})",
             f"            kernels: {', '.join(kernels) if kernels else 'none yet'}",
         ]
+        if hasattr(_ext.C, "attention_cpu_amx_available"):
+            amx = _ext.C.attention_cpu_amx_available()
+            lines.append(f"            CPU attention, bf16 forward: {'AMX tile products' if amx else 'float32 products'} "
+                         f"({'AMX-BF16 found' if amx else 'no AMX-BF16 on this CPU or in this torch build'})")
     forced = dispatch.forced_backend()
     lines.append(f"backend     {'forced: ' + forced if forced else 'automatic (VFT_BACKEND unset)'}")
     lines.append("")

@@ -4,7 +4,8 @@
 // skip the mask, dropped query rows write zeros. Tile products are plain row-major
 // C (+)= A B products (operands pre-transposed where needed) through torch's oneDNN
 // brgemm micro-kernels when available (x86 with AVX-512), else the BLAS sgemm that torch
-// links, else ATen.
+// links, else ATen. bfloat16 forward calls on CPUs with AMX keep their operands in bf16
+// and run the tile products on AMX (brgemm with VNNI-packed key / value tiles, below).
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -59,6 +60,22 @@ GemmPath best_path() {
 }
 
 GemmPath g_path = best_path();  // changed only by the test hook attention_cpu_gemm_path
+
+// bf16 tile products on AMX: oneDNN's brgemm with B packed in VNNI layout, which torch
+// supports where the CPU has AMX (could_pack). Off switch: the test hook
+// attention_cpu_bf16_amx (tests and benchmarks compare the two paths).
+bool amx_bf16_available() {
+  static const bool ok = [] {
+    try {
+      return at::native::cpublas::could_pack(at::kBFloat16);
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return ok;
+}
+bool g_amx_bf16 = true;
+thread_local bool t_amx_used = false;  // this thread holds an AMX context to release
 
 // Row-major C[M, N] = A[M, K] B[K, N] (accumulate: C += A B). Without accumulate C's old
 // contents (NaN included) are ignored.
@@ -185,6 +202,10 @@ void run_tasks(int64_t n, const Task& task) {
     Scratch scratch;
     for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) task(t, scratch);
     if (g_path == GemmPath::kBrgemm) at::native::cpublas::brgemm_release(false);
+    if (t_amx_used) {
+      at::native::cpublas::brgemm_release(true);
+      t_amx_used = false;
+    }
   });
 }
 
@@ -200,12 +221,69 @@ struct ForwardScratch {
   std::vector<float> s = std::vector<float>(kBlockM * kBlockN);
   std::vector<float> m = std::vector<float>(kBlockM), l = std::vector<float>(kBlockM);
   std::vector<float> o;
+  std::vector<at::BFloat16> p16;  // P in bf16 (AMX path)
 };
 
-// kt: keys transposed, [B*H, D, N].
-template <typename T>
-void forward(const Problem& pr, const float* q, const float* kt, const float* v, T* out, float* lse) {
-  const int64_t D = pr.D, ldt = pr.N, n_qt = (pr.max_len() + kBlockM - 1) / kBlockM;
+// The forward pass's two tile products in float32: S = Q K^T and O += P V, from q, v
+// [B*H, N, D] and kt (keys transposed) [B*H, D, N] float32. Sample-relative rows: token n
+// of the sample in batch row bh is row start + n.
+struct F32Products {
+  const float *q, *kt, *v;
+  int64_t N, D;
+  // S[nq, nk] (ld kBlockN) = Q[q0, +nq) K[k0, +nk)^T
+  void qk(int64_t bh, int64_t start, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* s) const {
+    gemm(nq, nk, D, q + (bh * N + start + q0) * D, D, kt + bh * N * D + start + k0, N, false, s, kBlockN);
+  }
+  // O[nq, D] += P[nq, nk] (ld kBlockN) V[k0, +nk)
+  void pv(int64_t bh, int64_t start, int64_t nq, int64_t k0, int64_t nk, const float* p, float* o,
+          ForwardScratch&) const {
+    gemm(nq, D, nk, p, kBlockN, v + (bh * N + start + k0) * D, D, true, o, D);
+  }
+};
+
+// The same products on AMX for bf16 inputs of a dense call: q [B*H, N, Dp] bf16 with the
+// head dim zero-padded to Dp (a multiple of 32); per (bh, key tile) the tile's K^T
+// [Dp, kBlockN] and its V [kBlockN, D] (rows past N zero) packed in VNNI layout, V in
+// column panels of kPanel (brgemm's packed leading dimension is at most 64). P is rounded
+// to bf16 before P V, the rounding step the bf16 reference takes too (SPEC.md §4).
+constexpr int64_t kPanel = 64;
+
+// float -> bf16 bits, rounded to nearest even (NaN stays NaN); branch-free so the loop
+// calling it vectorises.
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(x != x ? 0x7FC0u : rounded);
+}
+struct AmxProducts {
+  const at::BFloat16 *q, *kt_packed, *v_packed;
+  int64_t N, D, Dp, n_kt, n_panels;
+  void qk(int64_t bh, int64_t, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* s) const {
+    t_amx_used = true;
+    const at::BFloat16* b = kt_packed + (bh * n_kt + k0 / kBlockN) * Dp * kBlockN;
+    at::native::cpublas::brgemm(nq, nk, Dp, Dp, kBlockN, kBlockN, false, q + (bh * N + q0) * Dp, b, s, true);
+  }
+  void pv(int64_t bh, int64_t, int64_t nq, int64_t k0, int64_t nk, const float* p, float* o,
+          ForwardScratch& w) const {
+    t_amx_used = true;
+    w.p16.resize(kBlockM * kBlockN);
+    for (int64_t r = 0; r < nq; ++r) {
+      uint16_t* dst = reinterpret_cast<uint16_t*>(w.p16.data()) + r * kBlockN;
+      const float* src = p + r * kBlockN;
+#pragma omp simd
+      for (int64_t j = 0; j < kBlockN; ++j) dst[j] = j < nk ? bf16_bits(src[j]) : 0;
+    }
+    const at::BFloat16* panels = v_packed + (bh * n_kt + k0 / kBlockN) * n_panels * kBlockN * kPanel;
+    for (int64_t c = 0; c < n_panels; ++c)
+      at::native::cpublas::brgemm(nq, std::min(kPanel, D - c * kPanel), kBlockN, kBlockN, kPanel, D, true,
+                                  w.p16.data(), panels + c * kBlockN * kPanel, o + c * kPanel, true);
+  }
+};
+
+template <typename T, typename Products>
+void forward(const Problem& pr, const Products& prod, T* out, float* lse) {
+  const int64_t D = pr.D, n_qt = (pr.max_len() + kBlockM - 1) / kBlockM;
   const float alpha = pr.scale * kLog2e;  // scores in log2 units: exp2 instead of exp
   run_tasks<ForwardScratch>(pr.samples * pr.H * n_qt, [&](int64_t t, ForwardScratch& w) {
     const int64_t qt = t % n_qt, sh = t / n_qt, s = sh / pr.H, h = sh % pr.H;
@@ -215,9 +293,7 @@ void forward(const Problem& pr, const float* q, const float* kt, const float* v,
     const int32_t* keep = pr.keep_of(s);
     const int64_t q1 = std::min(q0 + kBlockM, N);
     const int64_t bh = pr.row_of(s) * pr.H + h, start = pr.start_of(s);
-    const int64_t off = (bh * pr.N + start) * D;  // row-major [N, D] operands
-    const int64_t off_t = bh * pr.N * D + start;   // transposed [D, N] operands (ld = ldt)
-    T* out_bh = out + off;
+    T* out_bh = out + (bh * pr.N + start) * D;
     float* lse_bh = lse + bh * pr.N + start;
     // Rows after the tile's last kept query are dropped: only [q0, qe) is computed.
     const int64_t last = L.last_kept(q0, q1, keep);
@@ -234,7 +310,7 @@ void forward(const Problem& pr, const float* q, const float* kt, const float* v,
       // Keys past k_hi or after the last kept key are masked for every row: not computed.
       const int64_t ke = std::min(k_hi, L.last_kept(k0, k1, keep) + 1), nk = ke - k0;
       float* s = w.s.data();
-      gemm(nq, nk, D, q + off + q0 * D, D, kt + off_t + k0, ldt, false, s, kBlockN);  // S = Q K^T
+      prod.qk(bh, start, q0, nq, k0, nk, s);  // S = Q K^T
       // Partial tiles are scaled before masking so that -inf stays -inf whatever the sign of
       // scale; full tiles fold the scale into the softmax loops.
       if (cls == kTilePartial) {
@@ -264,7 +340,7 @@ void forward(const Problem& pr, const float* q, const float* kt, const float* v,
           for (int64_t d = 0; d < D; ++d) o[d] *= corr;
         }
       }
-      gemm(nq, D, nk, s, kBlockN, v + off + k0 * D, D, true, w.o.data(), D);  // O += P V
+      prod.pv(bh, start, nq, k0, nk, s, w.o.data(), w);  // O += P V
     }
     for (int64_t r = 0; r < q1 - q0; ++r) {
       T* dst = out_bh + (q0 + r) * D;
@@ -456,6 +532,62 @@ at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 // [B, H, N, D] -> float32 [B, H, D, N] contiguous (O(N D), against O(N^2 D) for the tiles).
 at::Tensor transposed_f32(const at::Tensor& t) { return t.to(at::kFloat).transpose(-1, -2).contiguous(); }
 
+bool use_amx() { return g_amx_bf16 && g_path == GemmPath::kBrgemm && amx_bf16_available(); }
+
+// VNNI layout of a brgemm B operand [K, n] (bf16): element (k, j) at ((k / 2) * ld + j) * 2 + k % 2,
+// i.e. pairs of consecutive K rows interleaved; entries past the data are zeros.
+// K^T tile of keys [k0, k0 + kBlockN) for S = Q K^T: K-dim = head dim (Dp), n = keys; read
+// straight from K [N, D] (a (d, d + 1) pair of K^T is adjacent in a row of K).
+void pack_kt_tile(const uint16_t* kbh, int64_t N, int64_t D, int64_t Dp, int64_t k0, uint16_t* dst) {
+  for (int64_t j = 0; j < kBlockN; ++j) {
+    const int64_t key = k0 + j;
+    const uint16_t* row = kbh + key * D;
+    for (int64_t d = 0; d < Dp; ++d)
+      dst[((d >> 1) * kBlockN + j) * 2 + (d & 1)] = (key < N && d < D) ? row[d] : uint16_t{0};
+  }
+}
+// V tile rows [k0, k0 + kBlockN), columns [c0, c0 + kPanel) for O += P V: K-dim = keys.
+void pack_v_panel(const uint16_t* vbh, int64_t N, int64_t D, int64_t k0, int64_t c0, uint16_t* dst) {
+  for (int64_t r = 0; r < kBlockN; ++r) {
+    const int64_t key = k0 + r;
+    const uint16_t* row = vbh + key * D + c0;
+    const int64_t cols = key < N ? std::min(kPanel, D - c0) : 0;
+    uint16_t* out = dst + (r >> 1) * kPanel * 2 + (r & 1);
+    for (int64_t j = 0; j < cols; ++j) out[2 * j] = row[j];
+    for (int64_t j = cols; j < kPanel; ++j) out[2 * j] = 0;
+  }
+}
+
+// The bf16 forward on AMX (dense calls): packs K and V per (head, key tile) in parallel
+// (O(N D)), zero-pads q's head dim to Dp only when D is not a multiple of 32, then runs
+// the shared forward with AmxProducts.
+void forward_amx(const Problem& pr, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                 at::Tensor& lse) {
+  const int64_t BH = pr.B * pr.H, N = pr.N, D = pr.D, Dp = (D + 31) / 32 * 32;
+  const int64_t n_kt = (N + kBlockN - 1) / kBlockN, n_panels = (D + kPanel - 1) / kPanel;
+  at::Tensor qp = q.reshape({BH, N, D});
+  qp = Dp == D ? qp.contiguous() : at::constant_pad_nd(qp, {0, Dp - D}).contiguous();
+  const at::Tensor kc = k.reshape({BH, N, D}).contiguous(), vc = v.reshape({BH, N, D}).contiguous();
+  const auto bf = q.options().dtype(at::kBFloat16);
+  at::Tensor kt_packed = at::empty({BH * n_kt, Dp * kBlockN}, bf);
+  at::Tensor v_packed = at::empty({BH * n_kt * n_panels, kBlockN * kPanel}, bf);
+  const auto* k_src = reinterpret_cast<const uint16_t*>(kc.data_ptr<at::BFloat16>());
+  const auto* v_src = reinterpret_cast<const uint16_t*>(vc.data_ptr<at::BFloat16>());
+  auto* kt_dst = reinterpret_cast<uint16_t*>(kt_packed.data_ptr<at::BFloat16>());
+  auto* v_dst = reinterpret_cast<uint16_t*>(v_packed.data_ptr<at::BFloat16>());
+  at::parallel_for(0, BH * n_kt, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t bh = i / n_kt, k0 = (i % n_kt) * kBlockN;
+      pack_kt_tile(k_src + bh * N * D, N, D, Dp, k0, kt_dst + i * Dp * kBlockN);
+      for (int64_t c = 0; c < n_panels; ++c)
+        pack_v_panel(v_src + bh * N * D, N, D, k0, c * kPanel, v_dst + (i * n_panels + c) * kBlockN * kPanel);
+    }
+  });
+  const AmxProducts prod{qp.data_ptr<at::BFloat16>(), kt_packed.data_ptr<at::BFloat16>(),
+                         v_packed.data_ptr<at::BFloat16>(), N, D, Dp, n_kt, n_panels};
+  forward<at::BFloat16>(pr, prod, out.data_ptr<at::BFloat16>(), lse.data_ptr<float>());
+}
+
 void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& keep,
                            const at::Tensor& cu_seqlens, int64_t blocks, int64_t patches, int64_t registers,
                            int64_t mode, double scale, at::Tensor& out, at::Tensor& lse) {
@@ -465,10 +597,14 @@ void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
   check_input(v, q, "attention: v");
   check_out(out, q.scalar_type(), q.sizes(), "attention: out");
   check_out(lse, at::kFloat, {pr.B, pr.H, pr.N}, "attention: lse");
+  if (q.scalar_type() == at::kBFloat16 && pr.cu == nullptr && use_amx()) {
+    forward_amx(pr, q, k, v, out, lse);
+    return;
+  }
   const at::Tensor qf = as_f32(q), ktf = transposed_f32(k), vf = as_f32(v);
+  const F32Products prod{qf.data_ptr<float>(), ktf.data_ptr<float>(), vf.data_ptr<float>(), pr.N, pr.D};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward_cpu", [&] {
-    forward<scalar_t>(pr, qf.data_ptr<float>(), ktf.data_ptr<float>(), vf.data_ptr<float>(),
-                      out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+    forward<scalar_t>(pr, prod, out.data_ptr<scalar_t>(), lse.data_ptr<float>());
     fill_padding(pr, out.data_ptr<scalar_t>(), pr.D, static_cast<scalar_t>(0.0f));
   });
   fill_padding(pr, lse.data_ptr<float>(), 1, kNegInf);
@@ -563,6 +699,17 @@ void bind_attention(pybind11::module_& m) {
   m.def("attention_tiles_cpu", &attention_tiles_cpu,
         "Test hook: classify_tile / key_range / query_range of the C++ port for int64 tiles [n, 4] and a "
         "sample's per-block keeps (int32 [T]).");
+  m.def(
+      "attention_cpu_bf16_amx",
+      [](bool on) {
+        const bool previous = use_amx();
+        g_amx_bf16 = on;
+        return previous;
+      },
+      "Test hook: run bf16 forward tile products on AMX where available (True, the default) or in float32; "
+      "returns whether the AMX path was in use.");
+  m.def("attention_cpu_amx_available", &amx_bf16_available,
+        "Whether this CPU and torch build run bf16 brgemm on AMX (packed B).");
   m.def(
       "attention_cpu_gemm_path",
       [](const std::string& name) {
