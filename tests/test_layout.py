@@ -85,17 +85,15 @@ def test_key_and_query_ranges_are_tightest(args):
     assert layout.query_range(k0, k1, keep) == _tight(mask[:, k0:k1].any(1)), (layout, keep, k0, k1)
 
 
-@settings(max_examples=200, deadline=None)
-@given(layouts(), st.lists(st.integers(0, 4), min_size=1, max_size=3))
-def test_dense_forms_match_spec(args, raw_keeps):
-    T, P, R, mode, _ = args
-    layout = RegisterLayout(T, P, R, mode)
-    keeps = [k % (R + 1) for k in raw_keeps]
+def _check_dense_forms(layout, keeps):
+    """materialize, mask_mod (on broadcast index tensors, as FlexAttention evaluates it),
+    allowed_pairs and density against the SPEC-words mask, for a keep per sample (ints) or
+    per block (tuples); returns the keep tensor and the wanted [B, N, N] mask."""
+    T, P, R, mode = layout.blocks, layout.patches, layout.registers, layout.mode
     keep = torch.tensor(keeps, dtype=torch.int32)
     want = torch.stack([spec_mask(T, P, R, mode, k) for k in keeps])
     got = layout.materialize(keep)
     assert got.dtype == torch.bool and torch.equal(got, want)
-    # mask_mod, evaluated on broadcast index tensors as FlexAttention does
     N = layout.seq_len
     b = torch.arange(len(keeps))[:, None, None]
     n = torch.arange(N)
@@ -104,6 +102,16 @@ def test_dense_forms_match_spec(args, raw_keeps):
     for k in keeps:
         assert layout.allowed_pairs(k) == int(spec_mask(T, P, R, mode, k).sum())
     assert layout.density(keep) == pytest.approx(want.double().mean().item(), rel=1e-12)
+    return keep, want
+
+
+@settings(max_examples=200, deadline=None)
+@given(layouts(), st.lists(st.integers(0, 4), min_size=1, max_size=3))
+def test_dense_forms_match_spec(args, raw_keeps):
+    T, P, R, mode, _ = args
+    layout = RegisterLayout(T, P, R, mode)
+    keeps = [k % (R + 1) for k in raw_keeps]
+    keep, want = _check_dense_forms(layout, keeps)
     assert layout.density() == pytest.approx(spec_mask(T, P, R, mode, R).double().mean().item(), rel=1e-12)
     assert layout.density(keeps[0]) == pytest.approx(want[0].double().mean().item(), rel=1e-12)
     # keep=None means R (nothing dropped)
@@ -115,18 +123,7 @@ def test_dense_forms_match_spec(args, raw_keeps):
 def test_per_block_dense_forms_match_spec(args, raw_keeps):
     T, P, R, mode, _ = args
     layout = RegisterLayout(T, P, R, mode)
-    keeps = [tuple(k % (R + 1) for k in row[:T]) for row in raw_keeps]
-    keep = torch.tensor(keeps, dtype=torch.int32)  # [B, T]
-    want = torch.stack([spec_mask(T, P, R, mode, k) for k in keeps])
-    assert torch.equal(layout.materialize(keep), want)
-    N = layout.seq_len
-    b = torch.arange(len(keeps))[:, None, None]
-    n = torch.arange(N)
-    mm = layout.mask_mod(keep)(b, torch.zeros((), dtype=torch.int64), n[None, :, None], n[None, None, :])
-    assert torch.equal(mm.expand(len(keeps), N, N), want)
-    for k in keeps:
-        assert layout.allowed_pairs(k) == int(spec_mask(T, P, R, mode, k).sum())
-    assert layout.density(keep) == pytest.approx(want.double().mean().item(), rel=1e-12)
+    keep, _ = _check_dense_forms(layout, [tuple(k % (R + 1) for k in row[:T]) for row in raw_keeps])
     # a per-block keep with equal values is the per-sample keep
     assert torch.equal(layout.materialize(keep[:, :1].expand(-1, T)), layout.materialize(keep[:, 0]))
 
