@@ -225,7 +225,9 @@ def test_flex_attention_reference(mode):
     assert_matches_reference(f"{layout} vs FlexAttention", out, flex64, flex32, torch.float32, reduction_len=N)
 
 
-def test_compile_keep_changes_do_not_recompile():
+@pytest.mark.parametrize("keeps", [([5, 0], [1, 3], [2, 5]), ([[5, 0], [1, 1]], [[0, 5], [3, 2]], [[2, 2], [5, 5]])],
+                         ids=["keep_B", "keep_BT"])
+def test_compile_keep_changes_do_not_recompile(keeps):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     layout = RegisterLayout(2, 9, 5, "block_causal_last")
@@ -239,7 +241,7 @@ def test_compile_keep_changes_do_not_recompile():
     compiled = torch.compile(loss, backend=counter, fullgraph=True)
     torch._dynamo.reset()
     with vk.use_backend("cpu"):
-        for keep in ([5, 0], [1, 3], [2, 5]):
+        for keep in keeps:
             keep = torch.tensor(keep, dtype=torch.int32)
             args = [t.detach().requires_grad_() for t in (q, k, v)]
             got = torch.autograd.grad(compiled(*args, keep), args)

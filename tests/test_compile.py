@@ -146,11 +146,12 @@ def test_opcheck_fsq(dtype):
     torch.library.opcheck(torch.ops.vft.fsq_indices_to_codes, (idx, [8, 5, 5, 5], True))
 
 
+@pytest.mark.parametrize("keep", [[0, 1], [[0, 1], [1, 0]]], ids=["keep_B", "keep_BT"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_attention(dtype):
+def test_opcheck_attention(dtype, keep):
     layout = vk.RegisterLayout(2, 3, 1)
     q, k, v = (torch.randn(2, 1, layout.seq_len, 4, dtype=dtype, requires_grad=True) for _ in range(3))
-    keep = torch.tensor([0, 1], dtype=torch.int32)
+    keep = torch.tensor(keep, dtype=torch.int32)
     args = (2, 3, 1, "block_causal_last", keep, 0.5)
     torch.library.opcheck(torch.ops.vft.register_attention, (q, k, v) + args)
     out, lse = torch.ops.vft.register_attention(q.detach(), k.detach(), v.detach(), *args)
