@@ -241,13 +241,6 @@ struct F32Products {
   }
 };
 
-// The same products on AMX for bf16 inputs of a dense call: q [B*H, N, Dp] bf16 with the
-// head dim zero-padded to Dp (a multiple of 32); per (bh, key tile) the tile's K^T
-// [Dp, kBlockN] and its V [kBlockN, D] (rows past N zero) packed in VNNI layout, V in
-// column panels of kPanel (brgemm's packed leading dimension is at most 64). P is rounded
-// to bf16 before P V, the rounding step the bf16 reference takes too (SPEC.md §4).
-constexpr int64_t kPanel = 64;
-
 // float -> bf16 bits, rounded to nearest even (NaN stays NaN); branch-free so the loop
 // calling it vectorises.
 inline uint16_t bf16_bits(float x) {
@@ -256,6 +249,14 @@ inline uint16_t bf16_bits(float x) {
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return static_cast<uint16_t>(x != x ? 0x7FC0u : rounded);
 }
+
+// The same products on AMX for bf16 inputs of a dense call: q [B*H, N, Dp] bf16 with the
+// head dim zero-padded to Dp (a multiple of 32); per (bh, key tile) the tile's K^T
+// [Dp, kBlockN] and its V [kBlockN, D] (rows past N zero) packed in VNNI layout, V in
+// column panels of kPanel (brgemm's packed leading dimension is at most 64). P is rounded
+// to bf16 before P V, the rounding step the bf16 reference takes too (SPEC.md §4).
+constexpr int64_t kPanel = 64;
+
 struct AmxProducts {
   const at::BFloat16 *q, *kt_packed, *v_packed;
   int64_t N, D, Dp, n_kt, n_panels;
@@ -540,18 +541,16 @@ bool use_amx() { return g_amx_bf16 && g_path == GemmPath::kBrgemm && amx_bf16_av
 // straight from K [N, D] (a (d, d + 1) pair of K^T is adjacent in a row of K).
 void pack_kt_tile(const uint16_t* kbh, int64_t N, int64_t D, int64_t Dp, int64_t k0, uint16_t* dst) {
   for (int64_t j = 0; j < kBlockN; ++j) {
-    const int64_t key = k0 + j;
-    const uint16_t* row = kbh + key * D;
-    for (int64_t d = 0; d < Dp; ++d)
-      dst[((d >> 1) * kBlockN + j) * 2 + (d & 1)] = (key < N && d < D) ? row[d] : uint16_t{0};
+    const int64_t key = k0 + j, cols = key < N ? D : 0;  // keys past N: zeros
+    const uint16_t* row = kbh + std::min(key, N - 1) * D;
+    for (int64_t d = 0; d < Dp; ++d) dst[((d >> 1) * kBlockN + j) * 2 + (d & 1)] = d < cols ? row[d] : uint16_t{0};
   }
 }
 // V tile rows [k0, k0 + kBlockN), columns [c0, c0 + kPanel) for O += P V: K-dim = keys.
 void pack_v_panel(const uint16_t* vbh, int64_t N, int64_t D, int64_t k0, int64_t c0, uint16_t* dst) {
   for (int64_t r = 0; r < kBlockN; ++r) {
-    const int64_t key = k0 + r;
-    const uint16_t* row = vbh + key * D + c0;
-    const int64_t cols = key < N ? std::min(kPanel, D - c0) : 0;
+    const int64_t key = k0 + r, cols = key < N ? std::min(kPanel, D - c0) : 0;  // keys past N: zeros
+    const uint16_t* row = vbh + std::min(key, N - 1) * D + c0;
     uint16_t* out = dst + (r >> 1) * kPanel * 2 + (r & 1);
     for (int64_t j = 0; j < cols; ++j) out[2 * j] = row[j];
     for (int64_t j = cols; j < kPanel; ++j) out[2 * j] = 0;
