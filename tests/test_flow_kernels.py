@@ -256,6 +256,150 @@ def test_cpu_kernel_rejects_bad_arguments():
         C.flow_step_cpu(torch.empty_like(x), x, x, x, t, tn, "pag", 1.0, 0.0, 0.0, 0.0, None, 1, None, 0)
 
 
+def _fast_entry():
+    from vft_kernels.ops import flow as flow_ops
+
+    if flow_ops._FAST is None:
+        pytest.skip("vft_kernels._C with flow kernels is not built")
+    return flow_ops._FAST
+
+
+@pytest.fixture
+def fast_calls(monkeypatch):
+    """Runs of the op layer's C++ fast path: True when it ran a step, False when it declined."""
+    from vft_kernels.ops import flow as flow_ops
+
+    real, calls = _fast_entry(), []
+
+    def spy(*args):
+        res = real(*args)
+        calls.append(res is not None)
+        return res
+
+    monkeypatch.setattr(flow_ops, "_FAST", spy)
+    return calls
+
+
+APG_KW = dict(guidance="apg", scale=3.0, apg_eta=0.3, apg_norm_threshold=1.5, apg_momentum=-0.5)
+
+
+@pytest.mark.parametrize("kw", [dict(guidance="none"), dict(guidance="cfg", scale=2.5), APG_KW,
+                                dict(APG_KW, apg_momentum=0.0)], ids=["none", "cfg", "apg", "apg-no-momentum"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("times", ["float", "tensor"])
+@pytest.mark.parametrize("where", ["new", "out", "in-place"])
+def test_fast_path_runs_ordinary_calls_exactly_like_the_checked_path(fast_calls, kw, dtype, times, where):
+    """Eager CPU calls with contiguous inputs take the C++ fast path, which gives bit for bit
+    what the checked path's cpu backend gives (same kernels), writes every element of a
+    poisoned output and updates the momentum state the same way."""
+    shape = (3, 2, 3, 5, 7)
+    x, vc, vu, pre = (_rand(s, dtype) for s in (shape, shape, shape, (3, 2, 1, 5, 7)))
+    t, tn = _times(3, times == "tensor")
+    m_fast = torch.randn(shape) if kw["guidance"] == "apg" else None
+    m_full = None if m_fast is None else m_fast.clone()
+    want = torch.full_like(x, float("nan"))
+    tt, ttn = (v if isinstance(v, torch.Tensor) else torch.full((3,), v) for v in (t, tn))
+    full = dispatch._REGISTRY[("flow_step", "cpu")]
+    assert full.load() is None
+    full._fn(want, x, vc, None if kw["guidance"] == "none" else vu, tt, ttn, kw["guidance"], kw.get("scale", 1.0),
+             kw.get("apg_eta", 0.0), kw.get("apg_norm_threshold", 0.0), kw.get("apg_momentum", 0.0),
+             m_full if kw.get("apg_momentum") else None, 3, pre, 1)
+    xin = x.clone()
+    out = {"new": None, "out": torch.full_like(x, float("nan")), "in-place": xin}[where]
+    got = vk.flow_step(xin, vc, t, tn, vu, momentum=m_fast, prefix=pre, prefix_len=1, out=out, **kw)
+    assert fast_calls == [True]
+    assert got.dtype == dtype and not torch.isnan(got).any()
+    if out is not None:
+        assert got is out
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if m_fast is not None:
+        torch.testing.assert_close(m_fast, m_full, rtol=0, atol=0)
+
+
+def test_fast_path_declines_what_it_does_not_check(fast_calls):
+    """Anything unusual goes to the checked path: autograd, strides, float64 or [B, 1]
+    times, a forced backend other than cpu; results are still right."""
+    x, vc, vu = (torch.randn(2, 3, 4, 5) for _ in range(3))
+    want = ref.flow_step(x, vc, 0.7, 0.4, vu, guidance="cfg", scale=2.0)
+    cases = {
+        "grad": lambda: vk.flow_step(x, vc.clone().requires_grad_(), 0.7, 0.4, vu, guidance="cfg", scale=2.0),
+        "strided": lambda: vk.flow_step(x, noncontiguous(vc), 0.7, 0.4, vu, guidance="cfg", scale=2.0),
+        "float64 times": lambda: vk.flow_step(x, vc, torch.full((2,), 0.7, dtype=torch.float64),
+                                              torch.full((2,), 0.4, dtype=torch.float64), vu, guidance="cfg",
+                                              scale=2.0),
+        "strided out": lambda: vk.flow_step(x, vc, 0.7, 0.4, vu, guidance="cfg", scale=2.0,
+                                            out=torch.empty(2, 3, 5, 4).transpose(2, 3)),
+    }
+    for name, run in cases.items():
+        fast_calls.clear()
+        got = run()
+        assert fast_calls == [False], name
+        torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-6, msg=name)
+    fast_calls.clear()
+    with vk.use_backend("reference"):
+        torch.testing.assert_close(vk.flow_step(x, vc, 0.7, 0.4, vu, guidance="cfg", scale=2.0), want)
+    assert fast_calls == []  # a forced backend other than cpu never reaches the fast path
+
+
+@pytest.mark.parametrize("case", ["t_next == t", "one sample backwards", "nan time", "bool time", "shape",
+                                  "dtype", "guidance", "no v_uncond", "momentum missing", "prefix shape",
+                                  "reduce_ndim", "threshold", "int tensor", "list velocity"])
+def test_fast_path_leaves_bad_calls_to_the_checked_errors(fast_calls, case):
+    """Bad calls still get the op layer's clear errors: the fast path declines them without
+    writing anything."""
+    x, vc, vu = (torch.randn(2, 3, 4, 5) for _ in range(3))
+    t = torch.tensor([0.7, 0.5])
+    kw = dict(t=0.7, t_next=0.4, v_uncond=vu, guidance="cfg")
+    expect, match = ValueError, None
+    if case == "t_next == t":
+        kw.update(t_next=0.7)
+        match = "t_next must be < t"
+    elif case == "one sample backwards":
+        kw.update(t=t, t_next=torch.tensor([0.6, 0.6]))
+        match = "sample 1"
+    elif case == "nan time":
+        kw.update(t=t, t_next=torch.tensor([0.6, float("nan")]))
+        match = "sample 1"
+    elif case == "bool time":
+        kw.update(t=True)
+        expect, match = TypeError, "t must be a float"
+    elif case == "shape":
+        kw.update(v_uncond=vu[:, :2])
+        match = "v_uncond must have x's shape"
+    elif case == "dtype":
+        kw.update(v_uncond=vu.double())
+        match = "v_uncond must have x's dtype"
+    elif case == "guidance":
+        kw.update(guidance="pag")
+        match = "guidance must be one of"
+    elif case == "no v_uncond":
+        kw.update(v_uncond=None)
+        match = "needs v_uncond"
+    elif case == "momentum missing":
+        kw.update(guidance="apg", apg_momentum=0.5)
+        match = "needs a momentum state"
+    elif case == "prefix shape":
+        kw.update(prefix=torch.randn(2, 3, 2, 5), prefix_len=1)
+        match = "prefix must have shape"
+    elif case == "reduce_ndim":
+        kw.update(guidance="apg", reduce_ndim=4)
+        match = "reduce_ndim"
+    elif case == "threshold":
+        kw.update(guidance="apg", apg_norm_threshold=-1.0)
+        match = "apg_norm_threshold"
+    elif case == "int tensor":
+        x = x.to(torch.int32)
+        match = "x must be float32"
+    elif case == "list velocity":
+        kw.update(v_uncond=vu.tolist())
+        expect, match = TypeError, "v_uncond must be a torch.Tensor"
+    out = torch.full((2, 3, 4, 5), float("nan"))
+    with pytest.raises(expect, match=match):
+        vk.flow_step(x, vc, out=out, **kw)
+    assert all(ran is False for ran in fast_calls)
+    assert torch.isnan(out).all()  # nothing was written before the error
+
+
 def test_unsupported_dtype_is_reported():
     from vft_kernels.triton import flow as tflow
 

@@ -150,6 +150,23 @@ def _spy_backend(monkeypatch, op, backend):
     return calls
 
 
+def _spy_fast_path(monkeypatch, calls):
+    """Counts the steps the op layer's C++ fast path (the cpu backend's kernels) ran."""
+    from vft_kernels.ops import flow as flow_ops
+
+    real = flow_ops._FAST
+    if real is None:
+        return
+
+    def spy(*args):
+        res = real(*args)
+        if res is not None:
+            calls.append(1)
+        return res
+
+    monkeypatch.setattr(flow_ops, "_FAST", spy)
+
+
 @pytest.mark.parametrize("guidance", ["none", "apg"])
 def test_loop_checks_the_velocities_of_every_step(guidance):
     """The loop validates its options once, but every step's velocities are still checked:
@@ -198,6 +215,7 @@ def test_loop_runs_on_the_backend_in_force(monkeypatch):
         pytest.skip("cpu backend not built")
     ref = _spy_backend(monkeypatch, "flow_step", "reference")
     cpu = _spy_backend(monkeypatch, "flow_step", "cpu")
+    _spy_fast_path(monkeypatch, cpu)  # eager CPU steps may run the cpu kernels through it
     mu, sigma = _mu_sigma()
     fn = gaussian_velocity(mu, sigma)
     noise = torch.randn(SHAPE)

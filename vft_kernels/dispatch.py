@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from torch.utils import _python_dispatch
 
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 PRIORITY = {
@@ -275,6 +276,19 @@ def call_cached(op: str, key: tuple, device: torch.device, *args):
             _SELECTED.clear()
         _SELECTED[k] = fn
     return fn(*args)
+
+
+def cpu_fast_path() -> bool:
+    """True when an eager call of an op on CPU tensors may take a C++ fast path that runs the
+    "cpu" backend directly: automatic selection (which picks "cpu" first for the CPU tensors
+    a fast path accepts) or "cpu" forced, and no compilation, tracing or dispatch mode in
+    force. A fast path still declines (returns None) anything it does not validate itself."""
+    if torch.compiler.is_compiling() or _python_dispatch._get_current_dispatch_mode() is not None:
+        return False
+    name = getattr(_forced, "name", None)
+    if name is None:
+        name = os.environ.get("VFT_BACKEND") or None
+    return name is None or name == "cpu"
 
 
 def forced_backend_problems(backend: str, ops, device) -> list:

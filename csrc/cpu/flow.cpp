@@ -12,6 +12,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <vector>
+
+#include <torch/csrc/autograd/python_variable.h>
 
 #include "vft/bind.h"
 #include "vft/flow_math.h"
@@ -19,7 +22,8 @@
 namespace vft {
 namespace {
 
-constexpr int64_t kBlock = 2048;  // elements per vectorised block / per OpenMP work item
+constexpr int64_t kBlock = 2048;
+constexpr int kLanes = 16;  // accumulators of the APG reductions  // elements per vectorised block / per OpenMP work item
 // Below this many elements a call runs on one thread: waking the OpenMP team costs more than
 // the work (and on a busy machine a late thread stalls the whole step).
 constexpr int64_t kParallelMin = 1 << 16;
@@ -77,44 +81,64 @@ template <typename T, typename M, bool kMom>
 void apg(T* out, const T* x, const T* vc, const T* vu, M* state, const float* t, const float* tn, int64_t G,
          int64_t L, int64_t groups_per_sample, Params p, const T* prefix, flow::Prefix geo) {
   at::parallel_for(0, G, std::max<int64_t>(1, kParallelMin / std::max<int64_t>(L, 1)), [&](int64_t g_begin, int64_t g_end) {
+    // Local copies of the pointers and parameters: read through the lambda's captures, they
+    // made GCC vectorise the reduction with gathers (6-10x slower than contiguous loads).
+    const T* cp = vc;
+    const T* up = vu;
+    const M* sp = state;
+    const float mom = p.momentum;
     for (int64_t g = g_begin; g < g_end; ++g) {
       const int64_t base = g * L;
       double dd = 0, dv = 0, vv = 0;
       for (int64_t lo = base; lo < base + L; lo += kBlock) {
-        const int64_t hi = std::min(lo + kBlock, base + L);
-        float sdd = 0.f, sdv = 0.f, svv = 0.f;
-#pragma omp simd reduction(+ : sdd, sdv, svv)
-        for (int64_t i = lo; i < hi; ++i) {
-          const float c = ld(vc, i);
-          float d;
-          if constexpr (kMom) {
-            d = flow::apg_diff(c, ld(vu, i), p.momentum, ld(state, i));
-          } else {
-            d = flow::apg_diff(c, ld(vu, i));
+        const int64_t n = std::min(kBlock, base + L - lo);
+        const T* __restrict c_ = cp + lo;
+        const T* __restrict u_ = up + lo;
+        const M* __restrict s_ = kMom ? sp + lo : nullptr;
+        // Lane-wise partial sums (kLanes independent accumulators the compiler keeps in
+        // vector registers), folded into double per block.
+        float sdd[kLanes] = {}, sdv[kLanes] = {}, svv[kLanes] = {};
+        int64_t i = 0;
+        for (; i + kLanes <= n; i += kLanes) {
+          for (int j = 0; j < kLanes; ++j) {
+            const float c = ld(c_, i + j);
+            const float d = kMom ? flow::apg_diff(c, ld(u_, i + j), mom, ld(s_, i + j)) : flow::apg_diff(c, ld(u_, i + j));
+            sdd[j] += d * d;
+            sdv[j] += d * c;
+            svv[j] += c * c;
           }
-          sdd += d * d;
-          sdv += d * c;
-          svv += c * c;
         }
-        dd += sdd;
-        dv += sdv;
-        vv += svv;
+        for (; i < n; ++i) {
+          const float c = ld(c_, i);
+          const float d = kMom ? flow::apg_diff(c, ld(u_, i), mom, ld(s_, i)) : flow::apg_diff(c, ld(u_, i));
+          sdd[0] += d * d;
+          sdv[0] += d * c;
+          svv[0] += c * c;
+        }
+        for (int j = 0; j < kLanes; ++j) {
+          dd += sdd[j];
+          dv += sdv[j];
+          vv += svv[j];
+        }
       }
       const flow::ApgCoeffs k = flow::apg_coeffs(static_cast<float>(dd), static_cast<float>(dv),
                                                  static_cast<float>(vv), p.scale, p.eta, p.threshold);
       const int64_t s = g / groups_per_sample;
       const float dt = tn[s] - t[s];
+      T* o_ = out;  // out may alias x (an in-place step): reads of x[i] precede writes of out[i]
+      const T* x_ = x;
+      M* st = state;
 #pragma GCC ivdep
       for (int64_t i = base; i < base + L; ++i) {
-        const float c = ld(vc, i);
+        const float c = ld(cp, i);
         float d;
         if constexpr (kMom) {
-          d = flow::apg_diff(c, ld(vu, i), p.momentum, ld(state, i));
-          state[i] = static_cast<M>(d);
+          d = flow::apg_diff(c, ld(up, i), mom, ld(st, i));
+          st[i] = static_cast<M>(d);
         } else {
-          d = flow::apg_diff(c, ld(vu, i));
+          d = flow::apg_diff(c, ld(up, i));
         }
-        out[i] = static_cast<T>(flow::euler(ld(x, i), dt, flow::apg_velocity(c, d, k)));
+        o_[i] = static_cast<T>(flow::euler(ld(x_, i), dt, flow::apg_velocity(c, d, k)));
       }
       if (prefix != nullptr) write_prefix(out, prefix, base, base + L, geo);
     }
@@ -214,21 +238,14 @@ flow::Geometry flow_check(const torch::Tensor& out, const torch::Tensor& x, cons
   return geo;
 }
 
-void flow_step_cpu(torch::Tensor out, torch::Tensor x, torch::Tensor v_cond, c10::optional<torch::Tensor> v_uncond,
-                   torch::Tensor t, torch::Tensor t_next, const std::string& guidance, double scale, double apg_eta,
-                   double apg_norm_threshold, double apg_momentum, c10::optional<torch::Tensor> momentum,
-                   int64_t reduce_ndim, c10::optional<torch::Tensor> prefix, int64_t prefix_len) {
-  const flow::Mode mode = flow_mode(guidance);
-  if (mode != flow::kApg || apg_momentum == 0) momentum.reset();
-  if (prefix_len == 0) prefix.reset();
-  const flow::Geometry geo =
-      flow_check(out, x, v_cond, v_uncond, t, t_next, mode, momentum, reduce_ndim, prefix, prefix_len);
-  VFT_CHECK(x.device().is_cpu(), "flow_step_cpu needs CPU tensors, got ", x.device());
+namespace {
+
+// The kernels of one validated CPU call; tp / tnp point at B float32 times each.
+void run_step(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& v_cond,
+              const c10::optional<torch::Tensor>& v_uncond, const float* tp, const float* tnp, flow::Mode mode,
+              const Params& p, const c10::optional<torch::Tensor>& momentum, const flow::Geometry& geo,
+              const c10::optional<torch::Tensor>& prefix) {
   if (geo.numel == 0) return;
-  const float* tp = t.data_ptr<float>();
-  const float* tnp = t_next.data_ptr<float>();
-  const Params p{static_cast<float>(scale), static_cast<float>(apg_eta), static_cast<float>(apg_norm_threshold),
-                 static_cast<float>(apg_momentum)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "flow_step_cpu", [&] {
     const scalar_t* pre = ptr_or_null<scalar_t>(prefix);
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -245,6 +262,150 @@ void flow_step_cpu(torch::Tensor out, torch::Tensor x, torch::Tensor v_cond, c10
                         geo.prefix);
     }
   });
+}
+
+Params params(double scale, double apg_eta, double apg_norm_threshold, double apg_momentum) {
+  return {static_cast<float>(scale), static_cast<float>(apg_eta), static_cast<float>(apg_norm_threshold),
+          static_cast<float>(apg_momentum)};
+}
+
+}  // namespace
+
+void flow_step_cpu(torch::Tensor out, torch::Tensor x, torch::Tensor v_cond, c10::optional<torch::Tensor> v_uncond,
+                   torch::Tensor t, torch::Tensor t_next, const std::string& guidance, double scale, double apg_eta,
+                   double apg_norm_threshold, double apg_momentum, c10::optional<torch::Tensor> momentum,
+                   int64_t reduce_ndim, c10::optional<torch::Tensor> prefix, int64_t prefix_len) {
+  const flow::Mode mode = flow_mode(guidance);
+  if (mode != flow::kApg || apg_momentum == 0) momentum.reset();
+  if (prefix_len == 0) prefix.reset();
+  const flow::Geometry geo =
+      flow_check(out, x, v_cond, v_uncond, t, t_next, mode, momentum, reduce_ndim, prefix, prefix_len);
+  VFT_CHECK(x.device().is_cpu(), "flow_step_cpu needs CPU tensors, got ", x.device());
+  run_step(out, x, v_cond, v_uncond, t.data_ptr<float>(), t_next.data_ptr<float>(), mode,
+           params(scale, apg_eta, apg_norm_threshold, apg_momentum), momentum, geo, prefix);
+}
+
+// ---------------------------------------------------------------------------------------
+// The op layer's fast path (vft_kernels.ops.flow.flow_step): one C++ call that validates an
+// ordinary eager CPU call and runs it, or returns None for anything else (a bad argument,
+// autograd, strides, other devices or dtypes, float64 times, ...), which the Python layer
+// then handles with its full checks and clear errors. It never raises for bad input.
+
+namespace {
+
+bool plain_float(const torch::Tensor& t) {
+  const auto st = t.scalar_type();
+  return t.device().is_cpu() && t.is_contiguous() && (st == at::kFloat || st == at::kHalf || st == at::kBFloat16);
+}
+
+bool like(const torch::Tensor& t, const torch::Tensor& x) {
+  return t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == x.scalar_type() && t.sizes() == x.sizes();
+}
+
+bool needs_grad(const torch::Tensor& t) { return t.requires_grad(); }
+
+// A time argument: a Python float / int (not bool) broadcast over B, or a contiguous float32
+// CPU tensor [B]. Fills `buf` (float times) or points `ptr` at the tensor's data.
+bool read_time(pybind11::handle h, int64_t B, std::vector<float>& buf, const float*& ptr, bool& grad) {
+  if (THPVariable_Check(h.ptr())) {
+    const torch::Tensor& t = THPVariable_Unpack(h.ptr());
+    if (!(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == B &&
+          t.is_contiguous()))
+      return false;
+    grad = grad || t.requires_grad();
+    ptr = t.data_ptr<float>();
+    return true;
+  }
+  if (PyBool_Check(h.ptr()) || !(PyFloat_Check(h.ptr()) || PyLong_Check(h.ptr()))) return false;
+  const double v = PyFloat_AsDouble(h.ptr());
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  buf.assign(static_cast<size_t>(B), static_cast<float>(v));
+  ptr = buf.data();
+  return true;
+}
+
+}  // namespace
+
+pybind11::object flow_step_fast(const torch::Tensor& x, const torch::Tensor& v_cond, pybind11::handle t,
+                                pybind11::handle t_next, const c10::optional<torch::Tensor>& v_uncond_in,
+                                const std::string& guidance, double scale, double apg_eta, double apg_norm_threshold,
+                                double apg_momentum, const c10::optional<torch::Tensor>& momentum_in,
+                                int64_t reduce_ndim, const c10::optional<torch::Tensor>& prefix_in, int64_t prefix_len,
+                                const c10::optional<torch::Tensor>& out_in) {
+  const pybind11::object none = pybind11::none();
+  flow::Mode mode;
+  if (guidance == "none") {
+    mode = flow::kNone;
+  } else if (guidance == "cfg") {
+    mode = flow::kCfg;
+  } else if (guidance == "apg") {
+    mode = flow::kApg;
+  } else {
+    return none;
+  }
+  if (!plain_float(x) || x.dim() < reduce_ndim + 1 || reduce_ndim < 1 || apg_norm_threshold < 0 || prefix_len < 0)
+    return none;
+  if (!like(v_cond, x)) return none;
+  c10::optional<torch::Tensor> v_uncond, momentum, prefix;
+  if (mode != flow::kNone) {
+    if (!v_uncond_in.has_value() || !like(*v_uncond_in, x)) return none;
+    v_uncond = v_uncond_in;
+  }
+  if (mode == flow::kApg && apg_momentum != 0) {
+    if (!momentum_in.has_value() || !plain_float(*momentum_in) || momentum_in->sizes() != x.sizes()) return none;
+    momentum = momentum_in;
+  }
+  if (prefix_len > 0) {
+    if (x.dim() < 3 || prefix_len > x.size(2) || !prefix_in.has_value()) return none;
+    const torch::Tensor& pre = *prefix_in;
+    if (!(pre.device().is_cpu() && pre.is_contiguous() && pre.scalar_type() == x.scalar_type() &&
+          pre.dim() == x.dim()))
+      return none;
+    for (int64_t d = 0; d < x.dim(); ++d)
+      if (pre.size(d) != (d == 2 ? prefix_len : x.size(d))) return none;
+    prefix = prefix_in;
+  }
+  const int64_t B = x.size(0);
+  std::vector<float> tbuf, tnbuf;
+  const float* tp = nullptr;
+  const float* tnp = nullptr;
+  bool grad = false;
+  if (!read_time(t, B, tbuf, tp, grad) || !read_time(t_next, B, tnbuf, tnp, grad)) return none;
+  for (int64_t b = 0; b < B; ++b)
+    if (!(tnp[b] < tp[b])) return none;  // also NaN times: the Python layer says which sample
+  if (at::GradMode::is_enabled()) {
+    grad = grad || needs_grad(x) || needs_grad(v_cond) || (v_uncond.has_value() && needs_grad(*v_uncond)) ||
+           (prefix.has_value() && needs_grad(*prefix));
+    if (grad) return none;
+  }
+  torch::Tensor out;
+  if (out_in.has_value()) {
+    if (!like(*out_in, x)) return none;
+    out = *out_in;
+  } else {
+    out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  }
+  flow::Geometry geo;
+  geo.B = B;
+  geo.numel = x.numel();
+  geo.L = 1;
+  for (int64_t d = std::max<int64_t>(x.dim() - reduce_ndim, 1); d < x.dim(); ++d) geo.L *= x.size(d);
+  geo.G = geo.L > 0 ? geo.numel / geo.L : 0;
+  geo.prefix = {1, 0, 1};
+  if (prefix.has_value()) {
+    int64_t inner = 1;
+    for (int64_t d = 3; d < x.dim(); ++d) inner *= x.size(d);
+    geo.prefix = {x.size(2), prefix_len, inner};
+  }
+  {
+    pybind11::gil_scoped_release release;
+    run_step(out, x, v_cond, v_uncond, tp, tnp, mode, params(scale, apg_eta, apg_norm_threshold, apg_momentum),
+             momentum, geo, prefix);
+  }
+  return pybind11::cast(out);
 }
 
 void flow_heun_step_cpu(torch::Tensor out, torch::Tensor x, torch::Tensor v1, torch::Tensor v2, torch::Tensor t,
@@ -268,6 +429,14 @@ void bind_flow(pybind11::module_& m) {
         pybind11::arg("apg_eta"), pybind11::arg("apg_norm_threshold"), pybind11::arg("apg_momentum"),
         pybind11::arg("momentum"), pybind11::arg("reduce_ndim"), pybind11::arg("prefix"),
         pybind11::arg("prefix_len"));
+  m.def("flow_step_fast", &flow_step_fast,
+        "The op layer's fast path of vft_kernels.flow_step for ordinary eager CPU calls: validates and runs the "
+        "step, returning out (allocated when None), or returns None without running anything "
+        "when the call needs the full Python path (any bad or unusual argument). Never raises for bad input.",
+        pybind11::arg("x"), pybind11::arg("v_cond"), pybind11::arg("t"), pybind11::arg("t_next"),
+        pybind11::arg("v_uncond"), pybind11::arg("guidance"), pybind11::arg("scale"), pybind11::arg("apg_eta"),
+        pybind11::arg("apg_norm_threshold"), pybind11::arg("apg_momentum"), pybind11::arg("momentum"),
+        pybind11::arg("reduce_ndim"), pybind11::arg("prefix"), pybind11::arg("prefix_len"), pybind11::arg("out"));
   m.def("flow_heun_step_cpu", &flow_heun_step_cpu,
         "Heun update out = x + (t_next - t) (v1 + v2) / 2 on contiguous CPU tensors.", pybind11::arg("out"),
         pybind11::arg("x"), pybind11::arg("v1"), pybind11::arg("v2"), pybind11::arg("t"), pybind11::arg("t_next"));

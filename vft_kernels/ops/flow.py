@@ -27,6 +27,16 @@ for _op in ("flow_step", "flow_heun_step"):
 Time = Union[float, torch.Tensor]
 
 
+def _fast_entry():
+    """The C++ fast path of eager CPU flow steps (``_C.flow_step_fast``), None without _C."""
+    from .._ext import C
+
+    return getattr(C, "flow_step_fast", None) if C is not None else None
+
+
+_FAST = _fast_entry()
+
+
 def _check_tensor(name, t, like):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"flow_step: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -185,6 +195,19 @@ def flow_step(x: torch.Tensor, v_cond: torch.Tensor, t: Time, t_next: Time, v_un
     required when apg_momentum != 0. prefix: [B, C, prefix_len, ...] clean frames that
     replace the first prefix_len entries of dim 2 of the result. out: optional output
     (may be x itself for an in-place step). Returns x_next in x's dtype."""
+    if _FAST is not None and dispatch.cpu_fast_path():
+        # Ordinary eager CPU calls: validated and run by one C++ call; it returns None,
+        # having run nothing, for whatever needs the checks below (and their errors).
+        dst = out
+        if dst is None and dispatch.poisoning() and isinstance(x, torch.Tensor):
+            dst = dispatch.new_output(x.shape, x.dtype, x.device)  # tests: unwritten elements show
+        try:
+            res = _FAST(x, v_cond, t, t_next, v_uncond, guidance, scale, apg_eta, apg_norm_threshold, apg_momentum,
+                        momentum, reduce_ndim, prefix, prefix_len, dst)
+        except TypeError:  # an argument of the wrong type: the checks below say which
+            res = None
+        if res is not None:
+            return res
     _check_x(x)
     if guidance not in GUIDANCE:
         raise ValueError(f"flow_step: guidance must be one of {GUIDANCE}, got {guidance!r}")
