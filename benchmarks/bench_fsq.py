@@ -3,8 +3,13 @@
 Providers: the eager reference (baseline), torch.compile of the reference, the vft kernel
 backends of the device (cpu; triton and cuda on GPU), and vector_quantize_pytorch's FSQ
 when it is installed; "cpu (kernel only)" (and cuda) is the kernel writing into warm,
-preallocated outputs. bytes (for GB/s): forward reads z and writes codes (float32) and
-indices (int32); forward+backward also reads the upstream gradient and z and writes grad_z.
+preallocated outputs. "outputs: allocate + touch" is the floor a fresh-output op cannot
+beat: it allocates what the op returns (codes and indices; for forward+backward also
+grad_z) and writes every byte once, nothing else. bfloat16 cases keep codes (and the
+gradients) in bfloat16, as a bf16 model does (``out_dtype=z.dtype``); each has a "cpu
+(float32 inputs)" row, the same op on float32 copies, so the bf16 gain is a same-run ratio.
+bytes (for GB/s): forward reads z and writes codes and indices (int32); forward+backward
+also reads the upstream gradient and z and writes grad_z.
 """
 from __future__ import annotations
 
@@ -38,11 +43,15 @@ def _vqp_fsq(device):
     return FSQ(list(LEVELS)).to(device)
 
 
+def _codes_dtype(z):
+    return None if z.dtype == torch.float32 else z.dtype
+
+
 def _providers(ctx: Context):
-    """name -> callable(z) -> (codes, indices)."""
+    """name -> callable(z) -> (codes, indices); codes in z's dtype."""
     out = {
-        "reference": lambda z: ref.fsq_forward(z, LEVELS),
-        "compile(reference)": lambda z: _compiled_reference()(z, LEVELS),
+        "reference": lambda z: ref.fsq_forward(z, LEVELS, codes_dtype=_codes_dtype(z)),
+        "compile(reference)": lambda z: _compiled_reference()(z, LEVELS, codes_dtype=_codes_dtype(z)),
     }
     for backend in dispatch.PRIORITY.get(ctx.device.type, ()):
         if backend == "reference" or dispatch.backend_status(backend) is not None:
@@ -53,7 +62,7 @@ def _providers(ctx: Context):
 
         def run(z, backend=backend):
             with vk.use_backend(backend):
-                return vk.fsq_quantize(z, LEVELS)
+                return vk.fsq_quantize(z, LEVELS, out_dtype=_codes_dtype(z))
 
         out[backend] = run
     if not ctx.quick:
@@ -71,12 +80,28 @@ def _forward_case(fn, z):
     return call
 
 
+def _floor_case(z, backward: bool):
+    """Allocate the op's fresh outputs and write each once (``fill_``): what any op that
+    returns new tensors pays before computing anything (on CPU mostly first-touch page
+    faults at 4M tokens)."""
+    def call():
+        outs = [torch.empty(z.shape, dtype=z.dtype, device=z.device),
+                torch.empty(z.shape[:-1], dtype=ref.index_dtype(LEVELS), device=z.device)]
+        if backward:
+            outs.append(torch.empty(z.shape, dtype=z.dtype, device=z.device))
+        for t in outs:
+            t.fill_(1)
+        return outs
+
+    return call
+
+
 def _kernel_only_case(z):
     """The C++ kernel writing into outputs allocated (and touched) once: no first-touch page
     faults of fresh outputs, which dominate at 4M tokens on CPU."""
     from vft_kernels.cpp.fsq import fsq_forward_into
 
-    codes = torch.empty(z.shape, dtype=torch.float32, device=z.device)
+    codes = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     indices = torch.zeros(z.shape[:-1], dtype=ref.index_dtype(LEVELS), device=z.device)
     codes.zero_()
     return lambda: fsq_forward_into(z, LEVELS, 1e-3, codes, indices)
@@ -106,15 +131,25 @@ def cases(ctx: Context) -> list[Case]:
             z = (torch.randn(n, len(LEVELS), generator=gen) * 2).to(ctx.device, dtype)
             g = torch.randn(n, len(LEVELS), generator=gen).to(ctx.device)
             e = z.element_size()
-            fwd_bytes = z.numel() * e + z.numel() * 4 + n * 4
-            bwd_bytes = fwd_bytes + z.numel() * (4 + 2 * e)
+            fwd_bytes = 2 * z.numel() * e + n * 4  # codes in z's dtype
+            bwd_bytes = fwd_bytes + 3 * z.numel() * e
             label = f"{shape} x {len(LEVELS)}"
+            dt = str(dtype).replace("torch.", "")
             for name, fn in providers.items():
-                out.append(Case("fsq", "forward", label, str(dtype).replace("torch.", ""), name,
-                                _forward_case(fn, z), bytes=fwd_bytes))
-                out.append(Case("fsq", "forward+backward", label, str(dtype).replace("torch.", ""), name,
-                                _forward_backward_case(fn, z, g), bytes=bwd_bytes))
+                out.append(Case("fsq", "forward", label, dt, name, _forward_case(fn, z), bytes=fwd_bytes))
+                out.append(Case("fsq", "forward+backward", label, dt, name,
+                                _forward_backward_case(fn, z, g.to(dtype)), bytes=bwd_bytes))
                 if name in ("cpu", "cuda"):
-                    out.append(Case("fsq", "forward", label, str(dtype).replace("torch.", ""),
-                                    f"{name} (kernel only)", _kernel_only_case(z), bytes=fwd_bytes))
+                    out.append(Case("fsq", "forward", label, dt, f"{name} (kernel only)", _kernel_only_case(z),
+                                    bytes=fwd_bytes))
+                    if dtype != torch.float32:  # the same op on float32 copies: the bf16 gain
+                        z32, label32 = z.float(), f"{name} (float32 inputs)"
+                        out.append(Case("fsq", "forward", label, dt, label32, _forward_case(fn, z32),
+                                        bytes=fwd_bytes))
+                        out.append(Case("fsq", "forward+backward", label, dt, label32,
+                                        _forward_backward_case(fn, z32, g), bytes=bwd_bytes))
+            out.append(Case("fsq", "forward", label, dt, "outputs: allocate + touch", _floor_case(z, False),
+                            bytes=fwd_bytes))
+            out.append(Case("fsq", "forward+backward", label, dt, "outputs: allocate + touch",
+                            _floor_case(z, True), bytes=bwd_bytes))
     return out

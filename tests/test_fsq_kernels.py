@@ -109,6 +109,19 @@ def test_forward_low_precision(backend, dtype, same_dtype_codes):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("levels", [(8, 7, 5, 3), (33, 7, 3)], ids=["thresholds", "tanh"])  # k / 3 rounds in bf16
+def test_bfloat16_blocks_with_special_values(backend, levels):
+    """bf16 in and out: full dense blocks (the cpu kernel's bit-level bf16 loads and
+    round-to-nearest-even stores) and a partial last block, with NaN, +-inf and zeros inside
+    the full blocks; forward and backward."""
+    z = (torch.randn(67, len(levels)) * 3).to(torch.bfloat16)  # 4 full blocks of 16 rows + 3
+    z[5, 0], z[17, 1], z[33, -1], z[40] = math.nan, math.inf, -math.inf, 0.0
+    check_forward(backend, z, levels, out_dtype=torch.bfloat16)
+    finite = z[torch.isfinite(z.float()).all(-1)]
+    check_backward(backend, finite, levels, out_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_forward_eps(backend, eps):
     # eps = 0 with even levels makes shift = atanh(1) = inf: every finite z saturates.

@@ -88,10 +88,46 @@ void store_any(const float* buf, int64_t n, at::Tensor& out, int64_t offset) {
   }
 }
 
-bool is_dense_float(const at::Tensor& t, int64_t d) {
-  // [rows, d] view of t with unit dim stride and row stride d, float32.
-  return t.scalar_type() == at::kFloat && (t.numel() == 0 || (t.stride(1) == 1 && (t.size(0) == 1 || t.stride(0) == d)));
+bool is_dense(const at::Tensor& t, int64_t d) {
+  // [rows, d] view of t with unit dim stride and row stride d.
+  return t.numel() == 0 || (t.stride(1) == 1 && (t.size(0) == 1 || t.stride(0) == d));
 }
+
+bool is_dense_float(const at::Tensor& t, int64_t d) { return t.scalar_type() == at::kFloat && is_dense(t, d); }
+
+bool is_dense_bf16(const at::Tensor& t, int64_t d) { return t.scalar_type() == at::kBFloat16 && is_dense(t, d); }
+
+// bfloat16 <-> float32 on raw bits, branch-free so that block loops of them vectorise
+// (c10::BFloat16's conversions are per element calls). f32_to_bf16 rounds to nearest even
+// and maps NaN to the quiet NaN 0x7FC0, exactly as c10::BFloat16(float) does.
+inline float bf16_to_f32(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
+}
+
+// One full block of n dense bf16 values <-> floats.
+inline void load_bf16(const uint16_t* __restrict src, float* __restrict dst, int n) {
+  for (int i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
+inline void store_bf16(const float* __restrict src, uint16_t* __restrict dst, int n) {
+  for (int i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
+const uint16_t* bf16_bits(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.const_data_ptr<c10::BFloat16>());
+}
+
+uint16_t* bf16_bits_mut(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<c10::BFloat16>()); }
 
 // ---------------------------------------------------------------------------------------
 // Forward
@@ -218,6 +254,8 @@ void fsq_forward_impl(const at::Tensor& z2, at::Tensor& codes, at::Tensor& indic
   const bool dense_out = codes.scalar_type() == at::kFloat;
   const float* zf = dense_in ? z2.const_data_ptr<float>() : nullptr;
   float* cf = dense_out ? codes.data_ptr<float>() : nullptr;
+  const uint16_t* zb = is_dense_bf16(z2, D) ? bf16_bits(z2) : nullptr;  // bf16 fast paths
+  uint16_t* cb = codes.scalar_type() == at::kBFloat16 ? bf16_bits_mut(codes) : nullptr;
   Idx* idx = indices.data_ptr<Idx>();
 
   at::parallel_for(0, blocks, kMinBlocksPerThread, [&](int64_t blk_begin, int64_t blk_end) {
@@ -231,12 +269,20 @@ void fsq_forward_impl(const at::Tensor& z2, at::Tensor& codes, at::Tensor& indic
       const float* zp = zbuf;
       if (dense_in && full) {
         zp = zf + row0 * D;
+      } else if (zb != nullptr && full) {
+        load_bf16(zb + row0 * D, zbuf, K);
       } else {
         load_block_any(z2, row0, n, D, s_row, s_dim, zbuf);
       }
       float* cp = (dense_out && full) ? cf + row0 * D : cbuf;
       fwd_elements<D, Acc>(zp, cp, contrib, t);
-      if (cp == cbuf) store_any(cbuf, static_cast<int64_t>(n) * D, codes, row0 * D);
+      if (cp == cbuf) {
+        if (cb != nullptr && full) {
+          store_bf16(cbuf, cb + row0 * D, K);
+        } else {
+          store_any(cbuf, static_cast<int64_t>(n) * D, codes, row0 * D);
+        }
+      }
       row_indices<D, Idx>(contrib, idx + row0, n);
     }
   });
@@ -349,6 +395,9 @@ void fsq_backward_cpu(const at::Tensor& grad_codes2, const at::Tensor& z2, at::T
   const int64_t blocks = (rows + kRows - 1) / kRows;
   const bool dense_z = is_dense_float(z2, d), dense_g = is_dense_float(grad_codes2, d);
   const bool dense_out = grad_z.scalar_type() == at::kFloat;
+  const uint16_t* zb = is_dense_bf16(z2, d) ? bf16_bits(z2) : nullptr;  // bf16 fast paths
+  const uint16_t* gb = is_dense_bf16(grad_codes2, d) ? bf16_bits(grad_codes2) : nullptr;
+  uint16_t* ob = grad_z.scalar_type() == at::kBFloat16 ? bf16_bits_mut(grad_z) : nullptr;
 
   at::parallel_for(0, blocks, kMinBlocksPerThread, [&](int64_t blk_begin, int64_t blk_end) {
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
@@ -362,17 +411,27 @@ void fsq_backward_cpu(const at::Tensor& grad_codes2, const at::Tensor& z2, at::T
       const float* gp = gbuf;
       if (dense_z && full) {
         zp = z2.const_data_ptr<float>() + row0 * d;
+      } else if (zb != nullptr && full) {
+        load_bf16(zb + row0 * d, zbuf, K);
       } else {
         load_block_any(z2, row0, n, d, z2.stride(0), z2.stride(1), zbuf);
       }
       if (dense_g && full) {
         gp = grad_codes2.const_data_ptr<float>() + row0 * d;
+      } else if (gb != nullptr && full) {
+        load_bf16(gb + row0 * d, gbuf, K);
       } else {
         load_block_any(grad_codes2, row0, n, d, grad_codes2.stride(0), grad_codes2.stride(1), gbuf);
       }
       float* op = (dense_out && full) ? grad_z.data_ptr<float>() + row0 * d : obuf;
       bwd_elements(gp, zp, op, shift, scale, K);
-      if (op == obuf) store_any(obuf, n * d, grad_z, row0 * d);
+      if (op == obuf) {
+        if (ob != nullptr && full) {
+          store_bf16(obuf, ob + row0 * d, K);
+        } else {
+          store_any(obuf, n * d, grad_z, row0 * d);
+        }
+      }
     }
   });
 }
