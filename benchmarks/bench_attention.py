@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import vft_kernels as vk
-from vft_kernels.layout import RegisterLayout
+from vft_kernels.layout import RegisterLayout, Tile
 from vft_kernels.reference import attention as ref
 
 from .common import Case, Context
@@ -210,6 +210,25 @@ def _providers(ctx: Context, layout: RegisterLayout, keep: torch.Tensor, scale: 
     return baseline, providers
 
 
+TILE = 64  # the CPU kernel's query and key tile (csrc/cpu/attention.cpp kBlockM / kBlockN)
+
+
+def _executed_pairs(layout: RegisterLayout, keep: list) -> int:
+    """(query, key) pairs in the 64 x 64 tiles a tile-skipping kernel executes (every tile
+    that is not fully masked), summed over samples: executed / allowed pairs is the tile
+    waste, and GFLOP/s x that ratio is the rate on executed tiles."""
+    N = layout.seq_len
+    total = 0
+    for kp in keep:
+        for q0 in range(0, N, TILE):
+            q1 = min(q0 + TILE, N)
+            for k0 in range(0, N, TILE):
+                k1 = min(k0 + TILE, N)
+                if layout.classify_tile(q0, q1, k0, k1, kp) != Tile.MASKED:
+                    total += (q1 - q0) * (k1 - k0)
+    return total
+
+
 def cases(ctx: Context) -> list[Case]:
     # bf16 on the CPU too (AMX tile products where the CPU has them), except in quick runs.
     dtypes = (torch.float32,) if ctx.device.type == "cpu" and ctx.quick else (torch.float32, torch.bfloat16)
@@ -235,7 +254,8 @@ def _shape_cases(ctx: Context, label: str, B: int, H: int, D: int, layout: Regis
         keep_s = f"keep={keep[0]}" if len(set(keep)) == 1 else "keep=" + "/".join(map(str, keep))
     shape = (f"{label} B={B} H={H} T={layout.blocks} P={layout.patches} R={layout.registers} "
              f"D={D} N={N} {layout.mode} {keep_s}")
-    extra = {"density": round(layout.density(keep_t.cpu()), 4), "keep": keep_s}
+    extra = {"density": round(layout.density(keep_t.cpu()), 4), "keep": keep_s,
+             "executed/allowed pairs": round(_executed_pairs(layout, keep) / pairs, 4)}
     dtype_s = str(dtype).replace("torch.", "")
     baseline, providers = _providers(ctx, layout, keep_t, scale, dtype)
     out = []

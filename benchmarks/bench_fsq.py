@@ -6,8 +6,8 @@ when it is installed; "cpu (kernel only)" (and cuda) is the kernel writing into 
 preallocated outputs. "outputs: allocate + touch" is the floor a fresh-output op cannot
 beat: it allocates what the op returns (codes and indices; for forward+backward also
 grad_z) and writes every byte once, nothing else. bfloat16 cases keep codes (and the
-gradients) in bfloat16, as a bf16 model does (``out_dtype=z.dtype``); each has a "cpu
-(float32 inputs)" row, the same op on float32 copies, so the bf16 gain is a same-run ratio.
+gradients) in bfloat16, as a bf16 model does (``out_dtype=z.dtype``); each has a "cpu(float32
+inputs)" row, the same op on float32 copies, so the bf16 gain is a same-run ratio.
 bytes (for GB/s): forward reads z and writes codes and indices (int32); forward+backward
 also reads the upstream gradient and z and writes grad_z.
 """
@@ -143,7 +143,7 @@ def cases(ctx: Context) -> list[Case]:
                     out.append(Case("fsq", "forward", label, dt, f"{name} (kernel only)", _kernel_only_case(z),
                                     bytes=fwd_bytes))
                     if dtype != torch.float32:  # the same op on float32 copies: the bf16 gain
-                        z32, label32 = z.float(), f"{name} (float32 inputs)"
+                        z32, label32 = z.float(), f"{name}(float32 inputs)"
                         out.append(Case("fsq", "forward", label, dt, label32, _forward_case(fn, z32),
                                         bytes=fwd_bytes))
                         out.append(Case("fsq", "forward+backward", label, dt, label32,

@@ -8,6 +8,11 @@ the case's baseline from the same run (baseline median / median; > 1 is faster t
 baseline), and skipped or failed providers with the reason. Where the file holds several
 runs of the same kind (full / quick) of that commit on that device, a column gives the
 spread of each ratio over them (min-max and the number of runs).
+
+It ends with the performance targets of issue #12 (``TARGETS``), each evaluated over the
+full CPU runs of the latest commit that measured it: the median of the same-run ratios,
+their min and max, met or missed. ``--readme`` also rewrites that table in the README,
+between its generated-targets markers, so the README's numbers come from the file too.
 """
 from __future__ import annotations
 
@@ -15,9 +20,10 @@ import argparse
 import csv
 import os
 import sys
+from dataclasses import dataclass
 from typing import Optional
 
-from .run import ROOT, _fmt, default_all_csv
+from .run import ROOT, _fmt, _rounds, default_all_csv, round_ratio
 
 DEFAULT_OUT = os.path.join(ROOT, "docs", "performance.md")
 
@@ -125,10 +131,151 @@ def render(rows: list[dict[str, str]], source: str) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------
+# The issue-#12 targets, evaluated from the results file into the README.
+
+@dataclass
+class Target:
+    """One performance target: ``provider``'s rate against ``against`` (median(against) /
+    median(provider) from the same run; > 1: provider faster), or with ``metric`` "matmul
+    on executed tiles" the provider's GFLOP/s x (executed / allowed pairs) / the run's matmul
+    rate. ``goal`` None: a reported number without a goal."""
+    what: str
+    op: str
+    name: str
+    dtype: str
+    shape: str  # substring of the case's shape
+    provider: str
+    against: str = ""
+    goal: Optional[float] = None
+    metric: str = "ratio"
+    keep: str = ""  # exact value of the attention rows' keep column, when set
+
+
+ATTN = "image B=4 H=12 T=1 P=256 R=256 D=64"
+SDPA = "sdpa(shared [N,N] mask)"
+TARGETS = [
+    Target("register attention fwd, image keep=32, vs SDPA's best mask", "attention", "forward", "float32", ATTN,
+           "cpu", SDPA, 3.0, keep="keep=32"),
+    Target("same, vs compiled FlexAttention (kernel alone, mask prebuilt)", "attention", "forward", "float32", ATTN,
+           "cpu", "flex(compiled)", 2.0, keep="keep=32"),
+    Target("same, fwd+bwd, vs SDPA's best mask", "attention", "forward+backward", "float32", ATTN, "cpu", SDPA,
+           2.5, keep="keep=32"),
+    Target("attention fwd rate on executed tiles (image keep=32), share of the same-run matmul rate",
+           "attention", "forward", "float32", ATTN, "cpu", goal=0.70, metric="matmul on executed tiles",
+           keep="keep=32"),
+    Target("APG step through the API, [4,16,5,32,32], vs torch.compile(reference)", "flow",
+           "apg step (momentum, threshold)", "float32", "4x16x5x32x32", "cpu", "compile(reference)", 2.0),
+    Target("APG step, [2,16,21,32,32], vs torch.compile(reference)", "flow", "apg step (momentum, threshold)",
+           "float32", "2x16x21x32x32", "cpu", "compile(reference)", 2.0),
+    Target("APG step, [8,16,32,32], vs torch.compile(reference)", "flow", "apg step (momentum, threshold)",
+           "float32", "8x16x32x32", "cpu", "compile(reference)", 2.0),
+    Target("CFG step through the API, [4,16,5,32,32], vs eager", "flow", "cfg step", "float32", "4x16x5x32x32",
+           "cpu", "reference", 3.0),
+    Target("same, vs torch.compile(reference)", "flow", "cfg step", "float32", "4x16x5x32x32", "cpu",
+           "compile(reference)", 1.5),
+    Target("CFG step, [2,16,21,32,32], vs eager / vs compile", "flow", "cfg step", "float32", "2x16x21x32x32",
+           "cpu", "reference", 3.0),
+    Target("", "flow", "cfg step", "float32", "2x16x21x32x32", "cpu", "compile(reference)", 1.5),
+    Target("CFG step, [8,16,32,32], vs eager / vs compile", "flow", "cfg step", "float32", "8x16x32x32", "cpu",
+           "reference", 3.0),
+    Target("", "flow", "cfg step", "float32", "8x16x32x32", "cpu", "compile(reference)", 1.5),
+    Target("FSQ fwd+bwd, 4M tokens, vs eager", "fsq", "forward+backward", "float32", "4M", "cpu", "reference",
+           15.0),
+    Target("same, the allocate-and-touch floor of its outputs vs eager (the most any fresh-output op can reach)",
+           "fsq", "forward+backward", "float32", "4M", "outputs: allocate + touch", "reference"),
+    Target("FSQ fwd+bwd, 4M tokens, bf16 (codes and grads bf16) vs the same op on float32", "fsq",
+           "forward+backward", "bfloat16", "4M", "cpu", "cpu(float32 inputs)", 1.5),
+    Target("FSQ fwd, 4M tokens, bf16 vs float32", "fsq", "forward", "bfloat16", "4M", "cpu", "cpu(float32 inputs)",
+           1.5),
+    Target("register attention fwd, image keep=32, bf16 vs the same kernel on float32 (AMX: goal 2x)", "attention",
+           "forward", "bfloat16", ATTN, "cpu", "cpu(float32 inputs)", 2.0, keep="keep=32"),
+]
+
+
+def _pick(rows: list[dict[str, str]], t: Target, provider: str) -> Optional[dict[str, str]]:
+    for r in rows:
+        if (r["op"] == t.op and r["name"] == t.name and r["dtype"] == t.dtype and t.shape in r["shape"]
+                and r["provider"] == provider and (not t.keep or r.get("keep") == t.keep)
+                and _float(r.get("median_ms")) is not None):
+            return r
+    return None
+
+
+def _value(rows: list[dict[str, str]], t: Target) -> Optional[float]:
+    """The target's number in one run's rows, or None when that run lacks them."""
+    r = _pick(rows, t, t.provider)
+    if r is None:
+        return None
+    if t.metric == "matmul on executed tiles":
+        rate, ceiling = _float(r.get("GFLOP/s")), _float(r.get("matmul_GFLOP/s"))
+        waste = _float(r.get("executed/allowed pairs"))
+        return None if None in (rate, ceiling, waste) or not ceiling else rate * waste / ceiling
+    a = _pick(rows, t, t.against)
+    if a is None:
+        return None
+    ra, rr = _rounds(a), _rounds(r)
+    if len(ra) == len(rr) > 1:  # interleaved rounds: the median of the same-round ratios
+        return round_ratio(ra, rr)
+    return float(a["median_ms"]) / float(r["median_ms"])
+
+
+def target_values(rows: list[dict[str, str]], t: Target, device: str = "cpu") -> tuple[list[float], str]:
+    """The target's values over the full runs of the latest commit that measured it on
+    ``device`` (type), and that commit."""
+    runs = _by_run([r for r in rows if r["device"] == device and r["quick"] != "True" and r["op"] == t.op])
+    measured = {run: v for run, rs in runs.items() if (v := _value(rs, t)) is not None}
+    if not measured:
+        return [], ""
+    latest = max(measured, key=lambda run: (runs[run][0]["date"], list(runs).index(run)))
+    commit = runs[latest][0]["commit"]
+    return [v for run, v in measured.items() if runs[run][0]["commit"] == commit], commit
+
+
+def targets_table(rows: list[dict[str, str]], device: str = "cpu") -> list[str]:
+    """Markdown lines: every target with its median over runs [min, max], the goal and met /
+    missed."""
+    lines = ["| target | measured: median [min, max] (runs, commit) | goal | status |", "|---|---|---|---|"]
+    for t in TARGETS:
+        vals, commit = target_values(rows, t, device)
+        unit = "" if t.metric == "matmul on executed tiles" else "x"
+        fmt = (lambda v: f"{100 * v:.0f} %") if not unit else (lambda v: f"{v:.2f}x")
+        goal = "" if t.goal is None else fmt(t.goal)
+        if not vals:
+            lines.append(f"| {_cell(t.what)} | no full run recorded | {goal} | not measured |")
+            continue
+        vals.sort()
+        med = vals[len(vals) // 2] if len(vals) % 2 else 0.5 * (vals[len(vals) // 2 - 1] + vals[len(vals) // 2])
+        status = "" if t.goal is None else ("met" if med >= t.goal else "**missed**")
+        lines.append(f"| {_cell(t.what) or '(same case)'} | {fmt(med)} [{fmt(vals[0])}, {fmt(vals[-1])}] "
+                     f"({len(vals)}, {commit}) | {goal} | {status} |")
+    return lines
+
+
+BEGIN = "<!-- targets: generated by `python -m benchmarks.report`; edit benchmarks/report.py, not this table -->"
+END = "<!-- end of generated targets -->"
+
+
+def update_readme(path: str, rows: list[dict[str, str]]) -> bool:
+    """Replaces the README block between BEGIN and END with the targets table; False when
+    the README has no such block."""
+    with open(path) as f:
+        text = f.read()
+    if BEGIN not in text or END not in text:
+        return False
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(path, "w") as f:
+        f.write(head + BEGIN + "\n\n" + "\n".join(targets_table(rows)) + "\n\n" + END + tail)
+    return True
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Markdown tables from the cumulative benchmark results")
     p.add_argument("--csv", default=default_all_csv(), help="results CSV (default: benchmarks/results/all.csv)")
     p.add_argument("--out", default=DEFAULT_OUT, help="Markdown file to write (default: docs/performance.md)")
+    p.add_argument("--readme", nargs="?", const=os.path.join(ROOT, "README.md"), default=None,
+                   help="also rewrite the generated targets table in this README (default path: the repo's)")
     args = p.parse_args(argv)
     if not os.path.exists(args.csv):
         print(f"no results at {args.csv}: run `python -m benchmarks.run` first", file=sys.stderr)
@@ -141,8 +288,13 @@ def main(argv=None) -> int:
     source = os.path.relpath(csv_path, ROOT) if csv_path.startswith(ROOT + os.sep) else args.csv
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        f.write(render(rows, source))
+        f.write(render(rows, source) + "\n## Targets (issue #12, CPU)\n\n" + "\n".join(targets_table(rows)) + "\n")
     print(f"wrote {args.out} ({len(rows)} rows of {args.csv})")
+    if args.readme:
+        if not update_readme(args.readme, rows):
+            print(f"{args.readme} has no generated-targets block; left it unchanged", file=sys.stderr)
+            return 1
+        print(f"updated the targets table in {args.readme}")
     return 0
 
 

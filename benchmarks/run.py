@@ -45,23 +45,33 @@ def default_all_csv() -> str:
 # Timing
 
 
-def time_fn(fn, device: torch.device, min_run_time: float) -> tuple[float, float, float]:
-    """(median, q20, q80) seconds per call of ``fn``."""
+def _sample_times(fn, device: torch.device, min_run_time: float, warm_up: bool = True) -> list[float]:
+    """Seconds per call of ``fn``, one value per timed block (CPU: torch.utils.benchmark's
+    blocked_autorange; CUDA: triton's do_bench quantiles 0.2 / 0.5 / 0.8)."""
     if device.type == "cuda":
         import triton.testing
 
-        med, q20, q80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=int(min_run_time * 1000))
-        return med / 1e3, q20 / 1e3, q80 / 1e3
+        qs = triton.testing.do_bench(fn, quantiles=[0.2, 0.5, 0.8], rep=int(min_run_time * 1000))
+        return [q / 1e3 for q in qs]
     from torch.utils import benchmark
 
-    fn()  # warm up (compilation, caches) outside the measurement
+    if warm_up:
+        fn()  # compilation, caches: outside the measurement
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=min_run_time)
-    times = sorted(m.times)
+    return list(timer.blocked_autorange(min_run_time=min_run_time).times)
+
+
+def _summary(times: list[float]) -> tuple[float, float, float]:
+    times = sorted(times)
     if len(times) >= 5:
         q = statistics.quantiles(times, n=10)
-        return m.median, q[1], q[7]
-    return m.median, times[0], times[-1]
+        return statistics.median(times), q[1], q[7]
+    return statistics.median(times), times[0], times[-1]
+
+
+def time_fn(fn, device: torch.device, min_run_time: float) -> tuple[float, float, float]:
+    """(median, q20, q80) seconds per call of ``fn``."""
+    return _summary(_sample_times(fn, device, min_run_time))
 
 
 def measure_ceilings(ctx: Context, min_run_time: float) -> None:
@@ -96,45 +106,73 @@ def load_cases(op: str, ctx: Context) -> list[Case]:
     return mod.cases(ctx)
 
 
-def run_cases(cases: list[Case], ctx: Context, min_run_time: float, verbose=True) -> list[dict]:
-    rows = []
-    for case in cases:
-        row = {"op": case.op, "name": case.name, "shape": case.shape, "dtype": case.dtype,
-               "provider": case.provider, "baseline": case.baseline, **case.extra}
+def round_ratio(base_rounds: list[float], rounds: list[float]) -> float:
+    """The median over rounds of base / provider, each ratio from one round (interleaved
+    timings of the two, so slow drifts of the machine cancel)."""
+    return statistics.median(b / r for b, r in zip(base_rounds, rounds))
+
+
+def run_cases(cases: list[Case], ctx: Context, min_run_time: float, verbose=True, rounds: int = 1) -> list[dict]:
+    """Times every case. Cases of one group (op, name, shape, dtype: the providers compared
+    with each other) are timed interleaved: ``rounds`` rounds, each timing every provider of
+    the group for ``min_run_time / rounds`` seconds. A row's median and quantiles pool all
+    of its timed blocks; ``round_ms`` keeps each round's median, and ``speedup`` is the
+    median over rounds of the same-round ratio against the group's baseline."""
+    rows, samples = [], {}
+    groups: dict[tuple, list[int]] = {}
+    for i, case in enumerate(cases):
+        rows.append({"op": case.op, "name": case.name, "shape": case.shape, "dtype": case.dtype,
+                     "provider": case.provider, "baseline": case.baseline, **case.extra})
         if case.skipped is not None:
-            row["skipped"] = case.skipped
-        else:
-            try:
-                med, q20, q80 = time_fn(case.fn, ctx.device, min_run_time)
-                row.update(median_ms=med * 1e3, q20_ms=q20 * 1e3, q80_ms=q80 * 1e3)
+            rows[i]["skipped"] = case.skipped
+        groups.setdefault((case.op, case.name, case.shape, case.dtype), []).append(i)
+    for members in groups.values():
+        for rnd in range(rounds):
+            for i in members:
+                case, row = cases[i], rows[i]
+                if case.skipped is not None or "error" in row:
+                    continue
+                try:
+                    times = _sample_times(case.fn, ctx.device, min_run_time / rounds, warm_up=rnd == 0)
+                except Exception as e:  # noqa: BLE001 - one failing case must not stop the run
+                    row["error"] = f"{type(e).__name__}: {e}"
+                    if verbose:
+                        traceback.print_exc()
+                    continue
+                samples.setdefault(i, []).append(times)
+        for i in members:
+            row, case = rows[i], cases[i]
+            if i in samples and "error" not in row:
+                med, q20, q80 = _summary([t for times in samples[i] for t in times])
+                row.update(median_ms=med * 1e3, q20_ms=q20 * 1e3, q80_ms=q80 * 1e3,
+                           round_ms=";".join(f"{statistics.median(times) * 1e3:.6g}" for times in samples[i]))
                 if case.bytes:
                     row["GB/s"] = case.bytes / med / 1e9
                     row["%copy"] = 100 * row["GB/s"] / ctx.copy_gbps
                 if case.flops:
                     row["GFLOP/s"] = case.flops / med / 1e9
                     row["%matmul"] = 100 * row["GFLOP/s"] / ctx.matmul_gflops
-            except Exception as e:  # noqa: BLE001 - one failing case must not stop the run
-                row["error"] = f"{type(e).__name__}: {e}"
-                if verbose:
-                    traceback.print_exc()
-        rows.append(row)
-        if verbose:
-            if "median_ms" in row:
-                t = f"{row['median_ms']:.3f} ms"
-            else:
-                t = f"skipped: {row['skipped']}" if "skipped" in row else row["error"][:80]
-            print(f"  {case.op:9s} {case.name:22s} {case.shape:28s} {case.dtype:9s} {case.provider:40s} {t}",
-                  file=sys.stderr, flush=True)
+            if verbose:
+                if "median_ms" in row:
+                    t = f"{row['median_ms']:.3f} ms"
+                else:
+                    t = f"skipped: {row['skipped']}" if "skipped" in row else row["error"][:80]
+                print(f"  {case.op:9s} {case.name:22s} {case.shape:28s} {case.dtype:9s} {case.provider:40s} {t}",
+                      file=sys.stderr, flush=True)
     # speedup of each case against its group's baseline provider, measured in this run
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["op"], r["name"], r["shape"], r["dtype"]), []).append(r)
-    for group in groups.values():
+    for members in groups.values():
+        group = [rows[i] for i in members]
         for r in group:
             base = next((b for b in group if b["provider"] == r["baseline"] and "median_ms" in b), None)
             if base is not None and "median_ms" in r:
-                r["speedup"] = base["median_ms"] / r["median_ms"]
+                r["speedup"] = round_ratio(_rounds(base), _rounds(r))
     return rows
+
+
+def _rounds(row: dict) -> list[float]:
+    """A row's per-round medians (ms); its median alone for rows without them."""
+    text = row.get("round_ms")
+    return [float(x) for x in str(text).split(";")] if text not in (None, "") else [float(row["median_ms"])]
 
 
 # --------------------------------------------------------------------------------------
@@ -290,6 +328,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="results", help="folder for results.csv / results.md / *.png")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per case")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds per group of compared providers (default: 3, quick runs 1)")
     p.add_argument("--all-csv", default=default_all_csv(),
                    help="cumulative CSV the rows are appended to (default: $VFT_BENCH_ALL_CSV, else "
                         "benchmarks/results/all.csv)")
@@ -300,6 +340,9 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown ops {unknown}; expected a subset of {OPS}")
     min_run_time = args.min_run_time or (0.3 if args.quick else 1.0)
+    rounds = args.rounds or (1 if args.quick else 3)
+    if rounds < 1:
+        p.error(f"--rounds must be >= 1, got {rounds}")
     ctx = Context(device=torch.device(args.device), quick=args.quick)
     measure_ceilings(ctx, min_run_time)
     meta = run_metadata(ctx, args.quick)
@@ -311,7 +354,7 @@ def main(argv=None) -> int:
     print(header.splitlines()[0], file=sys.stderr)
     rows = []
     for op in ops:
-        rows += run_cases(load_cases(op, ctx), ctx, min_run_time)
+        rows += run_cases(load_cases(op, ctx), ctx, min_run_time, rounds=rounds)
     os.makedirs(args.out, exist_ok=True)
     write_csv(rows, os.path.join(args.out, "results.csv"), meta)
     md = markdown(rows, header)

@@ -182,6 +182,31 @@ def test_run_appends_its_rows_to_the_given_all_csv(tmp_path):
         assert float(r["median_ms"]) > 0 and r["baseline"] == "reference" and float(r["speedup"]) > 0
 
 
+def test_harness_interleaves_rounds_and_takes_same_round_ratios(monkeypatch):
+    """Providers of one group are timed in turn, round after round; a machine that slows
+    down between rounds changes every provider's times but not the same-round ratios."""
+    from benchmarks.common import Case
+
+    calls = []
+
+    def fake_times(fn, device, min_run_time, warm_up=True):
+        name = fn()
+        calls.append((name, warm_up))
+        rnd = sum(1 for c, _ in calls if c == name)  # 1, 2, 3: the machine slows down
+        return [{"base": 2.0, "fast": 0.5}[name] * rnd ** 2] * 3
+
+    monkeypatch.setattr(harness, "_sample_times", fake_times)
+    cases = [Case("op", "step", "s", "float32", p, (lambda p=p: p), baseline="base") for p in ("base", "fast")]
+    cases.append(Case("op", "other", "s", "float32", "base", lambda: "base", baseline="base"))
+    rows = harness.run_cases(cases, CPU, 0.3, verbose=False, rounds=3)
+    assert [c for c, _ in calls[:6]] == ["base", "fast"] * 3  # interleaved within the group
+    assert [w for _, w in calls[:6]] == [True, True, False, False, False, False]  # warm up once
+    fast = rows[1]
+    assert fast["round_ms"] == "500;2000;4500" and fast["median_ms"] == pytest.approx(2000.0)
+    assert fast["speedup"] == pytest.approx(4.0)  # 2.0 / 0.5 in every round
+    assert harness.round_ratio(harness._rounds(rows[0]), harness._rounds(fast)) == pytest.approx(4.0)
+
+
 # --------------------------------------------------------------------------------------
 # report
 
@@ -299,3 +324,66 @@ def test_eval_adaptive_savings_on_interpolated_frontiers():
     rows = ea.savings_at_fixed_k([10.0, 12.5, 14.0], {"p": pts})
     assert [r["p_tokens"] for r in rows] == pytest.approx([1.0, 2.5, 3.0])
     assert [r["p_saving"] for r in rows] == pytest.approx([0.0, 1 - 2.5 / 2, 0.0])
+
+
+def test_report_targets_over_runs_of_the_latest_commit_and_readme_block(tmp_path):
+    """Each issue-#12 target is the median of its same-run ratios over the full runs of the
+    latest commit that measured it, with min and max, met or missed against its goal; older
+    commits, quick runs and other devices do not count; --readme rewrites only the block
+    between the markers."""
+    path = str(tmp_path / "all.csv")
+    shape = "4x16x5x32x32"
+
+    def flow_rows(cpu_ms, compile_ms=1.0, eager_ms=2.0):
+        kw = dict(op="flow", name="apg step (momentum, threshold)", shape=shape, baseline="reference")
+        return [_row("reference", 1.0, eager_ms, **kw), _row("compile(reference)", 1.0, compile_ms, **kw),
+                _row("cpu", 1.0, cpu_ms, **kw)]
+
+    harness.append_results(flow_rows(0.1), path, _meta("old", commit="0ld0000", date="2030-01-01T00:00:00Z"))
+    for i, ms in enumerate((0.5, 0.4, 0.8)):  # ratios vs compile: 2.0, 2.5, 1.25 -> median 2.0, met
+        harness.append_results(flow_rows(ms), path, _meta(f"n{i}", commit="new1234", date=f"2030-01-0{i + 2}T00:00:00Z"))
+    harness.append_results(flow_rows(0.01), path, _meta("q", commit="new1234", date="2030-01-09T00:00:00Z", quick=True))
+    harness.append_results(flow_rows(0.01), path, _meta("g", commit="new1234", device="cuda"))
+    rows = report.read_rows(path)
+    apg = next(t for t in report.TARGETS if t.op == "flow" and t.shape == shape and t.name.startswith("apg"))
+    vals, commit = report.target_values(rows, apg)
+    assert commit == "new1234" and sorted(vals) == pytest.approx([1.25, 2.0, 2.5])
+    table = "\n".join(report.targets_table(rows))
+    assert "| 2.00x [1.25x, 2.50x] (3, new1234) | 2.00x | met |" in table
+    # a newer commit with one run replaces the older commit's runs: now missed
+    harness.append_results(flow_rows(1.0), path, _meta("n9", commit="new5678", date="2030-02-01T00:00:00Z"))
+    table = "\n".join(report.targets_table(report.read_rows(path)))
+    assert "| 1.00x [1.00x, 1.00x] (1, new5678) | 2.00x | **missed** |" in table
+    assert "| FSQ fwd+bwd, 4M tokens, vs eager | no full run recorded | 15.00x | not measured |" in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nstale table\n{report.END}\noutro\n")
+    out = tmp_path / "perf.md"
+    assert report.main(["--csv", path, "--out", str(out), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{report.END}\noutro\n") and "stale" not in text
+    assert "**missed**" in text and "## Targets" in out.read_text()
+    readme.write_text("no markers\n")
+    assert report.main(["--csv", path, "--out", str(out), "--readme", str(readme)]) == 1
+    assert readme.read_text() == "no markers\n"
+
+
+@pytest.mark.parametrize("mode", ["block_causal_last", "block_causal", "full"])
+def test_attention_executed_pairs_are_the_unmasked_tiles(mode):
+    """bench_attention's tile-waste column: pairs in the 64 x 64 tiles that hold any allowed
+    pair, against a count from the dense mask."""
+    from benchmarks.bench_attention import TILE, _executed_pairs
+    from vft_kernels.layout import RegisterLayout
+
+    layout = RegisterLayout(3, 40, 30, mode)  # N = 210: a partial last tile
+    keeps = [30, 1, [5, 30, 0]]
+    masks = layout.materialize(torch.tensor([[k] * 3 if isinstance(k, int) else k for k in keeps]))
+    want = 0
+    N = layout.seq_len
+    for m in masks:
+        for q0 in range(0, N, TILE):
+            for k0 in range(0, N, TILE):
+                tile = m[q0:q0 + TILE, k0:k0 + TILE]
+                want += tile.numel() if bool(tile.any()) else 0
+    assert _executed_pairs(layout, keeps) == want
+    allowed = sum(layout.allowed_pairs(k) for k in keeps)
+    assert allowed <= want <= len(keeps) * N * N

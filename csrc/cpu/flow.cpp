@@ -182,6 +182,28 @@ void check_times(const torch::Tensor& t, const torch::Tensor& x) {
 
 }  // namespace
 
+namespace {
+
+// Sizes of a validated call: B samples, G groups of L (APG: all but the last reduce_ndim
+// dims form the groups), and the prefix geometry.
+flow::Geometry geometry(const torch::Tensor& x, int64_t reduce_ndim, int64_t prefix_len) {
+  flow::Geometry geo;
+  geo.B = x.size(0);
+  geo.numel = x.numel();
+  geo.L = 1;
+  for (int64_t d = std::max<int64_t>(x.dim() - reduce_ndim, 1); d < x.dim(); ++d) geo.L *= x.size(d);
+  geo.G = geo.L > 0 ? geo.numel / geo.L : 0;
+  geo.prefix = {1, 0, 1};
+  if (prefix_len > 0) {
+    int64_t inner = 1;
+    for (int64_t d = 3; d < x.dim(); ++d) inner *= x.size(d);
+    geo.prefix = {x.size(2), prefix_len, inner};
+  }
+  return geo;
+}
+
+}  // namespace
+
 flow::Mode flow_mode(const std::string& guidance) {
   if (guidance == "none") return flow::kNone;
   if (guidance == "cfg") return flow::kCfg;
@@ -207,12 +229,6 @@ flow::Geometry flow_check(const torch::Tensor& out, const torch::Tensor& x, cons
   }
   check_times(t, x);
   check_times(t_next, x);
-  flow::Geometry geo;
-  geo.B = x.size(0);
-  geo.numel = x.numel();
-  geo.L = 1;
-  for (int64_t d = std::max<int64_t>(x.dim() - reduce_ndim, 1); d < x.dim(); ++d) geo.L *= x.size(d);
-  geo.G = geo.L > 0 ? geo.numel / geo.L : 0;
   if (momentum.has_value()) {
     VFT_CHECK(mode == flow::kApg, "a momentum state is only used by guidance 'apg'");
     const auto mt = momentum->scalar_type();
@@ -221,7 +237,6 @@ flow::Geometry flow_check(const torch::Tensor& out, const torch::Tensor& x, cons
               "momentum must be a contiguous float32/float16/bfloat16 tensor of x's shape ", x.sizes(), ", got ", mt,
               " ", momentum->sizes());
   }
-  geo.prefix = {1, 0, 1};
   if (prefix_len > 0) {
     VFT_CHECK(x.dim() >= 3 && prefix_len <= x.size(2), "prefix_len ", prefix_len, " must be <= x.shape[2]");
     VFT_CHECK(prefix.has_value(), "prefix_len > 0 needs a prefix tensor");
@@ -231,11 +246,8 @@ flow::Geometry flow_check(const torch::Tensor& out, const torch::Tensor& x, cons
                   prefix->is_contiguous() && prefix->device() == x.device(),
               "prefix must be a contiguous ", x.scalar_type(), " tensor of shape ", c10::IntArrayRef(want), ", got ",
               prefix->scalar_type(), " ", prefix->sizes());
-    int64_t inner = 1;
-    for (int64_t d = 3; d < x.dim(); ++d) inner *= x.size(d);
-    geo.prefix = {x.size(2), prefix_len, inner};
   }
-  return geo;
+  return geometry(x, reduce_ndim, prefix_len);
 }
 
 namespace {
@@ -271,18 +283,26 @@ Params params(double scale, double apg_eta, double apg_norm_threshold, double ap
 
 }  // namespace
 
+Prepared flow_prepare(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& v_cond,
+                      const c10::optional<torch::Tensor>& v_uncond, const torch::Tensor& t,
+                      const torch::Tensor& t_next, const std::string& guidance, double apg_momentum,
+                      c10::optional<torch::Tensor>& momentum, int64_t reduce_ndim,
+                      c10::optional<torch::Tensor>& prefix, int64_t prefix_len) {
+  const flow::Mode mode = flow_mode(guidance);
+  if (mode != flow::kApg || apg_momentum == 0) momentum.reset();
+  if (prefix_len == 0) prefix.reset();
+  return {mode, flow_check(out, x, v_cond, v_uncond, t, t_next, mode, momentum, reduce_ndim, prefix, prefix_len)};
+}
+
 void flow_step_cpu(torch::Tensor out, torch::Tensor x, torch::Tensor v_cond, c10::optional<torch::Tensor> v_uncond,
                    torch::Tensor t, torch::Tensor t_next, const std::string& guidance, double scale, double apg_eta,
                    double apg_norm_threshold, double apg_momentum, c10::optional<torch::Tensor> momentum,
                    int64_t reduce_ndim, c10::optional<torch::Tensor> prefix, int64_t prefix_len) {
-  const flow::Mode mode = flow_mode(guidance);
-  if (mode != flow::kApg || apg_momentum == 0) momentum.reset();
-  if (prefix_len == 0) prefix.reset();
-  const flow::Geometry geo =
-      flow_check(out, x, v_cond, v_uncond, t, t_next, mode, momentum, reduce_ndim, prefix, prefix_len);
+  const Prepared c = flow_prepare(out, x, v_cond, v_uncond, t, t_next, guidance, apg_momentum, momentum, reduce_ndim,
+                                 prefix, prefix_len);
   VFT_CHECK(x.device().is_cpu(), "flow_step_cpu needs CPU tensors, got ", x.device());
-  run_step(out, x, v_cond, v_uncond, t.data_ptr<float>(), t_next.data_ptr<float>(), mode,
-           params(scale, apg_eta, apg_norm_threshold, apg_momentum), momentum, geo, prefix);
+  run_step(out, x, v_cond, v_uncond, t.data_ptr<float>(), t_next.data_ptr<float>(), c.mode,
+           params(scale, apg_eta, apg_norm_threshold, apg_momentum), momentum, c.geo, prefix);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -388,18 +408,7 @@ pybind11::object flow_step_fast(const torch::Tensor& x, const torch::Tensor& v_c
   } else {
     out = at::empty_like(x, at::MemoryFormat::Contiguous);
   }
-  flow::Geometry geo;
-  geo.B = B;
-  geo.numel = x.numel();
-  geo.L = 1;
-  for (int64_t d = std::max<int64_t>(x.dim() - reduce_ndim, 1); d < x.dim(); ++d) geo.L *= x.size(d);
-  geo.G = geo.L > 0 ? geo.numel / geo.L : 0;
-  geo.prefix = {1, 0, 1};
-  if (prefix.has_value()) {
-    int64_t inner = 1;
-    for (int64_t d = 3; d < x.dim(); ++d) inner *= x.size(d);
-    geo.prefix = {x.size(2), prefix_len, inner};
-  }
+  const flow::Geometry geo = geometry(x, reduce_ndim, prefix.has_value() ? prefix_len : 0);
   {
     pybind11::gil_scoped_release release;
     run_step(out, x, v_cond, v_uncond, tp, tnp, mode, params(scale, apg_eta, apg_norm_threshold, apg_momentum),

@@ -176,11 +176,10 @@ void flow_step_cuda(torch::Tensor out, torch::Tensor x, torch::Tensor v_cond, c1
                     torch::Tensor t, torch::Tensor t_next, const std::string& guidance, double scale, double apg_eta,
                     double apg_norm_threshold, double apg_momentum, c10::optional<torch::Tensor> momentum,
                     int64_t reduce_ndim, c10::optional<torch::Tensor> prefix, int64_t prefix_len) {
-  const flow::Mode mode = flow_mode(guidance);
-  if (mode != flow::kApg || apg_momentum == 0) momentum.reset();
-  if (prefix_len == 0) prefix.reset();
-  const flow::Geometry geo =
-      flow_check(out, x, v_cond, v_uncond, t, t_next, mode, momentum, reduce_ndim, prefix, prefix_len);
+  const Prepared prep = flow_prepare(out, x, v_cond, v_uncond, t, t_next, guidance, apg_momentum, momentum,
+                                     reduce_ndim, prefix, prefix_len);
+  const flow::Mode mode = prep.mode;
+  const flow::Geometry& geo = prep.geo;
   VFT_CHECK(x.is_cuda(), "flow_step_cuda needs CUDA tensors, got ", x.device());
   if (geo.numel == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());

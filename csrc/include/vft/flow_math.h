@@ -79,6 +79,18 @@ flow::Geometry flow_check(const torch::Tensor& out, const torch::Tensor& x, cons
                           const c10::optional<torch::Tensor>& v_uncond, const torch::Tensor& t,
                           const torch::Tensor& t_next, flow::Mode mode, const c10::optional<torch::Tensor>& momentum,
                           int64_t reduce_ndim, const c10::optional<torch::Tensor>& prefix, int64_t prefix_len);
+// The common start of the flow_step entry points: parses guidance, drops a momentum state
+// (no APG momentum) and a prefix (prefix_len 0) the call does not use, validates the call
+// (flow_check) and returns its mode and geometry.
+struct Prepared {
+  flow::Mode mode;
+  flow::Geometry geo;
+};
+Prepared flow_prepare(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& v_cond,
+                      const c10::optional<torch::Tensor>& v_uncond, const torch::Tensor& t,
+                      const torch::Tensor& t_next, const std::string& guidance, double apg_momentum,
+                      c10::optional<torch::Tensor>& momentum, int64_t reduce_ndim,
+                      c10::optional<torch::Tensor>& prefix, int64_t prefix_len);
 #ifdef VFT_WITH_CUDA
 void flow_step_cuda(torch::Tensor out, torch::Tensor x, torch::Tensor v_cond, c10::optional<torch::Tensor> v_uncond,
                     torch::Tensor t, torch::Tensor t_next, const std::string& guidance, double scale, double apg_eta,
