@@ -254,6 +254,9 @@ def test_memoised_selection_follows_the_forced_backend(monkeypatch):
 
         monkeypatch.setattr(entry, "_fn", spy)
     monkeypatch.setattr(dispatch, "_SELECTED", {})  # forget choices memoised before the spies
+    # the checked path's memo (the C++ fast path, which runs eager CPU calls without it, is
+    # tested in test_flow_kernels.py)
+    monkeypatch.setattr(flow_ops, "_FAST", None)
     x, v = torch.randn(3, 2, 5, 2), torch.randn(3, 2, 5, 2)
     a = vk.flow_step(x, v, 0.75, 0.5)
     a2 = vk.flow_step(x, v, 0.75, 0.5)
