@@ -312,7 +312,9 @@ def _main():
 
     def median(fn):
         fn()  # warm-up (and compilation)
-        return tbench.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=args.min_run_time).median
+        # num_threads: torch.utils.benchmark.Timer runs on 1 thread unless told otherwise
+        return tbench.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+            min_run_time=args.min_run_time).median
 
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
 

@@ -84,6 +84,7 @@ def overhead(repeats: int = 7, calls: int = 2000) -> dict:
     import statistics
     import time
 
+    from vft_kernels.ops import flow as flow_ops
     from vft_kernels.ops.flow import _LoopStepper
 
     dev = torch.device("cpu")
@@ -95,11 +96,27 @@ def overhead(repeats: int = 7, calls: int = 2000) -> dict:
     fn = dispatch._REGISTRY[("flow_step", backend)]._fn
     step = _LoopStepper(dict(kw, apg_eta=0.0, apg_norm_threshold=0.0, apg_momentum=0.0, reduce_ndim=3,
                              prefix=None, prefix_len=0))
+    heun_entry = dispatch._REGISTRY[("flow_heun_step", backend)]
+    if heun_entry.load() is not None:
+        raise RuntimeError(f"flow_heun_step's {backend} backend does not load: {heun_entry.load()}")
+    heun = heun_entry._fn
+
+    def heun_checked():  # the op layer without its C++ fast path (what every call ran before it)
+        saved, flow_ops._FAST_HEUN = flow_ops._FAST_HEUN, None
+        try:
+            vk.flow_heun_step(x, vc, vu, t, tn, out=dst)
+        finally:
+            flow_ops._FAST_HEUN = saved
+
     rows = {
         "flow_step, float times": lambda: vk.flow_step(x, vc, 0.6, 0.5, vu, out=dst, **kw),
         "flow_step, tensor times": lambda: vk.flow_step(x, vc, t, tn, vu, out=dst, **kw),
         "flow_sample loop step": lambda: step(x, vc, t, tn, vu, dst),
         f"{backend} kernel only": lambda: fn(dst, x, vc, vu, t, tn, "apg", 3.0, 0.0, 0.0, 0.0, None, 3, None, 0),
+        "heun: flow_heun_step, float times": lambda: vk.flow_heun_step(x, vc, vu, 0.6, 0.5, out=dst),
+        "heun: flow_heun_step, tensor times": lambda: vk.flow_heun_step(x, vc, vu, t, tn, out=dst),
+        "heun: checked path (no fast path), tensor times": heun_checked,
+        f"heun: {backend} kernel only": lambda: heun(dst, x, vc, vu, t, tn),
     }
     out = {}
     for name, f in rows.items():
@@ -125,9 +142,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.overhead:
         res = overhead()
-        floor = res[next(k for k in res if k.endswith("kernel only"))]
-        for name, us in res.items():
-            print(f"{name:28s} {us:8.1f} us  (overhead {us - floor:6.1f} us)")
+        for name, us in res.items():  # overhead against the kernel of the same group (apg, heun)
+            group = name.split(": ")[0] + ": " if name.startswith("heun: ") else ""
+            floor = res[next(k for k in res if k.endswith("kernel only") and k.startswith(group))]
+            print(f"{name:48s} {us:8.1f} us  (overhead {us - floor:6.1f} us)")
         return
     ctx = Context(device=torch.device("cpu"), quick=args.quick)
     base = {}

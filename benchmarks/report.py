@@ -150,6 +150,7 @@ class Target:
     goal: Optional[float] = None
     metric: str = "ratio"
     keep: str = ""  # exact value of the attention rows' keep column, when set
+    goal_amx: Optional[float] = None  # the goal on CPUs with AMX-BF16 (device_name says amx_bf16)
 
 
 ATTN = "image B=4 H=12 T=1 P=256 R=256 D=64"
@@ -188,8 +189,8 @@ TARGETS = [
            "forward+backward", "bfloat16", "4M", "cpu", "cpu(float32 inputs)", 1.5),
     Target("FSQ fwd, 4M tokens, bf16 vs float32", "fsq", "forward", "bfloat16", "4M", "cpu", "cpu(float32 inputs)",
            1.5),
-    Target("register attention fwd, image keep=32, bf16 vs the same kernel on float32 (AMX: goal 2x)", "attention",
-           "forward", "bfloat16", ATTN, "cpu", "cpu(float32 inputs)", 2.0, keep="keep=32"),
+    Target("register attention fwd, image keep=32, bf16 vs the same kernel on float32 (goal 1.5x; 2x with AMX)",
+           "attention", "forward", "bfloat16", ATTN, "cpu", "cpu(float32 inputs)", 1.5, keep="keep=32", goal_amx=2.0),
 ]
 
 
@@ -232,6 +233,12 @@ def target_values(rows: list[dict[str, str]], t: Target, device: str = "cpu") ->
     return [v for run, v in measured.items() if runs[run][0]["commit"] == commit], commit
 
 
+def _amx_runs(rows: list[dict[str, str]], t: Target, device: str, commit: str) -> bool:
+    """Whether the target's runs at ``commit`` ran on a CPU with AMX-BF16 (its device_name says so)."""
+    return any(r["device"] == device and r["commit"] == commit and r["op"] == t.op
+               and "amx_bf16" in r.get("device_name", "") for r in rows)
+
+
 def targets_table(rows: list[dict[str, str]], device: str = "cpu") -> list[str]:
     """Markdown lines: every target with its median over runs [min, max], the goal and met /
     missed."""
@@ -240,13 +247,16 @@ def targets_table(rows: list[dict[str, str]], device: str = "cpu") -> list[str]:
         vals, commit = target_values(rows, t, device)
         unit = "" if t.metric == "matmul on executed tiles" else "x"
         fmt = (lambda v: f"{100 * v:.0f} %") if not unit else (lambda v: f"{v:.2f}x")
-        goal = "" if t.goal is None else fmt(t.goal)
+        goal_value = t.goal
+        if t.goal_amx is not None and vals and _amx_runs(rows, t, device, commit):
+            goal_value = t.goal_amx
+        goal = "" if goal_value is None else fmt(goal_value)
         if not vals:
             lines.append(f"| {_cell(t.what)} | no full run recorded | {goal} | not measured |")
             continue
         vals.sort()
         med = vals[len(vals) // 2] if len(vals) % 2 else 0.5 * (vals[len(vals) // 2 - 1] + vals[len(vals) // 2])
-        status = "" if t.goal is None else ("met" if med >= t.goal else "**missed**")
+        status = "" if goal_value is None else ("met" if med >= goal_value else "**missed**")
         lines.append(f"| {_cell(t.what) or '(same case)'} | {fmt(med)} [{fmt(vals[0])}, {fmt(vals[-1])}] "
                      f"({len(vals)}, {commit}) | {goal} | {status} |")
     return lines

@@ -210,6 +210,28 @@ def _dist_version(name: str) -> str:
         return "none"
 
 
+def cpu_name() -> str:
+    """The CPU's model name and its bf16 matrix instructions, e.g. "AMD EPYC (avx512_bf16)":
+    the bf16 targets differ between CPUs with AMX-BF16 and with AVX-512 BF16 only."""
+    info: dict[str, str] = {}
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "flags":
+                    flags = set(value.split())
+                    break  # the first processor's entry is enough
+                info.setdefault(key, value.strip())
+    except OSError:
+        pass
+    model = info.get("model name") or platform.processor() or platform.machine()
+    details = [f"family {info['cpu family']} model {info['model']}"] if "cpu family" in info and "model" in info else []
+    details += [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"{model} ({', '.join(details)})" if details else model
+
+
 def run_metadata(ctx: Context, quick: bool) -> dict:
     """The META_COLUMNS of this run; ``run`` tells apart runs started in the same second."""
     import vft_kernels
@@ -217,7 +239,7 @@ def run_metadata(ctx: Context, quick: bool) -> dict:
     if ctx.device.type == "cuda":
         name = torch.cuda.get_device_name(ctx.device)
     else:
-        name = platform.processor() or platform.machine()
+        name = cpu_name()
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run": uuid.uuid4().hex[:8],
             "commit": git_commit(), "device": ctx.device.type, "device_name": name,
             "threads": torch.get_num_threads(), "quick": quick, "torch": torch.__version__,

@@ -154,24 +154,46 @@ def test_unusual_scales(scale):
                              16, scale=scale)
 
 
-@pytest.mark.parametrize("amx", [True, False], ids=["amx", "fp32_products"])
-@pytest.mark.parametrize("D", [16, 40, 64, 128, 200])
-def test_bf16_forward_paths(amx, D):
-    """bf16 forwards run their tile products on AMX where the CPU has it (operands packed in
-    VNNI layout, P rounded to bf16 as the reference does), else in float32; both meet the
-    SPEC.md §4 bound: head dims padded to 32 and split into 64-column panels, N not a
-    multiple of the 64-token tile, per-sample and per-block keep, non-contiguous inputs."""
-    if amx and not C.attention_cpu_amx_available():
-        pytest.skip("no AMX-BF16 on this CPU (the float32 products are tested by the other case)")
-    previous = C.attention_cpu_bf16_amx(amx)
+def _cpu_flags():
     try:
-        assert C.attention_cpu_bf16_amx(amx) == amx
+        with open("/proc/cpuinfo") as f:
+            return set(next((ln for ln in f if ln.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+def test_bf16_isa_follows_the_cpu():
+    """The bf16 tile products are used wherever the CPU has bf16 matrix instructions
+    (AMX-BF16 or AVX-512 BF16): a probe that failed there would silently cost the bf16 speed-up."""
+    flags, isa = _cpu_flags(), C.attention_cpu_bf16_isa()
+    assert isa in ("", "avx512_bf16", "amx")
+    if "amx_bf16" in flags:
+        assert isa == "amx"
+    elif "avx512_bf16" in flags:
+        assert isa == "avx512_bf16"
+    elif flags:
+        assert isa == ""
+
+
+@pytest.mark.parametrize("bf16_products", [True, False], ids=["bf16_brgemm", "fp32_products"])
+@pytest.mark.parametrize("D", [16, 33, 40, 64, 128, 200])
+def test_bf16_forward_paths(bf16_products, D):
+    """bf16 forwards run their tile products on bf16 brgemm where the CPU has AMX-BF16 or
+    AVX-512 BF16 (operands packed in VNNI layout, P rounded to bf16 as the reference does),
+    else in float32; both meet the SPEC.md §4 bound: head dims padded to 32 and split into
+    64-column panels, N not a multiple of the 64-token tile, per-sample and per-block keep,
+    non-contiguous inputs."""
+    if bf16_products and not C.attention_cpu_bf16_isa():
+        pytest.skip("no AMX-BF16 / AVX-512 BF16 on this CPU (the float32 products are tested by the other case)")
+    previous = C.attention_cpu_bf16_brgemm(bf16_products)
+    try:
+        assert C.attention_cpu_bf16_brgemm(bf16_products) == bf16_products
         layout = RegisterLayout(3, 37, 20, "block_causal_last")  # N = 171
         for keep in (torch.tensor([20, 0, 7], dtype=torch.int32),
                      torch.tensor([[20, 3, 0], [1, 20, 20], [0, 0, 9]], dtype=torch.int32)):
             _check_against_reference(layout, keep, D, dtype=torch.bfloat16, H=2, noncontig=D == 40)
     finally:
-        C.attention_cpu_bf16_amx(previous)
+        C.attention_cpu_bf16_brgemm(previous)
 
 
 @pytest.mark.parametrize("path", ["blas", "aten"])

@@ -367,6 +367,33 @@ def test_report_targets_over_runs_of_the_latest_commit_and_readme_block(tmp_path
     assert readme.read_text() == "no markers\n"
 
 
+@pytest.mark.parametrize("cpu, goal, status", [("AMD EPYC (avx512_bf16)", "1.50x", "met"),
+                                               ("Intel Xeon (amx_bf16, avx512_bf16)", "2.00x", "**missed**")])
+def test_report_bf16_attention_goal_follows_the_cpu(tmp_path, cpu, goal, status):
+    """The bf16 attention target is 1.5x the float32 kernel, 2x on CPUs with AMX-BF16 (the
+    run's device_name, from benchmarks.run.cpu_name, says which)."""
+    path = str(tmp_path / "all.csv")
+    t = next(t for t in report.TARGETS if t.op == "attention" and t.dtype == "bfloat16")
+    kw = dict(name=t.name, shape=t.shape + " N=1024", keep=t.keep, dtype="bfloat16", baseline="reference")
+    rows = [_row("cpu", None, 10.0, **kw), _row("cpu(float32 inputs)", None, 17.0, **kw)]
+    meta = _meta("r1", commit="c0ffee1")
+    meta["device_name"] = cpu
+    harness.append_results(rows, path, meta)
+    line = next(ln for ln in report.targets_table(report.read_rows(path)) if ln.startswith(f"| {t.what}"))
+    assert f"| 1.70x [1.70x, 1.70x] (1, c0ffee1) | {goal} | {status} |" in line
+
+
+def test_cpu_name_names_the_bf16_instructions():
+    name = harness.cpu_name()
+    assert name
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return
+    for flag in ("amx_bf16", "avx512_bf16"):
+        assert (flag in name) == (f" {flag}" in flags or f"\t{flag}" in flags), (flag, name)
+
+
 @pytest.mark.parametrize("mode", ["block_causal_last", "block_causal", "full"])
 def test_attention_executed_pairs_are_the_unmasked_tiles(mode):
     """bench_attention's tile-waste column: pairs in the 64 x 64 tiles that hold any allowed

@@ -10,8 +10,8 @@ broken at a time:
 * ``strided``: the same values, not contiguous.
 
 The first three must raise ValueError naming the argument's problem; ``strided`` must
-raise ValueError or give exactly the valid call's outputs. The flow op's fast path
-(``flow_step_fast``) instead declines every broken call: it returns None, runs nothing,
+raise ValueError or give exactly the valid call's outputs. The flow ops' fast paths
+(``flow_step_fast``, ``flow_heun_step_fast``) instead decline every broken call: it returns None, runs nothing,
 and the Python layer's checks take over. The calls run in a child
 process, so a crash (what these checks exist to prevent) fails the test with the call
 that crashed instead of killing pytest.
@@ -49,18 +49,20 @@ cfsq._KERNELS["cpu"] = (spy("fsq_forward_cpu", f), spy("fsq_backward_cpu", b), s
 s, h = cflow._KERNELS["cpu"]
 cflow._KERNELS["cpu"] = (spy("flow_step_cpu", s), spy("flow_heun_step_cpu", h))
 from vft_kernels.ops import flow as fops
-real_fast = fops._FAST
 
 
-def fast_spy(*args):  # the op layer's fast path: recorded when it ran a step
-    saved = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-    res = real_fast(*args)
-    if res is not None:
-        calls.append(("flow_step_fast", real_fast, saved))
-    return res
+def fast_spy(name, real):  # the op layer's fast paths: recorded when they ran a step
+    def wrapper(*args):
+        saved = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        res = real(*args)
+        if res is not None:
+            calls.append((name, real, saved))
+        return res
+    return wrapper
 
 
-fops._FAST = fast_spy
+fops._FAST = fast_spy("flow_step_fast", fops._fast_entry())
+fops._FAST_HEUN = fast_spy("flow_heun_step_fast", fops._fast_heun_entry())
 catt._forward_cpu = spy("attention_forward_cpu", catt._forward_cpu)
 catt._backward_cpu = spy("attention_backward_cpu", catt._backward_cpu)
 
@@ -86,7 +88,8 @@ with vk.use_backend("cpu"):
     vk.flow_step(x, vc, t, tn, v_uncond=torch.randn_like(x), guidance="apg", scale=2.0,
                  apg_momentum=0.5, momentum=buf, prefix=torch.randn(3, 4, 1, 5, 5), prefix_len=1)
     vk.flow_step(x, torch.randn_like(x), t, tn, v_uncond=torch.randn_like(x), guidance="cfg", scale=2.0)
-    vk.flow_heun_step(x, torch.randn_like(x), torch.randn_like(x), t, tn)
+    vk.flow_heun_step(x, torch.randn_like(x), torch.randn_like(x), t, tn)  # the fast path
+    vk.flow_heun_step(x, vc, torch.randn_like(x), t, tn)  # strided v1: the checked path
 
 names = sorted({c[0] for c in calls})
 want = sys.argv[1].split(",")
@@ -137,7 +140,7 @@ for name, fn, args in calls:
             try:
                 got = fn(*bad)
                 res = "returned"
-                if name == "flow_step_fast":  # declines (None) instead of raising
+                if name.endswith("_fast"):  # declines (None) instead of raising
                     res = "returned-None" if got is None else "returned-tensor"
                 elif how == "strided":
                     same = all(not isinstance(x, torch.Tensor) or torch.equal(x.nan_to_num(), y.nan_to_num())
@@ -152,7 +155,8 @@ print("REPORT " + json.dumps(report), flush=True)
 '''
 
 BINDINGS = ["fsq_forward_cpu", "fsq_backward_cpu", "fsq_decode_cpu", "attention_forward_cpu",
-            "attention_backward_cpu", "flow_step_cpu", "flow_heun_step_cpu", "flow_step_fast"]
+            "attention_backward_cpu", "flow_step_cpu", "flow_heun_step_cpu", "flow_step_fast",
+            "flow_heun_step_fast"]
 
 
 @pytest.mark.skipif(_ext.C is None, reason=f"vft_kernels._C did not load: {_ext.load_error}")
@@ -169,7 +173,7 @@ def test_every_cpu_binding_rejects_broken_arguments_without_crashing():
     bad = []
     for r in report:
         res = r["result"]
-        if r["binding"] == "flow_step_fast":  # never raises: declines every broken call
+        if r["binding"].endswith("_fast"):  # never raises: declines every broken call
             if res != "returned-None":
                 bad.append(r)
         elif r["how"] == "strided":

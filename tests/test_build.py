@@ -81,6 +81,24 @@ def test_package_works_without_C(how):
     assert "FORCED:" in out and why in out.split("FORCED:")[1], out
 
 
+
+def test_import_does_not_load_C_until_an_op_needs_it():
+    # dispatch.py's promise: importing the package (and vft on top of it) loads no
+    # backend; the first op call that wants a kernel loads _C.
+    code = """
+        import sys, torch
+        import vft_kernels as vk, vft
+        print("AFTER_IMPORT:", "vft_kernels._C" in sys.modules)
+        x = torch.randn(2, 3, 4, 4)
+        y = vk.flow_step(x, torch.randn_like(x), 1.0, 0.5)
+        print("AFTER_CALL:", "vft_kernels._C" in sys.modules)
+    """
+    res = _run(code)
+    assert res.returncode == 0, res.stderr
+    assert "AFTER_IMPORT: False" in res.stdout, res.stdout
+    if _ext.C is not None:
+        assert "AFTER_CALL: True" in res.stdout, res.stdout
+
 def test_setup_without_torch_is_one_line():
     code = """
         import runpy, sys

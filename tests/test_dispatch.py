@@ -130,9 +130,13 @@ def test_forced_backend_that_does_not_support_the_call(fake_backend):
 
 
 def test_unloadable_backend_falls_back_and_forced_reports(monkeypatch):
+    from vft_kernels.ops import flow as flow_ops
+
     monkeypatch.setitem(dispatch._REGISTRY, ("flow_heun_step", "cpu"),
                         dispatch._Entry("vft_no_such_module:flow_heun_step", ("cpu",)))
     monkeypatch.setattr(dispatch, "backend_status", lambda b: None if b in ("reference", "cpu") else "off")
+    # the registry's path (the C++ fast path, which needs _C itself, is tested in test_flow_kernels.py)
+    monkeypatch.setattr(flow_ops, "_FAST_HEUN", None)
     x = torch.randn(2, 1, 2, 2)
     torch.testing.assert_close(vk.flow_heun_step(x, x, x, 1.0, 0.5), x * 0.5)
     assert "cpu" not in vk.available_backends()["flow_heun_step"]["cpu"]

@@ -259,9 +259,10 @@ def test_cpu_kernel_rejects_bad_arguments():
 def _fast_entry():
     from vft_kernels.ops import flow as flow_ops
 
-    if flow_ops._FAST is None:
+    real = flow_ops._fast_entry()
+    if real is None:
         pytest.skip("vft_kernels._C with flow kernels is not built")
-    return flow_ops._FAST
+    return real
 
 
 @pytest.fixture
@@ -398,6 +399,97 @@ def test_fast_path_leaves_bad_calls_to_the_checked_errors(fast_calls, case):
         vk.flow_step(x, vc, out=out, **kw)
     assert all(ran is False for ran in fast_calls)
     assert torch.isnan(out).all()  # nothing was written before the error
+
+
+@pytest.fixture
+def fast_heun_calls(monkeypatch):
+    """Runs of flow_heun_step's C++ fast path: True when it ran, False when it declined."""
+    from vft_kernels.ops import flow as flow_ops
+
+    real, calls = flow_ops._fast_heun_entry(), []
+    if real is None:
+        pytest.skip("vft_kernels._C with flow kernels is not built")
+
+    def spy(*args):
+        res = real(*args)
+        calls.append(res is not None)
+        return res
+
+    monkeypatch.setattr(flow_ops, "_FAST_HEUN", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("times", ["float", "tensor"])
+@pytest.mark.parametrize("where", ["new", "out", "in-place"])
+def test_heun_fast_path_runs_ordinary_calls_exactly_like_the_checked_path(fast_heun_calls, dtype, times, where):
+    shape = (3, 2, 5, 7)
+    x, v1, v2 = (_rand(shape, dtype) for _ in range(3))
+    t, tn = _times(3, times == "tensor")
+    tt, ttn = (v if isinstance(v, torch.Tensor) else torch.full((3,), v) for v in (t, tn))
+    want = torch.full_like(x, float("nan"))
+    full = dispatch._REGISTRY[("flow_heun_step", "cpu")]
+    assert full.load() is None
+    full._fn(want, x, v1, v2, tt, ttn)
+    xin = x.clone()
+    out = {"new": None, "out": torch.full_like(x, float("nan")), "in-place": xin}[where]
+    got = vk.flow_heun_step(xin, v1, v2, t, tn, out=out)
+    assert fast_heun_calls == [True]
+    assert got.dtype == dtype and not torch.isnan(got).any()
+    if out is not None:
+        assert got is out
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    r64 = ref.flow_heun_step(*(a.double() for a in (x, v1, v2)), tt.double(), ttn.double())
+    assert_matches_reference("heun fast path", got, r64, ref.flow_heun_step(x, v1, v2, t, tn), dtype)
+
+
+@pytest.mark.parametrize("case", ["grad", "strided", "float64 times", "strided out", "t_next == t",
+                                  "one sample backwards", "nan time", "shape", "dtype", "int tensor",
+                                  "list velocity"])
+def test_heun_fast_path_declines_and_leaves_errors_to_the_checked_path(fast_heun_calls, case):
+    x, v1, v2 = (torch.randn(2, 3, 4, 5) for _ in range(3))
+    kw = dict(t=0.7, t_next=0.4)
+    expect = match = None
+    if case == "grad":
+        v1 = v1.clone().requires_grad_()
+    elif case == "strided":
+        v2 = noncontiguous(v2)
+    elif case == "float64 times":
+        kw = dict(t=torch.full((2,), 0.7, dtype=torch.float64), t_next=torch.full((2,), 0.4, dtype=torch.float64))
+    elif case == "strided out":
+        kw["out"] = torch.empty(2, 3, 5, 4).transpose(2, 3)
+    elif case == "t_next == t":
+        kw.update(t_next=0.7)
+        expect, match = ValueError, "t_next must be < t"
+    elif case == "one sample backwards":
+        kw.update(t=torch.tensor([0.7, 0.5]), t_next=torch.tensor([0.6, 0.6]))
+        expect, match = ValueError, "sample 1"
+    elif case == "nan time":
+        kw.update(t=torch.tensor([0.7, 0.5]), t_next=torch.tensor([0.6, float("nan")]))
+        expect, match = ValueError, "sample 1"
+    elif case == "shape":
+        v2 = v2[:, :2]
+        expect, match = ValueError, "v2 must have x's shape"
+    elif case == "dtype":
+        v2 = v2.double()
+        expect, match = ValueError, "v2 must have x's dtype"
+    elif case == "int tensor":
+        x = x.to(torch.int32)
+        expect, match = ValueError, "x must be float32"
+    elif case == "list velocity":
+        v1 = v1.tolist()
+        expect, match = TypeError, "v1 must be a torch.Tensor"
+    if expect is None:
+        got = vk.flow_heun_step(x, v1, v2, **kw)
+        assert fast_heun_calls == [False], case
+        torch.testing.assert_close(got.detach(), ref.flow_heun_step(x, v1.detach(), v2, 0.7, 0.4), rtol=1e-6,
+                                   atol=1e-6)
+        return
+    out = torch.full((2, 3, 4, 5), float("nan"))
+    with pytest.raises(expect, match=match):
+        vk.flow_heun_step(x, v1, v2, out=out, **kw)
+    assert all(ran is False for ran in fast_heun_calls)
+    assert torch.isnan(out).all()
 
 
 def test_unsupported_dtype_is_reported():

@@ -341,6 +341,21 @@ def _cast_time_embedding_hook(module, args, out):
     return out
 
 
+def _float64_twin(model):
+    """A float64 copy of an official model for SPEC.md §4 references (the time embedding stays
+    float32, as the official code runs it, and is cast on the way out)."""
+    model64 = copy.deepcopy(model).double()
+    model64.decoder.module_dict["dec_time_emb"].float().register_forward_hook(_cast_time_embedding_hook)
+    return model64
+
+
+def _assert_outputs_match(name, got, ref64, ref32):
+    """Every sample's encoder and decoder output under the SPEC.md §4 rule (float32 run)."""
+    for what, o, r64, r32 in (("encoder", got[0], ref64[0], ref32[0]), ("decoder", got[1], ref64[1], ref32[1])):
+        for i, (oi, r64i, r32i) in enumerate(zip(o, r64, r32)):
+            assert_matches_reference(f"{name} {what} sample {i}", oi, r64i, r32i, torch.float32)
+
+
 def _model_outputs(model, latents, quants, keep, dtype):
     latents = [x.to(dtype) for x in latents]
     with torch.no_grad():
@@ -355,8 +370,7 @@ def test_whole_model_matches_official(package, enc_mode, dec_mode, sizes):
     from benchmarks.bench_integrations import sample_latents
     integration = _integration(package)
     model = _tiny(package, enc_mode=enc_mode, dec_mode=dec_mode)
-    model64 = copy.deepcopy(model).double()
-    model64.decoder.module_dict["dec_time_emb"].float().register_forward_hook(_cast_time_embedding_hook)
+    model64 = _float64_twin(model)
     latents = sample_latents(package, sizes)
     with torch.no_grad():
         tokens = model.tokenize(latents)
@@ -376,9 +390,7 @@ def test_whole_model_matches_official(package, enc_mode, dec_mode, sizes):
         assert integration.patch(model) is handle  # patching twice: the same handle
         assert list(model.state_dict()) == keys
         got = _model_outputs(model, latents, quants, keep, torch.float32)
-        for what, o, r64, r32 in (("encoder", got[0], ref64[0], ref32[0]), ("decoder", got[1], ref64[1], ref32[1])):
-            for i, (oi, r64i, r32i) in enumerate(zip(o, r64, r32)):
-                assert_matches_reference(f"{package} {what} sample {i}", oi, r64i, r32i, torch.float32)
+        _assert_outputs_match(package, got, ref64, ref32)
         video = model.detokenize(tokens, sizes, steps=1, apg=apg)  # sampler: FSQ, attention and guidance patched
         for v, r in zip(video, ref_video):
             torch.testing.assert_close(v, r, rtol=1e-4, atol=1e-4)
@@ -398,6 +410,7 @@ def test_samples_frames_and_keep_change_without_repatching():
     from benchmarks.bench_integrations import sample_latents
     integration = _integration("videoflextok")
     model = _tiny("videoflextok")
+    model64 = _float64_twin(model)
     calls = [  # (sizes, keep): number of samples, frames and keep change from call to call
         ([(2, 8, 8), (2, 8, 8)], [4, 1]),
         ([(3, 4, 4)] * 3, [2, 3, 4]),
@@ -409,12 +422,12 @@ def test_samples_frames_and_keep_change_without_repatching():
         with torch.no_grad():
             quants = [model.regularizer.indices_to_embedding(t) for t in model.tokenize(latents)]
         cases.append((latents, quants, keep))
-        refs.append(_model_outputs(model, latents, quants, keep, torch.float32))
+        refs.append((_model_outputs(model64, latents, quants, keep, torch.float64),
+                     _model_outputs(model, latents, quants, keep, torch.float32)))
     with integration.patched(model) as handle:
-        for (latents, quants, keep), ref in zip(cases, refs):
+        for i, ((latents, quants, keep), (ref64, ref32)) in enumerate(zip(cases, refs)):
             got = _model_outputs(model, latents, quants, keep, torch.float32)
-            for o, r in zip(got[0] + got[1], ref[0] + ref[1]):
-                torch.testing.assert_close(o, r, rtol=1e-5, atol=2e-6)
+            _assert_outputs_match(f"call {i}", got, ref64, ref32)
         assert f"attention calls so far: {4 * len(calls)} on vk.register_attention" in handle.summary()
 
 

@@ -154,7 +154,7 @@ def _spy_fast_path(monkeypatch, calls):
     """Counts the steps the op layer's C++ fast path (the cpu backend's kernels) ran."""
     from vft_kernels.ops import flow as flow_ops
 
-    real = flow_ops._FAST
+    real = flow_ops._fast_entry()
     if real is None:
         return
 

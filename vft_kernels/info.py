@@ -44,10 +44,13 @@ def report() -> str:
             f" ({bi['cuda_reason']})",
             f"            kernels: {', '.join(kernels) if kernels else 'none yet'}",
         ]
-        if hasattr(_ext.C, "attention_cpu_amx_available"):
-            amx = _ext.C.attention_cpu_amx_available()
-            lines.append(f"            CPU attention, bf16 forward: {'AMX tile products' if amx else 'float32 products'} "
-                         f"({'AMX-BF16 found' if amx else 'no AMX-BF16 on this CPU or in this torch build'})")
+        if hasattr(_ext.C, "attention_cpu_bf16_isa"):
+            isa = _ext.C.attention_cpu_bf16_isa()
+            names = {"amx": "AMX-BF16", "avx512_bf16": "AVX-512 BF16"}
+            lines.append("            CPU attention, bf16 forward: "
+                         + (f"bf16 tile products on {names[isa]}" if isa else
+                            "float32 products (no AMX-BF16 / AVX-512 BF16 on this CPU, or this torch build's "
+                            "bf16 brgemm failed its probe)"))
     forced = dispatch.forced_backend()
     lines.append(f"backend     {'forced: ' + forced if forced else 'automatic (VFT_BACKEND unset)'}")
     lines.append("")

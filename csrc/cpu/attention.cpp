@@ -4,8 +4,9 @@
 // skip the mask, dropped query rows write zeros. Tile products are plain row-major
 // C (+)= A B products (operands pre-transposed where needed) through torch's oneDNN
 // brgemm micro-kernels when available (x86 with AVX-512), else the BLAS sgemm that torch
-// links, else ATen. bfloat16 forward calls on CPUs with AMX keep their operands in bf16
-// and run the tile products on AMX (brgemm with VNNI-packed key / value tiles, below).
+// links, else ATen. bfloat16 forward calls on CPUs with bf16 matrix instructions (AMX-BF16,
+// or AVX-512 BF16 as on Zen 4) keep their operands in bf16 and run the tile products on
+// oneDNN's bf16 brgemm (VNNI-packed key / value tiles, below).
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -15,6 +16,15 @@
 #include <cstring>
 #include <limits>
 #include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define VFT_ATTN_AVX512 1
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+// GCC 12's AVX-512 reduce intrinsics trip a false -Wmaybe-uninitialized (GCC bug 105593).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#endif
 
 #include "vft/attention_tiles.h"
 #include "vft/bind.h"
@@ -61,21 +71,60 @@ GemmPath best_path() {
 
 GemmPath g_path = best_path();  // changed only by the test hook attention_cpu_gemm_path
 
-// bf16 tile products on AMX: oneDNN's brgemm with B packed in VNNI layout, which torch
-// supports where the CPU has AMX (could_pack). Off switch: the test hook
-// attention_cpu_bf16_amx (tests and benchmarks compare the two paths).
-bool amx_bf16_available() {
-  static const bool ok = [] {
-    try {
-      return at::native::cpublas::could_pack(at::kBFloat16);
-    } catch (const c10::Error&) {
-      return false;
+// bf16 tile products: oneDNN's brgemm with B packed in VNNI layout. It runs on AMX where
+// torch can pack for it (could_pack), and on AVX-512 BF16 (vdpbf16ps, e.g. Zen 4) where the
+// CPU has that extension; there it measured 2x the float32 brgemm's rate on 64x64x64
+// tiles. Where neither is present the bf16 inputs go through the float32 products. The
+// ISA is decided once, by the CPU flags and a probe product checked against its known
+// result (a build whose bf16 brgemm misreads VNNI operands, or raises, is not used).
+// Off switch: the test hook attention_cpu_bf16_brgemm (tests and benchmarks compare the
+// two paths).
+enum class Bf16Isa : int { kNone = 0, kAvx512Bf16 = 1, kAmx = 2 };
+
+bool bf16_brgemm_probe() {
+  // C[2, 16] = A[2, 4] B[4, 16], B in VNNI layout: element (k, j) at ((k / 2) * 16 + j) * 2 + k % 2.
+  constexpr int64_t M = 2, N = 16, K = 4;
+  const auto bval = [](int64_t k, int64_t j) { return static_cast<float>((k * 3 + j) % 7) - 3.0f; };
+  at::BFloat16 a[M * K], b[K * N];
+  float c[M * N];
+  for (int64_t i = 0; i < M * K; ++i) a[i] = at::BFloat16(static_cast<float>(i % 5) - 2.0f);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < N; ++j) b[((k / 2) * N + j) * 2 + k % 2] = at::BFloat16(bval(k, j));
+  try {
+    at::native::cpublas::brgemm(M, N, K, K, N, N, false, a, b, c, true);
+    at::native::cpublas::brgemm_release(true);
+  } catch (const c10::Error&) {
+    return false;
+  }
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      float want = 0.0f;  // small integers: exact in any summation order
+      for (int64_t k = 0; k < K; ++k) want += static_cast<float>(a[i * K + k]) * bval(k, j);
+      if (c[i * N + j] != want) return false;
     }
-  }();
-  return ok;
+  return true;
 }
-bool g_amx_bf16 = true;
-thread_local bool t_amx_used = false;  // this thread holds an AMX context to release
+
+Bf16Isa bf16_isa() {
+  static const Bf16Isa isa = [] {
+    bool amx = false;
+    try {
+      amx = at::native::cpublas::could_pack(at::kBFloat16);
+    } catch (const c10::Error&) {
+      amx = false;
+    }
+#if defined(__x86_64__) && defined(__GNUC__)
+    const bool avx512_bf16 = __builtin_cpu_supports("avx512bf16");
+#else
+    const bool avx512_bf16 = false;
+#endif
+    if (!(amx || avx512_bf16) || !bf16_brgemm_probe()) return Bf16Isa::kNone;
+    return amx ? Bf16Isa::kAmx : Bf16Isa::kAvx512Bf16;
+  }();
+  return isa;
+}
+bool g_bf16_brgemm = true;
+thread_local bool t_vnni_used = false;  // this thread holds a bf16 brgemm context to release
 
 // Row-major C[M, N] = A[M, K] B[K, N] (accumulate: C += A B). Without accumulate C's old
 // contents (NaN included) are ignored.
@@ -194,17 +243,20 @@ void apply_mask_t(const TileLayout& L, const int32_t* keep, int64_t q0, int64_t 
 // Runs task(t, scratch) for t in [0, n) on torch's intra-op threads, handing tasks out
 // dynamically (tile costs differ a lot); each thread creates its scratch once. Every task
 // writes only its own outputs, so the result does not depend on the schedule.
+// chunk: tasks taken at a time (consecutive tasks share operands a worker can keep cached).
 template <typename Scratch, typename Task>
-void run_tasks(int64_t n, const Task& task) {
+void run_tasks(int64_t n, const Task& task, int64_t chunk = 1) {
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  chunk = std::max<int64_t>(1, chunk);
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     Scratch scratch;
-    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) task(t, scratch);
+    for (int64_t t0 = next.fetch_add(chunk); t0 < n; t0 = next.fetch_add(chunk))
+      for (int64_t t = t0; t < std::min(t0 + chunk, n); ++t) task(t, scratch);
     if (g_path == GemmPath::kBrgemm) at::native::cpublas::brgemm_release(false);
-    if (t_amx_used) {
+    if (t_vnni_used) {
       at::native::cpublas::brgemm_release(true);
-      t_amx_used = false;
+      t_vnni_used = false;
     }
   });
 }
@@ -221,22 +273,52 @@ struct ForwardScratch {
   std::vector<float> s = std::vector<float>(kBlockM * kBlockN);
   std::vector<float> m = std::vector<float>(kBlockM), l = std::vector<float>(kBlockM);
   std::vector<float> o;
-  std::vector<at::BFloat16> p16;  // P in bf16 (AMX path)
+  std::vector<at::BFloat16> p16 = std::vector<at::BFloat16>(kBlockM * kBlockN);  // P in bf16 (bf16 brgemm path)
+  // This worker's key tiles of one sample (batch row bh, first token start), prepared on
+  // first use: float32 K^T tiles (kt_f32) or, for the bf16 brgemm, VNNI-packed K^T tiles
+  // and V panels (kt, v); packed[i] says whether key tile i is ready.
+  int64_t packed_bh = -1, packed_start = -1;
+  std::vector<uint8_t> packed;
+  std::vector<uint16_t> kt, v;
+  std::vector<float> kt_f32;
+  // Resets the cache when (bh, start) is a new sample; true when key tile i still needs preparing.
+  bool needs_tile(int64_t bh, int64_t start, int64_t n_kt, int64_t i) {
+    if (packed_bh != bh || packed_start != start) {
+      packed_bh = bh;
+      packed_start = start;
+      packed.assign(n_kt, 0);
+    }
+    if (packed[i]) return false;
+    packed[i] = 1;
+    return true;
+  }
 };
 
-// The forward pass's two tile products in float32: S = Q K^T and O += P V, from q, v
-// [B*H, N, D] and kt (keys transposed) [B*H, D, N] float32. Sample-relative rows: token n
-// of the sample in batch row bh is row start + n.
+// The forward pass's two tile products in float32: S = Q K^T and O += P V, from q, k, v
+// [B*H, N, D] float32. Sample-relative rows: token n of the sample in batch row bh is row
+// start + n. Each worker transposes a key tile (K^T [D, kBlockN]) the first time it needs
+// it for a sample, in its own scratch; tasks come a sample's query tiles at a time.
 struct F32Products {
-  const float *q, *kt, *v;
-  int64_t N, D;
-  // S[nq, nk] (ld kBlockN) = Q[q0, +nq) K[k0, +nk)^T
-  void qk(int64_t bh, int64_t start, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* s) const {
-    gemm(nq, nk, D, q + (bh * N + start + q0) * D, D, kt + bh * N * D + start + k0, N, false, s, kBlockN);
+  static constexpr bool kBf16P = false;  // P V takes P in float32 (in place of S)
+  const float *q, *k, *v;
+  int64_t N, D, n_kt;
+  // S[nq, nk] (ld kBlockN) = Q[q0, +nq) K[k0, +nk)^T; len: the sample's length (tokens)
+  void qk(int64_t bh, int64_t start, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* s,
+          ForwardScratch& w, int64_t len) const {
+    const int64_t i = k0 / kBlockN;
+    if (w.kt_f32.size() < static_cast<size_t>(n_kt * D * kBlockN)) w.kt_f32.resize(n_kt * D * kBlockN);
+    float* kt = w.kt_f32.data() + i * D * kBlockN;
+    if (w.needs_tile(bh, start, n_kt, i)) {
+      const int64_t keys = std::min(kBlockN, len - k0);
+      const float* src = k + (bh * N + start + k0) * D;
+      for (int64_t j = 0; j < keys; ++j)
+        for (int64_t d = 0; d < D; ++d) kt[d * kBlockN + j] = src[j * D + d];
+    }
+    gemm(nq, nk, D, q + (bh * N + start + q0) * D, D, kt, kBlockN, false, s, kBlockN);
   }
   // O[nq, D] += P[nq, nk] (ld kBlockN) V[k0, +nk)
   void pv(int64_t bh, int64_t start, int64_t nq, int64_t k0, int64_t nk, const float* p, float* o,
-          ForwardScratch&) const {
+          ForwardScratch&, bool) const {
     gemm(nq, D, nk, p, kBlockN, v + (bh * N + start + k0) * D, D, true, o, D);
   }
 };
@@ -250,32 +332,116 @@ inline uint16_t bf16_bits(float x) {
   return static_cast<uint16_t>(x != x ? 0x7FC0u : rounded);
 }
 
-// The same products on AMX for bf16 inputs of a dense call: q [B*H, N, Dp] bf16 with the
-// head dim zero-padded to Dp (a multiple of 32); per (bh, key tile) the tile's K^T
-// [Dp, kBlockN] and its V [kBlockN, D] (rows past N zero) packed in VNNI layout, V in
-// column panels of kPanel (brgemm's packed leading dimension is at most 64). P is rounded
-// to bf16 before P V, the rounding step the bf16 reference takes too (SPEC.md §4).
+#ifdef VFT_ATTN_AVX512
+// exp2_nonpos on 16 lanes, the same operations (and NaN handling) as the scalar version.
+inline __m512 exp2_nonpos16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-127.0f), x);  // -127 > x ? -127 : x (NaN stays NaN)
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  const __m512 n = _mm512_sub_ps(_mm512_add_ps(x, magic), magic);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5252733804059841e-05f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+// bf16_bits on 16 lanes.
+inline __m256i bf16_bits16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// One full row (kBlockN = 64 scores) of the online softmax, as the scalar loops in forward:
+// the max of row * a (NaN scores ignored) ...
+inline float row_max64(const float* row, float a) {
+  const __m512 va = _mm512_set1_ps(a);
+  __m512 m0 = _mm512_set1_ps(kNegInf), m1 = m0;
+  // max(new, acc): new > acc ? new : acc, so a NaN score never enters the accumulators
+  m0 = _mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(row), va), m0);
+  m1 = _mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(row + 16), va), m1);
+  m0 = _mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(row + 32), va), m0);
+  m1 = _mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(row + 48), va), m1);
+  return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+}
+// ... then p = exp2(row * a - m) written back as float (p16 == nullptr) or as bf16 bits
+// to p16, returning the float sum of p.
+inline float row_exp64(float* row, float a, float m, uint16_t* p16) {
+  const __m512 va = _mm512_set1_ps(a), vm = _mm512_set1_ps(m);
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+  for (int j = 0; j < 64; j += 32) {
+    const __m512 p0 = exp2_nonpos16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(row + j), va), vm));
+    const __m512 p1 = exp2_nonpos16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(row + j + 16), va), vm));
+    s0 = _mm512_add_ps(s0, p0);
+    s1 = _mm512_add_ps(s1, p1);
+    if (p16 != nullptr) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p16 + j), bf16_bits16(p0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p16 + j + 16), bf16_bits16(p1));
+    } else {
+      _mm512_storeu_ps(row + j, p0);
+      _mm512_storeu_ps(row + j + 16, p1);
+    }
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+#endif
+
+// The same products on bf16 brgemm (AMX or AVX-512 BF16) for bf16 inputs of a dense call:
+// q [B*H, N, Dp] bf16 with the head dim zero-padded to Dp (a multiple of 32); k, v [B*H, N,
+// D] bf16. Each worker packs the K^T tile [Dp, kBlockN] and the V tile [kBlockN, D] (rows
+// past N zero) of a key tile into VNNI layout the first time it needs them for a batch row,
+// in its own scratch (L2-resident, no per-call buffers), V in column panels of kPanel
+// (brgemm's packed leading dimension is at most 64). Tasks are handed out a batch row's
+// query tiles at a time, so each tile is packed about once. P is rounded to bf16 before
+// P V, the rounding step the bf16 reference takes too (SPEC.md §4).
 constexpr int64_t kPanel = 64;
 
-struct AmxProducts {
-  const at::BFloat16 *q, *kt_packed, *v_packed;
+void pack_kt_tile(const uint16_t* kbh, int64_t N, int64_t D, int64_t Dp, int64_t k0, uint16_t* dst);
+void pack_v_panel(const uint16_t* vbh, int64_t N, int64_t D, int64_t k0, int64_t c0, uint16_t* dst);
+
+struct Bf16Products {
+  static constexpr bool kBf16P = true;  // P V takes P in bf16 (w.p16)
+  const at::BFloat16 *q;
+  const uint16_t *k, *v;
   int64_t N, D, Dp, n_kt, n_panels;
-  void qk(int64_t bh, int64_t, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* s) const {
-    t_amx_used = true;
-    const at::BFloat16* b = kt_packed + (bh * n_kt + k0 / kBlockN) * Dp * kBlockN;
+  // Packs key tile k0 / kBlockN of batch row bh into w (once per row and worker).
+  void ensure_packed(int64_t bh, int64_t k0, ForwardScratch& w) const {
+    if (w.kt.size() < static_cast<size_t>(n_kt * Dp * kBlockN)) {
+      w.kt.resize(n_kt * Dp * kBlockN);
+      w.v.resize(n_kt * n_panels * kBlockN * kPanel);
+    }
+    const int64_t i = k0 / kBlockN;
+    if (!w.needs_tile(bh, 0, n_kt, i)) return;
+    pack_kt_tile(k + bh * N * D, N, D, Dp, k0, w.kt.data() + i * Dp * kBlockN);
+    for (int64_t c = 0; c < n_panels; ++c)
+      pack_v_panel(v + bh * N * D, N, D, k0, c * kPanel, w.v.data() + (i * n_panels + c) * kBlockN * kPanel);
+  }
+  void qk(int64_t bh, int64_t, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* s, ForwardScratch& w,
+          int64_t) const {
+    t_vnni_used = true;
+    ensure_packed(bh, k0, w);
+    const auto* b = reinterpret_cast<const at::BFloat16*>(w.kt.data() + (k0 / kBlockN) * Dp * kBlockN);
     at::native::cpublas::brgemm(nq, nk, Dp, Dp, kBlockN, kBlockN, false, q + (bh * N + q0) * Dp, b, s, true);
   }
+  // p_in_p16: the softmax already wrote P to w.p16 (full key tiles); else P is float in p.
   void pv(int64_t bh, int64_t, int64_t nq, int64_t k0, int64_t nk, const float* p, float* o,
-          ForwardScratch& w) const {
-    t_amx_used = true;
-    w.p16.resize(kBlockM * kBlockN);
-    for (int64_t r = 0; r < nq; ++r) {
+          ForwardScratch& w, bool p_in_p16) const {
+    t_vnni_used = true;
+    for (int64_t r = 0; r < nq && !p_in_p16; ++r) {
       uint16_t* dst = reinterpret_cast<uint16_t*>(w.p16.data()) + r * kBlockN;
       const float* src = p + r * kBlockN;
 #pragma omp simd
       for (int64_t j = 0; j < kBlockN; ++j) dst[j] = j < nk ? bf16_bits(src[j]) : 0;
     }
-    const at::BFloat16* panels = v_packed + (bh * n_kt + k0 / kBlockN) * n_panels * kBlockN * kPanel;
+    const auto* panels = reinterpret_cast<const at::BFloat16*>(w.v.data() + (k0 / kBlockN) * n_panels * kBlockN * kPanel);
     for (int64_t c = 0; c < n_panels; ++c)
       at::native::cpublas::brgemm(nq, std::min(kPanel, D - c * kPanel), kBlockN, kBlockN, kPanel, D, true,
                                   w.p16.data(), panels + c * kBlockN * kPanel, o + c * kPanel, true);
@@ -286,6 +452,9 @@ template <typename T, typename Products>
 void forward(const Problem& pr, const Products& prod, T* out, float* lse) {
   const int64_t D = pr.D, n_qt = (pr.max_len() + kBlockM - 1) / kBlockM;
   const float alpha = pr.scale * kLog2e;  // scores in log2 units: exp2 instead of exp
+  // A batch row's query tiles at a time when there are enough rows to keep every thread
+  // busy (workers reuse that row's packed keys and values), else one tile at a time.
+  const int64_t chunk = pr.samples * pr.H >= 4 * at::get_num_threads() ? n_qt : 1;
   run_tasks<ForwardScratch>(pr.samples * pr.H * n_qt, [&](int64_t t, ForwardScratch& w) {
     const int64_t qt = t % n_qt, sh = t / n_qt, s = sh / pr.H, h = sh % pr.H;
     const TileLayout L = pr.layout_of(s);
@@ -311,7 +480,7 @@ void forward(const Problem& pr, const Products& prod, T* out, float* lse) {
       // Keys past k_hi or after the last kept key are masked for every row: not computed.
       const int64_t ke = std::min(k_hi, L.last_kept(k0, k1, keep) + 1), nk = ke - k0;
       float* s = w.s.data();
-      prod.qk(bh, start, q0, nq, k0, nk, s);  // S = Q K^T
+      prod.qk(bh, start, q0, nq, k0, nk, s, w, N);  // S = Q K^T
       // Partial tiles are scaled before masking so that -inf stays -inf whatever the sign of
       // scale; full tiles fold the scale into the softmax loops.
       if (cls == kTilePartial) {
@@ -319,19 +488,41 @@ void forward(const Problem& pr, const Products& prod, T* out, float* lse) {
         apply_mask(L, keep, q0, nq, k0, nk, s, kBlockN);
       }
       const float a = cls == kTilePartial ? 1.0f : alpha;
+      // Full key tiles take the 512-bit row loops (which write P straight to bf16 for the
+      // bf16 products); partial ones the scalar loops.
+#ifdef VFT_ATTN_AVX512
+      const bool full_row = nk == kBlockN;
+#else
+      constexpr bool full_row = false;
+#endif
+      uint16_t* p16 = Products::kBf16P && full_row ? reinterpret_cast<uint16_t*>(w.p16.data()) : nullptr;
       for (int64_t r = 0; r < nq; ++r) {
         float* row = s + r * kBlockN;
         float mx = kNegInf;
+#ifdef VFT_ATTN_AVX512
+        if (full_row) {
+          mx = row_max64(row, a);
+        } else
+#endif
+        {
 #pragma omp simd reduction(max : mx)
-        for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, row[j] * a);
+          for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, row[j] * a);
+        }
         const float m_old = w.m[r], m_new = std::max(m_old, mx);
         // Row with nothing allowed yet: subtracting 0 keeps exp2(-inf) = 0 (no inf - inf).
         const float m_use = m_new == kNegInf ? 0.0f : m_new;
         float sum = 0.0f;
+#ifdef VFT_ATTN_AVX512
+        if (full_row) {
+          sum = row_exp64(row, a, m_use, p16 != nullptr ? p16 + r * kBlockN : nullptr);
+        } else
+#endif
+        {
 #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < nk; ++j) {
-          row[j] = exp2_nonpos(row[j] * a - m_use);
-          sum += row[j];
+          for (int64_t j = 0; j < nk; ++j) {
+            row[j] = exp2_nonpos(row[j] * a - m_use);
+            sum += row[j];
+          }
         }
         const float corr = exp2_nonpos(m_old - m_use);
         w.l[r] = w.l[r] * corr + sum;
@@ -341,7 +532,7 @@ void forward(const Problem& pr, const Products& prod, T* out, float* lse) {
           for (int64_t d = 0; d < D; ++d) o[d] *= corr;
         }
       }
-      prod.pv(bh, start, nq, k0, nk, s, w.o.data(), w);  // O += P V
+      prod.pv(bh, start, nq, k0, nk, s, w.o.data(), w, p16 != nullptr);  // O += P V
     }
     for (int64_t r = 0; r < q1 - q0; ++r) {
       T* dst = out_bh + (q0 + r) * D;
@@ -359,7 +550,7 @@ void forward(const Problem& pr, const Products& prod, T* out, float* lse) {
         lse_bh[q0 + r] = kNegInf;
       }
     }
-  });
+  }, chunk);
 }
 
 // ------------------------------------------------------------------------------------
@@ -530,16 +721,29 @@ void check_input(const at::Tensor& t, const at::Tensor& q, const char* name) {
 }
 
 at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-// [B, H, N, D] -> float32 [B, H, D, N] contiguous (O(N D), against O(N^2 D) for the tiles).
-at::Tensor transposed_f32(const at::Tensor& t) { return t.to(at::kFloat).transpose(-1, -2).contiguous(); }
 
-bool use_amx() { return g_amx_bf16 && g_path == GemmPath::kBrgemm && amx_bf16_available(); }
+
+bool use_bf16_brgemm() { return g_bf16_brgemm && g_path == GemmPath::kBrgemm && bf16_isa() != Bf16Isa::kNone; }
 
 // VNNI layout of a brgemm B operand [K, n] (bf16): element (k, j) at ((k / 2) * ld + j) * 2 + k % 2,
 // i.e. pairs of consecutive K rows interleaved; entries past the data are zeros.
 // K^T tile of keys [k0, k0 + kBlockN) for S = Q K^T: K-dim = head dim (Dp), n = keys; read
 // straight from K [N, D] (a (d, d + 1) pair of K^T is adjacent in a row of K).
 void pack_kt_tile(const uint16_t* kbh, int64_t N, int64_t D, int64_t Dp, int64_t k0, uint16_t* dst) {
+  if (k0 + kBlockN <= N && D % 2 == 0) {
+    // Full tile, even D: a (d, d + 1) pair is one 32-bit word of a key's row, and the packed
+    // tile is the 32-bit transpose [Dp / 2][kBlockN] of the tile's words [kBlockN][D / 2].
+    const int64_t W = D / 2;
+    for (int64_t w = 0; w < Dp / 2; ++w) {
+      uint32_t* out = reinterpret_cast<uint32_t*>(dst) + w * kBlockN;
+      if (w >= W) {
+        std::fill(out, out + kBlockN, 0u);
+        continue;
+      }
+      for (int64_t j = 0; j < kBlockN; ++j) std::memcpy(out + j, kbh + (k0 + j) * D + 2 * w, sizeof(uint32_t));
+    }
+    return;
+  }
   for (int64_t j = 0; j < kBlockN; ++j) {
     const int64_t key = k0 + j, cols = key < N ? D : 0;  // keys past N: zeros
     const uint16_t* row = kbh + std::min(key, N - 1) * D;
@@ -547,43 +751,36 @@ void pack_kt_tile(const uint16_t* kbh, int64_t N, int64_t D, int64_t Dp, int64_t
   }
 }
 // V tile rows [k0, k0 + kBlockN), columns [c0, c0 + kPanel) for O += P V: K-dim = keys.
+// Rows r and r + 1 are interleaved into 32-bit words (r in the low half).
 void pack_v_panel(const uint16_t* vbh, int64_t N, int64_t D, int64_t k0, int64_t c0, uint16_t* dst) {
-  for (int64_t r = 0; r < kBlockN; ++r) {
-    const int64_t key = k0 + r, cols = key < N ? std::min(kPanel, D - c0) : 0;  // keys past N: zeros
-    const uint16_t* row = vbh + std::min(key, N - 1) * D + c0;
-    uint16_t* out = dst + (r >> 1) * kPanel * 2 + (r & 1);
-    for (int64_t j = 0; j < cols; ++j) out[2 * j] = row[j];
-    for (int64_t j = cols; j < kPanel; ++j) out[2 * j] = 0;
+  const int64_t width = std::min(kPanel, D - c0);
+  for (int64_t r = 0; r < kBlockN; r += 2) {
+    uint32_t* out = reinterpret_cast<uint32_t*>(dst) + (r >> 1) * kPanel;
+    const int64_t c_lo = k0 + r < N ? width : 0, c_hi = k0 + r + 1 < N ? width : 0;  // keys past N: zeros
+    const uint16_t* lo = vbh + std::min(k0 + r, N - 1) * D + c0;
+    const uint16_t* hi = vbh + std::min(k0 + r + 1, N - 1) * D + c0;
+    if (c_hi == width) {  // both rows present
+      for (int64_t j = 0; j < width; ++j) out[j] = uint32_t{lo[j]} | (uint32_t{hi[j]} << 16);
+    } else {
+      for (int64_t j = 0; j < width; ++j)
+        out[j] = (j < c_lo ? uint32_t{lo[j]} : 0u) | ((j < c_hi ? uint32_t{hi[j]} : 0u) << 16);
+    }
+    std::fill(out + width, out + kPanel, 0u);
   }
 }
 
-// The bf16 forward on AMX (dense calls): packs K and V per (head, key tile) in parallel
-// (O(N D)), zero-pads q's head dim to Dp only when D is not a multiple of 32, then runs
-// the shared forward with AmxProducts.
-void forward_amx(const Problem& pr, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                 at::Tensor& lse) {
+// The bf16 forward on bf16 brgemm (dense calls): zero-pads q's head dim to Dp only when D
+// is not a multiple of 32, then runs the shared forward with Bf16Products (keys and values
+// are packed by the workers as they go).
+void forward_bf16(const Problem& pr, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                  at::Tensor& lse) {
   const int64_t BH = pr.B * pr.H, N = pr.N, D = pr.D, Dp = (D + 31) / 32 * 32;
   const int64_t n_kt = (N + kBlockN - 1) / kBlockN, n_panels = (D + kPanel - 1) / kPanel;
   at::Tensor qp = q.reshape({BH, N, D});
   qp = Dp == D ? qp.contiguous() : at::constant_pad_nd(qp, {0, Dp - D}).contiguous();
   const at::Tensor kc = k.reshape({BH, N, D}).contiguous(), vc = v.reshape({BH, N, D}).contiguous();
-  const auto bf = q.options().dtype(at::kBFloat16);
-  at::Tensor kt_packed = at::empty({BH * n_kt, Dp * kBlockN}, bf);
-  at::Tensor v_packed = at::empty({BH * n_kt * n_panels, kBlockN * kPanel}, bf);
-  const auto* k_src = reinterpret_cast<const uint16_t*>(kc.data_ptr<at::BFloat16>());
-  const auto* v_src = reinterpret_cast<const uint16_t*>(vc.data_ptr<at::BFloat16>());
-  auto* kt_dst = reinterpret_cast<uint16_t*>(kt_packed.data_ptr<at::BFloat16>());
-  auto* v_dst = reinterpret_cast<uint16_t*>(v_packed.data_ptr<at::BFloat16>());
-  at::parallel_for(0, BH * n_kt, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t bh = i / n_kt, k0 = (i % n_kt) * kBlockN;
-      pack_kt_tile(k_src + bh * N * D, N, D, Dp, k0, kt_dst + i * Dp * kBlockN);
-      for (int64_t c = 0; c < n_panels; ++c)
-        pack_v_panel(v_src + bh * N * D, N, D, k0, c * kPanel, v_dst + (i * n_panels + c) * kBlockN * kPanel);
-    }
-  });
-  const AmxProducts prod{qp.data_ptr<at::BFloat16>(), kt_packed.data_ptr<at::BFloat16>(),
-                         v_packed.data_ptr<at::BFloat16>(), N, D, Dp, n_kt, n_panels};
+  const Bf16Products prod{qp.data_ptr<at::BFloat16>(), reinterpret_cast<const uint16_t*>(kc.data_ptr<at::BFloat16>()),
+                          reinterpret_cast<const uint16_t*>(vc.data_ptr<at::BFloat16>()), N, D, Dp, n_kt, n_panels};
   forward<at::BFloat16>(pr, prod, out.data_ptr<at::BFloat16>(), lse.data_ptr<float>());
 }
 
@@ -596,12 +793,13 @@ void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
   check_input(v, q, "attention: v");
   check_out(out, q.scalar_type(), q.sizes(), "attention: out");
   check_out(lse, at::kFloat, {pr.B, pr.H, pr.N}, "attention: lse");
-  if (q.scalar_type() == at::kBFloat16 && pr.cu == nullptr && use_amx()) {
-    forward_amx(pr, q, k, v, out, lse);
+  if (q.scalar_type() == at::kBFloat16 && pr.cu == nullptr && use_bf16_brgemm()) {
+    forward_bf16(pr, q, k, v, out, lse);
     return;
   }
-  const at::Tensor qf = as_f32(q), ktf = transposed_f32(k), vf = as_f32(v);
-  const F32Products prod{qf.data_ptr<float>(), ktf.data_ptr<float>(), vf.data_ptr<float>(), pr.N, pr.D};
+  const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v);
+  const F32Products prod{qf.data_ptr<float>(), kf.data_ptr<float>(), vf.data_ptr<float>(), pr.N, pr.D,
+                         (pr.max_len() + kBlockN - 1) / kBlockN};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward_cpu", [&] {
     forward<scalar_t>(pr, prod, out.data_ptr<scalar_t>(), lse.data_ptr<float>());
     fill_padding(pr, out.data_ptr<scalar_t>(), pr.D, static_cast<scalar_t>(0.0f));
@@ -699,16 +897,22 @@ void bind_attention(pybind11::module_& m) {
         "Test hook: classify_tile / key_range / query_range of the C++ port for int64 tiles [n, 4] and a "
         "sample's per-block keeps (int32 [T]).");
   m.def(
-      "attention_cpu_bf16_amx",
+      "attention_cpu_bf16_brgemm",
       [](bool on) {
-        const bool previous = use_amx();
-        g_amx_bf16 = on;
+        const bool previous = use_bf16_brgemm();
+        g_bf16_brgemm = on;
         return previous;
       },
-      "Test hook: run bf16 forward tile products on AMX where available (True, the default) or in float32; "
-      "returns whether the AMX path was in use.");
-  m.def("attention_cpu_amx_available", &amx_bf16_available,
-        "Whether this CPU and torch build run bf16 brgemm on AMX (packed B).");
+      "Test hook: run bf16 forward tile products on bf16 brgemm where available (True, the default) or in "
+      "float32; returns whether the bf16 brgemm path was in use.");
+  m.def(
+      "attention_cpu_bf16_isa",
+      [] {
+        static const char* names[] = {"", "avx512_bf16", "amx"};
+        return std::string(names[static_cast<int>(bf16_isa())]);
+      },
+      "The bf16 matrix instructions the CPU attention's bf16 forward uses: 'amx', 'avx512_bf16', or '' "
+      "(none found, or this torch build's bf16 brgemm failed its probe: float32 products).");
   m.def(
       "attention_cpu_gemm_path",
       [](const std::string& name) {

@@ -417,6 +417,40 @@ pybind11::object flow_step_fast(const torch::Tensor& x, const torch::Tensor& v_c
   return pybind11::cast(out);
 }
 
+// The fast path of vft_kernels.flow_heun_step, on the same terms as flow_step_fast.
+pybind11::object flow_heun_step_fast(const torch::Tensor& x, const torch::Tensor& v1, const torch::Tensor& v2,
+                                     pybind11::handle t, pybind11::handle t_next,
+                                     const c10::optional<torch::Tensor>& out_in) {
+  const pybind11::object none = pybind11::none();
+  if (!plain_float(x) || x.dim() < 1 || !like(v1, x) || !like(v2, x)) return none;
+  const int64_t B = x.size(0);
+  std::vector<float> tbuf, tnbuf;
+  const float* tp = nullptr;
+  const float* tnp = nullptr;
+  bool grad = false;
+  if (!read_time(t, B, tbuf, tp, grad) || !read_time(t_next, B, tnbuf, tnp, grad)) return none;
+  for (int64_t b = 0; b < B; ++b)
+    if (!(tnp[b] < tp[b])) return none;
+  if (at::GradMode::is_enabled() && (grad || needs_grad(x) || needs_grad(v1) || needs_grad(v2))) return none;
+  torch::Tensor out;
+  if (out_in.has_value()) {
+    if (!like(*out_in, x)) return none;
+    out = *out_in;
+  } else {
+    out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  }
+  const int64_t numel = x.numel();
+  if (numel > 0) {
+    pybind11::gil_scoped_release release;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "flow_heun_step_fast", [&] {
+      elementwise<scalar_t, flow::kHeun>(out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), v1.data_ptr<scalar_t>(),
+                                         v2.data_ptr<scalar_t>(), tp, tnp, B, numel / B, 1.f, nullptr,
+                                         flow::Prefix{1, 0, 1});
+    });
+  }
+  return pybind11::cast(out);
+}
+
 void flow_heun_step_cpu(torch::Tensor out, torch::Tensor x, torch::Tensor v1, torch::Tensor v2, torch::Tensor t,
                         torch::Tensor t_next) {
   const flow::Geometry geo = flow_check(out, x, v1, v2, t, t_next, flow::kHeun, c10::nullopt, 0, c10::nullopt, 0);
@@ -446,6 +480,11 @@ void bind_flow(pybind11::module_& m) {
         pybind11::arg("v_uncond"), pybind11::arg("guidance"), pybind11::arg("scale"), pybind11::arg("apg_eta"),
         pybind11::arg("apg_norm_threshold"), pybind11::arg("apg_momentum"), pybind11::arg("momentum"),
         pybind11::arg("reduce_ndim"), pybind11::arg("prefix"), pybind11::arg("prefix_len"), pybind11::arg("out"));
+  m.def("flow_heun_step_fast", &flow_heun_step_fast,
+        "The op layer's fast path of vft_kernels.flow_heun_step (eager CPU calls): validates and runs the update, "
+        "or returns None without running anything for whatever needs the Python path. Never raises for bad input.",
+        pybind11::arg("x"), pybind11::arg("v1"), pybind11::arg("v2"), pybind11::arg("t"), pybind11::arg("t_next"),
+        pybind11::arg("out"));
   m.def("flow_heun_step_cpu", &flow_heun_step_cpu,
         "Heun update out = x + (t_next - t) (v1 + v2) / 2 on contiguous CPU tensors.", pybind11::arg("out"),
         pybind11::arg("x"), pybind11::arg("v1"), pybind11::arg("v2"), pybind11::arg("t"), pybind11::arg("t_next"));

@@ -27,14 +27,31 @@ for _op in ("flow_step", "flow_heun_step"):
 Time = Union[float, torch.Tensor]
 
 
+_UNRESOLVED = object()
+# The C++ fast paths of eager CPU flow steps (_C.flow_step_fast, _C.flow_heun_step_fast),
+# resolved on the first call: importing vft_kernels must not load _C (see dispatch.py).
+# Tests may replace them (None: no fast path).
+_FAST = _UNRESOLVED
+_FAST_HEUN = _UNRESOLVED
+
+
 def _fast_entry():
-    """The C++ fast path of eager CPU flow steps (``_C.flow_step_fast``), None without _C."""
-    from .._ext import C
+    """``_C.flow_step_fast``, or None without _C. Loads _C the first time (both entries)."""
+    global _FAST, _FAST_HEUN
+    if _FAST is _UNRESOLVED or _FAST_HEUN is _UNRESOLVED:
+        from .._ext import C
 
-    return getattr(C, "flow_step_fast", None) if C is not None else None
+        if _FAST is _UNRESOLVED:
+            _FAST = getattr(C, "flow_step_fast", None) if C is not None else None
+        if _FAST_HEUN is _UNRESOLVED:
+            _FAST_HEUN = getattr(C, "flow_heun_step_fast", None) if C is not None else None
+    return _FAST
 
 
-_FAST = _fast_entry()
+def _fast_heun_entry():
+    """``_C.flow_heun_step_fast``, or None without _C."""
+    _fast_entry()
+    return _FAST_HEUN
 
 
 def _check_tensor(name, t, like):
@@ -195,14 +212,15 @@ def flow_step(x: torch.Tensor, v_cond: torch.Tensor, t: Time, t_next: Time, v_un
     required when apg_momentum != 0. prefix: [B, C, prefix_len, ...] clean frames that
     replace the first prefix_len entries of dim 2 of the result. out: optional output
     (may be x itself for an in-place step). Returns x_next in x's dtype."""
-    if _FAST is not None and dispatch.cpu_fast_path():
+    fast = _FAST if _FAST is not _UNRESOLVED else _fast_entry()
+    if fast is not None and dispatch.cpu_fast_path():
         # Ordinary eager CPU calls: validated and run by one C++ call; it returns None,
         # having run nothing, for whatever needs the checks below (and their errors).
         dst = out
         if dst is None and dispatch.poisoning() and isinstance(x, torch.Tensor):
             dst = dispatch.new_output(x.shape, x.dtype, x.device)  # tests: unwritten elements show
         try:
-            res = _FAST(x, v_cond, t, t_next, v_uncond, guidance, scale, apg_eta, apg_norm_threshold, apg_momentum,
+            res = fast(x, v_cond, t, t_next, v_uncond, guidance, scale, apg_eta, apg_norm_threshold, apg_momentum,
                         momentum, reduce_ndim, prefix, prefix_len, dst)
         except TypeError:  # an argument of the wrong type: the checks below say which
             res = None
@@ -301,6 +319,18 @@ def flow_heun_step(x: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, t: Time,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Heun (second-order) update: x + (t_next - t) * (v1 + v2) / 2, with v1 the (guided)
     velocity at (x, t) and v2 at (x + (t_next - t) v1, t_next)."""
+    fast = _FAST_HEUN if _FAST_HEUN is not _UNRESOLVED else _fast_heun_entry()
+    if fast is not None and dispatch.cpu_fast_path():
+        # as in flow_step: one C++ call validates and runs ordinary eager CPU calls
+        dst = out
+        if dst is None and dispatch.poisoning() and isinstance(x, torch.Tensor):
+            dst = dispatch.new_output(x.shape, x.dtype, x.device)
+        try:
+            res = fast(x, v1, v2, t, t_next, dst)
+        except TypeError:
+            res = None
+        if res is not None:
+            return res
     _check_x(x)
     _check_tensor("v1", v1, x)
     _check_tensor("v2", v2, x)
