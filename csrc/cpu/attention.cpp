@@ -27,6 +27,7 @@
 #endif
 
 #include "vft/attention_tiles.h"
+#include "vft/bf16_simd.h"
 #include "vft/bind.h"
 #include "vft/common.h"
 
@@ -351,15 +352,6 @@ inline __m512 exp2_nonpos16(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
 
-// bf16_bits on 16 lanes.
-inline __m256i bf16_bits16(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(r);
-}
-
 // One full row (kBlockN = 64 scores) of the online softmax, as the scalar loops in forward:
 // the max of row * a (NaN scores ignored) ...
 inline float row_max64(const float* row, float a) {
@@ -383,8 +375,8 @@ inline float row_exp64(float* row, float a, float m, uint16_t* p16) {
     s0 = _mm512_add_ps(s0, p0);
     s1 = _mm512_add_ps(s1, p1);
     if (p16 != nullptr) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p16 + j), bf16_bits16(p0));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p16 + j + 16), bf16_bits16(p1));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p16 + j), simd::bf16x16_from_f32(p0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p16 + j + 16), simd::bf16x16_from_f32(p1));
     } else {
       _mm512_storeu_ps(row + j, p0);
       _mm512_storeu_ps(row + j + 16, p1);
