@@ -256,29 +256,29 @@ def test_cpu_kernel_rejects_bad_arguments():
         C.flow_step_cpu(torch.empty_like(x), x, x, x, t, tn, "pag", 1.0, 0.0, 0.0, 0.0, None, 1, None, 0)
 
 
-def _fast_entry():
+def _spy_on_fast_path(monkeypatch, attr):
+    """Replaces the op layer's C++ fast path ``flow_ops.<attr>`` with a spy; returns its runs:
+    True when it ran a step, False when it declined."""
     from vft_kernels.ops import flow as flow_ops
 
-    real = flow_ops._fast_entry()
+    real = flow_ops._fast_entry() if attr == "_FAST" else flow_ops._fast_heun_entry()
     if real is None:
         pytest.skip("vft_kernels._C with flow kernels is not built")
-    return real
-
-
-@pytest.fixture
-def fast_calls(monkeypatch):
-    """Runs of the op layer's C++ fast path: True when it ran a step, False when it declined."""
-    from vft_kernels.ops import flow as flow_ops
-
-    real, calls = _fast_entry(), []
+    calls = []
 
     def spy(*args):
         res = real(*args)
         calls.append(res is not None)
         return res
 
-    monkeypatch.setattr(flow_ops, "_FAST", spy)
+    monkeypatch.setattr(flow_ops, attr, spy)
     return calls
+
+
+@pytest.fixture
+def fast_calls(monkeypatch):
+    """Runs of flow_step's C++ fast path."""
+    return _spy_on_fast_path(monkeypatch, "_FAST")
 
 
 APG_KW = dict(guidance="apg", scale=3.0, apg_eta=0.3, apg_norm_threshold=1.5, apg_momentum=-0.5)
@@ -403,20 +403,8 @@ def test_fast_path_leaves_bad_calls_to_the_checked_errors(fast_calls, case):
 
 @pytest.fixture
 def fast_heun_calls(monkeypatch):
-    """Runs of flow_heun_step's C++ fast path: True when it ran, False when it declined."""
-    from vft_kernels.ops import flow as flow_ops
-
-    real, calls = flow_ops._fast_heun_entry(), []
-    if real is None:
-        pytest.skip("vft_kernels._C with flow kernels is not built")
-
-    def spy(*args):
-        res = real(*args)
-        calls.append(res is not None)
-        return res
-
-    monkeypatch.setattr(flow_ops, "_FAST_HEUN", spy)
-    return calls
+    """Runs of flow_heun_step's C++ fast path."""
+    return _spy_on_fast_path(monkeypatch, "_FAST_HEUN")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

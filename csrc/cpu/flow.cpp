@@ -347,6 +347,33 @@ bool read_time(pybind11::handle h, int64_t B, std::vector<float>& buf, const flo
   return true;
 }
 
+// Both times of a fast-path call, read with read_time; false (decline) unless every sample
+// goes forward (t_next < t; NaN times decline too: the Python layer says which sample).
+struct FastTimes {
+  std::vector<float> tbuf, tnbuf;
+  const float* t = nullptr;
+  const float* tn = nullptr;
+  bool grad = false;
+  bool read(pybind11::handle t_in, pybind11::handle tn_in, int64_t B) {
+    if (!read_time(t_in, B, tbuf, t, grad) || !read_time(tn_in, B, tnbuf, tn, grad)) return false;
+    for (int64_t b = 0; b < B; ++b)
+      if (!(tn[b] < t[b])) return false;
+    return true;
+  }
+};
+
+// The output of a fast-path call: out_in when it is usable (contiguous, x's dtype and
+// shape on the CPU), a new tensor when it is None; false (decline) otherwise.
+bool fast_out(const c10::optional<torch::Tensor>& out_in, const torch::Tensor& x, torch::Tensor& out) {
+  if (!out_in.has_value()) {
+    out = at::empty_like(x, at::MemoryFormat::Contiguous);
+    return true;
+  }
+  if (!like(*out_in, x)) return false;
+  out = *out_in;
+  return true;
+}
+
 }  // namespace
 
 pybind11::object flow_step_fast(const torch::Tensor& x, const torch::Tensor& v_cond, pybind11::handle t,
@@ -388,30 +415,19 @@ pybind11::object flow_step_fast(const torch::Tensor& x, const torch::Tensor& v_c
       if (pre.size(d) != (d == 2 ? prefix_len : x.size(d))) return none;
     prefix = prefix_in;
   }
-  const int64_t B = x.size(0);
-  std::vector<float> tbuf, tnbuf;
-  const float* tp = nullptr;
-  const float* tnp = nullptr;
-  bool grad = false;
-  if (!read_time(t, B, tbuf, tp, grad) || !read_time(t_next, B, tnbuf, tnp, grad)) return none;
-  for (int64_t b = 0; b < B; ++b)
-    if (!(tnp[b] < tp[b])) return none;  // also NaN times: the Python layer says which sample
+  FastTimes times;
+  if (!times.read(t, t_next, x.size(0))) return none;
   if (at::GradMode::is_enabled()) {
-    grad = grad || needs_grad(x) || needs_grad(v_cond) || (v_uncond.has_value() && needs_grad(*v_uncond)) ||
-           (prefix.has_value() && needs_grad(*prefix));
+    const bool grad = times.grad || needs_grad(x) || needs_grad(v_cond) ||
+                      (v_uncond.has_value() && needs_grad(*v_uncond)) || (prefix.has_value() && needs_grad(*prefix));
     if (grad) return none;
   }
   torch::Tensor out;
-  if (out_in.has_value()) {
-    if (!like(*out_in, x)) return none;
-    out = *out_in;
-  } else {
-    out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  }
+  if (!fast_out(out_in, x, out)) return none;
   const flow::Geometry geo = geometry(x, reduce_ndim, prefix.has_value() ? prefix_len : 0);
   {
     pybind11::gil_scoped_release release;
-    run_step(out, x, v_cond, v_uncond, tp, tnp, mode, params(scale, apg_eta, apg_norm_threshold, apg_momentum),
+    run_step(out, x, v_cond, v_uncond, times.t, times.tn, mode, params(scale, apg_eta, apg_norm_threshold, apg_momentum),
              momentum, geo, prefix);
   }
   return pybind11::cast(out);
@@ -424,27 +440,17 @@ pybind11::object flow_heun_step_fast(const torch::Tensor& x, const torch::Tensor
   const pybind11::object none = pybind11::none();
   if (!plain_float(x) || x.dim() < 1 || !like(v1, x) || !like(v2, x)) return none;
   const int64_t B = x.size(0);
-  std::vector<float> tbuf, tnbuf;
-  const float* tp = nullptr;
-  const float* tnp = nullptr;
-  bool grad = false;
-  if (!read_time(t, B, tbuf, tp, grad) || !read_time(t_next, B, tnbuf, tnp, grad)) return none;
-  for (int64_t b = 0; b < B; ++b)
-    if (!(tnp[b] < tp[b])) return none;
-  if (at::GradMode::is_enabled() && (grad || needs_grad(x) || needs_grad(v1) || needs_grad(v2))) return none;
+  FastTimes times;
+  if (!times.read(t, t_next, B)) return none;
+  if (at::GradMode::is_enabled() && (times.grad || needs_grad(x) || needs_grad(v1) || needs_grad(v2))) return none;
   torch::Tensor out;
-  if (out_in.has_value()) {
-    if (!like(*out_in, x)) return none;
-    out = *out_in;
-  } else {
-    out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  }
+  if (!fast_out(out_in, x, out)) return none;
   const int64_t numel = x.numel();
   if (numel > 0) {
     pybind11::gil_scoped_release release;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "flow_heun_step_fast", [&] {
       elementwise<scalar_t, flow::kHeun>(out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), v1.data_ptr<scalar_t>(),
-                                         v2.data_ptr<scalar_t>(), tp, tnp, B, numel / B, 1.f, nullptr,
+                                         v2.data_ptr<scalar_t>(), times.t, times.tn, B, numel / B, 1.f, nullptr,
                                          flow::Prefix{1, 0, 1});
     });
   }
