@@ -17,17 +17,8 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define VFT_ATTN_AVX512 1
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
-// GCC 12's AVX-512 reduce intrinsics trip a false -Wmaybe-uninitialized (GCC bug 105593).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#endif
-
 #include "vft/attention_tiles.h"
-#include "vft/bf16_simd.h"
+#include "vft/bf16.h"  // also <immintrin.h> and VFT_BF16_AVX512 where AVX-512 F + BW is on
 #include "vft/bind.h"
 #include "vft/common.h"
 
@@ -324,16 +315,7 @@ struct F32Products {
   }
 };
 
-// float -> bf16 bits, rounded to nearest even (NaN stays NaN); branch-free so the loop
-// calling it vectorises.
-inline uint16_t bf16_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>(x != x ? 0x7FC0u : rounded);
-}
-
-#ifdef VFT_ATTN_AVX512
+#ifdef VFT_BF16_AVX512
 // exp2_nonpos on 16 lanes, the same operations (and NaN handling) as the scalar version.
 inline __m512 exp2_nonpos16(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-127.0f), x);  // -127 > x ? -127 : x (NaN stays NaN)
@@ -375,8 +357,8 @@ inline float row_exp64(float* row, float a, float m, uint16_t* p16) {
     s0 = _mm512_add_ps(s0, p0);
     s1 = _mm512_add_ps(s1, p1);
     if (p16 != nullptr) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p16 + j), simd::bf16x16_from_f32(p0));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p16 + j + 16), simd::bf16x16_from_f32(p1));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p16 + j), bf16::from_f32_x16(p0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p16 + j + 16), bf16::from_f32_x16(p1));
     } else {
       _mm512_storeu_ps(row + j, p0);
       _mm512_storeu_ps(row + j + 16, p1);
@@ -396,8 +378,49 @@ inline float row_exp64(float* row, float a, float m, uint16_t* p16) {
 // P V, the rounding step the bf16 reference takes too (SPEC.md §4).
 constexpr int64_t kPanel = 64;
 
-void pack_kt_tile(const uint16_t* kbh, int64_t N, int64_t D, int64_t Dp, int64_t k0, uint16_t* dst);
-void pack_v_panel(const uint16_t* vbh, int64_t N, int64_t D, int64_t k0, int64_t c0, uint16_t* dst);
+// VNNI layout of a brgemm B operand [K, n] (bf16): element (k, j) at ((k / 2) * ld + j) * 2 + k % 2,
+// i.e. pairs of consecutive K rows interleaved; entries past the data are zeros.
+// K^T tile of keys [k0, k0 + kBlockN) for S = Q K^T: K-dim = head dim (Dp), n = keys; read
+// straight from K [N, D] (a (d, d + 1) pair of K^T is adjacent in a row of K).
+void pack_kt_tile(const uint16_t* kbh, int64_t N, int64_t D, int64_t Dp, int64_t k0, uint16_t* dst) {
+  if (k0 + kBlockN <= N && D % 2 == 0) {
+    // Full tile, even D: a (d, d + 1) pair is one 32-bit word of a key's row, and the packed
+    // tile is the 32-bit transpose [Dp / 2][kBlockN] of the tile's words [kBlockN][D / 2].
+    const int64_t W = D / 2;
+    for (int64_t w = 0; w < Dp / 2; ++w) {
+      uint32_t* out = reinterpret_cast<uint32_t*>(dst) + w * kBlockN;
+      if (w >= W) {
+        std::fill(out, out + kBlockN, 0u);
+        continue;
+      }
+      for (int64_t j = 0; j < kBlockN; ++j) std::memcpy(out + j, kbh + (k0 + j) * D + 2 * w, sizeof(uint32_t));
+    }
+    return;
+  }
+  for (int64_t j = 0; j < kBlockN; ++j) {
+    const int64_t key = k0 + j, cols = key < N ? D : 0;  // keys past N: zeros
+    const uint16_t* row = kbh + std::min(key, N - 1) * D;
+    for (int64_t d = 0; d < Dp; ++d) dst[((d >> 1) * kBlockN + j) * 2 + (d & 1)] = d < cols ? row[d] : uint16_t{0};
+  }
+}
+// V tile rows [k0, k0 + kBlockN), columns [c0, c0 + kPanel) for O += P V: K-dim = keys.
+// Rows r and r + 1 are interleaved into 32-bit words (r in the low half).
+void pack_v_panel(const uint16_t* vbh, int64_t N, int64_t D, int64_t k0, int64_t c0, uint16_t* dst) {
+  const int64_t width = std::min(kPanel, D - c0);
+  for (int64_t r = 0; r < kBlockN; r += 2) {
+    uint32_t* out = reinterpret_cast<uint32_t*>(dst) + (r >> 1) * kPanel;
+    const int64_t c_lo = k0 + r < N ? width : 0, c_hi = k0 + r + 1 < N ? width : 0;  // keys past N: zeros
+    const uint16_t* lo = vbh + std::min(k0 + r, N - 1) * D + c0;
+    const uint16_t* hi = vbh + std::min(k0 + r + 1, N - 1) * D + c0;
+    if (c_hi == width) {  // both rows present
+      for (int64_t j = 0; j < width; ++j) out[j] = uint32_t{lo[j]} | (uint32_t{hi[j]} << 16);
+    } else {
+      for (int64_t j = 0; j < width; ++j)
+        out[j] = (j < c_lo ? uint32_t{lo[j]} : 0u) | ((j < c_hi ? uint32_t{hi[j]} : 0u) << 16);
+    }
+    std::fill(out + width, out + kPanel, 0u);
+  }
+}
 
 struct Bf16Products {
   static constexpr bool kBf16P = true;  // P V takes P in bf16 (w.p16)
@@ -431,7 +454,7 @@ struct Bf16Products {
       uint16_t* dst = reinterpret_cast<uint16_t*>(w.p16.data()) + r * kBlockN;
       const float* src = p + r * kBlockN;
 #pragma omp simd
-      for (int64_t j = 0; j < kBlockN; ++j) dst[j] = j < nk ? bf16_bits(src[j]) : 0;
+      for (int64_t j = 0; j < kBlockN; ++j) dst[j] = j < nk ? bf16::from_f32(src[j]) : 0;
     }
     const auto* panels = reinterpret_cast<const at::BFloat16*>(w.v.data() + (k0 / kBlockN) * n_panels * kBlockN * kPanel);
     for (int64_t c = 0; c < n_panels; ++c)
@@ -482,7 +505,7 @@ void forward(const Problem& pr, const Products& prod, T* out, float* lse) {
       const float a = cls == kTilePartial ? 1.0f : alpha;
       // Full key tiles take the 512-bit row loops (which write P straight to bf16 for the
       // bf16 products); partial ones the scalar loops.
-#ifdef VFT_ATTN_AVX512
+#ifdef VFT_BF16_AVX512
       const bool full_row = nk == kBlockN;
 #else
       constexpr bool full_row = false;
@@ -491,7 +514,7 @@ void forward(const Problem& pr, const Products& prod, T* out, float* lse) {
       for (int64_t r = 0; r < nq; ++r) {
         float* row = s + r * kBlockN;
         float mx = kNegInf;
-#ifdef VFT_ATTN_AVX512
+#ifdef VFT_BF16_AVX512
         if (full_row) {
           mx = row_max64(row, a);
         } else
@@ -504,7 +527,7 @@ void forward(const Problem& pr, const Products& prod, T* out, float* lse) {
         // Row with nothing allowed yet: subtracting 0 keeps exp2(-inf) = 0 (no inf - inf).
         const float m_use = m_new == kNegInf ? 0.0f : m_new;
         float sum = 0.0f;
-#ifdef VFT_ATTN_AVX512
+#ifdef VFT_BF16_AVX512
         if (full_row) {
           sum = row_exp64(row, a, m_use, p16 != nullptr ? p16 + r * kBlockN : nullptr);
         } else
@@ -716,50 +739,6 @@ at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 
 bool use_bf16_brgemm() { return g_bf16_brgemm && g_path == GemmPath::kBrgemm && bf16_isa() != Bf16Isa::kNone; }
-
-// VNNI layout of a brgemm B operand [K, n] (bf16): element (k, j) at ((k / 2) * ld + j) * 2 + k % 2,
-// i.e. pairs of consecutive K rows interleaved; entries past the data are zeros.
-// K^T tile of keys [k0, k0 + kBlockN) for S = Q K^T: K-dim = head dim (Dp), n = keys; read
-// straight from K [N, D] (a (d, d + 1) pair of K^T is adjacent in a row of K).
-void pack_kt_tile(const uint16_t* kbh, int64_t N, int64_t D, int64_t Dp, int64_t k0, uint16_t* dst) {
-  if (k0 + kBlockN <= N && D % 2 == 0) {
-    // Full tile, even D: a (d, d + 1) pair is one 32-bit word of a key's row, and the packed
-    // tile is the 32-bit transpose [Dp / 2][kBlockN] of the tile's words [kBlockN][D / 2].
-    const int64_t W = D / 2;
-    for (int64_t w = 0; w < Dp / 2; ++w) {
-      uint32_t* out = reinterpret_cast<uint32_t*>(dst) + w * kBlockN;
-      if (w >= W) {
-        std::fill(out, out + kBlockN, 0u);
-        continue;
-      }
-      for (int64_t j = 0; j < kBlockN; ++j) std::memcpy(out + j, kbh + (k0 + j) * D + 2 * w, sizeof(uint32_t));
-    }
-    return;
-  }
-  for (int64_t j = 0; j < kBlockN; ++j) {
-    const int64_t key = k0 + j, cols = key < N ? D : 0;  // keys past N: zeros
-    const uint16_t* row = kbh + std::min(key, N - 1) * D;
-    for (int64_t d = 0; d < Dp; ++d) dst[((d >> 1) * kBlockN + j) * 2 + (d & 1)] = d < cols ? row[d] : uint16_t{0};
-  }
-}
-// V tile rows [k0, k0 + kBlockN), columns [c0, c0 + kPanel) for O += P V: K-dim = keys.
-// Rows r and r + 1 are interleaved into 32-bit words (r in the low half).
-void pack_v_panel(const uint16_t* vbh, int64_t N, int64_t D, int64_t k0, int64_t c0, uint16_t* dst) {
-  const int64_t width = std::min(kPanel, D - c0);
-  for (int64_t r = 0; r < kBlockN; r += 2) {
-    uint32_t* out = reinterpret_cast<uint32_t*>(dst) + (r >> 1) * kPanel;
-    const int64_t c_lo = k0 + r < N ? width : 0, c_hi = k0 + r + 1 < N ? width : 0;  // keys past N: zeros
-    const uint16_t* lo = vbh + std::min(k0 + r, N - 1) * D + c0;
-    const uint16_t* hi = vbh + std::min(k0 + r + 1, N - 1) * D + c0;
-    if (c_hi == width) {  // both rows present
-      for (int64_t j = 0; j < width; ++j) out[j] = uint32_t{lo[j]} | (uint32_t{hi[j]} << 16);
-    } else {
-      for (int64_t j = 0; j < width; ++j)
-        out[j] = (j < c_lo ? uint32_t{lo[j]} : 0u) | ((j < c_hi ? uint32_t{hi[j]} : 0u) << 16);
-    }
-    std::fill(out + width, out + kPanel, 0u);
-  }
-}
 
 // The bf16 forward on bf16 brgemm (dense calls): zero-pads q's head dim to Dp only when D
 // is not a multiple of 32, then runs the shared forward with Bf16Products (keys and values

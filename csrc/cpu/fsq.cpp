@@ -22,7 +22,7 @@
 #include <limits>
 #include <vector>
 
-#include "vft/bf16_simd.h"
+#include "vft/bf16.h"
 #include "vft/bind.h"
 #include "vft/fsq_math.h"
 
@@ -97,40 +97,6 @@ bool is_dense(const at::Tensor& t, int64_t d) {
 bool is_dense_float(const at::Tensor& t, int64_t d) { return t.scalar_type() == at::kFloat && is_dense(t, d); }
 
 bool is_dense_bf16(const at::Tensor& t, int64_t d) { return t.scalar_type() == at::kBFloat16 && is_dense(t, d); }
-
-// bfloat16 <-> float32 on raw bits, branch-free so that block loops of them vectorise
-// (c10::BFloat16's conversions are per element calls). f32_to_bf16 rounds to nearest even
-// and maps NaN to the quiet NaN 0x7FC0, exactly as c10::BFloat16(float) does.
-inline float bf16_to_f32(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
-}
-
-// One full block of n dense bf16 values <-> floats (n = kRows * d, a multiple of 16: the
-// 512-bit conversions where the build has them; GCC left the scalar loops below scalar on
-// Zen 5, which made bf16 blocks slower than float32 ones).
-inline void load_bf16(const uint16_t* __restrict src, float* __restrict dst, int n) {
-#ifdef VFT_HAVE_BF16_SIMD
-  if (n % 16 == 0) return simd::load_bf16x16(src, dst, n);
-#endif
-  for (int i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
-}
-
-inline void store_bf16(const float* __restrict src, uint16_t* __restrict dst, int n) {
-#ifdef VFT_HAVE_BF16_SIMD
-  if (n % 16 == 0) return simd::store_bf16x16(src, dst, n);
-#endif
-  for (int i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
-}
 
 const uint16_t* bf16_bits(const at::Tensor& t) {
   return reinterpret_cast<const uint16_t*>(t.const_data_ptr<c10::BFloat16>());
@@ -279,7 +245,7 @@ void fsq_forward_impl(const at::Tensor& z2, at::Tensor& codes, at::Tensor& indic
       if (dense_in && full) {
         zp = zf + row0 * D;
       } else if (zb != nullptr && full) {
-        load_bf16(zb + row0 * D, zbuf, K);
+        bf16::load(zb + row0 * D, zbuf, K);
       } else {
         load_block_any(z2, row0, n, D, s_row, s_dim, zbuf);
       }
@@ -287,7 +253,7 @@ void fsq_forward_impl(const at::Tensor& z2, at::Tensor& codes, at::Tensor& indic
       fwd_elements<D, Acc>(zp, cp, contrib, t);
       if (cp == cbuf) {
         if (cb != nullptr && full) {
-          store_bf16(cbuf, cb + row0 * D, K);
+          bf16::store(cbuf, cb + row0 * D, K);
         } else {
           store_any(cbuf, static_cast<int64_t>(n) * D, codes, row0 * D);
         }
@@ -421,14 +387,14 @@ void fsq_backward_cpu(const at::Tensor& grad_codes2, const at::Tensor& z2, at::T
       if (dense_z && full) {
         zp = z2.const_data_ptr<float>() + row0 * d;
       } else if (zb != nullptr && full) {
-        load_bf16(zb + row0 * d, zbuf, K);
+        bf16::load(zb + row0 * d, zbuf, K);
       } else {
         load_block_any(z2, row0, n, d, z2.stride(0), z2.stride(1), zbuf);
       }
       if (dense_g && full) {
         gp = grad_codes2.const_data_ptr<float>() + row0 * d;
       } else if (gb != nullptr && full) {
-        load_bf16(gb + row0 * d, gbuf, K);
+        bf16::load(gb + row0 * d, gbuf, K);
       } else {
         load_block_any(grad_codes2, row0, n, d, grad_codes2.stride(0), grad_codes2.stride(1), gbuf);
       }
@@ -436,7 +402,7 @@ void fsq_backward_cpu(const at::Tensor& grad_codes2, const at::Tensor& z2, at::T
       bwd_elements(gp, zp, op, shift, scale, K);
       if (op == obuf) {
         if (ob != nullptr && full) {
-          store_bf16(obuf, ob + row0 * d, K);
+          bf16::store(obuf, ob + row0 * d, K);
         } else {
           store_any(obuf, n * d, grad_z, row0 * d);
         }

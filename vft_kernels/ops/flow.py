@@ -54,6 +54,18 @@ def _fast_heun_entry():
     return _FAST_HEUN
 
 
+def _run_fast(fast, x, out, *args):
+    """Runs a C++ fast path (``fast(x, *args, out)``) for an eager CPU call; its result, or
+    None when it declined (having run nothing) and the checked path must take over."""
+    dst = out
+    if dst is None and dispatch.poisoning() and isinstance(x, torch.Tensor):
+        dst = dispatch.new_output(x.shape, x.dtype, x.device)  # tests: unwritten elements show
+    try:
+        return fast(x, *args, dst)
+    except TypeError:  # an argument of the wrong type: the checked path says which
+        return None
+
+
 def _check_tensor(name, t, like):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"flow_step: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -216,14 +228,8 @@ def flow_step(x: torch.Tensor, v_cond: torch.Tensor, t: Time, t_next: Time, v_un
     if fast is not None and dispatch.cpu_fast_path():
         # Ordinary eager CPU calls: validated and run by one C++ call; it returns None,
         # having run nothing, for whatever needs the checks below (and their errors).
-        dst = out
-        if dst is None and dispatch.poisoning() and isinstance(x, torch.Tensor):
-            dst = dispatch.new_output(x.shape, x.dtype, x.device)  # tests: unwritten elements show
-        try:
-            res = fast(x, v_cond, t, t_next, v_uncond, guidance, scale, apg_eta, apg_norm_threshold, apg_momentum,
-                        momentum, reduce_ndim, prefix, prefix_len, dst)
-        except TypeError:  # an argument of the wrong type: the checks below say which
-            res = None
+        res = _run_fast(fast, x, out, v_cond, t, t_next, v_uncond, guidance, scale, apg_eta, apg_norm_threshold,
+                        apg_momentum, momentum, reduce_ndim, prefix, prefix_len)
         if res is not None:
             return res
     _check_x(x)
@@ -320,15 +326,8 @@ def flow_heun_step(x: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, t: Time,
     """Heun (second-order) update: x + (t_next - t) * (v1 + v2) / 2, with v1 the (guided)
     velocity at (x, t) and v2 at (x + (t_next - t) v1, t_next)."""
     fast = _FAST_HEUN if _FAST_HEUN is not _UNRESOLVED else _fast_heun_entry()
-    if fast is not None and dispatch.cpu_fast_path():
-        # as in flow_step: one C++ call validates and runs ordinary eager CPU calls
-        dst = out
-        if dst is None and dispatch.poisoning() and isinstance(x, torch.Tensor):
-            dst = dispatch.new_output(x.shape, x.dtype, x.device)
-        try:
-            res = fast(x, v1, v2, t, t_next, dst)
-        except TypeError:
-            res = None
+    if fast is not None and dispatch.cpu_fast_path():  # as in flow_step
+        res = _run_fast(fast, x, out, v1, v2, t, t_next)
         if res is not None:
             return res
     _check_x(x)
