@@ -72,7 +72,12 @@ def test_tokenize_with_a_target_psnr_stores_per_frame_keep(trained, capsys, monk
     assert main(["detokenize", tok, "--checkpoint", ck, "--out", a, "--steps", "2"]) == 0
     assert main(["detokenize", tok, "--checkpoint", ck, "--out", b, "--steps", "2", "--keep", "1"]) == 0
     assert main(["detokenize", tok, "--checkpoint", ck, "--out", c, "--steps", "2", "--keep", "4"]) == 0
-    assert torch.equal(read_video(a)[0], read_video(b)[0]) and not torch.equal(read_video(a)[0], read_video(c)[0])
+    va, vb, vc = (read_video(p)[0].float() for p in (a, b, c))
+    # The stored keep is what --keep 1 gives, not what --keep 4 gives. Not bit for bit: two
+    # clean-clone CI runs (2026-12-04) decoded mp4s that differed slightly, which never
+    # reproduced in place (cause unknown, see the closing note); compared relatively.
+    same, other = (va - vb).abs().mean().item(), (va - vc).abs().mean().item()
+    assert other > 0.25 and same < 0.1 * other, (same, other)  # other: 0.89 levels when measured
     assert main(["tokenize", clip, "--checkpoint", ck, "--out", tok, "--target-psnr", "90", "--search-steps", "1"]) == 2
     assert "unreachable" in capsys.readouterr().err
 
