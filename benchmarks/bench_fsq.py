@@ -4,8 +4,12 @@ Providers: the eager reference (baseline), torch.compile of the reference, the v
 backends of the device (cpu; triton and cuda on GPU), and vector_quantize_pytorch's FSQ
 when it is installed; "cpu (kernel only)" (and cuda) is the kernel writing into warm,
 preallocated outputs. "outputs: allocate + touch" is the floor a fresh-output op cannot
-beat: it allocates what the op returns (codes and indices; for forward+backward also
-grad_z) and writes every byte once, nothing else. bfloat16 cases keep codes (and the
+beat with torch's allocator (what eager and compiled code pay): it allocates what the op
+returns (codes and indices; for forward+backward also grad_z) with ``torch.empty`` and
+writes every byte once, nothing else. "outputs: allocate + touch (vft allocator)" is the
+same with the allocator vft's CPU kernels use for their outputs (``dispatch.empty_output``:
+2 MiB and larger on transparent huge pages where the OS allows), the floor of the cpu
+rows. bfloat16 cases keep codes (and the
 gradients) in bfloat16, as a bf16 model does (``out_dtype=z.dtype``); each has a "cpu(float32
 inputs)" row, the same op on float32 copies, so the bf16 gain is a same-run ratio.
 bytes (for GB/s): forward reads z and writes codes and indices (int32); forward+backward
@@ -80,15 +84,15 @@ def _forward_case(fn, z):
     return call
 
 
-def _floor_case(z, backward: bool):
-    """Allocate the op's fresh outputs and write each once (``fill_``): what any op that
-    returns new tensors pays before computing anything (on CPU mostly first-touch page
-    faults at 4M tokens)."""
+def _floor_case(z, backward: bool, empty=torch.empty):
+    """Allocate the op's fresh outputs with ``empty(shape, dtype=, device=)`` and write each
+    once (``fill_``): what any op that returns new tensors pays before computing anything
+    (on CPU mostly first-touch page faults at 4M tokens)."""
     def call():
-        outs = [torch.empty(z.shape, dtype=z.dtype, device=z.device),
-                torch.empty(z.shape[:-1], dtype=ref.index_dtype(LEVELS), device=z.device)]
+        outs = [empty(z.shape, dtype=z.dtype, device=z.device),
+                empty(z.shape[:-1], dtype=ref.index_dtype(LEVELS), device=z.device)]
         if backward:
-            outs.append(torch.empty(z.shape, dtype=z.dtype, device=z.device))
+            outs.append(empty(z.shape, dtype=z.dtype, device=z.device))
         for t in outs:
             t.fill_(1)
         return outs
@@ -152,4 +156,8 @@ def cases(ctx: Context) -> list[Case]:
                             bytes=fwd_bytes))
             out.append(Case("fsq", "forward+backward", label, dt, "outputs: allocate + touch",
                             _floor_case(z, True), bytes=bwd_bytes))
+            if z.device.type == "cpu":
+                for name, bwd, nbytes in (("forward", False, fwd_bytes), ("forward+backward", True, bwd_bytes)):
+                    out.append(Case("fsq", name, label, dt, "outputs: allocate + touch (vft allocator)",
+                                    _floor_case(z, bwd, dispatch.empty_output), bytes=nbytes))
     return out

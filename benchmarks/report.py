@@ -185,6 +185,8 @@ TARGETS = [
            15.0),
     Target("same, the allocate-and-touch floor of its outputs vs eager (the most any fresh-output op can reach)",
            "fsq", "forward+backward", "float32", "4M", "outputs: allocate + touch", "reference"),
+    Target("same, with the allocator of vft's CPU outputs (huge pages where the OS allows)",
+           "fsq", "forward+backward", "float32", "4M", "outputs: allocate + touch (vft allocator)", "reference"),
     Target("FSQ fwd+bwd, 4M tokens, bf16 (codes and grads bf16) vs the same op on float32", "fsq",
            "forward+backward", "bfloat16", "4M", "cpu", "cpu(float32 inputs)", 1.5),
     Target("FSQ fwd, 4M tokens, bf16 vs float32", "fsq", "forward", "bfloat16", "4M", "cpu", "cpu(float32 inputs)",

@@ -44,4 +44,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   vft::bind_attention(m);
   vft::bind_flow(m);
   vft::bind_block(m);
+  vft::bind_alloc(m);
 }

@@ -377,10 +377,22 @@ def poison_outputs(enabled: bool = True):
 INT_POISON = -(2**30) + 7  # not a valid FSQ index nor -1
 
 
+def empty_output(shape, dtype, device) -> torch.Tensor:
+    """``torch.empty``; on the CPU ``_C.empty_cpu`` when the extension is loaded, whose large
+    outputs (>= 2 MiB) sit on transparent huge pages where the OS allows them (a fresh
+    output then faults once per 2 MiB instead of once per 4 KiB; ``_C.huge_pages()``)."""
+    if torch.device(device).type == "cpu" and not torch.compiler.is_compiling():  # traced: torch.empty
+        from . import _ext
+
+        if _ext.C is not None:
+            return _ext.C.empty_cpu(list(shape), dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def new_output(shape, dtype, device) -> torch.Tensor:
-    """Allocate a kernel output: ``torch.empty``, or poisoned when testing."""
-    if not poisoning():
-        return torch.empty(shape, dtype=dtype, device=device)
-    if dtype.is_floating_point:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.full(shape, INT_POISON, dtype=dtype, device=device)
+    """Allocate a kernel output (see ``empty_output``), poisoned when testing (NaN, or INT_POISON
+    for integer outputs) so that elements a kernel leaves unwritten show."""
+    out = empty_output(shape, dtype, device)
+    if poisoning():
+        out.fill_(float("nan") if dtype.is_floating_point else INT_POISON)
+    return out

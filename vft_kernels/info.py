@@ -51,6 +51,11 @@ def report() -> str:
                          + (f"bf16 tile products on {names[isa]}" if isa else
                             "float32 products (no AMX-BF16 / AVX-512 BF16 on this CPU, or this torch build's "
                             "bf16 brgemm failed its probe)"))
+        if hasattr(_ext.C, "huge_pages"):
+            hp = _ext.C.huge_pages()
+            lines.append(f"            CPU outputs >= {hp['min_bytes'] >> 20} MiB: "
+                         + ("on transparent huge pages" if hp["used"] else "ordinary pages")
+                         + f" (THP mode: {hp['mode']}; VFT_HUGE_PAGES=0 turns it off)")
     forced = dispatch.forced_backend()
     lines.append(f"backend     {'forced: ' + forced if forced else 'automatic (VFT_BACKEND unset)'}")
     lines.append("")

@@ -16,6 +16,7 @@
 
 #include <torch/csrc/autograd/python_variable.h>
 
+#include "vft/alloc.h"
 #include "vft/bind.h"
 #include "vft/flow_math.h"
 
@@ -366,7 +367,7 @@ struct FastTimes {
 // shape on the CPU), a new tensor when it is None; false (decline) otherwise.
 bool fast_out(const c10::optional<torch::Tensor>& out_in, const torch::Tensor& x, torch::Tensor& out) {
   if (!out_in.has_value()) {
-    out = at::empty_like(x, at::MemoryFormat::Contiguous);
+    out = empty_output(x.sizes(), x.scalar_type());
     return true;
   }
   if (!like(*out_in, x)) return false;

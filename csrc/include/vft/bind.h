@@ -10,6 +10,7 @@ void bind_fsq(pybind11::module_& m);
 void bind_attention(pybind11::module_& m);
 void bind_flow(pybind11::module_& m);
 void bind_block(pybind11::module_& m);
+void bind_alloc(pybind11::module_& m);
 #ifdef VFT_WITH_CUDA
 // Defined in csrc/cuda/device_info.cu: nvcc version and the archs it compiled for.
 std::string cuda_compiler_info();

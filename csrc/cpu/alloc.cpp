@@ -1,0 +1,100 @@
+// Huge-page backed CPU outputs (see vft/alloc.h).
+#include "vft/alloc.h"
+
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
+#include <torch/extension.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+#include "vft/bind.h"
+#include "vft/common.h"
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace vft {
+namespace {
+
+std::string read_mode() {
+  const char* env = std::getenv("VFT_HUGE_PAGES");
+  if (env != nullptr && std::string(env) == "0") return "disabled";
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  // The selected mode is the bracketed word: "always [madvise] never".
+  std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string word;
+  while (f >> word)
+    if (word.size() > 2 && word.front() == '[' && word.back() == ']') return word.substr(1, word.size() - 2);
+#endif
+  return "unavailable";
+}
+
+void free_block(void* p) { std::free(p); }
+
+class HugePageAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t n) override {
+    const c10::Device cpu(c10::DeviceType::CPU);
+    if (n == 0) return {nullptr, nullptr, &free_block, cpu};
+    void* p = nullptr;
+    if (posix_memalign(&p, kHugePageBytes, n) != 0 || p == nullptr) {
+      TORCH_CHECK_WITH(OutOfMemoryError, false, "vft: out of memory allocating ", n, " bytes for a kernel output");
+    }
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    // Only the whole 2 MiB pages: the tail stays on 4 KiB pages, so no memory is wasted
+    // on rounding. Advice only: a refusal leaves ordinary pages.
+    if (const size_t whole = n / kHugePageBytes * kHugePageBytes) madvise(p, whole, MADV_HUGEPAGE);
+#endif
+    return {p, p, &free_block, cpu};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &free_block; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+HugePageAllocator g_huge;
+
+}  // namespace
+
+const std::string& huge_page_mode() {
+  static const std::string mode = read_mode();
+  return mode;
+}
+
+bool huge_pages_used() {
+  static const bool used = huge_page_mode() == "madvise" || huge_page_mode() == "always";
+  return used;
+}
+
+at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype) {
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
+  if (!huge_pages_used() || bytes < kHugeMinBytes) return at::empty(sizes, at::TensorOptions().dtype(dtype));
+  return at::detail::empty_generic(sizes, &g_huge, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
+                                   c10::nullopt);
+}
+
+void bind_alloc(pybind11::module_& m) {
+  m.def(
+      "empty_cpu", [](const std::vector<int64_t>& sizes, at::ScalarType dtype) {
+        for (int64_t s : sizes) VFT_CHECK(s >= 0, "empty_cpu: sizes must be >= 0, got ", at::IntArrayRef(sizes));
+        return empty_output(sizes, dtype);
+      },
+      "An uninitialised contiguous CPU tensor for a kernel output: huge-page backed from 2 MiB "
+      "when the OS allows it (see huge_pages()), else torch.empty.",
+      pybind11::arg("sizes"), pybind11::arg("dtype"));
+  m.def(
+      "huge_pages", [] {
+        pybind11::dict d;
+        d["mode"] = huge_page_mode();
+        d["used"] = huge_pages_used();
+        d["min_bytes"] = kHugeMinBytes;
+        return d;
+      },
+      "How kernel outputs are allocated: the transparent-huge-page mode read at first use "
+      "(or 'disabled' by VFT_HUGE_PAGES=0), whether huge pages are used, and from what size.");
+}
+
+}  // namespace vft
