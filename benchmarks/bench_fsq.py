@@ -8,7 +8,7 @@ beat with torch's allocator (what eager and compiled code pay): it allocates wha
 returns (codes and indices; for forward+backward also grad_z) with ``torch.empty`` and
 writes every byte once, nothing else. "outputs: allocate + touch (vft allocator)" is the
 same with the allocator vft's CPU kernels use for their outputs (``dispatch.empty_output``:
-2 MiB and larger on transparent huge pages where the OS allows), the floor of the cpu
+32 MiB and larger on transparent huge pages where the OS allows), the floor of the cpu
 rows. bfloat16 cases keep codes (and the
 gradients) in bfloat16, as a bf16 model does (``out_dtype=z.dtype``); each has a "cpu(float32
 inputs)" row, the same op on float32 copies, so the bf16 gain is a same-run ratio.

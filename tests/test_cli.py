@@ -68,16 +68,26 @@ def test_tokenize_with_a_target_psnr_stores_per_frame_keep(trained, capsys, monk
     keep = data["keep"]
     assert keep.shape == (1, 6) and keep.dtype == torch.int32 and (keep == 1).all()  # 1 dB: one token is enough
     assert "keep per latent frame [1, 1, 1, 1, 1, 1]" in capsys.readouterr().out
+    import vft.model as vm
+    lats, real_detok = [], vm.VideoFlexTok.detokenize_latents
+
+    def spy(self, *args, **kw):  # the sampled latents, before the video codec
+        lats.append(real_detok(self, *args, **kw))
+        return lats[-1]
+
+    monkeypatch.setattr(vm.VideoFlexTok, "detokenize_latents", spy)
     a, b, c = (str(root / f"{n}.mp4") for n in ("stored", "one", "all"))
     assert main(["detokenize", tok, "--checkpoint", ck, "--out", a, "--steps", "2"]) == 0
     assert main(["detokenize", tok, "--checkpoint", ck, "--out", b, "--steps", "2", "--keep", "1"]) == 0
     assert main(["detokenize", tok, "--checkpoint", ck, "--out", c, "--steps", "2", "--keep", "4"]) == 0
-    va, vb, vc = (read_video(p)[0].float() for p in (a, b, c))
-    # The stored keep is what --keep 1 gives, not what --keep 4 gives. Not bit for bit: two
-    # clean-clone CI runs (2026-12-04) decoded mp4s that differed slightly, which never
-    # reproduced in place (cause unknown, see the closing note); compared relatively.
-    same, other = (va - vb).abs().mean().item(), (va - vc).abs().mean().item()
-    assert other > 0.25 and same < 0.1 * other, (same, other)  # other: 0.89 levels when measured
+    assert all(os.path.getsize(p) > 100 for p in (a, b, c))
+    # The stored keep is what --keep 1 gives, not what --keep 4 gives. Compared on the
+    # latents: the mp4s (H.264, crf 12) turn sub-level differences into whole-level ones,
+    # and two clean-clone CI runs (2026-12-04) saw the mp4s of a and b differ (cause not
+    # found; the latents were equal in every run checked since).
+    la, lb, lc = lats
+    same, other = (la - lb).abs().max().item(), (la - lc).abs().mean().item()
+    assert same <= 1e-6 and other > 1e-4, (same, other)  # measured: 0.0 and 4.0e-4
     assert main(["tokenize", clip, "--checkpoint", ck, "--out", tok, "--target-psnr", "90", "--search-steps", "1"]) == 2
     assert "unreachable" in capsys.readouterr().err
 

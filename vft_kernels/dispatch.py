@@ -379,8 +379,9 @@ INT_POISON = -(2**30) + 7  # not a valid FSQ index nor -1
 
 def empty_output(shape, dtype, device) -> torch.Tensor:
     """``torch.empty``; on the CPU ``_C.empty_cpu`` when the extension is loaded, whose large
-    outputs (>= 2 MiB) sit on transparent huge pages where the OS allows them (a fresh
-    output then faults once per 2 MiB instead of once per 4 KiB; ``_C.huge_pages()``)."""
+    outputs (>= 32 MiB, which glibc maps afresh for every call) sit on transparent huge
+    pages where the OS allows them: a fresh output then faults once per 2 MiB instead of
+    once per 4 KiB (``_C.huge_pages()``; csrc/include/vft/alloc.h says why 32 MiB)."""
     if torch.device(device).type == "cpu" and not torch.compiler.is_compiling():  # traced: torch.empty
         from . import _ext
 

@@ -3,8 +3,10 @@
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
 #include <torch/extension.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -31,25 +33,46 @@ std::string read_mode() {
   return "unavailable";
 }
 
-void free_block(void* p) { std::free(p); }
+// One mapping: base and length as mmap returned them (after trimming to the aligned part).
+struct Mapping {
+  void* base;
+  size_t length;
+};
+
+void unmap(void* ctx) {
+  auto* m = static_cast<Mapping*>(ctx);
+#if defined(__linux__)
+  munmap(m->base, m->length);
+#endif
+  delete m;
+}
 
 class HugePageAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
     const c10::Device cpu(c10::DeviceType::CPU);
-    if (n == 0) return {nullptr, nullptr, &free_block, cpu};
-    void* p = nullptr;
-    if (posix_memalign(&p, kHugePageBytes, n) != 0 || p == nullptr) {
-      TORCH_CHECK_WITH(OutOfMemoryError, false, "vft: out of memory allocating ", n, " bytes for a kernel output");
-    }
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    // Only the whole 2 MiB pages: the tail stays on 4 KiB pages, so no memory is wasted
-    // on rounding. Advice only: a refusal leaves ordinary pages.
-    if (const size_t whole = n / kHugePageBytes * kHugePageBytes) madvise(p, whole, MADV_HUGEPAGE);
+    if (n >= kHugeMinBytes) {
+      // Map 2 MiB more than needed, then unmap the unaligned head and the tail past the
+      // last page, so the data starts on a 2 MiB boundary.
+      const size_t page = 4096, length = (n + page - 1) / page * page;
+      void* raw = mmap(nullptr, length + kHugePageBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      TORCH_CHECK_WITH(OutOfMemoryError, raw != MAP_FAILED, "vft: out of memory mapping ", n,
+                       " bytes for a kernel output");
+      const auto start = reinterpret_cast<uintptr_t>(raw);
+      const uintptr_t aligned = (start + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
+      if (aligned > start) munmap(raw, aligned - start);
+      const uintptr_t end = start + length + kHugePageBytes;
+      if (end > aligned + length) munmap(reinterpret_cast<void*>(aligned + length), end - aligned - length);
+      void* p = reinterpret_cast<void*>(aligned);
+      // Only the whole 2 MiB pages: the tail stays on 4 KiB pages, so no memory is spent on
+      // rounding. Advice only: a refusal leaves ordinary pages.
+      madvise(p, n / kHugePageBytes * kHugePageBytes, MADV_HUGEPAGE);
+      return {p, new Mapping{p, length}, &unmap, cpu};
+    }
 #endif
-    return {p, p, &free_block, cpu};
+    return c10::GetCPUAllocator()->allocate(n);
   }
-  c10::DeleterFnPtr raw_deleter() const override { return &free_block; }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }
@@ -82,7 +105,7 @@ void bind_alloc(pybind11::module_& m) {
         for (int64_t s : sizes) VFT_CHECK(s >= 0, "empty_cpu: sizes must be >= 0, got ", at::IntArrayRef(sizes));
         return empty_output(sizes, dtype);
       },
-      "An uninitialised contiguous CPU tensor for a kernel output: huge-page backed from 2 MiB "
+      "An uninitialised contiguous CPU tensor for a kernel output: huge-page backed from 32 MiB "
       "when the OS allows it (see huge_pages()), else torch.empty.",
       pybind11::arg("sizes"), pybind11::arg("dtype"));
   m.def(
