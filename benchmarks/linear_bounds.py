@@ -8,12 +8,17 @@ pixel compressor's temporal factor), it reports the held-out PSNR of
   numbers per latent frame, quantised), and
 * a linear autoencoder (``frame -> d -> frame``, Adam, fresh clips every step, batch 8 clips
   like ``vft train``) after each 100 steps, i.e. how fast the simplest model learns it,
+* with ``--fsq RxLEVELS`` (e.g. ``16x8,5,5,5``), the tokenizer's own kind of code made linear:
+  ``frame -> R registers x n dims -> FSQ (per-dim batch norm, vk.fsq_quantize) -> frame``,
+  with nested dropout (registers past a keep drawn from {1, 2, 4, ..., R} read a learned
+  mask code), trained on a pool of training clips; held-out PSNR at each keep,
 
 for the calm default background (``WAVE_CYCLES``) and the busy one of the first runs
 (``DETAILED_WAVES``), next to the per-clip mean-colour baseline.
 
     python -m benchmarks.linear_bounds                     # 32x32, PCA on 3,000 clips, AE 1,000 steps
     python -m benchmarks.linear_bounds --ae-steps 0        # PCA only (about 20 s)
+    python -m benchmarks.linear_bounds --ae-steps 0 --fsq 16x8,5,5,5 --fsq 64x8,8,8,5,5,5
 """
 from __future__ import annotations
 
@@ -65,6 +70,52 @@ def linear_ae_curve(size: int, waves, held: torch.Tensor, d: int, steps: int, lr
     return curve
 
 
+def parse_fsq(spec: str) -> tuple[int, tuple[int, ...]]:
+    """``"16x8,5,5,5"`` -> (16, (8, 5, 5, 5))."""
+    regs, sep, levels = spec.partition("x")
+    try:
+        out = int(regs), tuple(int(v) for v in levels.split(","))
+    except ValueError:
+        out = None
+    if not sep or out is None or out[0] < 1 or min(out[1]) < 2:
+        raise ValueError(f"--fsq must look like REGISTERSxL1,L2,... (e.g. 16x8,5,5,5), got {spec!r}")
+    return out
+
+
+def fsq_linear_curve(train: torch.Tensor, held: torch.Tensor, registers: int, levels, steps: int,
+                     lr: float = 2e-3, batch: int = 32) -> dict[int, float]:
+    """Held-out PSNR per keep of an FSQ-quantised nested-dropout linear autoencoder."""
+    import vft_kernels as vk
+
+    torch.manual_seed(0)
+    n, d = train.shape[1], len(levels)
+    enc, dec = torch.nn.Linear(n, registers * d), torch.nn.Linear(registers * d, n)
+    mask = torch.nn.Parameter(torch.zeros(registers, d))
+    norm = torch.nn.BatchNorm1d(d, affine=False)
+    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters(), mask], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=lr / 10)
+    keeps = torch.tensor([1 << i for i in range(registers.bit_length()) if 1 << i <= registers])
+
+    def run(x, keep):
+        z = norm(enc(x).reshape(-1, d)).reshape(-1, registers, d)
+        codes, _ = vk.fsq_quantize(z.contiguous(), levels)
+        kept = torch.arange(registers)[None, :, None] < keep[:, None, None]
+        return dec(torch.where(kept, codes, mask).reshape(-1, registers * d))
+
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = train[torch.randint(0, train.shape[0], (batch,), generator=gen)]
+        keep = keeps[torch.randint(0, len(keeps), (batch,), generator=gen)]
+        loss = (run(x, keep) - x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    norm.eval()
+    with torch.no_grad():
+        return {int(k): psnr_rows(run(held, torch.full((held.shape[0],), int(k))), held) for k in keeps}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=32, help="frame height = width")
@@ -74,7 +125,15 @@ def main(argv=None) -> int:
     p.add_argument("--ae-dim", type=int, default=32)
     p.add_argument("--ae-steps", type=int, default=1000)
     p.add_argument("--ae-lr", type=float, default=3e-3)
+    p.add_argument("--fsq", action="append", default=[], metavar="RxLEVELS",
+                   help="also train an FSQ-quantised nested-dropout linear autoencoder with R registers of "
+                        "these levels (repeatable), e.g. 16x8,5,5,5")
+    p.add_argument("--fsq-steps", type=int, default=3000)
     args = p.parse_args(argv)
+    try:
+        fsq_codes = [parse_fsq(s) for s in args.fsq]
+    except ValueError as e:
+        p.error(str(e))
     dims = [int(d) for d in args.dims.split(",")]
     if min(dims) < 1 or max(dims) > 6 * args.size ** 2:
         p.error(f"--dims must be in [1, {6 * args.size ** 2}], got {dims}")
@@ -91,6 +150,10 @@ def main(argv=None) -> int:
             curve = linear_ae_curve(args.size, waves, held, args.ae_dim, args.ae_steps, args.ae_lr)
             print(f"  linear autoencoder ({args.ae_dim} numbers, lr {args.ae_lr}): "
                   + ", ".join(f"{s}: {v:.2f}" for s, v in curve.items()))
+        for regs, levels in fsq_codes:
+            curve = fsq_linear_curve(train, held, regs, levels, args.fsq_steps)
+            print(f"  FSQ linear autoencoder, {regs} x {levels} ({regs * len(levels)} numbers, "
+                  f"{args.fsq_steps} steps), PSNR by keep: " + ", ".join(f"{k}: {v:.2f}" for k, v in curve.items()))
         sys.stdout.flush()
     return 0
 

@@ -263,6 +263,24 @@ def test_linear_bounds_reports_both_backgrounds(capsys):
     assert calm_pca[24] > busy_pca[24]
 
 
+def test_linear_bounds_fsq_autoencoder_rises_with_keep(capsys):
+    """--fsq: the quantised nested-dropout linear autoencoder reports PSNR for every keep,
+    rising from keep 1 to all registers after a short training; bad specs are refused."""
+    import re
+
+    from benchmarks import linear_bounds
+
+    assert linear_bounds.main(["--size", "16", "--train-clips", "80", "--heldout-clips", "6", "--dims", "8",
+                               "--ae-steps", "0", "--fsq", "4x8,5,5,5", "--fsq-steps", "300"]) == 0
+    calm = capsys.readouterr().out.split("detailed background")[0]
+    line = re.search(r"FSQ linear autoencoder, 4 x \(8, 5, 5, 5\).*", calm).group(0)
+    curve = {int(k): float(v) for k, v in re.findall(r"(\d+): ([\d.]+)", line.split("by keep:")[1])}
+    assert sorted(curve) == [1, 2, 4] and curve[4] > curve[1] + 0.5, curve
+    with pytest.raises(SystemExit):
+        linear_bounds.main(["--fsq", "16x8,1"])
+    assert linear_bounds.parse_fsq("16x8,5,5,5") == (16, (8, 5, 5, 5))
+
+
 def test_eval_adaptive_policies_on_a_micro_model(tmp_path, token_sensitive):
     """benchmarks.eval_adaptive: the five clip kinds; fixed K = the smallest K whose mean PSNR
     reaches the target; the per-clip oracle is the cheapest lambda-sweep allocation reaching
