@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -377,12 +378,16 @@ def poison_outputs(enabled: bool = True):
 INT_POISON = -(2**30) + 7  # not a valid FSQ index nor -1
 
 
+HUGE_MIN_BYTES = 32 << 20  # = vft::kHugeMinBytes (csrc/include/vft/alloc.h; _C.huge_pages()["min_bytes"])
+
+
 def empty_output(shape, dtype, device) -> torch.Tensor:
-    """``torch.empty``; on the CPU ``_C.empty_cpu`` when the extension is loaded, whose large
-    outputs (>= 32 MiB, which glibc maps afresh for every call) sit on transparent huge
-    pages where the OS allows them: a fresh output then faults once per 2 MiB instead of
-    once per 4 KiB (``_C.huge_pages()``; csrc/include/vft/alloc.h says why 32 MiB)."""
-    if torch.device(device).type == "cpu" and not torch.compiler.is_compiling():  # traced: torch.empty
+    """``torch.empty``; CPU outputs of at least HUGE_MIN_BYTES come from ``_C.empty_cpu`` when
+    the extension is loaded: sizes glibc maps afresh for every call, put on transparent huge
+    pages where the OS allows them, so a fresh output faults once per 2 MiB instead of once
+    per 4 KiB (``_C.huge_pages()``; csrc/include/vft/alloc.h says why 32 MiB)."""
+    if (torch.device(device).type == "cpu" and math.prod(shape) * dtype.itemsize >= HUGE_MIN_BYTES
+            and not torch.compiler.is_compiling()):  # traced: torch.empty
         from . import _ext
 
         if _ext.C is not None:

@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
-#include <sstream>
+#include <string>
 
 #include "vft/bind.h"
 #include "vft/common.h"
