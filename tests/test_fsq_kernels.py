@@ -66,6 +66,19 @@ def test_forward_presets(backend, levels):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", range(1, 14))
+def test_forward_every_dim_count(backend, d):
+    """Every dim count with int32 indices (5**13 < 2**31): the CPU kernel sums each row's
+    index contributions with register permutes (its own code per dim count), and with
+    gathers in blocks that hold a NaN; full and partial blocks, with and without NaN."""
+    levels = tuple(5 + (j % 4) for j in range(d)) if d < 9 else (5,) * d
+    z = torch.randn(45, d) * 2.0
+    z[33, d // 2] = math.nan  # the third block takes the NaN path, the others not
+    codes, idx = check_forward(backend, z, levels)
+    assert idx.dtype == torch.int32 and int(idx[33]) == -1 and bool((idx[:32] >= 0).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("levels", [(8, 5, 7, 6), (24, 5, 7, 17)], ids=["small", "large"])
 def test_forward_dense_sweep(backend, levels):
     # Every regime of the kernels' tanh (polynomial, exp branch, saturation) or thresholds

@@ -171,7 +171,33 @@ inline void row_indices(const AccOf<Idx>* __restrict contrib, Idx* __restrict id
   using Acc = AccOf<Idx>;
 #if defined(__AVX512F__)
   if constexpr (sizeof(Idx) == 4 && kRows == 16) {
-    // rows as the 16 lanes: D gathers of stride D instead of 2 * kRows * D scalar ops
+    // Rows as the 16 lanes. Without NaN (the usual block): the D vectors of contributions
+    // are loaded once, and each row's D entries are brought to its lane by two-source
+    // permutes of vector pairs (compile-time indices and masks): D * ceil(D / 2) permutes,
+    // no memory gathers (perf: the gathers below were a third of the forward's time).
+    // Integer sums, so the order does not change the result.
+    __m512i v[D + 1];
+    __m512i any0 = _mm512_setzero_si512();
+    for (int i = 0; i < D; ++i) {
+      v[i] = _mm512_load_si512(contrib + 16 * i);
+      any0 = _mm512_or_si512(any0, v[i]);
+    }
+    v[D] = _mm512_setzero_si512();
+    if (!_mm512_test_epi32_mask(any0, _mm512_set1_epi32(static_cast<int>(kNanBit<Acc>)))) {
+      const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      __m512i sum = _mm512_setzero_si512();
+      for (int j = 0; j < D; ++j) {
+        const __m512i e = _mm512_add_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(D)), _mm512_set1_epi32(j));
+        for (int p = 0; 2 * p < D; ++p) {
+          const __m512i rel = _mm512_sub_epi32(e, _mm512_set1_epi32(32 * p));  // element within the pair
+          const __mmask16 k = _mm512_cmplt_epu32_mask(rel, _mm512_set1_epi32(32));
+          sum = _mm512_add_epi32(sum, _mm512_maskz_permutex2var_epi32(k, v[2 * p], rel, v[2 * p + 1]));
+        }
+      }
+      _mm512_mask_storeu_epi32(idx, static_cast<__mmask16>((1u << n) - 1u), sum);
+      return;
+    }
+    // A NaN in the block: D gathers of stride D, summing and OR-ing each row's entries.
     const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(D));
     __m512i sum = _mm512_setzero_si512(), any = _mm512_setzero_si512();
