@@ -134,6 +134,35 @@ def test_bfloat16_blocks_with_special_values(backend, levels):
     check_backward(backend, finite, levels, out_dtype=torch.bfloat16)
 
 
+ALL_BF16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+@pytest.mark.skipif(not _available("cpu"), reason="backend cpu unavailable")
+@pytest.mark.parametrize("levels,eps", [((8, 8, 8, 5, 5, 5), 1e-3), ((8, 8, 8, 5, 5, 5), 0.0), ((8, 5, 5, 5), 0.1),
+                                        ((7, 5, 5, 5, 5), 1e-3), ((16, 15, 3), 0.0), ((3,), 1e-3),
+                                        ((2, 3, 4, 5, 6, 7, 8, 2, 2, 3), 1e-3), ((16, 16, 16, 16), 1e-3),
+                                        ((16, 16, 16, 16, 5), 1e-3)],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"eps{v}")
+def test_cpu_bf16_every_value(levels, eps):
+    """The cpu kernel's bf16 -> bf16 forward compares 16-bit keys of the bf16 bits against
+    per-dim key thresholds (32 rows per block; at most 64 (dim, digit) codes, so the last
+    level set takes the float path) and looks codes up in a table. Every one of the 65,536
+    bf16 values in every dim (+-0, subnormals, +-inf, both NaN signs), plus a partial last
+    block: bit-identical to the float32 kernel on the same values (NaN codes NaN, index -1),
+    and exact against the reference."""
+    d = len(levels)
+    z = torch.stack([ALL_BF16.roll(1237 * j) for j in range(d)], 1)
+    z = torch.cat([z, z[-37:]])  # one full 32-row block and 5 rows after the last full one
+    codes, idx = quantize("cpu", z, levels, eps=eps, out_dtype=torch.bfloat16)
+    fc, fi = quantize("cpu", z.float(), levels, eps=eps)
+    nan = z.float().isnan().any(-1)
+    assert torch.equal(idx, fi) and bool((idx[nan] == -1).all()) and bool((idx[~nan] >= 0).all())
+    assert torch.equal(codes.isnan(), fc.isnan()) and torch.equal(codes.isnan(), z.isnan())
+    ok = ~codes.isnan()
+    assert torch.equal(codes[ok].view(torch.int16), fc.to(torch.bfloat16)[ok].view(torch.int16))
+    check_forward("cpu", z, levels, eps=eps, out_dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_forward_eps(backend, eps):

@@ -7,12 +7,15 @@
 // -fopt-info-vec). Contiguous float32 blocks are read and written in place; other dtypes
 // and strides go through a small conversion buffer. OpenMP splits the blocks over threads.
 // The forward rounds by counting precomputed thresholds for levels <= 16 (no tanh; see
-// fwd_elements) and evaluates fsq_math.h's tanh otherwise; tests run both paths.
+// fwd_elements) and evaluates fsq_math.h's tanh otherwise; tests run both paths. Dense bf16
+// inputs with bf16 codes count thresholds on 16-bit keys of the bf16 bits instead, 32 lanes
+// per instruction (forward_bf16_keys).
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <array>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -225,10 +228,117 @@ inline void row_indices(const AccOf<Idx>* __restrict contrib, Idx* __restrict id
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// bf16 -> bf16 forward on the threshold path, 32 lanes per vector op (AVX-512 BW).
+//
+// x = float(z) + shift is non-decreasing in z, so for bf16 inputs each threshold test
+// x >= thr_i is z >= zthr_i for the smallest such bf16 value zthr_i (found once per call by
+// bisection with the same float arithmetic). On the order-preserving int16 key of the bf16
+// bits (negative values: magnitude bits inverted), the digit is a count of 16-bit integer
+// compares, 32 elements per instruction, no conversion to float. The bf16 code of each
+// (dim, digit) comes from a 64-entry table (two-source word permute) holding exactly what
+// the float path computes and rounds, so results are bit-identical to it (tested on every
+// bf16 value). NaN inputs (keys above +inf or below -inf) give code 0x7FC0 and index -1.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define VFT_FSQ_BF16_KEYS 1
+constexpr int kKeyRows = 32;  // rows per block: D vectors of 32 bf16
+
+inline uint16_t key_bits(int k) { return static_cast<uint16_t>(k < 0 ? (k & 0xFFFF) ^ 0x7FFF : k); }
+
+// Smallest key (in [-inf, +inf]) whose value passes x = float(z) + shift >= thr, or one past
+// +inf (only NaN keys lie there) when none does; NaN thresholds (unused entries) never pass.
+int key_threshold(float shift, float thr) {
+  auto pass = [&](int k) { return bf16::to_f32(key_bits(k)) + shift >= thr; };
+  int lo = -32641, hi = 32640;  // keys of -inf and +inf
+  if (!pass(hi)) return 32641;
+  while (lo < hi) {  // pass is monotone in k: find the first k that passes
+    const int mid = lo + (hi - lo) / 2;
+    if (pass(mid)) hi = mid; else lo = mid + 1;
+  }
+  return lo;
+}
+
+template <int D>
+struct KeyTable {
+  alignas(64) int16_t thr[D][kMaxThresholds][32];  // per vector u of a block, per threshold
+  alignas(64) int16_t base[D][32];                  // dim * stride: the code table's row
+  alignas(64) int32_t basis[D][2][16];              // index basis of each lane (low / high half)
+  alignas(64) uint16_t codes[64];                   // bf16 code of (dim, digit) at dim * stride + digit
+  int n_thr = 0;
+};
+
+// The key path applies: bf16 codes, int32 indices, the threshold path, and a code table of
+// at most 64 entries (D * max(levels) <= 64).
+template <int D>
+bool build_key_table(KeyTable<D>& kt, const FwdTable<D, uint32_t>& t, const std::vector<int64_t>& levels) {
+  const int64_t stride = *std::max_element(levels.begin(), levels.end());
+  if (t.n_thr == 0 || D * stride > 64) return false;
+  kt.n_thr = t.n_thr;
+  int16_t key_thr[D][kMaxThresholds];
+  for (int j = 0; j < D; ++j) {  // t's tables repeat with period D: entry j is dim j
+    for (int i = 0; i < t.n_thr; ++i) key_thr[j][i] = static_cast<int16_t>(key_threshold(t.shift[j], t.thr[i][j]));
+  }
+  for (int u = 0; u < D; ++u) {
+    for (int l = 0; l < 32; ++l) {
+      const int k = (32 * u + l) % D;  // the element's dim
+      for (int i = 0; i < t.n_thr; ++i) kt.thr[u][i][l] = key_thr[k][i];
+      kt.base[u][l] = static_cast<int16_t>(k * stride);
+      kt.basis[u][l / 16][l % 16] = static_cast<int32_t>(t.basis[k]);
+    }
+  }
+  std::fill(kt.codes, kt.codes + 64, uint16_t(0));
+  for (int j = 0; j < D; ++j) {
+    for (int64_t g = 0; g < levels[j]; ++g) {
+      kt.codes[j * stride + g] =
+          bf16::from_f32(fsq::div_code(static_cast<float>(g) - t.half_w[j], t.half_w[j], t.inv_w[j]));
+    }
+  }
+  return true;
+}
+
+// Rows [0, blocks * kKeyRows) of a dense bf16 z -> bf16 codes and int32 indices.
+template <int D>
+void forward_bf16_keys(const uint16_t* zb, uint16_t* cb, int32_t* idx, int64_t blocks, const KeyTable<D>& kt) {
+  at::parallel_for(0, blocks, kMinBlocksPerThread, [&](int64_t blk_begin, int64_t blk_end) {
+    const __m512i sign_off = _mm512_set1_epi16(0x7FFF), inf = _mm512_set1_epi16(0x7F80);
+    const __m512i qnan = _mm512_set1_epi16(0x7FC0), one = _mm512_set1_epi16(1);
+    const __m512i tab_lo = _mm512_load_si512(kt.codes), tab_hi = _mm512_load_si512(kt.codes + 32);
+    const __m512i nan_bit = _mm512_set1_epi32(static_cast<int>(kNanBit<uint32_t>));
+    const int n_thr = kt.n_thr;
+    for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+      const uint16_t* src = zb + blk * kKeyRows * D;
+      uint16_t* dst = cb + blk * kKeyRows * D;
+      alignas(64) uint32_t contrib[kKeyRows * D];  // [vector u][low, high half][16]
+      for (int u = 0; u < D; ++u) {
+        const __m512i b = _mm512_loadu_si512(src + 32 * u);
+        const __m512i key = _mm512_xor_si512(b, _mm512_and_si512(_mm512_srai_epi16(b, 15), sign_off));
+        __m512i dg = _mm512_setzero_si512();
+        for (int i = 0; i < n_thr; ++i) {
+          const __mmask32 ge = _mm512_cmpge_epi16_mask(key, _mm512_load_si512(kt.thr[u][i]));
+          dg = _mm512_mask_add_epi16(dg, ge, dg, one);
+        }
+        const __mmask32 nan = _mm512_cmpgt_epi16_mask(_mm512_and_si512(b, sign_off), inf);
+        __m512i code = _mm512_permutex2var_epi16(tab_lo, _mm512_add_epi16(dg, _mm512_load_si512(kt.base[u])), tab_hi);
+        _mm512_storeu_si512(dst + 32 * u, _mm512_mask_mov_epi16(code, nan, qnan));
+        __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(dg));
+        __m512i hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(dg, 1));
+        lo = _mm512_mullo_epi32(lo, _mm512_load_si512(kt.basis[u][0]));
+        hi = _mm512_mullo_epi32(hi, _mm512_load_si512(kt.basis[u][1]));
+        _mm512_store_si512(contrib + 32 * u, _mm512_mask_mov_epi32(lo, static_cast<__mmask16>(nan), nan_bit));
+        _mm512_store_si512(contrib + 32 * u + 16, _mm512_mask_mov_epi32(hi, static_cast<__mmask16>(nan >> 16), nan_bit));
+      }
+      // contrib is the block's 32 * D contributions in element order: rows 0-15, then 16-31.
+      row_indices<D, int32_t>(contrib, idx + blk * kKeyRows, 16);
+      row_indices<D, int32_t>(contrib + 16 * D, idx + blk * kKeyRows + 16, 16);
+    }
+  });
+}
+#endif
+
 template <int D, typename Idx>
 void fsq_forward_impl(const at::Tensor& z2, at::Tensor& codes, at::Tensor& indices,
                       const std::vector<DimConst>& consts, const std::vector<int64_t>& basis,
-                      const at::Tensor& thresholds) {
+                      const at::Tensor& thresholds, const std::vector<int64_t>& levels) {
   using Acc = AccOf<Idx>;
   constexpr int K = kRows * D;
   FwdTable<D, Acc> t;
@@ -258,8 +368,21 @@ void fsq_forward_impl(const at::Tensor& z2, at::Tensor& codes, at::Tensor& indic
   const uint16_t* zb = is_dense_bf16(z2, D) ? bf16_bits(z2) : nullptr;  // bf16 fast paths
   uint16_t* cb = codes.scalar_type() == at::kBFloat16 ? bf16_bits_mut(codes) : nullptr;
   Idx* idx = indices.data_ptr<Idx>();
+  int64_t first = 0;  // blocks before this one were done by the bf16 key path
+#ifdef VFT_FSQ_BF16_KEYS
+  if constexpr (sizeof(Idx) == 4) {
+    if (zb != nullptr && cb != nullptr && rows >= kKeyRows) {
+      KeyTable<D> kt;
+      if (build_key_table<D>(kt, t, levels)) {
+        const int64_t key_blocks = rows / kKeyRows;
+        forward_bf16_keys<D>(zb, cb, reinterpret_cast<int32_t*>(idx), key_blocks, kt);
+        first = key_blocks * (kKeyRows / kRows);
+      }
+    }
+  }
+#endif
 
-  at::parallel_for(0, blocks, kMinBlocksPerThread, [&](int64_t blk_begin, int64_t blk_end) {
+  at::parallel_for(first, blocks, kMinBlocksPerThread, [&](int64_t blk_begin, int64_t blk_end) {
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       alignas(64) float zbuf[K];
       alignas(64) float cbuf[K];
@@ -292,11 +415,11 @@ void fsq_forward_impl(const at::Tensor& z2, at::Tensor& codes, at::Tensor& indic
 template <int D>
 void forward_dims(const at::Tensor& z2, at::Tensor& codes, at::Tensor& indices,
                   const std::vector<DimConst>& consts, const std::vector<int64_t>& basis,
-                  const at::Tensor& thresholds) {
+                  const at::Tensor& thresholds, const std::vector<int64_t>& levels) {
   if (indices.scalar_type() == at::kInt) {
-    fsq_forward_impl<D, int32_t>(z2, codes, indices, consts, basis, thresholds);
+    fsq_forward_impl<D, int32_t>(z2, codes, indices, consts, basis, thresholds, levels);
   } else {
-    fsq_forward_impl<D, int64_t>(z2, codes, indices, consts, basis, thresholds);
+    fsq_forward_impl<D, int64_t>(z2, codes, indices, consts, basis, thresholds, levels);
   }
 }
 
@@ -355,7 +478,7 @@ void fsq_forward_cpu(const at::Tensor& z2, at::Tensor codes, at::Tensor indices,
   const auto basis = basis_of(levels);
   switch (d) {
 #define VFT_FSQ_CASE(D) \
-  case D: return forward_dims<D>(z2, codes, indices, c, basis, thresholds);
+  case D: return forward_dims<D>(z2, codes, indices, c, basis, thresholds, levels);
     VFT_FSQ_CASE(1) VFT_FSQ_CASE(2) VFT_FSQ_CASE(3) VFT_FSQ_CASE(4) VFT_FSQ_CASE(5) VFT_FSQ_CASE(6)
     VFT_FSQ_CASE(7) VFT_FSQ_CASE(8) VFT_FSQ_CASE(9) VFT_FSQ_CASE(10) VFT_FSQ_CASE(11) VFT_FSQ_CASE(12)
     VFT_FSQ_CASE(13) VFT_FSQ_CASE(14) VFT_FSQ_CASE(15) VFT_FSQ_CASE(16)
