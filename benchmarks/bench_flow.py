@@ -27,6 +27,9 @@ MODES = {
 }
 
 
+SAME_TRAFFIC = "same traffic: torch.addcmul(out=)"
+
+
 def _kernel_backends(device):
     return [b for b in dispatch.PRIORITY[device.type] if b != "reference"
             and dispatch.backend_status(b) is None and dispatch._REGISTRY[("flow_step", b)].load() is None]
@@ -64,6 +67,11 @@ def _shape_cases(shape, dev, compiled) -> list[Case]:
             call = (dst, x, vc, args["v_uncond"], t, tn, kw["guidance"], kw.get("scale", 1.0), kw.get("apg_eta", 0.0),
                     kw.get("apg_norm_threshold", 0.0), kw.get("apg_momentum", 0.0), m, 3, None, 0)
             out.append(case(f"{backend} (kernel only)", lambda fn=fn, call=call: fn(*call)))
+        if kw["guidance"] == "cfg":
+            # The same bytes moved by one stock ATen op (3 tensors read, 1 written): what a
+            # step with the CFG step's traffic costs on this memory hierarchy, so the most any
+            # kernel writing a separate output can reach against the other providers.
+            out.append(case(SAME_TRAFFIC, lambda: torch.addcmul(x, vc, vu, out=dst)))
     return out
 
 

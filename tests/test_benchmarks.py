@@ -432,3 +432,26 @@ def test_attention_executed_pairs_are_the_unmasked_tiles(mode):
     assert _executed_pairs(layout, keeps) == want
     allowed = sum(layout.allowed_pairs(k) for k in keeps)
     assert allowed <= want <= len(keeps) * N * N
+
+
+def test_flow_targets_name_real_cases_and_the_traffic_floor_moves_the_same_bytes():
+    """Every flow target of the quick shape names a (step, provider) the flow benchmark
+    times, and the CFG traffic-floor row (torch.addcmul into the same output) moves the
+    same bytes as the CFG step and computes x + v_cond * v_uncond into that output."""
+    from benchmarks import bench_flow
+    from benchmarks.common import Context
+
+    cases = bench_flow.cases(Context(device=torch.device("cpu"), quick=True))
+    have = {(c.name, c.provider, c.shape) for c in cases}
+    flow_targets = [t for t in report.TARGETS if t.op == "flow" and t.shape == "4x16x5x32x32"]
+    assert any(t.provider == bench_flow.SAME_TRAFFIC for t in flow_targets)
+    for t in flow_targets:
+        for provider in (t.provider, t.against):
+            assert (t.name, provider, t.shape) in have, (t.what, provider)
+    cfg = {c.provider: c for c in cases if c.name == "cfg step"}
+    floor = cfg[bench_flow.SAME_TRAFFIC]
+    assert floor.bytes == cfg["cpu"].bytes == 4 * 4 * 16 * 5 * 32 * 32 * 4
+    got = floor.fn()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x, vc, vu = (torch.randn((4, 16, 5, 32, 32), generator=g) for _ in range(3))
+    torch.testing.assert_close(got, x + vc * vu)
