@@ -12,6 +12,9 @@ pixel compressor's temporal factor), it reports the held-out PSNR of
   ``frame -> R registers x n dims -> FSQ (per-dim batch norm, vk.fsq_quantize) -> frame``,
   with nested dropout (registers past a keep drawn from {1, 2, 4, ..., R} read a learned
   mask code), trained on a pool of training clips; held-out PSNR at each keep,
+* with ``--conv RxLEVELS``, the same code with a convolutional encoder and decoder
+  (``ConvCoder``, ~0.5 M parameters at the default width): a nonlinear model of the same
+  code size, to tell a bound of the code from a bound of the linear maps,
 
 for the calm default background (``WAVE_CYCLES``) and the busy one of the first runs
 (``DETAILED_WAVES``), next to the per-clip mean-colour baseline.
@@ -19,6 +22,7 @@ for the calm default background (``WAVE_CYCLES``) and the busy one of the first 
     python -m benchmarks.linear_bounds                     # 32x32, PCA on 3,000 clips, AE 1,000 steps
     python -m benchmarks.linear_bounds --ae-steps 0        # PCA only (about 20 s)
     python -m benchmarks.linear_bounds --ae-steps 0 --fsq 16x8,5,5,5 --fsq 64x8,8,8,5,5,5
+    python -m benchmarks.linear_bounds --ae-steps 0 --dims 64 --backgrounds calm --conv 16x8,5,5,5
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import argparse
 import sys
 
 import torch
+from tqdm.auto import tqdm
 
 from vft.data import DETAILED_WAVES, HELDOUT_SEED, WAVE_CYCLES, synthetic_video, to_model_range
 
@@ -82,14 +87,47 @@ def parse_fsq(spec: str) -> tuple[int, tuple[int, ...]]:
     return out
 
 
-def fsq_linear_curve(train: torch.Tensor, held: torch.Tensor, registers: int, levels, steps: int,
-                     lr: float = 2e-3, batch: int = 32) -> dict[int, float]:
-    """Held-out PSNR per keep of an FSQ-quantised nested-dropout linear autoencoder."""
+class ConvCoder(torch.nn.Module):
+    """A small convolutional encoder or decoder of latent-frame rows (``--conv``).
+
+    encoder: row [N, 6 S^2] -> image [N, 6, S, S] -> three stride-2 stages (width w, 2w,
+    2w; 3x3 conv then 4x4 stride-2 conv, SiLU) -> S/8 x S/8 x 2w -> Linear -> ``out``
+    numbers; decoder: the mirror image, from ``out`` numbers back to a row."""
+
+    def __init__(self, size: int, numbers: int, width: int, decoder: bool):
+        super().__init__()
+        if size % 8:
+            raise ValueError(f"--conv needs --size divisible by 8, got {size}")
+        nn, w, s8 = torch.nn, width, size // 8
+        self.size, self.decoder = size, decoder
+        if not decoder:
+            self.net = nn.Sequential(
+                nn.Conv2d(6, w, 3, padding=1), nn.SiLU(), nn.Conv2d(w, w, 4, 2, 1), nn.SiLU(),
+                nn.Conv2d(w, 2 * w, 3, padding=1), nn.SiLU(), nn.Conv2d(2 * w, 2 * w, 4, 2, 1), nn.SiLU(),
+                nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.SiLU(), nn.Conv2d(2 * w, 2 * w, 4, 2, 1), nn.SiLU(),
+                nn.Flatten(), nn.Linear(2 * w * s8 * s8, numbers))
+        else:
+            self.net = nn.Sequential(
+                nn.Linear(numbers, 2 * w * s8 * s8), nn.SiLU(), nn.Unflatten(1, (2 * w, s8, s8)),
+                nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.SiLU(), nn.ConvTranspose2d(2 * w, 2 * w, 4, 2, 1), nn.SiLU(),
+                nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.SiLU(), nn.ConvTranspose2d(2 * w, w, 4, 2, 1), nn.SiLU(),
+                nn.Conv2d(w, w, 3, padding=1), nn.SiLU(), nn.ConvTranspose2d(w, w, 4, 2, 1), nn.SiLU(),
+                nn.Conv2d(w, 6, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Rows are (channel, frame, y, x)-ordered (see latent_frames): 6 image channels.
+        if self.decoder:
+            return self.net(x).reshape(x.shape[0], -1)
+        return self.net(x.reshape(-1, 6, self.size, self.size))
+
+
+def fsq_curve(train: torch.Tensor, held: torch.Tensor, registers: int, levels, steps: int,
+              enc: torch.nn.Module, dec: torch.nn.Module, lr: float = 2e-3, batch: int = 32) -> dict[int, float]:
+    """Held-out PSNR per keep of an FSQ-quantised nested-dropout autoencoder ``enc``/``dec``
+    (rows -> registers * len(levels) numbers -> rows), trained ``steps`` steps."""
     import vft_kernels as vk
 
-    torch.manual_seed(0)
-    n, d = train.shape[1], len(levels)
-    enc, dec = torch.nn.Linear(n, registers * d), torch.nn.Linear(registers * d, n)
+    d = len(levels)
     mask = torch.nn.Parameter(torch.zeros(registers, d))
     norm = torch.nn.BatchNorm1d(d, affine=False)
     opt = torch.optim.Adam([*enc.parameters(), *dec.parameters(), mask], lr=lr)
@@ -103,7 +141,7 @@ def fsq_linear_curve(train: torch.Tensor, held: torch.Tensor, registers: int, le
         return dec(torch.where(kept, codes, mask).reshape(-1, registers * d))
 
     gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=f"{registers} x {levels}", leave=False, disable=None):
         x = train[torch.randint(0, train.shape[0], (batch,), generator=gen)]
         keep = keeps[torch.randint(0, len(keeps), (batch,), generator=gen)]
         loss = (run(x, keep) - x).square().mean()
@@ -114,6 +152,22 @@ def fsq_linear_curve(train: torch.Tensor, held: torch.Tensor, registers: int, le
     norm.eval()
     with torch.no_grad():
         return {int(k): psnr_rows(run(held, torch.full((held.shape[0],), int(k))), held) for k in keeps}
+
+
+def fsq_linear_curve(train: torch.Tensor, held: torch.Tensor, registers: int, levels, steps: int) -> dict[int, float]:
+    """``--fsq``: the tokenizer's kind of code with a linear encoder and decoder."""
+    torch.manual_seed(0)
+    n, m = train.shape[1], registers * len(levels)
+    return fsq_curve(train, held, registers, levels, steps, torch.nn.Linear(n, m), torch.nn.Linear(m, n))
+
+
+def fsq_conv_curve(train: torch.Tensor, held: torch.Tensor, size: int, registers: int, levels, steps: int,
+                   width: int) -> dict[int, float]:
+    """``--conv``: the same code with a convolutional encoder and decoder (ConvCoder)."""
+    torch.manual_seed(0)
+    m = registers * len(levels)
+    return fsq_curve(train, held, registers, levels, steps, ConvCoder(size, m, width, decoder=False),
+                     ConvCoder(size, m, width, decoder=True))
 
 
 def main(argv=None) -> int:
@@ -129,15 +183,28 @@ def main(argv=None) -> int:
                    help="also train an FSQ-quantised nested-dropout linear autoencoder with R registers of "
                         "these levels (repeatable), e.g. 16x8,5,5,5")
     p.add_argument("--fsq-steps", type=int, default=3000)
+    p.add_argument("--conv", action="append", default=[], metavar="RxLEVELS",
+                   help="also train the same FSQ nested-dropout code with a convolutional encoder and "
+                        "decoder (repeatable): a nonlinear model of the same code size")
+    p.add_argument("--conv-steps", type=int, default=10000)
+    p.add_argument("--conv-width", type=int, default=32, help="channels of the first conv stage")
+    p.add_argument("--backgrounds", default="calm,detailed", help="comma-separated subset of calm,detailed")
     args = p.parse_args(argv)
     try:
         fsq_codes = [parse_fsq(s) for s in args.fsq]
+        conv_codes = [parse_fsq(s) for s in args.conv]
     except ValueError as e:
         p.error(str(e))
+    if conv_codes and args.size % 8:
+        p.error(f"--conv needs --size divisible by 8, got {args.size}")
+    backgrounds = args.backgrounds.split(",")
+    if not backgrounds or set(backgrounds) - set(BACKGROUNDS):
+        p.error(f"--backgrounds must be a comma-separated subset of {sorted(BACKGROUNDS)}, got {args.backgrounds!r}")
     dims = [int(d) for d in args.dims.split(",")]
     if min(dims) < 1 or max(dims) > 6 * args.size ** 2:
         p.error(f"--dims must be in [1, {6 * args.size ** 2}], got {dims}")
-    for name, waves in BACKGROUNDS.items():
+    for name in backgrounds:
+        waves = BACKGROUNDS[name]
         train = latent_frames(0, args.train_clips, args.size, waves)
         held = latent_frames(HELDOUT_SEED, args.heldout_clips, args.size, waves)
         clips = held.reshape(args.heldout_clips, 4, 3, 2, -1).transpose(1, 2).reshape(args.heldout_clips, 3, -1)
@@ -154,6 +221,10 @@ def main(argv=None) -> int:
             curve = fsq_linear_curve(train, held, regs, levels, args.fsq_steps)
             print(f"  FSQ linear autoencoder, {regs} x {levels} ({regs * len(levels)} numbers, "
                   f"{args.fsq_steps} steps), PSNR by keep: " + ", ".join(f"{k}: {v:.2f}" for k, v in curve.items()))
+        for regs, levels in conv_codes:
+            curve = fsq_conv_curve(train, held, args.size, regs, levels, args.conv_steps, args.conv_width)
+            print(f"  FSQ conv autoencoder (width {args.conv_width}), {regs} x {levels} ({regs * len(levels)} numbers, "
+                  f"{args.conv_steps} steps), PSNR by keep: " + ", ".join(f"{k}: {v:.2f}" for k, v in curve.items()))
         sys.stdout.flush()
     return 0
 

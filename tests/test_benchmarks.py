@@ -281,6 +281,29 @@ def test_linear_bounds_fsq_autoencoder_rises_with_keep(capsys):
     assert linear_bounds.parse_fsq("16x8,5,5,5") == (16, (8, 5, 5, 5))
 
 
+def test_linear_bounds_conv_autoencoder_rises_with_keep(capsys):
+    """--conv: the same FSQ nested-dropout code with a convolutional encoder and decoder
+    reports PSNR for every keep, rising with keep after a short training; --backgrounds
+    picks the backgrounds; sizes the conv stack cannot take and unknown backgrounds are refused."""
+    import re
+
+    from benchmarks import linear_bounds
+
+    # 1,000 training clips: with fewer the conv net memorises its pool and never rises.
+    assert linear_bounds.main(["--size", "16", "--train-clips", "1000", "--heldout-clips", "6", "--dims", "8",
+                               "--ae-steps", "0", "--backgrounds", "calm", "--conv", "4x8,5,5,5",
+                               "--conv-steps", "2000", "--conv-width", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "detailed background" not in out and out.startswith("calm background")
+    line = re.search(r"FSQ conv autoencoder \(width 16\), 4 x \(8, 5, 5, 5\).*", out).group(0)
+    curve = {int(k): float(v) for k, v in re.findall(r"(\d+): ([\d.]+)", line.split("by keep:")[1])}
+    assert sorted(curve) == [1, 2, 4] and curve[4] > curve[1] + 0.2, curve
+    for bad in (["--size", "12", "--conv", "4x8,5,5,5"], ["--backgrounds", "calm,noisy"], ["--conv", "4x"]):
+        with pytest.raises(SystemExit):
+            linear_bounds.main(bad)
+    assert "--size divisible by 8" in capsys.readouterr().err
+
+
 def test_eval_adaptive_policies_on_a_micro_model(tmp_path, token_sensitive):
     """benchmarks.eval_adaptive: the five clip kinds; fixed K = the smallest K whose mean PSNR
     reaches the target; the per-clip oracle is the cheapest lambda-sweep allocation reaching
