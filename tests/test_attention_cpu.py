@@ -1,6 +1,7 @@
 """Register attention on the C++ CPU backend (csrc/cpu/attention.cpp) against the
 reference (SPEC.md §2, tolerance rule §4), FlexAttention, truncated sequences, and
 torch.compile (no recompilation when ``keep`` changes)."""
+import contextlib
 import random
 import warnings
 
@@ -356,8 +357,10 @@ PACKED = [(5, 3, [2, 0, 1, 3], 0), (37, 30, [2, 1], 2), (9, 0, [3, 1, 2, 4], 38)
           (64, 64, [1, 2], 128), (1, 0, [70, 5, 130], 51)]
 
 
-# fp32 on every packed layout; the low-precision dtypes on one (the schedule is dtype-blind).
-PACKED_DTYPES = [(c, torch.float32) for c in PACKED] + [(PACKED[1], d) for d in (torch.bfloat16, torch.float16)]
+# fp32 and bf16 on every packed layout (bf16 forwards take their own tile products where the
+# CPU has bf16 brgemm: keys and values packed per sample); fp16 on one.
+PACKED_DTYPES = ([(c, torch.float32) for c in PACKED] + [(c, torch.bfloat16) for c in PACKED]
+                 + [(PACKED[1], torch.float16)])
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -393,16 +396,23 @@ def test_packed_matches_reference(mode, case, dtype, per_block):
     assert bool((lse[:, :, tail] == float("-inf")).all())
 
 
+@pytest.mark.parametrize("dtype, bf16_products", [(torch.float32, False), (torch.bfloat16, True),
+                                                   (torch.bfloat16, False)],
+                         ids=["fp32", "bf16_brgemm", "bf16_fp32_products"])
 @pytest.mark.parametrize("keeps", [[4, 0, 2], [[4, 0, 1], [2, 4, 4], [0, 3, 4]]], ids=["keep_S", "keep_ST"])
-def test_packed_equals_separate_dense_calls(keeps):
+def test_packed_equals_separate_dense_calls(keeps, dtype, bf16_products):
     """Each packed sample gives bitwise what a dense call on that sample alone gives (a
-    per-block keep's row cut to the sample's own blocks)."""
+    per-block keep's row cut to the sample's own blocks), on either bf16 product path."""
+    if bf16_products and not C.attention_cpu_bf16_isa():
+        pytest.skip("no AMX-BF16 / AVX-512 BF16 on this CPU (the float32 products are tested by the other cases)")
     P, R, mode = 7, 4, "block_causal_last"
     blocks = [3, 1, 2]
     layout = RegisterLayout(3, P, R, mode)
     cu = [0, 33, 44, 66]
-    q, k, v, _ = _inputs(1, 3, 70, 32, torch.float32)
-    with vk.use_backend("cpu"):
+    q, k, v, _ = _inputs(1, 3, 70, 40, dtype)
+    previous = C.attention_cpu_bf16_brgemm(bf16_products)
+    with vk.use_backend("cpu"), contextlib.ExitStack() as stack:
+        stack.callback(C.attention_cpu_bf16_brgemm, previous)
         packed = vk.register_attention(q, k, v, layout, keep=torch.tensor(keeps), cu_seqlens=cu)
         for s, T in enumerate(blocks):
             a, b = cu[s], cu[s + 1]

@@ -304,6 +304,42 @@ def test_linear_bounds_conv_autoencoder_rises_with_keep(capsys):
     assert "--size divisible by 8" in capsys.readouterr().err
 
 
+def test_bench_packed_bf16_records_every_provider(tmp_path, capsys):
+    """benchmarks.bench_packed_bf16: every shape gets the three providers, timed, with the
+    speedup against the old path (float32 products) in the same run where the CPU has bf16
+    brgemm (else that row is skipped with the reason); rows are appended to --all-csv with
+    the run's metadata; the bf16-products switch is restored."""
+    import csv
+
+    from benchmarks import bench_packed_bf16 as bp
+    from vft_kernels._ext import C
+
+    before = C.attention_cpu_bf16_brgemm(True)
+    C.attention_cpu_bf16_brgemm(before)
+    all_csv = tmp_path / "all.csv"
+    assert bp.main(["--rounds", "2", "--min-run-time", "0.02", "--all-csv", str(all_csv)]) == 0
+    assert C.attention_cpu_bf16_brgemm(before) == before
+    out = capsys.readouterr().out
+    rows = list(csv.DictReader(all_csv.open()))
+    has_bf16 = bool(C.attention_cpu_bf16_isa())
+    assert len(rows) == 3 * len(bp.SHAPES) and {r["name"] for r in rows} == {bp.NAME}
+    assert all(r["commit"] and r["device"] == "cpu" and r["baseline"] == bp.OLD_PATH for r in rows)
+    for label, *_ in bp.SHAPES:
+        group = {r["provider"]: r for r in rows if r["shape"].startswith(label)}
+        assert set(group) == {bp.BF16_PRODUCTS, bp.OLD_PATH, "cpu(float32 inputs)"}
+        assert float(group[bp.OLD_PATH]["median_ms"]) > 0 and float(group[bp.OLD_PATH]["speedup"]) == 1.0
+        assert float(group["cpu(float32 inputs)"]["median_ms"]) > 0
+        fast = group[bp.BF16_PRODUCTS]
+        if has_bf16:
+            assert float(fast["median_ms"]) > 0 and float(fast["speedup"]) > 0 and not fast["skipped"]
+            assert len(fast["round_ms"].split(";")) == 2
+        else:
+            assert "no AMX-BF16" in fast["skipped"] and not fast["median_ms"]
+    assert out.count("bf16 products vs") == (2 * len(bp.SHAPES) if has_bf16 else 0), out
+    with pytest.raises(SystemExit):
+        bp.main(["--rounds", "0"])
+
+
 def test_eval_adaptive_policies_on_a_micro_model(tmp_path, token_sensitive):
     """benchmarks.eval_adaptive: the five clip kinds; fixed K = the smallest K whose mean PSNR
     reaches the target; the per-clip oracle is the cheapest lambda-sweep allocation reaching

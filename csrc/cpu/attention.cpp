@@ -427,24 +427,26 @@ struct Bf16Products {
   const at::BFloat16 *q;
   const uint16_t *k, *v;
   int64_t N, D, Dp, n_kt, n_panels;
-  // Packs key tile k0 / kBlockN of batch row bh into w (once per row and worker).
-  void ensure_packed(int64_t bh, int64_t k0, ForwardScratch& w) const {
+  // Packs key tile k0 / kBlockN of the sample at token `start` of batch row bh (len tokens;
+  // keys past it are zeros) into w, once per sample and worker.
+  void ensure_packed(int64_t bh, int64_t start, int64_t len, int64_t k0, ForwardScratch& w) const {
     if (w.kt.size() < static_cast<size_t>(n_kt * Dp * kBlockN)) {
       w.kt.resize(n_kt * Dp * kBlockN);
       w.v.resize(n_kt * n_panels * kBlockN * kPanel);
     }
     const int64_t i = k0 / kBlockN;
-    if (!w.needs_tile(bh, 0, n_kt, i)) return;
-    pack_kt_tile(k + bh * N * D, N, D, Dp, k0, w.kt.data() + i * Dp * kBlockN);
+    if (!w.needs_tile(bh, start, n_kt, i)) return;
+    const int64_t off = (bh * N + start) * D;
+    pack_kt_tile(k + off, len, D, Dp, k0, w.kt.data() + i * Dp * kBlockN);
     for (int64_t c = 0; c < n_panels; ++c)
-      pack_v_panel(v + bh * N * D, N, D, k0, c * kPanel, w.v.data() + (i * n_panels + c) * kBlockN * kPanel);
+      pack_v_panel(v + off, len, D, k0, c * kPanel, w.v.data() + (i * n_panels + c) * kBlockN * kPanel);
   }
-  void qk(int64_t bh, int64_t, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* s, ForwardScratch& w,
-          int64_t) const {
+  void qk(int64_t bh, int64_t start, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* s, ForwardScratch& w,
+          int64_t len) const {
     t_vnni_used = true;
-    ensure_packed(bh, k0, w);
+    ensure_packed(bh, start, len, k0, w);
     const auto* b = reinterpret_cast<const at::BFloat16*>(w.kt.data() + (k0 / kBlockN) * Dp * kBlockN);
-    at::native::cpublas::brgemm(nq, nk, Dp, Dp, kBlockN, kBlockN, false, q + (bh * N + q0) * Dp, b, s, true);
+    at::native::cpublas::brgemm(nq, nk, Dp, Dp, kBlockN, kBlockN, false, q + (bh * N + start + q0) * Dp, b, s, true);
   }
   // p_in_p16: the softmax already wrote P to w.p16 (full key tiles); else P is float in p.
   void pv(int64_t bh, int64_t, int64_t nq, int64_t k0, int64_t nk, const float* p, float* o,
@@ -740,13 +742,13 @@ at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 bool use_bf16_brgemm() { return g_bf16_brgemm && g_path == GemmPath::kBrgemm && bf16_isa() != Bf16Isa::kNone; }
 
-// The bf16 forward on bf16 brgemm (dense calls): zero-pads q's head dim to Dp only when D
-// is not a multiple of 32, then runs the shared forward with Bf16Products (keys and values
-// are packed by the workers as they go).
+// The bf16 forward on bf16 brgemm (dense and packed calls): zero-pads q's head dim to Dp
+// only when D is not a multiple of 32, then runs the shared forward with Bf16Products (keys
+// and values are packed by the workers as they go, per sample).
 void forward_bf16(const Problem& pr, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                   at::Tensor& lse) {
   const int64_t BH = pr.B * pr.H, N = pr.N, D = pr.D, Dp = (D + 31) / 32 * 32;
-  const int64_t n_kt = (N + kBlockN - 1) / kBlockN, n_panels = (D + kPanel - 1) / kPanel;
+  const int64_t n_kt = (pr.max_len() + kBlockN - 1) / kBlockN, n_panels = (D + kPanel - 1) / kPanel;
   at::Tensor qp = q.reshape({BH, N, D});
   qp = Dp == D ? qp.contiguous() : at::constant_pad_nd(qp, {0, Dp - D}).contiguous();
   const at::Tensor kc = k.reshape({BH, N, D}).contiguous(), vc = v.reshape({BH, N, D}).contiguous();
@@ -764,8 +766,10 @@ void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
   check_input(v, q, "attention: v");
   check_out(out, q.scalar_type(), q.sizes(), "attention: out");
   check_out(lse, at::kFloat, {pr.B, pr.H, pr.N}, "attention: lse");
-  if (q.scalar_type() == at::kBFloat16 && pr.cu == nullptr && use_bf16_brgemm()) {
+  if (q.scalar_type() == at::kBFloat16 && use_bf16_brgemm()) {
     forward_bf16(pr, q, k, v, out, lse);
+    fill_padding(pr, out.data_ptr<at::BFloat16>(), pr.D, static_cast<at::BFloat16>(0.0f));
+    fill_padding(pr, lse.data_ptr<float>(), 1, kNegInf);
     return;
   }
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v);
