@@ -2,7 +2,8 @@
 products against the float32 products that packed bf16 calls took before (the same
 kernel with the ``attention_cpu_bf16_brgemm`` switch off: the baseline of each group),
 and the kernel on float32 copies, timed interleaved in the same run by the harness
-(``benchmarks.run.run_cases``); the rows are appended to ``benchmarks/results/all.csv``.
+(``benchmarks.run.run_cases``); the rows are appended to ``benchmarks/results/all.csv`` as op
+``attention_packed`` (its own section of ``python -m benchmarks.report``).
 
     python -m benchmarks.bench_packed_bf16 [--rounds 5] [--no-append]
 
@@ -59,7 +60,7 @@ def cases(ctx: Context) -> list[Case]:
         g = torch.Generator().manual_seed(0)
         q32, k32, v32 = (torch.randn(1, 12, cu_list[-1], 64, generator=g) for _ in range(3))
         q16, k16, v16 = (t.bfloat16() for t in (q32, k32, v32))
-        base = dict(op="attention", name=NAME, shape=f"{label} (N={cu_list[-1]})", dtype="bfloat16", baseline=OLD_PATH)
+        base = dict(op="attention_packed", name=NAME, shape=f"{label} (N={cu_list[-1]})", dtype="bfloat16", baseline=OLD_PATH)
         out.append(Case(provider=BF16_PRODUCTS, fn=_call(layout, keep, cu, q16, k16, v16, True) if isa else None,
                         skipped=None if isa else "no AMX-BF16 / AVX-512 BF16 on this CPU", **base))
         out.append(Case(provider=OLD_PATH, fn=_call(layout, keep, cu, q16, k16, v16, False), **base))

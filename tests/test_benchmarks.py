@@ -322,7 +322,7 @@ def test_bench_packed_bf16_records_every_provider(tmp_path, capsys):
     out = capsys.readouterr().out
     rows = list(csv.DictReader(all_csv.open()))
     has_bf16 = bool(C.attention_cpu_bf16_isa())
-    assert len(rows) == 3 * len(bp.SHAPES) and {r["name"] for r in rows} == {bp.NAME}
+    assert len(rows) == 3 * len(bp.SHAPES) and {(r["op"], r["name"]) for r in rows} == {("attention_packed", bp.NAME)}
     assert all(r["commit"] and r["device"] == "cpu" and r["baseline"] == bp.OLD_PATH for r in rows)
     for label, *_ in bp.SHAPES:
         group = {r["provider"]: r for r in rows if r["shape"].startswith(label)}
