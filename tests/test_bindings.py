@@ -7,9 +7,11 @@ broken at a time:
 * ``meta``: on another device (no storage: a kernel that reads it would crash);
 * ``dtype``: float64 for a float tensor, float32 for an integer one;
 * ``short``: one row fewer along dim 0;
-* ``strided``: the same values, not contiguous.
+* ``strided``: the same values, not contiguous;
+* ``negative`` / ``overflow`` (the sizes list of ``empty_cpu``): an entry of -1 / sizes whose
+  product overflows int64.
 
-The first three must raise ValueError naming the argument's problem; ``strided`` must
+All but ``strided`` must raise ValueError naming the argument's problem; ``strided`` must
 raise ValueError or give exactly the valid call's outputs. The flow ops' fast paths
 (``flow_step_fast``, ``flow_heun_step_fast``) instead decline every broken call: it returns None, runs nothing,
 and the Python layer's checks take over. The calls run in a child
@@ -31,7 +33,8 @@ CHILD = r'''
 import json, sys
 import torch
 import vft_kernels as vk
-from vft_kernels.cpp import attention as catt, flow as cflow, fsq as cfsq
+from vft_kernels import _ext
+from vft_kernels.cpp import attention as catt, block as cblock, flow as cflow, fsq as cfsq
 
 torch.manual_seed(0)
 calls = []  # (name, fn, args)
@@ -65,6 +68,13 @@ fops._FAST = fast_spy("flow_step_fast", fops._fast_entry())
 fops._FAST_HEUN = fast_spy("flow_heun_step_fast", fops._fast_heun_entry())
 catt._forward_cpu = spy("attention_forward_cpu", catt._forward_cpu)
 catt._backward_cpu = spy("attention_backward_cpu", catt._backward_cpu)
+cblock._norm_fwd = spy("block_norm_forward_cpu", cblock._norm_fwd)
+cblock._norm_bwd = spy("block_norm_backward_cpu", cblock._norm_bwd)
+cblock._swiglu_fwd = spy("swiglu_forward_cpu", cblock._swiglu_fwd)
+cblock._swiglu_bwd = spy("swiglu_backward_cpu", cblock._swiglu_bwd)
+cblock._qk_fwd = spy("qk_norm_forward_cpu", cblock._qk_fwd)
+cblock._qk_bwd = spy("qk_norm_backward_cpu", cblock._qk_bwd)
+_ext.C.empty_cpu = spy("empty_cpu", _ext.C.empty_cpu)
 
 with vk.use_backend("cpu"):
     z = (torch.randn(5, 7, 4) * 2).requires_grad_()
@@ -90,6 +100,22 @@ with vk.use_backend("cpu"):
     vk.flow_step(x, torch.randn_like(x), t, tn, v_uncond=torch.randn_like(x), guidance="cfg", scale=2.0)
     vk.flow_heun_step(x, torch.randn_like(x), torch.randn_like(x), t, tn)  # the fast path
     vk.flow_heun_step(x, vc, torch.randn_like(x), t, tn)  # strided v1: the checked path
+    # block ops: K = 2 modulations (patch / register rows), every input differentiable
+    lay = vk.RegisterLayout(2, 3, 2, "block_causal_last")
+    xb = torch.randn(2, 2, 5, 8, requires_grad=True)
+    gate, scale, shift = (torch.randn(2, 2, 2, 8, requires_grad=True) for _ in range(3))
+    hb = torch.randn(2, 2, 5, 8, requires_grad=True)
+    x_new, yb = vk.gated_residual_norm(xb, gate, hb, scale, shift, lay)
+    (x_new * torch.randn_like(x_new)).sum().add((yb * torch.randn_like(yb)).sum()).backward()
+    gu = torch.randn(3, 4, 12, requires_grad=True)
+    sw = vk.swiglu(gu)
+    sw.backward(torch.randn_like(sw))
+    qkv = torch.randn(2, 5, 3 * 2 * 8, requires_grad=True)
+    qw, kw = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    qn = vk.qk_rms_norm(qkv, 2, qw, kw)
+    sum((t * torch.randn_like(t)).sum() for t in qn).backward()
+# a kernel output of >= 32 MiB comes from empty_cpu
+vk.fsq_quantize(torch.randn(1 << 21, 4), (8, 5, 5, 5))
 
 names = sorted({c[0] for c in calls})
 want = sys.argv[1].split(",")
@@ -120,6 +146,13 @@ def broken(t, how):
         return strided(t) if t.numel() > 1 else None
 
 
+def broken_sizes(a, how):
+    if how == "negative":
+        return [-1] + list(a[1:])
+    if how == "overflow":
+        return [1 << 62] + [max(int(n), 4) for n in a[1:]] if len(a) >= 2 else [1 << 62, 4]
+
+
 report = []
 seen = set()
 for name, fn, args in calls:
@@ -129,11 +162,15 @@ for name, fn, args in calls:
     ok_args = clone_args(args)
     fn(*ok_args)  # the valid call succeeds
     for i, a in enumerate(args):
-        if not isinstance(a, torch.Tensor):
+        if isinstance(a, torch.Tensor):
+            hows, make = ("meta", "dtype", "short", "strided"), broken
+        elif name == "empty_cpu" and isinstance(a, list):  # the sizes of an allocation
+            hows, make = ("negative", "overflow"), broken_sizes
+        else:
             continue
-        for how in ("meta", "dtype", "short", "strided"):
+        for how in hows:
             bad = clone_args(args)
-            bad[i] = broken(a, how)
+            bad[i] = make(a, how)
             if bad[i] is None:
                 continue
             print(f"CALL {name} arg {i} {how}", flush=True)  # last line before a crash
@@ -156,7 +193,8 @@ print("REPORT " + json.dumps(report), flush=True)
 
 BINDINGS = ["fsq_forward_cpu", "fsq_backward_cpu", "fsq_decode_cpu", "attention_forward_cpu",
             "attention_backward_cpu", "flow_step_cpu", "flow_heun_step_cpu", "flow_step_fast",
-            "flow_heun_step_fast"]
+            "flow_heun_step_fast", "block_norm_forward_cpu", "block_norm_backward_cpu", "swiglu_forward_cpu",
+            "swiglu_backward_cpu", "qk_norm_forward_cpu", "qk_norm_backward_cpu", "empty_cpu"]
 
 
 @pytest.mark.skipif(_ext.C is None, reason=f"vft_kernels._C did not load: {_ext.load_error}")

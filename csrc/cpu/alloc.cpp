@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <string>
 
 #include "vft/bind.h"
@@ -102,7 +103,13 @@ at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype) {
 void bind_alloc(pybind11::module_& m) {
   m.def(
       "empty_cpu", [](const std::vector<int64_t>& sizes, at::ScalarType dtype) {
-        for (int64_t s : sizes) VFT_CHECK(s >= 0, "empty_cpu: sizes must be >= 0, got ", at::IntArrayRef(sizes));
+        int64_t bytes = c10::elementSize(dtype);
+        for (int64_t s : sizes) {
+          VFT_CHECK(s >= 0, "empty_cpu: sizes must be >= 0, got ", at::IntArrayRef(sizes));
+          VFT_CHECK(s == 0 || bytes <= std::numeric_limits<int64_t>::max() / s, "empty_cpu: sizes ",
+                    at::IntArrayRef(sizes), " of ", dtype, " overflow the addressable bytes");
+          bytes = s == 0 ? 0 : bytes * s;
+        }
         return empty_output(sizes, dtype);
       },
       "An uninitialised contiguous CPU tensor for a kernel output: huge-page backed from 32 MiB "

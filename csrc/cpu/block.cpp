@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "vft/bind.h"
+#include "vft/common.h"
 
 namespace vft {
 namespace {
@@ -266,27 +267,45 @@ void block_norm_backward_impl(const OptT& d_res, const OptT& dy, const at::Tenso
 }
 
 void check_cpu_contig(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  VFT_CHECK_CPU(t, name);
+  VFT_CHECK_CONTIGUOUS(t, name);
 }
 
-void check_opt(const OptT& t, const at::Tensor& like, const char* name) {
+// A token tensor: contiguous CPU [F, S, W] in x's dtype (h, x_new, y, d_res, dy, g, dh).
+void check_rows(const OptT& t, const at::Tensor& x, const char* name) {
   if (!t.has_value()) return;
   check_cpu_contig(*t, name);
-  TORCH_CHECK(t->scalar_type() == like.scalar_type(), name, " must have dtype ", like.scalar_type(), ", got ",
-              t->scalar_type());
+  VFT_CHECK_DTYPE(*t, x.scalar_type(), name);
+  VFT_CHECK_SHAPE(*t, x.sizes(), name);
+}
+
+// A modulation: contiguous CPU [F, K, W] in x's dtype, K = 1 (one row per frame) or 2 (patch
+// and register rows). The kernels read row f * K + k for every frame f of x, so F and W must
+// be x's: a shorter tensor would be read (and its gradient written) out of bounds.
+void check_mod(const OptT& t, const at::Tensor& x, const char* name) {
+  if (!t.has_value()) return;
+  check_cpu_contig(*t, name);
+  VFT_CHECK_DTYPE(*t, x.scalar_type(), name);
+  VFT_CHECK(t->dim() == 3 && t->size(0) == x.size(0) && (t->size(1) == 1 || t->size(1) == 2) &&
+                t->size(2) == x.size(2),
+            name, " must be [", x.size(0), ", 1 or 2, ", x.size(2), "] (frames, kinds, width), got ", t->sizes());
 }
 
 // x [F, S, W] (F = B * T frames); gate / scale / shift [F, K, W]; h, x_new, y [F, S, W].
 void block_norm_forward_cpu(const at::Tensor& x, const OptT& gate, const OptT& h, const OptT& scale,
                             const OptT& shift, int64_t patches, double eps, const OptT& x_new, const OptT& y) {
-  check_cpu_contig(x, "x");
-  TORCH_CHECK(x.dim() == 3, "x must be [frames, S, W], got ", x.sizes());
-  for (auto* p : {&gate, &h, &scale, &shift, &x_new, &y}) check_opt(*p, x, "block_norm_forward_cpu argument");
-  TORCH_CHECK(h.has_value() == gate.has_value() && h.has_value() == x_new.has_value(),
-              "gate, h and x_new go together");
-  TORCH_CHECK(scale.has_value() == shift.has_value() && scale.has_value() == y.has_value(),
-              "scale, shift and y go together");
+  check_cpu_contig(x, "block_norm: x");
+  VFT_CHECK(x.dim() == 3, "block_norm: x must be [frames, S, W], got ", x.sizes());
+  check_mod(gate, x, "block_norm: gate");
+  check_mod(scale, x, "block_norm: scale");
+  check_mod(shift, x, "block_norm: shift");
+  check_rows(h, x, "block_norm: h");
+  check_rows(x_new, x, "block_norm: x_new");
+  check_rows(y, x, "block_norm: y");
+  VFT_CHECK(h.has_value() == gate.has_value() && h.has_value() == x_new.has_value(),
+            "block_norm: gate, h and x_new go together (all given or none)");
+  VFT_CHECK(scale.has_value() == shift.has_value() && scale.has_value() == y.has_value(),
+            "block_norm: scale, shift and y go together (all given or none)");
   if (x.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "block_norm_forward_cpu", [&] {
     block_norm_forward_impl<scalar_t>(x, gate, h, scale, shift, patches, eps, x_new, y);
@@ -296,15 +315,24 @@ void block_norm_forward_cpu(const at::Tensor& x, const OptT& gate, const OptT& h
 void block_norm_backward_cpu(const OptT& d_res, const OptT& dy, const at::Tensor& xn, const OptT& gate,
                              const OptT& h, const OptT& scale, int64_t patches, double eps, const at::Tensor& g_out,
                              const OptT& dgate, const OptT& dh, const OptT& dscale, const OptT& dshift) {
-  check_cpu_contig(xn, "xn");
-  check_cpu_contig(g_out, "g_out");
-  TORCH_CHECK(xn.dim() == 3, "xn must be [frames, S, W], got ", xn.sizes());
-  for (auto* p : {&d_res, &dy, &gate, &h, &scale, &dgate, &dh, &dscale, &dshift})
-    check_opt(*p, xn, "block_norm_backward_cpu argument");
-  TORCH_CHECK(h.has_value() == gate.has_value() && h.has_value() == dh.has_value() && h.has_value() == dgate.has_value(),
-              "gate, h, dgate and dh go together");
-  TORCH_CHECK(scale.has_value() == dscale.has_value() && scale.has_value() == dshift.has_value(),
-              "scale, dscale and dshift go together");
+  check_cpu_contig(xn, "block_norm backward: xn");
+  VFT_CHECK(xn.dim() == 3, "block_norm backward: xn must be [frames, S, W], got ", xn.sizes());
+  check_rows(g_out, xn, "block_norm backward: g_out");
+  check_rows(d_res, xn, "block_norm backward: d_res");
+  check_rows(dy, xn, "block_norm backward: dy");
+  check_rows(h, xn, "block_norm backward: h");
+  check_rows(dh, xn, "block_norm backward: dh");
+  check_mod(gate, xn, "block_norm backward: gate");
+  check_mod(scale, xn, "block_norm backward: scale");
+  VFT_CHECK(h.has_value() == gate.has_value() && h.has_value() == dh.has_value() && h.has_value() == dgate.has_value(),
+            "block_norm backward: gate, h, dgate and dh go together (all given or none)");
+  VFT_CHECK(scale.has_value() == dscale.has_value() && scale.has_value() == dshift.has_value(),
+            "block_norm backward: scale, dscale and dshift go together (all given or none)");
+  if (gate.has_value()) check_rows(dgate, *gate, "block_norm backward: dgate");  // dgate like gate
+  if (scale.has_value()) {
+    check_rows(dscale, *scale, "block_norm backward: dscale");
+    check_rows(dshift, *scale, "block_norm backward: dshift");
+  }
   if (xn.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xn.scalar_type(), "block_norm_backward_cpu", [&] {
     block_norm_backward_impl<scalar_t>(d_res, dy, xn, gate, h, scale, patches, eps, g_out, dgate, dh, dscale,
@@ -367,13 +395,12 @@ inline void store_row(T* dst, const float* src, int64_t n) {
 
 // gate_up [rows, 2H] -> out [rows, H]
 void swiglu_forward_cpu(const at::Tensor& gate_up, const at::Tensor& out) {
-  check_cpu_contig(gate_up, "gate_up");
-  check_cpu_contig(out, "out");
-  TORCH_CHECK(gate_up.dim() == 2 && out.dim() == 2 && gate_up.size(1) == 2 * out.size(1) &&
-                  gate_up.size(0) == out.size(0),
-              "swiglu_forward_cpu: gate_up [rows, 2H] and out [rows, H] expected, got ", gate_up.sizes(), " and ",
-              out.sizes());
-  TORCH_CHECK(out.scalar_type() == gate_up.scalar_type(), "out must have gate_up's dtype");
+  check_cpu_contig(gate_up, "swiglu: gate_up");
+  check_cpu_contig(out, "swiglu: out");
+  VFT_CHECK(gate_up.dim() == 2 && out.dim() == 2 && gate_up.size(1) == 2 * out.size(1) &&
+                gate_up.size(0) == out.size(0),
+            "swiglu: gate_up [rows, 2H] and out [rows, H] expected, got ", gate_up.sizes(), " and ", out.sizes());
+  VFT_CHECK_DTYPE(out, gate_up.scalar_type(), "swiglu: out");
   const int64_t rows = gate_up.size(0), H = out.size(1);
   if (rows == 0 || H == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate_up.scalar_type(), "swiglu_forward_cpu", [&] {
@@ -401,14 +428,16 @@ void swiglu_forward_cpu(const at::Tensor& gate_up, const at::Tensor& out) {
 
 // dout [rows, H], gate_up [rows, 2H] -> dgate_up [rows, 2H]
 void swiglu_backward_cpu(const at::Tensor& dout, const at::Tensor& gate_up, const at::Tensor& dgate_up) {
-  check_cpu_contig(dout, "dout");
-  check_cpu_contig(gate_up, "gate_up");
-  check_cpu_contig(dgate_up, "dgate_up");
-  TORCH_CHECK(gate_up.dim() == 2 && dout.dim() == 2 && gate_up.size(1) == 2 * dout.size(1) &&
-                  gate_up.size(0) == dout.size(0) && dgate_up.sizes() == gate_up.sizes(),
-              "swiglu_backward_cpu: dout [rows, H], gate_up and dgate_up [rows, 2H] expected");
-  TORCH_CHECK(dout.scalar_type() == gate_up.scalar_type() && dgate_up.scalar_type() == gate_up.scalar_type(),
-              "swiglu_backward_cpu: dtypes must match");
+  check_cpu_contig(dout, "swiglu backward: dout");
+  check_cpu_contig(gate_up, "swiglu backward: gate_up");
+  check_cpu_contig(dgate_up, "swiglu backward: dgate_up");
+  VFT_CHECK(gate_up.dim() == 2 && dout.dim() == 2 && gate_up.size(1) == 2 * dout.size(1) &&
+                gate_up.size(0) == dout.size(0),
+            "swiglu backward: dout [rows, H] and gate_up [rows, 2H] expected, got ", dout.sizes(), " and ",
+            gate_up.sizes());
+  VFT_CHECK_SHAPE(dgate_up, gate_up.sizes(), "swiglu backward: dgate_up");
+  VFT_CHECK_DTYPE(dout, gate_up.scalar_type(), "swiglu backward: dout");
+  VFT_CHECK_DTYPE(dgate_up, gate_up.scalar_type(), "swiglu backward: dgate_up");
   const int64_t rows = gate_up.size(0), H = dout.size(1);
   if (rows == 0 || H == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate_up.scalar_type(), "swiglu_backward_cpu", [&] {
@@ -516,16 +545,26 @@ void qk_norm_backward_impl(const T* dq, const T* dk, const T* dv, const at::Tens
   });
 }
 
+// qkv [B, N, 3 H D] (contiguous CPU) and weights float32 [2, D] -> D.
+int64_t check_qkv(const at::Tensor& qkv, int64_t heads, const at::Tensor& weights, const char* op) {
+  check_cpu_contig(qkv, "qk_norm: qkv");
+  check_cpu_contig(weights, "qk_norm: weights");
+  VFT_CHECK(qkv.dim() == 3 && heads > 0 && qkv.size(2) % (3 * heads) == 0, op, ": qkv must be [B, N, 3 H D] with H = ",
+            heads, ", got ", qkv.sizes());
+  const int64_t D = qkv.size(2) / (3 * heads);
+  VFT_CHECK_DTYPE(weights, at::kFloat, "qk_norm: weights");
+  VFT_CHECK_SHAPE(weights, at::IntArrayRef({2, D}), "qk_norm: weights");
+  return D;
+}
+
 void qk_norm_forward_cpu(const at::Tensor& qkv, int64_t heads, const at::Tensor& weights, double eps,
                          const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  for (auto* p : {&qkv, &weights, &q, &k, &v}) check_cpu_contig(*p, "qk_norm_forward_cpu argument");
-  TORCH_CHECK(qkv.dim() == 3 && heads > 0 && qkv.size(2) % (3 * heads) == 0, "qkv must be [B, N, 3 H D], got ",
-              qkv.sizes());
-  const int64_t D = qkv.size(2) / (3 * heads);
-  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.numel() == 2 * D, "weights must be float32 [2, D]");
-  for (auto* p : {&q, &k, &v}) {
-    TORCH_CHECK(p->scalar_type() == qkv.scalar_type() && p->numel() == qkv.numel() / 3,
-                "outputs must be [B, H, N, D] in qkv's dtype");
+  const int64_t D = check_qkv(qkv, heads, weights, "qk_norm");
+  const std::vector<int64_t> shape{qkv.size(0), heads, qkv.size(1), D};
+  for (auto [t, name] : {std::pair{&q, "qk_norm: q"}, {&k, "qk_norm: k"}, {&v, "qk_norm: v"}}) {
+    check_cpu_contig(*t, name);
+    VFT_CHECK_DTYPE(*t, qkv.scalar_type(), name);
+    VFT_CHECK_SHAPE(*t, at::IntArrayRef(shape), name);
   }
   if (qkv.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "qk_norm_forward_cpu", [&] {
@@ -538,16 +577,17 @@ void qk_norm_forward_cpu(const at::Tensor& qkv, int64_t heads, const at::Tensor&
 at::Tensor qk_norm_backward_cpu(const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                                 const at::Tensor& qkv, int64_t heads, const at::Tensor& weights, double eps,
                                 const at::Tensor& dqkv) {
-  for (auto* p : {&dq, &dk, &dv, &qkv, &weights, &dqkv}) check_cpu_contig(*p, "qk_norm_backward_cpu argument");
-  TORCH_CHECK(qkv.dim() == 3 && heads > 0 && qkv.size(2) % (3 * heads) == 0, "qkv must be [B, N, 3 H D], got ",
-              qkv.sizes());
-  const int64_t D = qkv.size(2) / (3 * heads);
-  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.numel() == 2 * D, "weights must be float32 [2, D]");
-  TORCH_CHECK(dqkv.sizes() == qkv.sizes() && dqkv.scalar_type() == qkv.scalar_type(), "dqkv must be like qkv");
-  for (auto* p : {&dq, &dk, &dv}) {
-    TORCH_CHECK(p->scalar_type() == qkv.scalar_type() && p->numel() == qkv.numel() / 3,
-                "gradients must be [B, H, N, D] in qkv's dtype");
+  const int64_t D = check_qkv(qkv, heads, weights, "qk_norm backward");
+  const std::vector<int64_t> shape{qkv.size(0), heads, qkv.size(1), D};
+  for (auto [t, name] : {std::pair{&dq, "qk_norm backward: dq"}, {&dk, "qk_norm backward: dk"},
+                         {&dv, "qk_norm backward: dv"}}) {
+    check_cpu_contig(*t, name);
+    VFT_CHECK_DTYPE(*t, qkv.scalar_type(), name);
+    VFT_CHECK_SHAPE(*t, at::IntArrayRef(shape), name);
   }
+  check_cpu_contig(dqkv, "qk_norm backward: dqkv");
+  VFT_CHECK_DTYPE(dqkv, qkv.scalar_type(), "qk_norm backward: dqkv");
+  VFT_CHECK_SHAPE(dqkv, qkv.sizes(), "qk_norm backward: dqkv");
   at::Tensor partial = at::zeros({at::get_num_threads(), 2, D}, weights.options().dtype(at::kDouble));
   if (qkv.numel() == 0) return partial;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "qk_norm_backward_cpu", [&] {
