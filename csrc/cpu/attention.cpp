@@ -61,7 +61,18 @@ GemmPath best_path() {
   return sgemm_ != nullptr ? GemmPath::kBlas : GemmPath::kAten;
 }
 
-GemmPath g_path = best_path();  // changed only by the test hook attention_cpu_gemm_path
+// The path of the tile products: the best one, probed on first use (a function-local static:
+// thread-safe, and nothing runs when the library loads), unless the test hook
+// attention_cpu_gemm_path chose one (kNoOverride: none chosen).
+constexpr int kNoOverride = -1;
+std::atomic<int> g_path_override{kNoOverride};
+
+GemmPath gemm_path() {
+  const int chosen = g_path_override.load(std::memory_order_relaxed);
+  if (chosen != kNoOverride) return static_cast<GemmPath>(chosen);
+  static const GemmPath best = best_path();
+  return best;
+}
 
 // bf16 tile products: oneDNN's brgemm with B packed in VNNI layout. It runs on AMX where
 // torch can pack for it (could_pack), and on AVX-512 BF16 (vdpbf16ps, e.g. Zen 4) where the
@@ -128,9 +139,10 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
       for (int64_t r = 0; r < M; ++r) std::fill(C + r * ldc, C + r * ldc + N, 0.0f);
     return;
   }
-  if (g_path == GemmPath::kBrgemm) {
+  const GemmPath path = gemm_path();
+  if (path == GemmPath::kBrgemm) {
     at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, false);
-  } else if (g_path == GemmPath::kBlas) {
+  } else if (path == GemmPath::kBlas) {
     // Row-major C = A B is column-major C^T = B^T A^T.
     const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
     const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
@@ -245,7 +257,7 @@ void run_tasks(int64_t n, const Task& task, int64_t chunk = 1) {
     Scratch scratch;
     for (int64_t t0 = next.fetch_add(chunk); t0 < n; t0 = next.fetch_add(chunk))
       for (int64_t t = t0; t < std::min(t0 + chunk, n); ++t) task(t, scratch);
-    if (g_path == GemmPath::kBrgemm) at::native::cpublas::brgemm_release(false);
+    if (gemm_path() == GemmPath::kBrgemm) at::native::cpublas::brgemm_release(false);
     if (t_vnni_used) {
       at::native::cpublas::brgemm_release(true);
       t_vnni_used = false;
@@ -740,7 +752,7 @@ void check_input(const at::Tensor& t, const at::Tensor& q, const char* name) {
 at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 
-bool use_bf16_brgemm() { return g_bf16_brgemm && g_path == GemmPath::kBrgemm && bf16_isa() != Bf16Isa::kNone; }
+bool use_bf16_brgemm() { return g_bf16_brgemm && gemm_path() == GemmPath::kBrgemm && bf16_isa() != Bf16Isa::kNone; }
 
 // The bf16 forward on bf16 brgemm (dense and packed calls): zero-pads q's head dim to Dp
 // only when D is not a multiple of 32, then runs the shared forward with Bf16Products (keys
@@ -892,16 +904,16 @@ void bind_attention(pybind11::module_& m) {
       "attention_cpu_gemm_path",
       [](const std::string& name) {
         static const char* names[] = {"brgemm", "blas", "aten"};
-        const std::string previous = names[static_cast<int>(g_path)];
+        const std::string previous = names[static_cast<int>(gemm_path())];
         if (name == "brgemm" || name == "best") {
           VFT_CHECK(name == "best" || brgemm_works(), "attention_cpu_gemm_path: brgemm is not available here");
-          g_path = best_path();
+          g_path_override.store(kNoOverride);
         } else if (name == "blas") {
           VFT_CHECK(sgemm_ != nullptr, "attention_cpu_gemm_path: torch exports no BLAS sgemm here");
-          g_path = GemmPath::kBlas;
+          g_path_override.store(static_cast<int>(GemmPath::kBlas));
         } else {
           VFT_CHECK(name == "aten", "attention_cpu_gemm_path: expected brgemm, blas, aten or best, got ", name);
-          g_path = GemmPath::kAten;
+          g_path_override.store(static_cast<int>(GemmPath::kAten));
         }
         return previous;
       },
