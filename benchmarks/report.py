@@ -74,8 +74,19 @@ def _result(r: dict[str, str]) -> list[str]:
     return [timing, "baseline" if r["provider"] == r["baseline"] else f"{speedup:.2f}x"]
 
 
+def _provider(r: dict[str, str]) -> str:
+    """The provider, with the CPU capability its vft kernels ran at when the row says (runs with
+    --cpu-capability time each capability in turn)."""
+    cap = r.get("cpu_capability") or ""
+    return f"{r['provider']} @{cap}" if cap and r.get("multi_cap") else r["provider"]
+
+
 def device_table(rows: list[dict[str, str]]) -> list[str]:
     """Markdown lines for the rows of one op on one device (module doc)."""
+    for run_rows in _by_run(rows).values():
+        multi = len({r.get("cpu_capability") or "" for r in run_rows}) > 1
+        for r in run_rows:
+            r["multi_cap"] = "1" if multi else ""
     runs = _by_run(rows)
     latest = runs[_latest(runs)]
     head = latest[0]
@@ -85,7 +96,7 @@ def device_table(rows: list[dict[str, str]]) -> list[str]:
     for run in same:
         for r in runs[run]:
             if _float(r.get("speedup")) is not None:
-                ratios.setdefault((r["name"], r["shape"], r["dtype"], r["provider"]), []).append(float(r["speedup"]))
+                ratios.setdefault((r["name"], r["shape"], r["dtype"], _provider(r)), []).append(float(r["speedup"]))
     spread = len(same) >= 2
     lines = [f"Run {head['date']} (commit {head['commit']}{', quick' if head['quick'] == 'True' else ''}), "
              f"torch {head['torch']}, triton {head['triton']}, vft {head['vft']}, {head['threads']} threads; "
@@ -99,12 +110,13 @@ def device_table(rows: list[dict[str, str]]) -> list[str]:
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     groups: dict[tuple, list[dict[str, str]]] = {}
     for r in latest:
-        groups.setdefault((r["name"], r["shape"], r["dtype"]), []).append(r)
+        groups.setdefault((r["name"], r["shape"], r["dtype"], r.get("cpu_capability") if r["multi_cap"] else ""),
+                          []).append(r)
     for group, members in groups.items():
         for i, r in enumerate(members):
-            cells = [f"{r['name']}, {r['shape']}" if i == 0 else "", r["dtype"], r["provider"]] + _result(r)
+            cells = [f"{r['name']}, {r['shape']}" if i == 0 else "", r["dtype"], _provider(r)] + _result(r)
             if spread:
-                vals = ratios.get(group + (r["provider"],), []) if r["provider"] != r["baseline"] else []
+                vals = ratios.get(group[:3] + (_provider(r),), []) if r["provider"] != r["baseline"] else []
                 cells.append(f"{min(vals):.2f}-{max(vals):.2f}x ({len(vals)})" if len(vals) >= 2 else "")
             cells.append(f"skipped: {r['skipped']}" if r.get("skipped") else
                          f"error: {r['error']}" if r.get("error") else "")

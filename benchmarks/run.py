@@ -15,6 +15,7 @@ benchmarks.report`` turns that file into Markdown tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib
 import importlib.metadata
@@ -28,6 +29,8 @@ import traceback
 import uuid
 
 import torch
+
+import vft_kernels as vk
 
 from .common import Case, Context
 
@@ -181,7 +184,7 @@ def _rounds(row: dict) -> list[float]:
 # Run metadata, the same on every row of a run (results.csv, all.csv).
 META_COLUMNS = ["date", "run", "commit", "device", "device_name", "threads", "quick", "torch", "triton", "vft",
                 "copy_GB/s", "matmul_GFLOP/s", "matmul_dtype"]
-COLUMNS = ["op", "name", "shape", "dtype", "provider", "median_ms", "q20_ms", "q80_ms", "speedup", "baseline",
+COLUMNS = ["op", "name", "shape", "dtype", "provider", "cpu_capability", "median_ms", "q20_ms", "q80_ms", "speedup", "baseline",
            "GB/s", "%copy", "GFLOP/s", "%matmul"]
 NOTE_COLUMNS = ["skipped", "error"]
 
@@ -343,6 +346,25 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
     return paths
 
 
+def cpu_capabilities_to_run(spec):
+    """--cpu-capability -> the levels to run in turn ([None]: the one chosen at load)."""
+    if spec in (None, ""):
+        return [None]
+    supported = vk.cpu_capabilities()["supported"]
+    if spec == "all":
+        return list(supported)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    bad = [n for n in names if n not in supported]
+    if bad:
+        raise ValueError(f"--cpu-capability {spec}: {bad} not supported by this CPU (it supports "
+                         f"{', '.join(supported)})")
+    return names
+
+
+def _capability(cap):
+    return contextlib.nullcontext() if cap is None else vk.use_cpu_capability(cap)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="vft benchmarks (speedups against the reference, same run)")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
@@ -356,6 +378,10 @@ def main(argv=None) -> int:
                    help="cumulative CSV the rows are appended to (default: $VFT_BENCH_ALL_CSV, else "
                         "benchmarks/results/all.csv)")
     p.add_argument("--no-append", action="store_true", help="do not append the rows to --all-csv")
+    p.add_argument("--cpu-capability", default=None,
+                   help="CPU capability of vft's C++ kernels (vft_kernels.use_cpu_capability): baseline, avx2, "
+                        "avx512, avx512_bf16 or amx, a comma list, or 'all' (every level this CPU supports), each "
+                        "timed in turn in this process with its own baselines; default: the level chosen at load")
     args = p.parse_args(argv)
     ops = [o for o in args.ops.split(",") if o]
     unknown = [o for o in ops if o not in OPS]
@@ -374,9 +400,20 @@ def main(argv=None) -> int:
               f"Ceilings measured in this run: copy {ctx.copy_gbps:.1f} GB/s (read+write), "
               f"matmul {ctx.matmul_gflops:.1f} GFLOP/s ({ctx.matmul_dtype}). speedup = baseline median / median.")
     print(header.splitlines()[0], file=sys.stderr)
+    try:
+        capabilities = cpu_capabilities_to_run(args.cpu_capability)
+    except ValueError as e:
+        p.error(str(e))
     rows = []
     for op in ops:
-        rows += run_cases(load_cases(op, ctx), ctx, min_run_time, rounds=rounds)
+        for cap in capabilities:
+            with _capability(cap):
+                if cap is not None:
+                    print(f"[{op}] CPU capability {cap}", file=sys.stderr)
+                op_rows = run_cases(load_cases(op, ctx), ctx, min_run_time, rounds=rounds)
+                for r in op_rows:  # what the C++ CPU kernels ran as (empty without _C)
+                    r["cpu_capability"] = vk.cpu_capability() or ""
+            rows += op_rows
     os.makedirs(args.out, exist_ok=True)
     write_csv(rows, os.path.join(args.out, "results.csv"), meta)
     md = markdown(rows, header)

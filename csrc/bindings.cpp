@@ -1,4 +1,5 @@
-// The single extension module vft_kernels._C: build metadata plus every op's kernels.
+// The single extension module vft_kernels._C: build metadata plus every op's kernels. Compiled
+// in the baseline unit (setup.py), with the baseline variant of the CPU kernels.
 #include <torch/extension.h>
 #include <torch/headeronly/version.h>
 
@@ -40,6 +41,7 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vft kernels: CPU (and CUDA, if built) kernels of FSQ, register attention, flow step, transformer-block ops";
   m.def("build_info", &build_info, "Build metadata: compiler, flags, torch version, CUDA archs.");
+  vft::isa::bind_isa(m);  // first: checks the CPU and selects the kernels' variant
   vft::bind_fsq(m);
   vft::bind_attention(m);
   vft::bind_flow(m);

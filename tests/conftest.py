@@ -28,6 +28,50 @@ def _poison_and_seed():
         yield
 
 
+# The CPU kernel tests run under several CPU capabilities (vft_kernels.use_cpu_capability, the
+# ISA variants of csrc/include/vft/isa.h): VFT_TEST_CPU_CAPABILITIES is "all" (every level this
+# CPU supports) or a comma list in which "default" is the level chosen at load; by default the
+# default level and the portable baseline. tests/test_cpu_variants.py compares every level with
+# the baseline on each op, bitwise where the arithmetic is the same.
+CPU_KERNEL_TESTS = {"test_fsq_kernels", "test_attention_cpu", "test_flow_kernels", "test_block_ops"}
+
+
+def _test_capabilities():
+    import vft_kernels
+
+    try:
+        caps = vft_kernels.cpu_capabilities()
+    except RuntimeError:  # no _C: the kernel tests skip themselves
+        return [None]
+    want = os.environ.get("VFT_TEST_CPU_CAPABILITIES", "default,baseline")
+    if want == "all":
+        return list(caps["supported"])
+    names = [caps["default"] if w.strip() == "default" else w.strip() for w in want.split(",")]
+    unknown = [n for n in names if n not in caps["supported"]]
+    if unknown:
+        raise pytest.UsageError(f"VFT_TEST_CPU_CAPABILITIES={want}: {unknown} not supported here "
+                                f"(supported: {caps['supported']})")
+    return list(dict.fromkeys(names))
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.module.__name__.rpartition(".")[2] in CPU_KERNEL_TESTS:
+        caps = _test_capabilities()
+        metafunc.parametrize("_cpu_capability", caps, indirect=True, ids=[f"cpu={c}" for c in caps])
+
+
+@pytest.fixture(autouse=True)
+def _cpu_capability(request):
+    cap = getattr(request, "param", None)
+    if cap is None:
+        yield None
+        return
+    import vft_kernels
+
+    with vft_kernels.use_cpu_capability(cap):
+        yield cap
+
+
 def _interpreter_rounds_bf16_to_nearest():
     """Make the Triton interpreter's float32 -> bfloat16 cast round to nearest even.
 

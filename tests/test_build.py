@@ -1,5 +1,6 @@
 """The compiled extension vft_kernels._C (build metadata) and the package without it."""
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -34,6 +35,22 @@ def test_C_imports_and_build_info_is_sane():
         assert info["cuda_archs"] == [] and info["cuda_compiler"] is None
         assert not any(f.endswith(".cu") for f in info["sources"])
     assert "csrc/bindings.cpp" in info["sources"]
+
+
+
+def test_default_build_is_portable():
+    # No -march=native unless VFT_CPU_ARCH asks: the baseline is x86-64-v2 on x86-64, and the
+    # faster variants are chosen at run time (test_cpu_capability.py checks their objects).
+    info = _ext.C.build_info() if _ext.C is not None else pytest.skip(f"_C did not load: {_ext.load_error}")
+    flags = " ".join(f for v in info["cpu_variants"].values() for f in v)
+    if info["cpu_arch"] == "native":
+        pytest.skip("built with VFT_CPU_ARCH=native (not portable, on purpose)")
+    assert "-march=native" not in flags
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert info["cpu_arch"] == "x86-64-v2" and "-march=x86-64-v2" in info["cxx_flags"]
+        assert set(info["cpu_variants"]) >= {"baseline"}
+        for v in info["cpu_variants"]:
+            assert any(f"-DVFT_ISA_NS=isa_{v}" == f for f in info["cpu_variants"][v])
 
 
 def _run(code, **env_extra):

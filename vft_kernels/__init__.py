@@ -11,9 +11,11 @@ Public API (SPEC.md §0)::
     y = modulated_layer_norm(x, scale, shift, layout); x, y = gated_residual_norm(x, gate, h, scale, shift, layout)
     out = swiglu(gate_up); q, k, v = qk_rms_norm(qkv, heads, q_weight, k_weight)
     available_backends(); use_backend("cpu")
+    cpu_capability(); use_cpu_capability("avx2")     # the CPU kernels' instruction-set variant
 """
 __version__ = "0.1.0"
 
+from .capability import cpu_capabilities, cpu_capability, use_cpu_capability
 from .dispatch import BackendUnavailableError, available_backends, use_backend
 from .layout import RegisterLayout, Tile
 from .ops.attention import register_attention
@@ -27,6 +29,8 @@ __all__ = [
     "RegisterLayout",
     "Tile",
     "available_backends",
+    "cpu_capabilities",
+    "cpu_capability",
     "flow_heun_step",
     "flow_sample",
     "flow_step",
@@ -39,4 +43,5 @@ __all__ = [
     "fsq_quantize",
     "register_attention",
     "use_backend",
+    "use_cpu_capability",
 ]

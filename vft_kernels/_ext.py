@@ -16,6 +16,8 @@ else:
     try:
         from . import _C as C  # noqa: N812
     except ImportError as e:
+        if "VFT_CPU_CAPABILITY" in str(e):  # a bad cap is the user's error: say so, loudly
+            raise ValueError(str(e).split("\nException raised from")[0].strip()) from None
         load_error = f"{type(e).__name__}: {e}"
         if "undefined symbol" in str(e):
             load_error += (

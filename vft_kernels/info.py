@@ -44,6 +44,18 @@ def report() -> str:
             f" ({bi['cuda_reason']})",
             f"            kernels: {', '.join(kernels) if kernels else 'none yet'}",
         ]
+        if hasattr(_ext.C, "cpu_capabilities"):
+            caps = _ext.C.cpu_capabilities()
+            variants = bi.get("cpu_variants", {})
+            lines += [
+                "            CPU kernel variants compiled: " + ", ".join(
+                    f"{v} ({' '.join(f for f in variants.get(v, []) if f.startswith('-march'))})" for v in caps["compiled"]),
+                f"            CPU features: {' '.join(caps['features']) or 'none of interest'}",
+                f"            CPU capability: {caps['default']} (supported here: {', '.join(caps['supported'])}; "
+                + (f"capped by VFT_CPU_CAPABILITY={os.environ['VFT_CPU_CAPABILITY']}"
+                   if os.environ.get("VFT_CPU_CAPABILITY") else "VFT_CPU_CAPABILITY unset")
+                + f") -> runs the {caps['variant']} variant",
+            ]
         if hasattr(_ext.C, "attention_cpu_bf16_isa"):
             isa = _ext.C.attention_cpu_bf16_isa()
             names = {"amx": "AMX-BF16", "avx512_bf16": "AVX-512 BF16"}

@@ -21,6 +21,7 @@
 #include "vft/bf16.h"  // also <immintrin.h> and VFT_BF16_AVX512 where AVX-512 F + BW is on
 #include "vft/bind.h"
 #include "vft/common.h"
+#include "vft/isa.h"
 
 // Fortran BLAS sgemm, exported by the BLAS torch links against. Weak: when it is absent
 // the pointer is null and the ATen path runs instead.
@@ -29,18 +30,23 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
 
 namespace vft {
-namespace {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr float kInf = std::numeric_limits<float>::infinity();
-// Query / key rows per tile. 64 keeps a tile's operands in L1/L2 and the skip granularity
-// fine; measured faster than 32 and 128 on the benchmark shapes (benchmarks/bench_attention.py).
-constexpr int64_t kBlockM = 64;
-constexpr int64_t kBlockN = 64;
+// The choice of tile products, shared by every ISA variant (its state, the probes and the test
+// hooks live once, in the baseline unit).
+namespace attention_shared {
 
 enum class GemmPath : int { kBrgemm = 0, kBlas = 1, kAten = 2 };
+
+// The float32 tile products for a capability level (vft/isa.h): oneDNN's brgemm (an
+// AVX-512 kernel) only from level avx512; below it what a CPU of that level gets, BLAS.
+GemmPath gemm_path(int level);
+// Whether bf16 forwards run bf16 tile products at that level (avx512_bf16 or amx).
+bool bf16_brgemm(int level);
+
+}  // namespace attention_shared
+
+#if VFT_ISA_PRIMARY
+namespace attention_shared {
+namespace {
 
 bool brgemm_works() {
   static const bool ok = [] {
@@ -67,9 +73,7 @@ GemmPath best_path() {
 constexpr int kNoOverride = -1;
 std::atomic<int> g_path_override{kNoOverride};
 
-GemmPath gemm_path() {
-  const int chosen = g_path_override.load(std::memory_order_relaxed);
-  if (chosen != kNoOverride) return static_cast<GemmPath>(chosen);
+GemmPath best_path_once() {
   static const GemmPath best = best_path();
   return best;
 }
@@ -126,20 +130,52 @@ Bf16Isa bf16_isa() {
   }();
   return isa;
 }
-bool g_bf16_brgemm = true;
+std::atomic<bool> g_bf16_brgemm{true};
+}  // namespace
+
+GemmPath gemm_path(int level) {
+  const int chosen = g_path_override.load(std::memory_order_relaxed);
+  if (chosen != kNoOverride) return static_cast<GemmPath>(chosen);
+  const GemmPath best = best_path_once();
+  if (best == GemmPath::kBrgemm && level < isa::kAvx512) return sgemm_ != nullptr ? GemmPath::kBlas : GemmPath::kAten;
+  return best;
+}
+
+bool bf16_brgemm(int level) {
+  return g_bf16_brgemm.load() && level >= isa::kAvx512Bf16 && gemm_path(level) == GemmPath::kBrgemm &&
+         bf16_isa() != Bf16Isa::kNone;
+}
+
+}  // namespace attention_shared
+#endif  // VFT_ISA_PRIMARY
+
+namespace VFT_ISA_NS {  // one copy per ISA variant (vft/isa.h)
+namespace attention_cpu {
+namespace {
+
+using attention_shared::GemmPath;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+// Query / key rows per tile. 64 keeps a tile's operands in L1/L2 and the skip granularity
+// fine; measured faster than 32 and 128 on the benchmark shapes (benchmarks/bench_attention.py).
+constexpr int64_t kBlockM = 64;
+constexpr int64_t kBlockN = 64;
+
 thread_local bool t_vnni_used = false;  // this thread holds a bf16 brgemm context to release
 
 // Row-major C[M, N] = A[M, K] B[K, N] (accumulate: C += A B). Without accumulate C's old
 // contents (NaN included) are ignored.
-void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-          bool accumulate, float* C, int64_t ldc) {
+void gemm(GemmPath path, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+          int64_t ldb, bool accumulate, float* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (!accumulate)
       for (int64_t r = 0; r < M; ++r) std::fill(C + r * ldc, C + r * ldc + N, 0.0f);
     return;
   }
-  const GemmPath path = gemm_path();
   if (path == GemmPath::kBrgemm) {
     at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, false);
   } else if (path == GemmPath::kBlas) {
@@ -190,6 +226,10 @@ struct Problem {
   float scale;
   int64_t samples;
   const int32_t* cu = nullptr;  // [samples + 1] for packed calls
+  // The caller's CPU capability and the tile products it selects, fixed for the whole call
+  // (the worker threads do not see the caller's use_cpu_capability override).
+  int level = isa::kBaseline;
+  GemmPath path = GemmPath::kAten;
 
   const int32_t* keep_of(int64_t s) const { return keep + s * layout.blocks; }
   int64_t row_of(int64_t s) const { return cu ? 0 : s; }       // batch row holding sample s
@@ -249,7 +289,7 @@ void apply_mask_t(const TileLayout& L, const int32_t* keep, int64_t q0, int64_t 
 // writes only its own outputs, so the result does not depend on the schedule.
 // chunk: tasks taken at a time (consecutive tasks share operands a worker can keep cached).
 template <typename Scratch, typename Task>
-void run_tasks(int64_t n, const Task& task, int64_t chunk = 1) {
+void run_tasks(GemmPath path, int64_t n, const Task& task, int64_t chunk = 1) {
   std::atomic<int64_t> next{0};
   chunk = std::max<int64_t>(1, chunk);
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk));
@@ -257,7 +297,7 @@ void run_tasks(int64_t n, const Task& task, int64_t chunk = 1) {
     Scratch scratch;
     for (int64_t t0 = next.fetch_add(chunk); t0 < n; t0 = next.fetch_add(chunk))
       for (int64_t t = t0; t < std::min(t0 + chunk, n); ++t) task(t, scratch);
-    if (gemm_path() == GemmPath::kBrgemm) at::native::cpublas::brgemm_release(false);
+    if (path == GemmPath::kBrgemm) at::native::cpublas::brgemm_release(false);
     if (t_vnni_used) {
       at::native::cpublas::brgemm_release(true);
       t_vnni_used = false;
@@ -306,6 +346,7 @@ struct F32Products {
   static constexpr bool kBf16P = false;  // P V takes P in float32 (in place of S)
   const float *q, *k, *v;
   int64_t N, D, n_kt;
+  GemmPath path;
   // S[nq, nk] (ld kBlockN) = Q[q0, +nq) K[k0, +nk)^T; len: the sample's length (tokens)
   void qk(int64_t bh, int64_t start, int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* s,
           ForwardScratch& w, int64_t len) const {
@@ -318,16 +359,17 @@ struct F32Products {
       for (int64_t j = 0; j < keys; ++j)
         for (int64_t d = 0; d < D; ++d) kt[d * kBlockN + j] = src[j * D + d];
     }
-    gemm(nq, nk, D, q + (bh * N + start + q0) * D, D, kt, kBlockN, false, s, kBlockN);
+    gemm(path, nq, nk, D, q + (bh * N + start + q0) * D, D, kt, kBlockN, false, s, kBlockN);
   }
   // O[nq, D] += P[nq, nk] (ld kBlockN) V[k0, +nk)
   void pv(int64_t bh, int64_t start, int64_t nq, int64_t k0, int64_t nk, const float* p, float* o,
           ForwardScratch&, bool) const {
-    gemm(nq, D, nk, p, kBlockN, v + (bh * N + start + k0) * D, D, true, o, D);
+    gemm(path, nq, D, nk, p, kBlockN, v + (bh * N + start + k0) * D, D, true, o, D);
   }
 };
 
 #ifdef VFT_BF16_AVX512
+#define VFT_ATTN_SIMD_ROWS 1
 // exp2_nonpos on 16 lanes, the same operations (and NaN handling) as the scalar version.
 inline __m512 exp2_nonpos16(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-127.0f), x);  // -127 > x ? -127 : x (NaN stays NaN)
@@ -377,6 +419,66 @@ inline float row_exp64(float* row, float a, float m, uint16_t* p16) {
     }
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+#elif defined(VFT_BF16_AVX2)
+#define VFT_ATTN_SIMD_ROWS 1
+// The AVX2 forms of the three functions above: 8 lanes, the same operations per element.
+inline __m256 exp2_nonpos8(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);  // -127 > x ? -127 : x (NaN stays NaN)
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  const __m256 n = _mm256_sub_ps(_mm256_add_ps(x, magic), magic);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 p = _mm256_set1_ps(1.5252733804059841e-05f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.5403530393381606e-04f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-02f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float row_max64(const float* row, float a) {
+  const __m256 va = _mm256_set1_ps(a);
+  __m256 m0 = _mm256_set1_ps(kNegInf), m1 = m0;
+  for (int j = 0; j < 64; j += 16) {  // max(new, acc): a NaN score never enters the accumulators
+    m0 = _mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(row + j), va), m0);
+    m1 = _mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(row + j + 8), va), m1);
+  }
+  return hmax8(_mm256_max_ps(m0, m1));
+}
+
+inline float row_exp64(float* row, float a, float m, uint16_t* p16) {
+  const __m256 va = _mm256_set1_ps(a), vm = _mm256_set1_ps(m);
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+  for (int j = 0; j < 64; j += 16) {
+    const __m256 p0 = exp2_nonpos8(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(row + j), va), vm));
+    const __m256 p1 = exp2_nonpos8(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(row + j + 8), va), vm));
+    s0 = _mm256_add_ps(s0, p0);
+    s1 = _mm256_add_ps(s1, p1);
+    if (p16 != nullptr) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p16 + j), bf16::from_f32_x8(p0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p16 + j + 8), bf16::from_f32_x8(p1));
+    } else {
+      _mm256_storeu_ps(row + j, p0);
+      _mm256_storeu_ps(row + j + 8, p1);
+    }
+  }
+  return hsum8(_mm256_add_ps(s0, s1));
 }
 #endif
 
@@ -484,7 +586,7 @@ void forward(const Problem& pr, const Products& prod, T* out, float* lse) {
   // A batch row's query tiles at a time when there are enough rows to keep every thread
   // busy (workers reuse that row's packed keys and values), else one tile at a time.
   const int64_t chunk = pr.samples * pr.H >= 4 * at::get_num_threads() ? n_qt : 1;
-  run_tasks<ForwardScratch>(pr.samples * pr.H * n_qt, [&](int64_t t, ForwardScratch& w) {
+  run_tasks<ForwardScratch>(pr.path, pr.samples * pr.H * n_qt, [&](int64_t t, ForwardScratch& w) {
     const int64_t qt = t % n_qt, sh = t / n_qt, s = sh / pr.H, h = sh % pr.H;
     const TileLayout L = pr.layout_of(s);
     const int64_t N = L.seq_len(), q0 = qt * kBlockM;
@@ -517,9 +619,9 @@ void forward(const Problem& pr, const Products& prod, T* out, float* lse) {
         apply_mask(L, keep, q0, nq, k0, nk, s, kBlockN);
       }
       const float a = cls == kTilePartial ? 1.0f : alpha;
-      // Full key tiles take the 512-bit row loops (which write P straight to bf16 for the
-      // bf16 products); partial ones the scalar loops.
-#ifdef VFT_BF16_AVX512
+      // Full key tiles take the 512-bit (AVX2: 256-bit) row loops (which write P straight to
+      // bf16 for the bf16 products); partial ones the scalar loops.
+#ifdef VFT_ATTN_SIMD_ROWS
       const bool full_row = nk == kBlockN;
 #else
       constexpr bool full_row = false;
@@ -528,7 +630,7 @@ void forward(const Problem& pr, const Products& prod, T* out, float* lse) {
       for (int64_t r = 0; r < nq; ++r) {
         float* row = s + r * kBlockN;
         float mx = kNegInf;
-#ifdef VFT_BF16_AVX512
+#ifdef VFT_ATTN_SIMD_ROWS
         if (full_row) {
           mx = row_max64(row, a);
         } else
@@ -541,7 +643,7 @@ void forward(const Problem& pr, const Products& prod, T* out, float* lse) {
         // Row with nothing allowed yet: subtracting 0 keeps exp2(-inf) = 0 (no inf - inf).
         const float m_use = m_new == kNegInf ? 0.0f : m_new;
         float sum = 0.0f;
-#ifdef VFT_BF16_AVX512
+#ifdef VFT_ATTN_SIMD_ROWS
         if (full_row) {
           sum = row_exp64(row, a, m_use, p16 != nullptr ? p16 + r * kBlockN : nullptr);
         } else
@@ -607,7 +709,7 @@ void backward(const Problem& pr, const float* q_fin, const float* qt, const floa
               int64_t groups, T* dk, T* dv) {
   const int64_t D = pr.D, BH = pr.B * pr.H, ldt = pr.N;
   const float alpha = pr.scale * kLog2e;
-  run_tasks<BackwardScratch>(pr.samples * pr.H * groups, [&](int64_t t, BackwardScratch& w) {
+  run_tasks<BackwardScratch>(pr.path, pr.samples * pr.H * groups, [&](int64_t t, BackwardScratch& w) {
     const int64_t g = t % groups, sh = t / groups, s = sh / pr.H, h = sh % pr.H;
     const TileLayout L = pr.layout_of(s);
     const int64_t N = L.seq_len();
@@ -635,7 +737,7 @@ void backward(const Problem& pr, const float* q_fin, const float* qt, const floa
         const int64_t qe = std::min(q_hi, L.last_kept(q0, q1, keep) + 1), nq = qe - q0;
         float* pt = w.pt.data();
         float* dst = w.dst.data();
-        gemm(nk, nq, D, kj, D, qt + off_t + q0, ldt, false, pt, kBlockM);  // S^T = K Q^T
+        gemm(pr.path, nk, nq, D, kj, D, qt + off_t + q0, ldt, false, pt, kBlockM);  // S^T = K Q^T
         if (cls == kTilePartial) {  // scale, then mask (as in the forward pass)
           scale_tile(pt, nk, nq, kBlockM, alpha);
           apply_mask_t(L, keep, q0, nq, k0, nk, pt, kBlockM);
@@ -649,8 +751,8 @@ void backward(const Problem& pr, const float* q_fin, const float* qt, const floa
 #pragma omp simd
           for (int64_t c = 0; c < nq; ++c) row[c] = row[c] == kNegInf ? 0.0f : exp2_nonpos(row[c] * a - lse_q[c]);
         }
-        gemm(nk, D, nq, pt, kBlockM, dout + off + q0 * D, D, true, w.dv.data(), D);  // dV += P^T dO
-        gemm(nk, nq, D, v + off + k0 * D, D, dot + off_t + q0, ldt, false, dst, kBlockM);  // dP^T = V dO^T
+        gemm(pr.path, nk, D, nq, pt, kBlockM, dout + off + q0 * D, D, true, w.dv.data(), D);  // dV += P^T dO
+        gemm(pr.path, nk, nq, D, v + off + k0 * D, D, dot + off_t + q0, ldt, false, dst, kBlockM);  // dP^T = V dO^T
         const float* delta_q = delta + bh * pr.N + start + q0;
         for (int64_t r = 0; r < nk; ++r) {
           const float* prow = pt + r * kBlockM;
@@ -659,11 +761,11 @@ void backward(const Problem& pr, const float* q_fin, const float* qt, const floa
           for (int64_t c = 0; c < nq; ++c)  // dS = P (dP - delta); exactly 0 where P is (masked pairs)
             drow[c] = prow[c] == 0.0f ? 0.0f : prow[c] * (drow[c] - delta_q[c]);
         }
-        gemm(nk, D, nq, dst, kBlockM, q_fin + off + q0 * D, D, true, w.dk.data(), D);  // dK += dS^T Q
+        gemm(pr.path, nk, D, nq, dst, kBlockM, q_fin + off + q0 * D, D, true, w.dk.data(), D);  // dK += dS^T Q
         float* ds = w.ds.data();
         for (int64_t c = 0; c < nq; ++c)
           for (int64_t r = 0; r < nk; ++r) ds[c * kBlockN + r] = dst[r * kBlockM + c];
-        gemm(nq, D, nk, ds, kBlockN, kj_fin, D, true, dq_g + q0 * D, D);  // dQ += dS K
+        gemm(pr.path, nq, D, nk, ds, kBlockN, kj_fin, D, true, dq_g + q0 * D, D);  // dQ += dS K
       }
       for (int64_t r = 0; r < k1 - k0; ++r) {
         T* dk_row = dk + off + (k0 + r) * D;
@@ -698,6 +800,8 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& keep, const at::Tens
   Problem pr{TileLayout{blocks, patches, registers, static_cast<MaskMode>(mode)},
              q.size(0), q.size(1), q.size(2), q.size(3), nullptr, static_cast<float>(scale), q.size(0)};
   VFT_CHECK(pr.D >= 1 && pr.D <= 256, "attention: head dim must be in [1, 256], got ", pr.D);
+  pr.level = isa::level();
+  pr.path = attention_shared::gemm_path(pr.level);
   const bool packed = cu_seqlens.numel() > 0;
   if (packed) {
     VFT_CHECK(cu_seqlens.device().is_cpu() && cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1 &&
@@ -752,7 +856,7 @@ void check_input(const at::Tensor& t, const at::Tensor& q, const char* name) {
 at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 
-bool use_bf16_brgemm() { return g_bf16_brgemm && gemm_path() == GemmPath::kBrgemm && bf16_isa() != Bf16Isa::kNone; }
+
 
 // The bf16 forward on bf16 brgemm (dense and packed calls): zero-pads q's head dim to Dp
 // only when D is not a multiple of 32, then runs the shared forward with Bf16Products (keys
@@ -769,6 +873,8 @@ void forward_bf16(const Problem& pr, const at::Tensor& q, const at::Tensor& k, c
   forward<at::BFloat16>(pr, prod, out.data_ptr<at::BFloat16>(), lse.data_ptr<float>());
 }
 
+}  // namespace
+
 void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& keep,
                            const at::Tensor& cu_seqlens, int64_t blocks, int64_t patches, int64_t registers,
                            int64_t mode, double scale, at::Tensor& out, at::Tensor& lse) {
@@ -778,7 +884,7 @@ void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
   check_input(v, q, "attention: v");
   check_out(out, q.scalar_type(), q.sizes(), "attention: out");
   check_out(lse, at::kFloat, {pr.B, pr.H, pr.N}, "attention: lse");
-  if (q.scalar_type() == at::kBFloat16 && use_bf16_brgemm()) {
+  if (q.scalar_type() == at::kBFloat16 && attention_shared::bf16_brgemm(pr.level)) {
     forward_bf16(pr, q, k, v, out, lse);
     fill_padding(pr, out.data_ptr<at::BFloat16>(), pr.D, static_cast<at::BFloat16>(0.0f));
     fill_padding(pr, lse.data_ptr<float>(), 1, kNegInf);
@@ -786,7 +892,7 @@ void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
   }
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v);
   const F32Products prod{qf.data_ptr<float>(), kf.data_ptr<float>(), vf.data_ptr<float>(), pr.N, pr.D,
-                         (pr.max_len() + kBlockN - 1) / kBlockN};
+                         (pr.max_len() + kBlockN - 1) / kBlockN, pr.path};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward_cpu", [&] {
     forward<scalar_t>(pr, prod, out.data_ptr<scalar_t>(), lse.data_ptr<float>());
     fill_padding(pr, out.data_ptr<scalar_t>(), pr.D, static_cast<scalar_t>(0.0f));
@@ -870,28 +976,34 @@ at::Tensor attention_tiles_cpu(int64_t blocks, int64_t patches, int64_t register
   return res;
 }
 
-}  // namespace
+}  // namespace attention_cpu
+}  // namespace VFT_ISA_NS
+
+#if VFT_ISA_PRIMARY
+VFT_DECLARE_VARIANTS(attention_cpu, attention_forward_cpu)
+VFT_DECLARE_VARIANTS(attention_cpu, attention_backward_cpu)
 
 void bind_attention(pybind11::module_& m) {
-  m.def("attention_forward_cpu", &attention_forward_cpu,
+  using namespace attention_shared;
+  m.def("attention_forward_cpu", VFT_DISPATCH(attention_cpu, attention_forward_cpu),
         "Register attention forward (float32 math). q, k, v [B, H, N, D] CPU float32/bfloat16/float16; "
         "keep int32 [B, T] ([S, T] packed; per-block keeps); cu_seqlens: empty, or int32 [S + 1] for S samples packed in one row (B = 1); "
         "writes out [B, H, N, D] (q's dtype) and lse float32 [B, H, N].");
-  m.def("attention_backward_cpu", &attention_backward_cpu,
+  m.def("attention_backward_cpu", VFT_DISPATCH(attention_cpu, attention_backward_cpu),
         "Register attention backward: dout, q, k, v, out [B, H, N, D], lse float32 [B, H, N], keep int32 [B, T] "
         "([S, T] packed), cu_seqlens as in attention_forward_cpu; writes dq, dk, dv [B, H, N, D] (q's dtype).");
-  m.def("attention_tiles_cpu", &attention_tiles_cpu,
+  m.def("attention_tiles_cpu", &isa_baseline::attention_cpu::attention_tiles_cpu,
         "Test hook: classify_tile / key_range / query_range of the C++ port for int64 tiles [n, 4] and a "
         "sample's per-block keeps (int32 [T]).");
   m.def(
       "attention_cpu_bf16_brgemm",
       [](bool on) {
-        const bool previous = use_bf16_brgemm();
-        g_bf16_brgemm = on;
+        const bool previous = bf16_brgemm(isa::level());
+        g_bf16_brgemm.store(on);
         return previous;
       },
       "Test hook: run bf16 forward tile products on bf16 brgemm where available (True, the default) or in "
-      "float32; returns whether the bf16 brgemm path was in use.");
+      "float32; returns whether the bf16 brgemm path was in use (at this thread's CPU capability).");
   m.def(
       "attention_cpu_bf16_isa",
       [] {
@@ -904,7 +1016,7 @@ void bind_attention(pybind11::module_& m) {
       "attention_cpu_gemm_path",
       [](const std::string& name) {
         static const char* names[] = {"brgemm", "blas", "aten"};
-        const std::string previous = names[static_cast<int>(gemm_path())];
+        const std::string previous = names[static_cast<int>(gemm_path(isa::level()))];
         if (name == "brgemm" || name == "best") {
           VFT_CHECK(name == "best" || brgemm_works(), "attention_cpu_gemm_path: brgemm is not available here");
           g_path_override.store(kNoOverride);
@@ -920,5 +1032,6 @@ void bind_attention(pybind11::module_& m) {
       "Test hook: route the tile products through oneDNN brgemm, BLAS sgemm or ATen ('best' = the "
       "default); returns the previous path's name.");
 }
+#endif  // VFT_ISA_PRIMARY
 
 }  // namespace vft

@@ -22,9 +22,11 @@
 
 #include "vft/bind.h"
 #include "vft/common.h"
+#include "vft/isa.h"
 
 namespace vft {
-namespace {
+namespace VFT_ISA_NS {  // one copy per ISA variant (vft/isa.h)
+namespace block_cpu {
 
 using OptT = std::optional<at::Tensor>;
 constexpr int64_t kLanes = 16;
@@ -598,31 +600,41 @@ at::Tensor qk_norm_backward_cpu(const at::Tensor& dq, const at::Tensor& dk, cons
   return partial;
 }
 
-}  // namespace
+}  // namespace block_cpu
+}  // namespace VFT_ISA_NS
+
+#if VFT_ISA_PRIMARY
+VFT_DECLARE_VARIANTS(block_cpu, block_norm_forward_cpu)
+VFT_DECLARE_VARIANTS(block_cpu, block_norm_backward_cpu)
+VFT_DECLARE_VARIANTS(block_cpu, swiglu_forward_cpu)
+VFT_DECLARE_VARIANTS(block_cpu, swiglu_backward_cpu)
+VFT_DECLARE_VARIANTS(block_cpu, qk_norm_forward_cpu)
+VFT_DECLARE_VARIANTS(block_cpu, qk_norm_backward_cpu)
 
 void bind_block(pybind11::module_& m) {
-  m.def("block_norm_forward_cpu", &block_norm_forward_cpu,
+  m.def("block_norm_forward_cpu", VFT_DISPATCH(block_cpu, block_norm_forward_cpu),
         "Gated residual (x_new = x + gate[sel] h) and/or adaLN modulated LayerNorm of x_new (or x), contiguous "
         "CPU tensors x [frames, S, W], modulation [frames, K, W]; writes x_new and y.",
         pybind11::arg("x"), pybind11::arg("gate"), pybind11::arg("h"), pybind11::arg("scale"), pybind11::arg("shift"),
         pybind11::arg("patches"), pybind11::arg("eps"), pybind11::arg("x_new"), pybind11::arg("y"));
-  m.def("block_norm_backward_cpu", &block_norm_backward_cpu,
+  m.def("block_norm_backward_cpu", VFT_DISPATCH(block_cpu, block_norm_backward_cpu),
         "Backward of block_norm_forward_cpu given the norm input xn; writes g (grad of x), dgate, dh, dscale, dshift.",
         pybind11::arg("d_res"), pybind11::arg("dy"), pybind11::arg("xn"), pybind11::arg("gate"), pybind11::arg("h"),
         pybind11::arg("scale"), pybind11::arg("patches"), pybind11::arg("eps"), pybind11::arg("g_out"),
         pybind11::arg("dgate"), pybind11::arg("dh"), pybind11::arg("dscale"), pybind11::arg("dshift"));
-  m.def("swiglu_forward_cpu", &swiglu_forward_cpu, "out = silu(a) b for gate_up = [a | b] [rows, 2H].",
+  m.def("swiglu_forward_cpu", VFT_DISPATCH(block_cpu, swiglu_forward_cpu), "out = silu(a) b for gate_up = [a | b] [rows, 2H].",
         pybind11::arg("gate_up"), pybind11::arg("out"));
-  m.def("swiglu_backward_cpu", &swiglu_backward_cpu, "Gradient of swiglu_forward_cpu w.r.t. gate_up.",
+  m.def("swiglu_backward_cpu", VFT_DISPATCH(block_cpu, swiglu_backward_cpu), "Gradient of swiglu_forward_cpu w.r.t. gate_up.",
         pybind11::arg("dout"), pybind11::arg("gate_up"), pybind11::arg("dgate_up"));
-  m.def("qk_norm_forward_cpu", &qk_norm_forward_cpu,
+  m.def("qk_norm_forward_cpu", VFT_DISPATCH(block_cpu, qk_norm_forward_cpu),
         "Split qkv [B, N, 3 H D] into q, k, v [B, H, N, D], RMS-normalising q and k per head (weights float32 [2, D]).",
         pybind11::arg("qkv"), pybind11::arg("heads"), pybind11::arg("weights"), pybind11::arg("eps"),
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"));
-  m.def("qk_norm_backward_cpu", &qk_norm_backward_cpu,
+  m.def("qk_norm_backward_cpu", VFT_DISPATCH(block_cpu, qk_norm_backward_cpu),
         "Backward of qk_norm_forward_cpu: writes dqkv, returns float64 weight-gradient partials [threads, 2, D].",
         pybind11::arg("dq"), pybind11::arg("dk"), pybind11::arg("dv"), pybind11::arg("qkv"), pybind11::arg("heads"),
         pybind11::arg("weights"), pybind11::arg("eps"), pybind11::arg("dqkv"));
 }
+#endif  // VFT_ISA_PRIMARY
 
 }  // namespace vft

@@ -19,8 +19,11 @@
 #include "vft/alloc.h"
 #include "vft/bind.h"
 #include "vft/flow_math.h"
+#include "vft/isa.h"
 
 namespace vft {
+namespace VFT_ISA_NS {  // one copy per ISA variant (vft/isa.h)
+namespace flow_cpu {
 namespace {
 
 constexpr int64_t kBlock = 2048;
@@ -166,7 +169,7 @@ void run_apg(const torch::Tensor& out, const torch::Tensor& x, const torch::Tens
   });
 }
 
-void check_like(const char* name, const torch::Tensor& t, const torch::Tensor& x) {
+[[maybe_unused]] void check_like(const char* name, const torch::Tensor& t, const torch::Tensor& x) {
   VFT_CHECK(t.sizes() == x.sizes(), name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
   VFT_CHECK(t.scalar_type() == x.scalar_type(), name, " must have x's dtype ", x.scalar_type(), ", got ",
             t.scalar_type());
@@ -174,7 +177,7 @@ void check_like(const char* name, const torch::Tensor& t, const torch::Tensor& x
   VFT_CHECK_CONTIGUOUS(t, name);
 }
 
-void check_times(const torch::Tensor& t, const torch::Tensor& x) {
+[[maybe_unused]] void check_times(const torch::Tensor& t, const torch::Tensor& x) {
   VFT_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == x.size(0) && t.is_contiguous() &&
                 t.device() == x.device(),
             "t and t_next must be contiguous float32 tensors [B] = [", x.size(0), "] on x's device, got ",
@@ -205,6 +208,13 @@ flow::Geometry geometry(const torch::Tensor& x, int64_t reduce_ndim, int64_t pre
 
 }  // namespace
 
+}  // namespace flow_cpu
+}  // namespace VFT_ISA_NS
+
+#if VFT_ISA_PRIMARY
+// The checks shared with the CUDA kernels (declared in flow_math.h), compiled once.
+namespace flow_base = isa_baseline::flow_cpu;
+
 flow::Mode flow_mode(const std::string& guidance) {
   if (guidance == "none") return flow::kNone;
   if (guidance == "cfg") return flow::kCfg;
@@ -222,14 +232,14 @@ flow::Geometry flow_check(const torch::Tensor& out, const torch::Tensor& x, cons
   VFT_CHECK(x.dim() >= 1, "x must be [B, ...], got a 0-dim tensor");
   VFT_CHECK(mode != flow::kApg || (reduce_ndim >= 1 && x.dim() >= reduce_ndim + 1),
             "x must have at least reduce_ndim + 1 = ", reduce_ndim + 1, " dims, got ", x.dim());
-  check_like("out", out, x);
-  check_like("v_cond", v_cond, x);
+  flow_base::check_like("out", out, x);
+  flow_base::check_like("v_cond", v_cond, x);
   if (mode != flow::kNone) {
     VFT_CHECK(v_uncond.has_value(), "guidance needs v_uncond (or v2 for Heun)");
-    check_like("v_uncond", *v_uncond, x);
+    flow_base::check_like("v_uncond", *v_uncond, x);
   }
-  check_times(t, x);
-  check_times(t_next, x);
+  flow_base::check_times(t, x);
+  flow_base::check_times(t_next, x);
   if (momentum.has_value()) {
     VFT_CHECK(mode == flow::kApg, "a momentum state is only used by guidance 'apg'");
     const auto mt = momentum->scalar_type();
@@ -248,8 +258,14 @@ flow::Geometry flow_check(const torch::Tensor& out, const torch::Tensor& x, cons
               "prefix must be a contiguous ", x.scalar_type(), " tensor of shape ", c10::IntArrayRef(want), ", got ",
               prefix->scalar_type(), " ", prefix->sizes());
   }
-  return geometry(x, reduce_ndim, prefix_len);
+  return flow_base::geometry(x, reduce_ndim, prefix_len);
 }
+
+#endif  // VFT_ISA_PRIMARY
+
+namespace VFT_ISA_NS {
+namespace flow_cpu {
+
 
 namespace {
 
@@ -284,6 +300,10 @@ Params params(double scale, double apg_eta, double apg_norm_threshold, double ap
 
 }  // namespace
 
+}  // namespace flow_cpu
+}  // namespace VFT_ISA_NS
+
+#if VFT_ISA_PRIMARY
 Prepared flow_prepare(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& v_cond,
                       const c10::optional<torch::Tensor>& v_uncond, const torch::Tensor& t,
                       const torch::Tensor& t_next, const std::string& guidance, double apg_momentum,
@@ -294,6 +314,12 @@ Prepared flow_prepare(const torch::Tensor& out, const torch::Tensor& x, const to
   if (prefix_len == 0) prefix.reset();
   return {mode, flow_check(out, x, v_cond, v_uncond, t, t_next, mode, momentum, reduce_ndim, prefix, prefix_len)};
 }
+
+#endif  // VFT_ISA_PRIMARY
+
+namespace VFT_ISA_NS {
+namespace flow_cpu {
+
 
 void flow_step_cpu(torch::Tensor out, torch::Tensor x, torch::Tensor v_cond, c10::optional<torch::Tensor> v_uncond,
                    torch::Tensor t, torch::Tensor t_next, const std::string& guidance, double scale, double apg_eta,
@@ -470,8 +496,17 @@ void flow_heun_step_cpu(torch::Tensor out, torch::Tensor x, torch::Tensor v1, to
   });
 }
 
+}  // namespace flow_cpu
+}  // namespace VFT_ISA_NS
+
+#if VFT_ISA_PRIMARY
+VFT_DECLARE_VARIANTS(flow_cpu, flow_step_cpu)
+VFT_DECLARE_VARIANTS(flow_cpu, flow_step_fast)
+VFT_DECLARE_VARIANTS(flow_cpu, flow_heun_step_fast)
+VFT_DECLARE_VARIANTS(flow_cpu, flow_heun_step_cpu)
+
 void bind_flow(pybind11::module_& m) {
-  m.def("flow_step_cpu", &flow_step_cpu,
+  m.def("flow_step_cpu", VFT_DISPATCH(flow_cpu, flow_step_cpu),
         "Fused guidance + Euler step (SPEC.md §3) on contiguous CPU tensors; writes out (may alias x) and "
         "updates momentum in place.",
         pybind11::arg("out"), pybind11::arg("x"), pybind11::arg("v_cond"), pybind11::arg("v_uncond"),
@@ -479,7 +514,7 @@ void bind_flow(pybind11::module_& m) {
         pybind11::arg("apg_eta"), pybind11::arg("apg_norm_threshold"), pybind11::arg("apg_momentum"),
         pybind11::arg("momentum"), pybind11::arg("reduce_ndim"), pybind11::arg("prefix"),
         pybind11::arg("prefix_len"));
-  m.def("flow_step_fast", &flow_step_fast,
+  m.def("flow_step_fast", VFT_DISPATCH(flow_cpu, flow_step_fast),
         "The op layer's fast path of vft_kernels.flow_step for ordinary eager CPU calls: validates and runs the "
         "step, returning out (allocated when None), or returns None without running anything "
         "when the call needs the full Python path (any bad or unusual argument). Never raises for bad input.",
@@ -487,12 +522,12 @@ void bind_flow(pybind11::module_& m) {
         pybind11::arg("v_uncond"), pybind11::arg("guidance"), pybind11::arg("scale"), pybind11::arg("apg_eta"),
         pybind11::arg("apg_norm_threshold"), pybind11::arg("apg_momentum"), pybind11::arg("momentum"),
         pybind11::arg("reduce_ndim"), pybind11::arg("prefix"), pybind11::arg("prefix_len"), pybind11::arg("out"));
-  m.def("flow_heun_step_fast", &flow_heun_step_fast,
+  m.def("flow_heun_step_fast", VFT_DISPATCH(flow_cpu, flow_heun_step_fast),
         "The op layer's fast path of vft_kernels.flow_heun_step (eager CPU calls): validates and runs the update, "
         "or returns None without running anything for whatever needs the Python path. Never raises for bad input.",
         pybind11::arg("x"), pybind11::arg("v1"), pybind11::arg("v2"), pybind11::arg("t"), pybind11::arg("t_next"),
         pybind11::arg("out"));
-  m.def("flow_heun_step_cpu", &flow_heun_step_cpu,
+  m.def("flow_heun_step_cpu", VFT_DISPATCH(flow_cpu, flow_heun_step_cpu),
         "Heun update out = x + (t_next - t) (v1 + v2) / 2 on contiguous CPU tensors.", pybind11::arg("out"),
         pybind11::arg("x"), pybind11::arg("v1"), pybind11::arg("v2"), pybind11::arg("t"), pybind11::arg("t_next"));
 #ifdef VFT_WITH_CUDA
@@ -506,5 +541,6 @@ void bind_flow(pybind11::module_& m) {
         pybind11::arg("x"), pybind11::arg("v1"), pybind11::arg("v2"), pybind11::arg("t"), pybind11::arg("t_next"));
 #endif
 }
+#endif  // VFT_ISA_PRIMARY
 
 }  // namespace vft

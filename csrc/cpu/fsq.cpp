@@ -17,7 +17,7 @@
 
 #include <algorithm>
 #include <array>
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #include <cstdint>
@@ -28,8 +28,11 @@
 #include "vft/bf16.h"
 #include "vft/bind.h"
 #include "vft/fsq_math.h"
+#include "vft/isa.h"
 
 namespace vft {
+namespace VFT_ISA_NS {  // one copy per ISA variant (vft/isa.h)
+namespace fsq_cpu {
 namespace {
 
 using fsq::DimConst;
@@ -215,6 +218,28 @@ inline void row_indices(const AccOf<Idx>* __restrict contrib, Idx* __restrict id
     const __mmask16 nan = _mm512_test_epi32_mask(any, _mm512_set1_epi32(static_cast<int>(kNanBit<Acc>)));
     const __m512i out = _mm512_mask_blend_epi32(nan, sum, _mm512_set1_epi32(-1));
     _mm512_mask_storeu_epi32(idx, static_cast<__mmask16>((1u << n) - 1u), out);
+    return;
+  }
+#elif defined(__AVX2__)
+  if constexpr (sizeof(Idx) == 4) {
+    // Rows as the 8 lanes, 8 rows at a time: D gathers of stride D, summing and OR-ing each
+    // row's entries (the NaN bit: index -1), then a masked store of the valid rows.
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i rows = _mm256_mullo_epi32(lane, _mm256_set1_epi32(D));
+    const __m256i nan_bit = _mm256_set1_epi32(static_cast<int>(kNanBit<Acc>));
+    for (int r0 = 0; r0 < n; r0 += 8) {
+      const int* base = reinterpret_cast<const int*>(contrib + r0 * D);
+      __m256i sum = _mm256_setzero_si256(), any = _mm256_setzero_si256();
+      for (int j = 0; j < D; ++j) {
+        const __m256i c = _mm256_i32gather_epi32(base, _mm256_add_epi32(rows, _mm256_set1_epi32(j)), 4);
+        sum = _mm256_add_epi32(sum, c);
+        any = _mm256_or_si256(any, c);
+      }
+      const __m256i nan = _mm256_cmpeq_epi32(_mm256_and_si256(any, nan_bit), nan_bit);
+      const __m256i out = _mm256_blendv_epi8(sum, _mm256_set1_epi32(-1), nan);
+      const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - r0), lane);
+      _mm256_maskstore_epi32(reinterpret_cast<int*>(idx + r0), valid, out);
+    }
     return;
   }
 #endif
@@ -450,6 +475,8 @@ void check_rows(const at::Tensor& t, const char* name, int64_t d) {
   VFT_CHECK(t.dim() == 2 && t.size(1) == d, "fsq: ", name, " must be [rows, ", d, "], got ", t.sizes());
 }
 
+}  // namespace
+
 // z2 [rows, d] (fp32/fp16/bf16, any strides) -> codes [rows, d] (contiguous, fp32/fp16/bf16)
 // and indices [rows] (contiguous int32 or int64).
 // thresholds: [d, n] float32 contiguous (n <= kMaxThresholds; rows NaN-padded), or empty for
@@ -606,7 +633,13 @@ void fsq_decode_cpu(const at::Tensor& indices, at::Tensor codes, const std::vect
   }
 }
 
-}  // namespace
+}  // namespace fsq_cpu
+}  // namespace VFT_ISA_NS
+
+#if VFT_ISA_PRIMARY
+VFT_DECLARE_VARIANTS(fsq_cpu, fsq_forward_cpu)
+VFT_DECLARE_VARIANTS(fsq_cpu, fsq_backward_cpu)
+VFT_DECLARE_VARIANTS(fsq_cpu, fsq_decode_cpu)
 
 #ifdef VFT_WITH_CUDA
 void fsq_forward_cuda(const at::Tensor& z2, at::Tensor codes, at::Tensor indices, const at::Tensor& consts,
@@ -617,12 +650,12 @@ void fsq_decode_cuda(const at::Tensor& indices, at::Tensor codes, const std::vec
 #endif
 
 void bind_fsq(pybind11::module_& m) {
-  m.def("fsq_forward_cpu", &fsq_forward_cpu, "FSQ forward: z [rows, d] -> codes [rows, d], indices [rows] (in place)",
+  m.def("fsq_forward_cpu", VFT_DISPATCH(fsq_cpu, fsq_forward_cpu), "FSQ forward: z [rows, d] -> codes [rows, d], indices [rows] (in place)",
         pybind11::arg("z"), pybind11::arg("codes"), pybind11::arg("indices"), pybind11::arg("consts"),
         pybind11::arg("levels"), pybind11::arg("thresholds"));
-  m.def("fsq_backward_cpu", &fsq_backward_cpu, "FSQ backward: grad_codes, z [rows, d] -> grad_z (in place)",
+  m.def("fsq_backward_cpu", VFT_DISPATCH(fsq_cpu, fsq_backward_cpu), "FSQ backward: grad_codes, z [rows, d] -> grad_z (in place)",
         pybind11::arg("grad_codes"), pybind11::arg("z"), pybind11::arg("grad_z"), pybind11::arg("consts"));
-  m.def("fsq_decode_cpu", &fsq_decode_cpu, "FSQ decode: indices [rows] -> codes [rows, d] float32 (in place)",
+  m.def("fsq_decode_cpu", VFT_DISPATCH(fsq_cpu, fsq_decode_cpu), "FSQ decode: indices [rows] -> codes [rows, d] float32 (in place)",
         pybind11::arg("indices"), pybind11::arg("codes"), pybind11::arg("levels"));
 #ifdef VFT_WITH_CUDA
   m.def("fsq_forward_cuda", &fsq_forward_cuda, pybind11::arg("z"), pybind11::arg("codes"), pybind11::arg("indices"),
@@ -633,5 +666,6 @@ void bind_fsq(pybind11::module_& m) {
         pybind11::arg("levels"));
 #endif
 }
+#endif  // VFT_ISA_PRIMARY
 
 }  // namespace vft

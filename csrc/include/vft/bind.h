@@ -11,6 +11,10 @@ void bind_attention(pybind11::module_& m);
 void bind_flow(pybind11::module_& m);
 void bind_block(pybind11::module_& m);
 void bind_alloc(pybind11::module_& m);
+namespace isa {
+// cpu_capability, cpu_capabilities, set_thread_cpu_capability; selects the variant at load.
+void bind_isa(pybind11::module_& m);
+}  // namespace isa
 #ifdef VFT_WITH_CUDA
 // Defined in csrc/cuda/device_info.cu: nvcc version and the archs it compiled for.
 std::string cuda_compiler_info();
