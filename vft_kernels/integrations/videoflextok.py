@@ -23,7 +23,8 @@ noise when no generator is given) stay the same. Falls back to the original:
 
 * per call, in training mode with ``drop_quant_p > 0`` (quantization dropout) or
   ``corrupt_tokens_p > 0`` (token corruption), and in ``indices_to_embedding`` for non-integer
-  or out-of-range ids (the original wraps them around);
+  ids; out-of-range ids wrap around as in the original (ids taken mod the codebook size, with
+  no range check read back from the device);
 * for the whole module, when a level's code does not map back to its token exactly in the
   original float32 arithmetic ((q / h) * h + h is inexact for some L // 2 = h >= 13, and the
   original truncates it, so its tokens differ from the exact ones), for codebooks above 2**24
@@ -103,6 +104,7 @@ import functools
 import inspect
 import math
 import sys
+import threading
 import types
 import weakref
 from dataclasses import dataclass
@@ -112,7 +114,7 @@ import torch
 
 from .. import RegisterLayout, flow_step, fsq_indices_to_codes, fsq_quantize, register_attention
 from ..ops.attention import MAX_HEAD_DIM
-from . import PatchHandle, existing_handle, override_reasons, patched_context
+from . import PatchHandle, blocks as _blocks, existing_handle, override_reasons, patched_context
 
 ATTENTION_LINE = "attention: no official FlexAttention layer or sequence packer found (nothing to patch)"
 _MAX_EXACT_CODEBOOK = 2**24  # float32 sums of integers are exact up to here
@@ -202,10 +204,12 @@ def _patch_fsq(handle: PatchHandle, fsq) -> None:
 
     def indices_to_embedding(self, indices):
         if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.is_complex() \
-                or indices.dtype == torch.bool or \
-                (indices.numel() and bool(((indices < 0) | (indices >= self.codebook_size)).any())):
+                or indices.dtype == torch.bool:
             return type(self).indices_to_embedding(self, indices)
-        return fsq_indices_to_codes(indices, levels, validate=False)
+        # The original's (id // basis) % levels digits are those of id mod codebook_size for every
+        # integer id (floor division and modulo agree): the same wrap-around, with no range check
+        # read back from the device.
+        return fsq_indices_to_codes(indices.remainder(self.codebook_size), levels, validate=False)
 
     handle.set_instance_attr(fsq, "forward_z", types.MethodType(forward_z, fsq))
     handle.set_instance_attr(fsq, "indices_to_embedding", types.MethodType(indices_to_embedding, fsq))
@@ -580,7 +584,12 @@ def _patch_packer(handle: PatchHandle, packer, official_cls: type, create_sig: i
                   interleaved: bool) -> None:
     create = vars(packer)["create_block_mask"]
     names = list(create_sig.parameters)
-    made: list = []  # (mask, N) of the main masks created during the current forward call
+    local = threading.local()  # per thread: concurrent forward calls keep their own masks
+
+    def made() -> list:  # (mask, N) of the main masks created during this thread's forward call
+        if not hasattr(local, "made"):
+            local.made = []
+        return local.made
 
     def create_block_mask(*args, **kwargs):
         try:
@@ -592,16 +601,16 @@ def _patch_packer(handle: PatchHandle, packer, official_cls: type, create_sig: i
         mask = VftBlockMask(None, functools.partial(create, *args, **kwargs)) if main and lazy else \
             create(*args, **kwargs)
         if main:
-            made.append((mask, N))
+            made().append((mask, N))
         return mask
 
     @torch.compiler.disable
     def forward(self, data_dict):
-        made.clear()
+        made().clear()
         out = official_cls.forward(self, data_dict)
         try:
             mask = out.get(self.block_mask_write_key) if isinstance(out, dict) else None
-            N = next((n for m, n in made if m is mask), None)
+            N = next((n for m, n in made() if m is mask), None)
             if N is not None:
                 plan = _plan_packed(self.mask_mode, interleaved, out[self.inner_packed_shapes_write_key],
                                     out[self.outer_packed_shapes_write_key], N,
@@ -614,7 +623,7 @@ def _patch_packer(handle: PatchHandle, packer, official_cls: type, create_sig: i
                     except TypeError:
                         pass
         finally:
-            made.clear()
+            made().clear()
         return out
 
     create_block_mask._vft_original = create
@@ -736,6 +745,50 @@ def _patch_attention(pkg: _OfficialPackage, handle: PatchHandle, model) -> None:
         handle.live.append(stats.lines)
 
 
+def _patch_trunks(pkg: _OfficialPackage, handle: PatchHandle, model) -> None:
+    """Whole official trunks (FlexTransformer of FlexBlock / FlexBlockAdaLN) on vft ops
+    (``vft_kernels.integrations.blocks``)."""
+    mods = {k: sys.modules.get(f"{pkg.name}.{v}") for k, v in (
+        ("trunks", _TRUNKS_MODULE), ("blocks", "model.layers.transformer_blocks"), ("attn", _ATTENTION_MODULE),
+        ("mlp", "model.layers.mlp"), ("norm", "model.layers.norm"))}
+    classes = {"FlexTransformer": getattr(mods["trunks"], "FlexTransformer", None),
+               "FlexBlock": getattr(mods["blocks"], "FlexBlock", None),
+               "FlexBlockAdaLN": getattr(mods["blocks"], "FlexBlockAdaLN", None),
+               "FlexSelfAttention": getattr(mods["attn"], "FlexSelfAttention", None),
+               "GatedMlp": getattr(mods["mlp"], "GatedMlp", None),
+               "Fp32LayerNorm": getattr(mods["norm"], "Fp32LayerNorm", None)}
+    trunk_cls = classes["FlexTransformer"]
+    trunks = [(p, m) for p, m in model.named_modules() if trunk_cls is not None and isinstance(m, trunk_cls)]
+    if not trunks:
+        handle.lines.append("blocks: no official FlexTransformer trunk found")
+        return
+    stats = _blocks.TrunkStats()
+    lines, done = [], 0
+    for path, m in trunks:
+        where = f".{path}" if path else "<model>"
+        if any(v is None for v in classes.values()):
+            reasons = ["the official block modules are not all imported"]
+        elif _is_vft(vars(m).get("forward")):
+            reasons = ["already patched (by another handle)"]
+        else:
+            reasons = _blocks.trunk_reasons(m, classes)
+        if reasons:
+            lines.append(f"  {where}: not patched, " + "; ".join(reasons))
+            continue
+        _blocks.patch_trunk(handle, m, _plan_of, stats)
+        done += 1
+        kind = type(m.blocks[0]).__name__
+        lines.append(f"  {where}: {len(m.blocks)} x {kind} on vft ops")
+    handle.lines.append(f"blocks: {done} of {len(trunks)} trunk(s) patched" + (
+        " (fused norms + modulation, one QKV and one gate/up projection per block, QK LayerNorm, "
+        "vk.register_attention, vk.swiglu; per call, runs the official blocks when the mask is not from a "
+        "patched packer, samples differ in length, or score_mod / rope / intermediate outputs / dropout are "
+        "in play)" if done else ""))
+    handle.lines += lines
+    if done:
+        handle.live.append(stats.lines)
+
+
 # --------------------------------------------------------------------------------------
 # patch / patched
 
@@ -752,13 +805,18 @@ def _find_pipelines(model, classes: tuple):
     return found
 
 
-def _patch_official(pkg: _OfficialPackage, model, fsq: bool, attention: bool, guidance: bool) -> PatchHandle:
+def _patch_official(pkg: _OfficialPackage, model, fsq: bool, attention: bool, guidance: bool,
+                    blocks: bool = True) -> PatchHandle:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{pkg.name} integration: expected the official {pkg.title} model or an nn.Module "
                         f"containing its FSQ / attention / sampler, got "
                         f"{type(model).__module__}.{type(model).__qualname__}")
+    options = dict(fsq=fsq, attention=attention, guidance=guidance, blocks=blocks)
     earlier = existing_handle(pkg.name, model)
     if earlier is not None:
+        if earlier.options != options:
+            raise ValueError(f"{pkg.name} integration: this model is already patched with {earlier.options}; "
+                             f"unpatch() it before patching with {options}")
         return earlier
     if not (fsq or guidance or attention):
         raise ValueError(f"{pkg.name} integration: nothing to patch with fsq=False, guidance=False and "
@@ -781,6 +839,7 @@ def _patch_official(pkg: _OfficialPackage, model, fsq: bool, attention: bool, gu
         raise ValueError(f"{pkg.name} integration: found nothing to patch in {type(model).__qualname__}: expected "
                          f"instances of {' or '.join(wanted)} among its modules and their attributes")
     handle = PatchHandle(pkg.name, f"vft_kernels.integrations.{pkg.name}.patch({type(model).__qualname__})")
+    handle.options = options
 
     if not fsq:
         handle.lines.append("fsq: not requested")
@@ -798,7 +857,7 @@ def _patch_official(pkg: _OfficialPackage, model, fsq: bool, attention: bool, gu
         if done:
             line += (" (forward_z -> vk.fsq_quantize, indices_to_embedding -> vk.fsq_indices_to_codes; per call, "
                      "falls back to the original in training mode when drop_quant_p > 0 or corrupt_tokens_p > 0, "
-                     "and for non-integer or out-of-range token ids)")
+                     "and for non-integer token ids; out-of-range ids wrap around as in the original)")
         handle.lines += [line] + skipped
 
     if not guidance:
@@ -829,21 +888,28 @@ def _patch_official(pkg: _OfficialPackage, model, fsq: bool, attention: bool, gu
         handle.lines.append(ATTENTION_LINE)
     else:
         _patch_attention(pkg, handle, model)
+    if not blocks:
+        handle.lines.append("blocks: not requested")
+    elif not (attention and attn_found):
+        handle.lines.append("blocks: not patched (they run on the attention plan: needs attention=True)")
+    else:
+        _patch_trunks(pkg, handle, model)
     handle.register(model)
     return handle
 
 
-def patch(model, fsq: bool = True, attention: bool = True, guidance: bool = True) -> PatchHandle:
+def patch(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks: bool = True) -> PatchHandle:
     """Run the official VideoFlexTok ``model`` (or any nn.Module containing its parts) on the
     vft kernels: FSQ on vk.fsq_quantize / vk.fsq_indices_to_codes (``fsq``), the FlexAttention
     calls over packed sequences on vk.register_attention (``attention``), the sampler's
     guidance + Euler update on vk.flow_step (``guidance``). Returns a PatchHandle
     (``summary()``, ``unpatch()``). Raises TypeError if ``model`` is not an nn.Module,
     ValueError if nothing patchable is found."""
-    return _patch_official(_VIDEOFLEXTOK, model, fsq, attention, guidance)
+    return _patch_official(_VIDEOFLEXTOK, model, fsq, attention, guidance, blocks)
 
 
-def patched(model, fsq: bool = True, attention: bool = True, guidance: bool = True):
+def patched(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks: bool = True):
     """Context manager: ``patch(model, ...)`` for the ``with`` block, undone on exit (unless
     the model was already patched before the block)."""
-    return patched_context(patch, _VIDEOFLEXTOK.name, model, fsq=fsq, attention=attention, guidance=guidance)
+    return patched_context(patch, _VIDEOFLEXTOK.name, model, fsq=fsq, attention=attention, guidance=guidance,
+                           blocks=blocks)
