@@ -6,13 +6,14 @@
     handle.unpatch()
     with vft_patch.patched(model): ...  # the same, undone on exit
 
-``patch(model, fsq=True, attention=True, guidance=True)`` walks ``model.modules()`` (and the
+``patch(model, fsq=True, attention=True, guidance=True, blocks=True, dtype=None)`` walks ``model.modules()`` (and the
 plain attributes of each module, where the wrapper keeps its sampler ``pipeline``) for the
 official classes (FSQ, sequence packers, attention layers, samplers). They are looked up in
 ``sys.modules``: an instance can only exist once its module is imported, so ``patch`` never
 imports the official package (or diffusers) itself. Everything is per instance and reversible;
-``state_dict()`` keys are untouched; patching a patched model returns its existing handle
-(``unpatch`` first to change the options).
+``state_dict()`` keys are untouched; patching a patched model with the same options returns its
+existing handle, with other options raises (``unpatch`` first); ``copy.deepcopy`` of a patched
+model (or part) raises (copy before patching, or unpatch, copy, patch each).
 
 FSQ (``regularizers.quantize_fsq.FSQ``): ``forward_z`` runs on ``vk.fsq_quantize`` and
 ``indices_to_embedding`` on ``vk.fsq_indices_to_codes``, bit-identical quants and (int64)
@@ -92,6 +93,13 @@ layers and packers (``FlexCrossAttention``, ``BlockWiseSequencePackerWithCrossAt
 FlexTok layers using SDPA (``use_flex_attention=False``) and packers returning a dense mask
 (``return_materialized_mask=True``). The summary counts the patched layers and packers, says
 why the rest is not patched, and keeps a live count of calls on vft and of fallbacks by reason.
+
+Blocks (``blocks=True``, the default): each official trunk (``FlexTransformer`` of ``FlexBlock``
+or ``FlexBlockAdaLN``) of the known form runs on vft ops (``vft_kernels.integrations.blocks``):
+fused modulated norms, one QKV and one gate/up projection per block on cached concatenated
+weights, ``vk.qk_layer_norm``, ``vk.register_attention``, ``vk.swiglu``, every block's adaLN
+modulation in one matmul, and runs of identical register rows (mask tokens past keep, the null
+condition of the unconditional pass) computed once where the mask treats a group's tokens alike.
 
 Whole patched models should be pickled only after ``unpatch()`` (the private pipeline subclass
 and the instance-level wrappers cannot be pickled); ``state_dict()`` is unaffected.
@@ -745,7 +753,7 @@ def _patch_attention(pkg: _OfficialPackage, handle: PatchHandle, model) -> None:
         handle.live.append(stats.lines)
 
 
-def _patch_trunks(pkg: _OfficialPackage, handle: PatchHandle, model) -> None:
+def _patch_trunks(pkg: _OfficialPackage, handle: PatchHandle, model, dtype=None) -> None:
     """Whole official trunks (FlexTransformer of FlexBlock / FlexBlockAdaLN) on vft ops
     (``vft_kernels.integrations.blocks``)."""
     mods = {k: sys.modules.get(f"{pkg.name}.{v}") for k, v in (
@@ -763,6 +771,8 @@ def _patch_trunks(pkg: _OfficialPackage, handle: PatchHandle, model) -> None:
         handle.lines.append("blocks: no official FlexTransformer trunk found")
         return
     stats = _blocks.TrunkStats()
+    param = next(model.parameters(), None)
+    dtype, note = _blocks.resolve_dtype(dtype, param.device if param is not None else torch.device("cpu"))
     lines, done = [], 0
     for path, m in trunks:
         where = f".{path}" if path else "<model>"
@@ -775,10 +785,10 @@ def _patch_trunks(pkg: _OfficialPackage, handle: PatchHandle, model) -> None:
         if reasons:
             lines.append(f"  {where}: not patched, " + "; ".join(reasons))
             continue
-        _blocks.patch_trunk(handle, m, _plan_of, stats)
+        _blocks.patch_trunk(handle, m, _plan_of, stats, dtype=dtype)
         done += 1
         kind = type(m.blocks[0]).__name__
-        lines.append(f"  {where}: {len(m.blocks)} x {kind} on vft ops")
+        lines.append(f"  {where}: {len(m.blocks)} x {kind} on vft ops{note}")
     handle.lines.append(f"blocks: {done} of {len(trunks)} trunk(s) patched" + (
         " (fused norms + modulation, one QKV and one gate/up projection per block, QK LayerNorm, "
         "vk.register_attention, vk.swiglu; per call, runs the official blocks when the mask is not from a "
@@ -806,12 +816,12 @@ def _find_pipelines(model, classes: tuple):
 
 
 def _patch_official(pkg: _OfficialPackage, model, fsq: bool, attention: bool, guidance: bool,
-                    blocks: bool = True) -> PatchHandle:
+                    blocks: bool = True, dtype=None) -> PatchHandle:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{pkg.name} integration: expected the official {pkg.title} model or an nn.Module "
                         f"containing its FSQ / attention / sampler, got "
                         f"{type(model).__module__}.{type(model).__qualname__}")
-    options = dict(fsq=fsq, attention=attention, guidance=guidance, blocks=blocks)
+    options = dict(fsq=fsq, attention=attention, guidance=guidance, blocks=blocks, dtype=dtype)
     earlier = existing_handle(pkg.name, model)
     if earlier is not None:
         if earlier.options != options:
@@ -893,23 +903,29 @@ def _patch_official(pkg: _OfficialPackage, model, fsq: bool, attention: bool, gu
     elif not (attention and attn_found):
         handle.lines.append("blocks: not patched (they run on the attention plan: needs attention=True)")
     else:
-        _patch_trunks(pkg, handle, model)
+        _patch_trunks(pkg, handle, model, dtype)
     handle.register(model)
     return handle
 
 
-def patch(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks: bool = True) -> PatchHandle:
+def patch(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks: bool = True,
+          dtype: Optional[torch.dtype] = None) -> PatchHandle:
     """Run the official VideoFlexTok ``model`` (or any nn.Module containing its parts) on the
     vft kernels: FSQ on vk.fsq_quantize / vk.fsq_indices_to_codes (``fsq``), the FlexAttention
     calls over packed sequences on vk.register_attention (``attention``), the sampler's
-    guidance + Euler update on vk.flow_step (``guidance``). Returns a PatchHandle
-    (``summary()``, ``unpatch()``). Raises TypeError if ``model`` is not an nn.Module,
-    ValueError if nothing patchable is found."""
-    return _patch_official(_VIDEOFLEXTOK, model, fsq, attention, guidance, blocks)
+    guidance + Euler update on vk.flow_step (``guidance``), whole transformer trunks on fused
+    vft ops with identical register rows computed once (``blocks``, needs ``attention``; see
+    ``vft_kernels.integrations.blocks``). ``dtype=torch.bfloat16`` runs the patched trunks in
+    bf16 where the hardware multiplies bf16 natively (elsewhere: a warning, the model's dtype).
+    Returns a PatchHandle (``summary()``, ``unpatch()``). Raises TypeError if ``model`` is not
+    an nn.Module, ValueError if nothing patchable is found or the model is already patched
+    with other options."""
+    return _patch_official(_VIDEOFLEXTOK, model, fsq, attention, guidance, blocks, dtype)
 
 
-def patched(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks: bool = True):
+def patched(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks: bool = True,
+            dtype: Optional[torch.dtype] = None):
     """Context manager: ``patch(model, ...)`` for the ``with`` block, undone on exit (unless
     the model was already patched before the block)."""
     return patched_context(patch, _VIDEOFLEXTOK.name, model, fsq=fsq, attention=attention, guidance=guidance,
-                           blocks=blocks)
+                           blocks=blocks, dtype=dtype)
