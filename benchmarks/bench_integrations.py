@@ -153,7 +153,8 @@ def _randomize(model: nn.Module, seed: int) -> None:
 
 def build_tiny_official(package: str, enc_mode: Optional[str] = None, dec_mode: Optional[str] = None, dim: int = 64,
                         head_dim: int = 16, depth: int = 2, registers: int = 4, channels: int = 4,
-                        compile_block_mask: bool = False, eager_flex: bool = True, seed: int = 0) -> TinyOfficial:
+                        compile_block_mask: bool = False, eager_flex: bool = True, seed: int = 0,
+                        adaln_expansion: int = 2) -> TinyOfficial:
     """A small official model of ``package`` ("videoflextok": interleaved video packer, encoder
     ``time_block_causal_last`` and decoder ``time_block_causal`` by default; "flextok": encoder
     ``causal_last``, decoder ``full``), in eval mode. Patches of 2x2 latent pixels (1 frame),
@@ -161,7 +162,9 @@ def build_tiny_official(package: str, enc_mode: Optional[str] = None, dec_mode: 
 
     ``eager_flex``: replace each attention layer's ``torch.compile(flex_attention)`` by the
     plain ``flex_attention`` (same function; skips Inductor's compilation per shape, about
-    10 s each on a small CPU). ``compile_block_mask`` is the packers' own option."""
+    10 s each on a small CPU). ``compile_block_mask`` is the packers' own option.
+    ``adaln_expansion``: 2 (the released models: separate decoder modulations for patches and
+    registers) or 1 (one per sample)."""
     mods = import_official(package)
     video = package == "videoflextok"
     enc_mode = enc_mode or ("time_block_causal_last" if video else "causal_last")
@@ -213,12 +216,13 @@ def build_tiny_official(package: str, enc_mode: Optional[str] = None, dec_mode: 
         "dec_time_emb": mods["time"].TimestepEmbedder("timesteps", "dec_t_emb", D, max_timestep=1.0),
         "dec_packer": Packer(["dec_patches", "dec_registers"], "dec_packed", "dec_block_mask", "dec_inner_ps",
                              "dec_outer_ps", mask_mode=dec_mode, pad_to_multiple=128,
-                             emb_packing_fn_write_key="dec_emb_packing_fn", per_subseq_embs=True,
+                             emb_packing_fn_write_key="dec_emb_packing_fn", per_subseq_embs=adaln_expansion == 2,
                              compile_block_mask=compile_block_mask),
         "dec_trunk": mods["trunks"].FlexTransformer("dec_packed", "dec_packed_out",
                                                     block_mask_read_key="dec_block_mask",
                                                     adaLN_emb_read_key="dec_t_emb",
-                                                    adaLN_packing_fn_read_key="dec_emb_packing_fn", adaLN_expansion=2,
+                                                    adaLN_packing_fn_read_key="dec_emb_packing_fn",
+                                                    adaLN_expansion=adaln_expansion,
                                                     **trunk),
         "dec_unpacker": Unpacker("dec_packed_out", ["dec_patches_out", "dec_registers_out"], "dec_inner_ps",
                                  "dec_outer_ps"),

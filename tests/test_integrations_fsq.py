@@ -493,3 +493,28 @@ def test_official_patch_reports_unpatched_pipelines_and_rejects_bad_input():
     _official("flextok", "regularizers.quantize_fsq")
     with pytest.raises(ValueError, match="found nothing to patch"):
         integration.patch(Tokenizer("flextok"), guidance=False)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_official_fsq_out_of_range_ids_wrap_like_the_original_without_a_host_read(package, monkeypatch):
+    """indices_to_embedding on any integer ids: the original's digits wrap around (they are
+    those of id mod codebook_size); the patch gives the same codes through the kernel, and reads
+    nothing back to the host to decide (a device sync per call on a GPU)."""
+    integration = _integration(package)
+    model = Tokenizer(package)
+    fsq = model.regularizer
+    n = fsq.codebook_size
+    for dtype in (torch.int64, torch.int32):
+        ids = torch.tensor([[0, 1, n - 1, n, -1, -n - 7, 3 * n + 5, 2**30 + 3]], dtype=dtype)
+        want = fsq.indices_to_embedding(ids)
+        with integration.patched(model):
+            decode = _count_calls(monkeypatch, _integration("videoflextok"), "fsq_indices_to_codes")
+            reads = []
+            for name in ("tolist", "item", "__bool__"):
+                real = getattr(torch.Tensor, name)
+                monkeypatch.setattr(torch.Tensor, name,
+                                    lambda self, *a, _real=real, _n=name: reads.append(_n) or _real(self, *a))
+            got = fsq.indices_to_embedding(ids)
+            monkeypatch.undo()
+        assert len(decode) == 1 and not reads, (decode, reads)
+        assert torch.equal(got, want), dtype

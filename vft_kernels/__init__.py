@@ -10,6 +10,7 @@ Public API (SPEC.md §0)::
     x_next = flow_heun_step(x, v1, v2, t, t_next)
     y = modulated_layer_norm(x, scale, shift, layout); x, y = gated_residual_norm(x, gate, h, scale, shift, layout)
     out = swiglu(gate_up); q, k, v = qk_rms_norm(qkv, heads, q_weight, k_weight)
+    q, k, v = qk_layer_norm(qkv, heads, eps=1e-5)
     available_backends(); use_backend("cpu")
     cpu_capability(); use_cpu_capability("avx2")     # the CPU kernels' instruction-set variant
 """
@@ -19,7 +20,7 @@ from .capability import cpu_capabilities, cpu_capability, use_cpu_capability
 from .dispatch import BackendUnavailableError, available_backends, use_backend
 from .layout import RegisterLayout, Tile
 from .ops.attention import register_attention
-from .ops.block import gated_residual, gated_residual_norm, modulated_layer_norm, qk_rms_norm, swiglu
+from .ops.block import gated_residual, gated_residual_norm, modulated_layer_norm, qk_layer_norm, qk_rms_norm, swiglu
 from .ops.flow import flow_heun_step, flow_step
 from .ops.fsq import fsq_indices_to_codes, fsq_quantize
 from .sampling import flow_sample
@@ -37,6 +38,7 @@ __all__ = [
     "gated_residual",
     "gated_residual_norm",
     "modulated_layer_norm",
+    "qk_layer_norm",
     "qk_rms_norm",
     "swiglu",
     "fsq_indices_to_codes",

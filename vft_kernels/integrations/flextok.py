@@ -22,6 +22,10 @@ in size (so in P) falls back to FlexAttention, as do layers built with
 """
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
+
 from . import PatchHandle, patched_context
 from .videoflextok import ATTENTION_LINE, _OfficialPackage, _patch_official, _SamplerSpec  # noqa: F401
 
@@ -38,17 +42,20 @@ _FLEXTOK = _OfficialPackage(
 )
 
 
-def patch(model, fsq: bool = True, attention: bool = True, guidance: bool = True) -> PatchHandle:
+def patch(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks: bool = True,
+          dtype: Optional[torch.dtype] = None) -> PatchHandle:
     """Run the official FlexTok ``model`` (or any nn.Module containing its parts) on the vft
     kernels: FSQ on vk.fsq_quantize / vk.fsq_indices_to_codes (``fsq``), the FlexAttention calls
     over packed sequences on vk.register_attention (``attention``), the sampler's guidance +
     Euler update on vk.flow_step (``guidance``). Returns a PatchHandle (``summary()``,
     ``unpatch()``). Raises TypeError if ``model`` is not an nn.Module, ValueError if nothing
     patchable is found."""
-    return _patch_official(_FLEXTOK, model, fsq, attention, guidance)
+    return _patch_official(_FLEXTOK, model, fsq, attention, guidance, blocks, dtype)
 
 
-def patched(model, fsq: bool = True, attention: bool = True, guidance: bool = True):
+def patched(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks: bool = True,
+            dtype: Optional[torch.dtype] = None):
     """Context manager: ``patch(model, ...)`` for the ``with`` block, undone on exit (unless
     the model was already patched before the block)."""
-    return patched_context(patch, _FLEXTOK.name, model, fsq=fsq, attention=attention, guidance=guidance)
+    return patched_context(patch, _FLEXTOK.name, model, fsq=fsq, attention=attention, guidance=guidance,
+                           blocks=blocks, dtype=dtype)

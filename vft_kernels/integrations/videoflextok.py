@@ -6,13 +6,14 @@
     handle.unpatch()
     with vft_patch.patched(model): ...  # the same, undone on exit
 
-``patch(model, fsq=True, attention=True, guidance=True)`` walks ``model.modules()`` (and the
+``patch(model, fsq=True, attention=True, guidance=True, blocks=True, dtype=None)`` walks ``model.modules()`` (and the
 plain attributes of each module, where the wrapper keeps its sampler ``pipeline``) for the
 official classes (FSQ, sequence packers, attention layers, samplers). They are looked up in
 ``sys.modules``: an instance can only exist once its module is imported, so ``patch`` never
 imports the official package (or diffusers) itself. Everything is per instance and reversible;
-``state_dict()`` keys are untouched; patching a patched model returns its existing handle
-(``unpatch`` first to change the options).
+``state_dict()`` keys are untouched; patching a patched model with the same options returns its
+existing handle, with other options raises (``unpatch`` first); ``copy.deepcopy`` of a patched
+model (or part) raises (copy before patching, or unpatch, copy, patch each).
 
 FSQ (``regularizers.quantize_fsq.FSQ``): ``forward_z`` runs on ``vk.fsq_quantize`` and
 ``indices_to_embedding`` on ``vk.fsq_indices_to_codes``, bit-identical quants and (int64)
@@ -23,7 +24,8 @@ noise when no generator is given) stay the same. Falls back to the original:
 
 * per call, in training mode with ``drop_quant_p > 0`` (quantization dropout) or
   ``corrupt_tokens_p > 0`` (token corruption), and in ``indices_to_embedding`` for non-integer
-  or out-of-range ids (the original wraps them around);
+  ids; out-of-range ids wrap around as in the original (ids taken mod the codebook size, with
+  no range check read back from the device);
 * for the whole module, when a level's code does not map back to its token exactly in the
   original float32 arithmetic ((q / h) * h + h is inexact for some L // 2 = h >= 13, and the
   original truncates it, so its tokens differ from the exact ones), for codebooks above 2**24
@@ -92,6 +94,13 @@ FlexTok layers using SDPA (``use_flex_attention=False``) and packers returning a
 (``return_materialized_mask=True``). The summary counts the patched layers and packers, says
 why the rest is not patched, and keeps a live count of calls on vft and of fallbacks by reason.
 
+Blocks (``blocks=True``, the default): each official trunk (``FlexTransformer`` of ``FlexBlock``
+or ``FlexBlockAdaLN``) of the known form runs on vft ops (``vft_kernels.integrations.blocks``):
+fused modulated norms, one QKV and one gate/up projection per block on cached concatenated
+weights, ``vk.qk_layer_norm``, ``vk.register_attention``, ``vk.swiglu``, every block's adaLN
+modulation in one matmul, and runs of identical register rows (mask tokens past keep, the null
+condition of the unconditional pass) computed once where the mask treats a group's tokens alike.
+
 Whole patched models should be pickled only after ``unpatch()`` (the private pipeline subclass
 and the instance-level wrappers cannot be pickled); ``state_dict()`` is unaffected.
 """
@@ -103,6 +112,7 @@ import functools
 import inspect
 import math
 import sys
+import threading
 import types
 import weakref
 from dataclasses import dataclass
@@ -112,7 +122,7 @@ import torch
 
 from .. import RegisterLayout, flow_step, fsq_indices_to_codes, fsq_quantize, register_attention
 from ..ops.attention import MAX_HEAD_DIM
-from . import PatchHandle, existing_handle, override_reasons, patched_context
+from . import PatchHandle, blocks as _blocks, existing_handle, override_reasons, patched_context
 
 ATTENTION_LINE = "attention: no official FlexAttention layer or sequence packer found (nothing to patch)"
 _MAX_EXACT_CODEBOOK = 2**24  # float32 sums of integers are exact up to here
@@ -202,10 +212,12 @@ def _patch_fsq(handle: PatchHandle, fsq) -> None:
 
     def indices_to_embedding(self, indices):
         if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.is_complex() \
-                or indices.dtype == torch.bool or \
-                (indices.numel() and bool(((indices < 0) | (indices >= self.codebook_size)).any())):
+                or indices.dtype == torch.bool:
             return type(self).indices_to_embedding(self, indices)
-        return fsq_indices_to_codes(indices, levels, validate=False)
+        # The original's (id // basis) % levels digits are those of id mod codebook_size for every
+        # integer id (floor division and modulo agree): the same wrap-around, with no range check
+        # read back from the device.
+        return fsq_indices_to_codes(indices.remainder(self.codebook_size), levels, validate=False)
 
     handle.set_instance_attr(fsq, "forward_z", types.MethodType(forward_z, fsq))
     handle.set_instance_attr(fsq, "indices_to_embedding", types.MethodType(indices_to_embedding, fsq))
@@ -580,7 +592,12 @@ def _patch_packer(handle: PatchHandle, packer, official_cls: type, create_sig: i
                   interleaved: bool) -> None:
     create = vars(packer)["create_block_mask"]
     names = list(create_sig.parameters)
-    made: list = []  # (mask, N) of the main masks created during the current forward call
+    local = threading.local()  # per thread: concurrent forward calls keep their own masks
+
+    def made() -> list:  # (mask, N) of the main masks created during this thread's forward call
+        if not hasattr(local, "made"):
+            local.made = []
+        return local.made
 
     def create_block_mask(*args, **kwargs):
         try:
@@ -592,16 +609,16 @@ def _patch_packer(handle: PatchHandle, packer, official_cls: type, create_sig: i
         mask = VftBlockMask(None, functools.partial(create, *args, **kwargs)) if main and lazy else \
             create(*args, **kwargs)
         if main:
-            made.append((mask, N))
+            made().append((mask, N))
         return mask
 
     @torch.compiler.disable
     def forward(self, data_dict):
-        made.clear()
+        made().clear()
         out = official_cls.forward(self, data_dict)
         try:
             mask = out.get(self.block_mask_write_key) if isinstance(out, dict) else None
-            N = next((n for m, n in made if m is mask), None)
+            N = next((n for m, n in made() if m is mask), None)
             if N is not None:
                 plan = _plan_packed(self.mask_mode, interleaved, out[self.inner_packed_shapes_write_key],
                                     out[self.outer_packed_shapes_write_key], N,
@@ -614,7 +631,7 @@ def _patch_packer(handle: PatchHandle, packer, official_cls: type, create_sig: i
                     except TypeError:
                         pass
         finally:
-            made.clear()
+            made().clear()
         return out
 
     create_block_mask._vft_original = create
@@ -736,6 +753,52 @@ def _patch_attention(pkg: _OfficialPackage, handle: PatchHandle, model) -> None:
         handle.live.append(stats.lines)
 
 
+def _patch_trunks(pkg: _OfficialPackage, handle: PatchHandle, model, dtype=None) -> None:
+    """Whole official trunks (FlexTransformer of FlexBlock / FlexBlockAdaLN) on vft ops
+    (``vft_kernels.integrations.blocks``)."""
+    mods = {k: sys.modules.get(f"{pkg.name}.{v}") for k, v in (
+        ("trunks", _TRUNKS_MODULE), ("blocks", "model.layers.transformer_blocks"), ("attn", _ATTENTION_MODULE),
+        ("mlp", "model.layers.mlp"), ("norm", "model.layers.norm"))}
+    classes = {"FlexTransformer": getattr(mods["trunks"], "FlexTransformer", None),
+               "FlexBlock": getattr(mods["blocks"], "FlexBlock", None),
+               "FlexBlockAdaLN": getattr(mods["blocks"], "FlexBlockAdaLN", None),
+               "FlexSelfAttention": getattr(mods["attn"], "FlexSelfAttention", None),
+               "GatedMlp": getattr(mods["mlp"], "GatedMlp", None),
+               "Fp32LayerNorm": getattr(mods["norm"], "Fp32LayerNorm", None)}
+    trunk_cls = classes["FlexTransformer"]
+    trunks = [(p, m) for p, m in model.named_modules() if trunk_cls is not None and isinstance(m, trunk_cls)]
+    if not trunks:
+        handle.lines.append("blocks: no official FlexTransformer trunk found")
+        return
+    stats = _blocks.TrunkStats()
+    param = next(model.parameters(), None)
+    dtype, note = _blocks.resolve_dtype(dtype, param.device if param is not None else torch.device("cpu"))
+    lines, done = [], 0
+    for path, m in trunks:
+        where = f".{path}" if path else "<model>"
+        if any(v is None for v in classes.values()):
+            reasons = ["the official block modules are not all imported"]
+        elif _is_vft(vars(m).get("forward")):
+            reasons = ["already patched (by another handle)"]
+        else:
+            reasons = _blocks.trunk_reasons(m, classes)
+        if reasons:
+            lines.append(f"  {where}: not patched, " + "; ".join(reasons))
+            continue
+        _blocks.patch_trunk(handle, m, _plan_of, stats, dtype=dtype)
+        done += 1
+        kind = type(m.blocks[0]).__name__
+        lines.append(f"  {where}: {len(m.blocks)} x {kind} on vft ops{note}")
+    handle.lines.append(f"blocks: {done} of {len(trunks)} trunk(s) patched" + (
+        " (fused norms + modulation, one QKV and one gate/up projection per block, QK LayerNorm, "
+        "vk.register_attention, vk.swiglu; per call, runs the official blocks when the mask is not from a "
+        "patched packer, samples differ in length, or score_mod / rope / intermediate outputs / dropout are "
+        "in play)" if done else ""))
+    handle.lines += lines
+    if done:
+        handle.live.append(stats.lines)
+
+
 # --------------------------------------------------------------------------------------
 # patch / patched
 
@@ -752,13 +815,18 @@ def _find_pipelines(model, classes: tuple):
     return found
 
 
-def _patch_official(pkg: _OfficialPackage, model, fsq: bool, attention: bool, guidance: bool) -> PatchHandle:
+def _patch_official(pkg: _OfficialPackage, model, fsq: bool, attention: bool, guidance: bool,
+                    blocks: bool = True, dtype=None) -> PatchHandle:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{pkg.name} integration: expected the official {pkg.title} model or an nn.Module "
                         f"containing its FSQ / attention / sampler, got "
                         f"{type(model).__module__}.{type(model).__qualname__}")
+    options = dict(fsq=fsq, attention=attention, guidance=guidance, blocks=blocks, dtype=dtype)
     earlier = existing_handle(pkg.name, model)
     if earlier is not None:
+        if earlier.options != options:
+            raise ValueError(f"{pkg.name} integration: this model is already patched with {earlier.options}; "
+                             f"unpatch() it before patching with {options}")
         return earlier
     if not (fsq or guidance or attention):
         raise ValueError(f"{pkg.name} integration: nothing to patch with fsq=False, guidance=False and "
@@ -781,6 +849,7 @@ def _patch_official(pkg: _OfficialPackage, model, fsq: bool, attention: bool, gu
         raise ValueError(f"{pkg.name} integration: found nothing to patch in {type(model).__qualname__}: expected "
                          f"instances of {' or '.join(wanted)} among its modules and their attributes")
     handle = PatchHandle(pkg.name, f"vft_kernels.integrations.{pkg.name}.patch({type(model).__qualname__})")
+    handle.options = options
 
     if not fsq:
         handle.lines.append("fsq: not requested")
@@ -798,7 +867,7 @@ def _patch_official(pkg: _OfficialPackage, model, fsq: bool, attention: bool, gu
         if done:
             line += (" (forward_z -> vk.fsq_quantize, indices_to_embedding -> vk.fsq_indices_to_codes; per call, "
                      "falls back to the original in training mode when drop_quant_p > 0 or corrupt_tokens_p > 0, "
-                     "and for non-integer or out-of-range token ids)")
+                     "and for non-integer token ids; out-of-range ids wrap around as in the original)")
         handle.lines += [line] + skipped
 
     if not guidance:
@@ -829,21 +898,34 @@ def _patch_official(pkg: _OfficialPackage, model, fsq: bool, attention: bool, gu
         handle.lines.append(ATTENTION_LINE)
     else:
         _patch_attention(pkg, handle, model)
+    if not blocks:
+        handle.lines.append("blocks: not requested")
+    elif not (attention and attn_found):
+        handle.lines.append("blocks: not patched (they run on the attention plan: needs attention=True)")
+    else:
+        _patch_trunks(pkg, handle, model, dtype)
     handle.register(model)
     return handle
 
 
-def patch(model, fsq: bool = True, attention: bool = True, guidance: bool = True) -> PatchHandle:
+def patch(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks: bool = True,
+          dtype: Optional[torch.dtype] = None) -> PatchHandle:
     """Run the official VideoFlexTok ``model`` (or any nn.Module containing its parts) on the
     vft kernels: FSQ on vk.fsq_quantize / vk.fsq_indices_to_codes (``fsq``), the FlexAttention
     calls over packed sequences on vk.register_attention (``attention``), the sampler's
-    guidance + Euler update on vk.flow_step (``guidance``). Returns a PatchHandle
-    (``summary()``, ``unpatch()``). Raises TypeError if ``model`` is not an nn.Module,
-    ValueError if nothing patchable is found."""
-    return _patch_official(_VIDEOFLEXTOK, model, fsq, attention, guidance)
+    guidance + Euler update on vk.flow_step (``guidance``), whole transformer trunks on fused
+    vft ops with identical register rows computed once (``blocks``, needs ``attention``; see
+    ``vft_kernels.integrations.blocks``). ``dtype=torch.bfloat16`` runs the patched trunks in
+    bf16 where the hardware multiplies bf16 natively (elsewhere: a warning, the model's dtype).
+    Returns a PatchHandle (``summary()``, ``unpatch()``). Raises TypeError if ``model`` is not
+    an nn.Module, ValueError if nothing patchable is found or the model is already patched
+    with other options."""
+    return _patch_official(_VIDEOFLEXTOK, model, fsq, attention, guidance, blocks, dtype)
 
 
-def patched(model, fsq: bool = True, attention: bool = True, guidance: bool = True):
+def patched(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks: bool = True,
+            dtype: Optional[torch.dtype] = None):
     """Context manager: ``patch(model, ...)`` for the ``with`` block, undone on exit (unless
     the model was already patched before the block)."""
-    return patched_context(patch, _VIDEOFLEXTOK.name, model, fsq=fsq, attention=attention, guidance=guidance)
+    return patched_context(patch, _VIDEOFLEXTOK.name, model, fsq=fsq, attention=attention, guidance=guidance,
+                           blocks=blocks, dtype=dtype)
