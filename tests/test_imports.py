@@ -1,8 +1,11 @@
 """The model layer's modules import each other without cycles, counting the imports inside
 functions too (a cycle hidden in a function still ties two modules into one unit that can
-only be understood, tested and changed together)."""
+only be understood, tested and changed together), and a constant that several modules
+need is defined once."""
 import ast
 import pathlib
+
+import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "vft"
 
@@ -61,3 +64,32 @@ def test_the_cycle_finder_finds_cycles():
 def test_no_import_cycles_in_the_model_layer():
     cycles = _cycles(_graph())
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def _assigned_names(path: pathlib.Path) -> set:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AnnAssign, ast.AugAssign)) else []
+        names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
+
+
+INTEGRATIONS = PACKAGE.parent / "vft_kernels" / "integrations"
+
+
+@pytest.mark.parametrize("module", [
+    "vector_quantize_pytorch.py",
+    "flextok.py",
+    pytest.param("videoflextok.py", marks=pytest.mark.xfail(
+        strict=True, reason="still defines its own copy: import MAX_EXACT_CODEBOOK from vft_kernels.ops.fsq")),
+])
+def test_the_exact_codebook_bound_is_defined_once(module):
+    """The float32-exact codebook bound lives in vft_kernels/ops/fsq.py; the integrations
+    import it instead of keeping their own copies."""
+    from vft_kernels.ops.fsq import MAX_EXACT_CODEBOOK
+
+    assert MAX_EXACT_CODEBOOK == 2**24
+    assert "MAX_EXACT_CODEBOOK" in _assigned_names(PACKAGE.parent / "vft_kernels" / "ops" / "fsq.py")
+    copies = {"MAX_EXACT_CODEBOOK", "_MAX_EXACT_CODEBOOK"} & _assigned_names(INTEGRATIONS / module)
+    assert not copies, f"{module} defines {copies} again"

@@ -9,12 +9,20 @@ so NaN-poisoned outputs that a kernel failed to write are caught.
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 
 from .dispatch import poison_outputs  # noqa: F401  (re-exported for tests)
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def stable_seed(*parts) -> int:
+    """A seed in [0, 2**16) derived from ``parts`` (strings, numbers, tuples of them) that is
+    the same in every process. Python's ``hash`` of a string is randomised per process, so a
+    failure seeded with it cannot be reproduced."""
+    return zlib.crc32(repr(parts).encode()) & 0xFFFF
 
 
 def tolerance_floor(dtype: torch.dtype, reduction_len: int = 1) -> float:

@@ -40,6 +40,7 @@ import types
 import torch
 
 from .. import fsq_indices_to_codes, fsq_quantize
+from ..ops.fsq import MAX_EXACT_CODEBOOK
 from ..testing import fsq_boundary_tokens
 from . import PatchHandle, existing_handle, override_reasons, patched_context
 
@@ -47,7 +48,6 @@ from . import PatchHandle, existing_handle, override_reasons, patched_context
 _COVERED_METHODS = ("forward", "quantize", "bound", "codes_to_indices", "indices_to_codes",
                     "_indices_to_codes", "indices_to_level_indices", "_scale_and_shift",
                     "_scale_and_shift_inverse", "maybe_apply_noise")
-_MAX_EXACT_CODEBOOK = 2**24  # float32 sums of integers are exact up to here
 _NAME = "vector_quantize_pytorch"
 
 
@@ -91,7 +91,7 @@ def _whole_instance_fallbacks(fsq, cls, levels: tuple[int, ...]) -> list[str]:
         reasons.append("orthogonal_rotation=True")
     if getattr(fsq, "scale", None) is not None:
         reasons.append(f"scale={fsq.scale} (unused by vector-quantize-pytorch 1.32.0, not covered)")
-    if math.prod(levels) > _MAX_EXACT_CODEBOOK:
+    if math.prod(levels) > MAX_EXACT_CODEBOOK:
         reasons.append(f"codebook of {math.prod(levels)} > 2**24 codes (the original's float32 index sum is inexact)")
     if not reasons:
         mismatch = _probe_mismatch(fsq, levels)
