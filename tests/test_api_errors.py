@@ -1,4 +1,4 @@
-"""Every bad input of SPEC.md raises the right exception with a message naming the
+"""Every bad input of docs/spec.md raises the right exception with a message naming the
 offending value (and, where there is one, the expected value)."""
 
 import math

@@ -1,5 +1,5 @@
 """Register attention on the C++ CPU backend (csrc/cpu/attention.cpp) against the
-reference (SPEC.md §2, tolerance rule §4), FlexAttention, truncated sequences, and
+reference (docs/spec.md §2, tolerance rule §4), FlexAttention, truncated sequences, and
 torch.compile (no recompilation when ``keep`` changes)."""
 import contextlib
 import random
@@ -181,7 +181,7 @@ def test_bf16_isa_follows_the_cpu():
 def test_bf16_forward_paths(bf16_products, D):
     """bf16 forwards run their tile products on bf16 brgemm where the CPU has AMX-BF16 or
     AVX-512 BF16 (operands packed in VNNI layout, P rounded to bf16 as the reference does),
-    else in float32; both meet the SPEC.md §4 bound: head dims padded to 32 and split into
+    else in float32; both meet the docs/spec.md §4 bound: head dims padded to 32 and split into
     64-column panels, N not a multiple of the 64-token tile, per-sample and per-block keep,
     non-contiguous inputs."""
     if bf16_products and not C.attention_cpu_bf16_isa():

@@ -1,5 +1,5 @@
 """Transformer-block ops (docs/spec_block_ops.md): the reference against independent
-formulations, the CPU kernels against the reference (SPEC.md §4 rule, poisoned outputs,
+formulations, the CPU kernels against the reference (docs/spec.md §4 rule, poisoned outputs,
 odd sizes, non-contiguous inputs, every claimed dtype, forward and backward), the public
 API's autograd and errors, torch.library.opcheck, and the model with the ops on the CPU
 kernels vs the reference backend (one step's loss and gradients; a short training run).

@@ -3,7 +3,7 @@
 Runs under TRITON_INTERPRET=1 (set by conftest.py) on tiny odd shapes: the kernels are
 called directly (outputs NaN-poisoned, some inputs non-contiguous) and through the public
 ops with autograd under ``use_backend("triton")``. Ground truth is the reference in
-float64; the reference in the input dtype sets the bound (SPEC.md §4 rule)."""
+float64; the reference in the input dtype sets the bound (docs/spec.md §4 rule)."""
 import os
 import subprocess
 import sys

@@ -1,7 +1,7 @@
 """Drop-in integrations (vft_kernels.integrations) against the code they patch:
 vector_quantize_pytorch.FSQ and the official FlexTok / VideoFlexTok FSQ and sampler guidance.
 
-FSQ codes and tokens must be bit-identical to the original's (SPEC.md §4: tokens within 1e-5 of
+FSQ codes and tokens must be bit-identical to the original's (docs/spec.md §4: tokens within 1e-5 of
 a rounding boundary excused), sampler outputs within the §4 tolerance of the original run in
 float64, and patches per instance, reversible, state-dict neutral. The official modules are
 built from their constructors with tiny sizes and random weights (the flow decoder is a small
@@ -72,7 +72,7 @@ def _channel_last_rows(fsq, t, like):
 
 
 def _assert_vqp_same(fsq, z, ref, got):
-    """Outputs and indices identical except at rounding-boundary tokens (SPEC.md §4)."""
+    """Outputs and indices identical except at rounding-boundary tokens (docs/spec.md §4)."""
     (out0, idx0), (out1, idx1) = ref, got
     levels = fsq._levels.tolist()
     near = fsq_boundary_tokens(_vqp_tokens(fsq, z), levels).any(-1)  # [b, n]
@@ -174,7 +174,7 @@ def test_vqp_probe_rejects_another_bound_formula():
     from vft_kernels.integrations import vector_quantize_pytorch as integration
     fsq = _vqp().FSQ(levels=[8, 5, 5, 5])
 
-    def quantize_one_minus_eps(z, eps=1e-3):  # a "(1 - eps)" bound: not SPEC.md §1
+    def quantize_one_minus_eps(z, eps=1e-3):  # a "(1 - eps)" bound: not docs/spec.md §1
         L = fsq._levels
         half_l = (L - 1) * (1 - eps) / 2
         offset = torch.where(L % 2 == 0, 0.5, 0.0)

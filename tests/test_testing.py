@@ -1,4 +1,4 @@
-"""The SPEC.md §4 comparison helpers themselves: they must accept what the rule accepts and
+"""The docs/spec.md §4 comparison helpers themselves: they must accept what the rule accepts and
 reject what it rejects (a helper that always passes would make every kernel test vacuous)."""
 import math
 

@@ -1,6 +1,6 @@
 """vft_kernels: fast, validated kernels for flexible-length video tokenizers.
 
-Public API (SPEC.md §0)::
+Public API (docs/spec.md §0)::
 
     codes, indices = fsq_quantize(z, levels, eps=1e-3, out_dtype=None)
     codes = fsq_indices_to_codes(indices, levels, validate=True)

@@ -1,4 +1,4 @@
-"""FSQ op (SPEC.md §1): argument checks, torch.library custom ops, autograd, backends."""
+"""FSQ op (docs/spec.md §1): argument checks, torch.library custom ops, autograd, backends."""
 from __future__ import annotations
 
 import math
