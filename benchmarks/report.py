@@ -277,7 +277,8 @@ def readme_table(rows: list[dict[str, str]], device: str = "cpu") -> list[str]:
             continue
         vals = [v for v, _ in measured]
         for _, head in measured:
-            machines[f"{head['device_name'] or head['device']}, {head['threads']} threads, torch {head['torch']}"] = None
+            machine = head["device_name"] or head["device"]
+            machines[f"{machine}, {head['threads']} threads, torch {head['torch']}"] = None
         lines.append(f"| {what} | {against} | {_median(vals):.2f}x [{min(vals):.2f}x, {max(vals):.2f}x] "
                      f"over {len(vals)} |")
     where = "; ".join(machines) or "no runs recorded"

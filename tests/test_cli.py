@@ -258,3 +258,23 @@ def test_export_writes_the_folder_it_is_given_and_nothing_into_the_package(train
     assert main(["tokenize", clip, "--checkpoint", out, "--out", tok]) == 0
     assert "calibration_clips must be a positive multiple of 16" in _err(
         capsys, ["export", ck, "--out", out, "--command", "x", "--calibration-clips", "10"])
+
+
+def test_train_router_command(trained, tmp_path, capsys):
+    """`vft train-router` (router training moved out of vft.router into the CLI) trains,
+    saves and reloads a router for a checkpoint; `vft info --checkpoint tiny` reads a shipped model."""
+    from vft.router import KeepRouter
+
+    _, _, ck = trained
+    out = str(tmp_path / "router")
+    assert main(["train-router", "--checkpoint", ck, "--per-kind", "1", "--train-steps", "5", "--out", out,
+                 "--no-progress", "--backend", "reference"]) == 0
+    assert "router: 4 training clips" in capsys.readouterr().out
+    router = KeepRouter.load(out)
+    assert router.registers == 4 and router.sampling == {"steps": 1, "guidance": "none", "scale": 1.5}
+    info = json.load(open(os.path.join(out, "router.json")))
+    assert info["command"].startswith("vft train-router --checkpoint") and info["validation_clips"] == 1
+    assert "--per-kind must be >= 1" in _err(capsys, ["train-router", "--checkpoint", ck, "--per-kind", "0",
+                                                      "--out", out])
+    assert main(["info", "--checkpoint", "tiny"]) == 0
+    assert "tiny: 8 frames 32x32" in capsys.readouterr().out

@@ -340,7 +340,8 @@ _TRAIN_HELP = {
     "ema-decay": "decay of the weights' exponential moving average", "null-prob": "probability of training "
     "with the null condition (for classifier-free guidance)", "prefix-prob": "probability of conditioning on "
     "clean latent frames of the clip's start (video continuation)", "uniform-t-prob": "share of flow times "
-    "drawn uniformly instead of logit-normal", "loss-t-min": "weight the velocity error by max(t, this)^2 (> 0: closer to the clean-estimate error)",
+    "drawn uniformly instead of logit-normal",
+    "loss-t-min": "weight the velocity error by max(t, this)^2 (> 0: closer to the clean-estimate error)",
     "linear-loss": "weight of the linear path's own clean-latent loss (ModelConfig.linear_path)",
 }
 

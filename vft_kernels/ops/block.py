@@ -328,7 +328,8 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, layout:
 
 
 def gated_residual_norm(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, layout: LayoutArg, *,
-                        scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                        scale: torch.Tensor, shift: torch.Tensor,
+                        eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """The gated residual fused with the next modulated LayerNorm, in one pass:
     ``x_new = x + gate[sel] * h`` and ``y = modulated_layer_norm(x_new, layout, scale=scale,
     shift=shift)`` (the norm reads x_new rounded to x's dtype). Returns (x_new, y).
