@@ -267,6 +267,43 @@ def test_packed_argument_errors():
         vk.register_attention(q2, q2, q2, layout, cu_seqlens=[0, 8])
 
 
+def test_packed_offsets_are_checked_before_narrowing():
+    """int64 offsets that would wrap into range as int32 (2**32 + 8 -> 8) are refused, as a
+    tensor (checked inside the op) and as a list (checked on the host)."""
+    layout = vk.RegisterLayout(2, 3, 1, "block_causal_last")
+    q = torch.randn(1, 2, 20, 8)
+    for bad in ([0, 2**32 + 8], [0, 8, 2**32 + 16], [0, -(2**32) + 8]):
+        for cu in (bad, torch.tensor(bad, dtype=torch.int64)):
+            with pytest.raises(ValueError, match="register_attention: (cu_seqlens|sample)"):
+                vk.register_attention(q, q, q, layout, cu_seqlens=cu)
+    # The same offsets in range still run, and a tensor and a list give the same result.
+    a = vk.register_attention(q, q, q, layout, cu_seqlens=torch.tensor([0, 8, 16], dtype=torch.int64))
+    b = vk.register_attention(q, q, q, layout, cu_seqlens=[0, 8, 16])
+    assert torch.equal(a, b)
+
+
+def test_default_keep_and_list_offsets_need_no_host_read(monkeypatch):
+    """keep=None is valid by construction and list offsets are checked as Python ints: the call
+    reads no tensor back to the host (no .tolist() / .item(): a device sync on a GPU)."""
+    layout = vk.RegisterLayout(2, 3, 1, "block_causal_last")
+    q = torch.randn(1, 2, 20, 8)
+    reads = []
+    for name in ("tolist", "item"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name):
+            reads.append(_name)
+            return _original(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    for _ in range(3):
+        vk.register_attention(q, q, q, layout, cu_seqlens=[0, 8, 16])
+        vk.register_attention(q[:, :, :8], q[:, :, :8], q[:, :, :8], layout)
+    assert reads == [], f"host reads per call: {reads}"
+    # The spy sees reads where there are some: an explicit keep tensor is checked.
+    vk.register_attention(q[:, :, :8], q[:, :, :8], q[:, :, :8], layout, keep=torch.tensor([1]))
+    assert reads, "the spy saw no read of an explicit keep: it cannot tell"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_reference_rounds_p_and_ds_like_the_kernels(dtype):
     # docs/spec.md §4's bound scales with the low-precision reference's error, so that reference

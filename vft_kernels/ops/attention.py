@@ -54,11 +54,10 @@ def _check_keep_values(keep: torch.Tensor, R: int):
         _KEEP_CHECKED[key] = (weakref.ref(keep), keep._version, R)
 
 
-def _check_cu_seqlens(cu: torch.Tensor, layout: RegisterLayout, N: int) -> None:
-    """Host-side checks of a packed call's offsets (SPEC-style messages). cu is int64 on the CPU."""
-    if cu.numel() < 2:
-        raise ValueError(f"register_attention: cu_seqlens must hold at least 2 offsets (1 sample), got {cu.numel()}")
-    vals = [int(x) for x in cu.tolist()]
+def _check_cu_seqlens(vals: list, layout: RegisterLayout, N: int) -> None:
+    """Host-side checks of a packed call's offsets (Python ints, never narrowed first)."""
+    if len(vals) < 2:
+        raise ValueError(f"register_attention: cu_seqlens must hold at least 2 offsets (1 sample), got {len(vals)}")
     if vals[0] != 0:
         raise ValueError(f"register_attention: cu_seqlens[0] must be 0, got {vals[0]}")
     S = layout.block_size
@@ -77,15 +76,52 @@ def _check_cu_seqlens(cu: torch.Tensor, layout: RegisterLayout, N: int) -> None:
         raise ValueError(f"register_attention: cu_seqlens[-1] = {vals[-1]} exceeds the sequence length N = {N}")
 
 
+# Device copies of checked host offsets, keyed by (offsets, device): a model passes the same
+# offsets to every layer of every step, so the steady path does no host-to-device copy.
+_CU_DEVICE: dict = {}
+
+
+def _cu_on_device(vals: tuple, device: torch.device) -> torch.Tensor:
+    key = (vals, device)
+    cu = _CU_DEVICE.get(key)
+    if cu is None:
+        cu = torch.tensor(vals, dtype=torch.int32)
+        if device.type == "cuda":  # pinned + non_blocking: no host synchronisation
+            cu = cu.pin_memory().to(device, non_blocking=True)
+        else:
+            cu = cu.to(device)
+        if len(_CU_DEVICE) >= 256:
+            _CU_DEVICE.clear()
+        _CU_DEVICE[key] = cu
+    return cu
+
+
+# The default keep (every register kept), one per (samples, R, device): its values are known
+# valid, so a call without keep does no value check (no host sync) and no allocation.
+_FULL_KEEP: dict = {}
+
+
+def _full_keep(B: int, R: int, device: torch.device) -> torch.Tensor:
+    key = (B, R, device)
+    keep = _FULL_KEEP.get(key)
+    if keep is None:
+        if len(_FULL_KEEP) >= 256:
+            _FULL_KEEP.clear()
+        keep = _FULL_KEEP[key] = torch.full((B,), R, dtype=torch.int32, device=device)
+    return keep
+
+
 @torch.library.custom_op("vft::register_attention", mutates_args=())
 def _register_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: int, patches: int,
                         registers: int, mode: str, keep: torch.Tensor, scale: float,
                         cu_seqlens: Optional[torch.Tensor] = None,
-                        cu_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_keep_values(keep, registers)
+                        cu_checked: bool = False, keep_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    if not keep_checked:
+        _check_keep_values(keep, registers)
     layout = _layout(blocks, patches, registers, mode)
-    if cu_seqlens is not None and not cu_checked:  # (a device tensor: one sync)
-        _check_cu_seqlens(cu_seqlens.to("cpu", torch.int64), layout, q.shape[2])
+    if cu_seqlens is not None and not cu_checked:  # (a device tensor: one sync), read in its own dtype
+        _check_cu_seqlens([int(x) for x in cu_seqlens.tolist()], layout, q.shape[2])
+        cu_seqlens = cu_seqlens.to(torch.int32)  # in [0, N] once checked: narrowing is exact
     args = (q, k, v, layout, keep, scale, cu_seqlens)
     backend, fn = dispatch.select("attention_forward", q.device, *args)
     if backend == "reference" and dispatch.forced_backend() is None:
@@ -119,7 +155,7 @@ def _warn_dense_fallback(q: torch.Tensor, args: tuple) -> None:
 
 
 @_register_attention.register_fake
-def _(q, k, v, blocks, patches, registers, mode, keep, scale, cu_seqlens=None, cu_checked=False):
+def _(q, k, v, blocks, patches, registers, mode, keep, scale, cu_seqlens=None, cu_checked=False, keep_checked=False):
     B, H, N, _ = q.shape
     # lse is float32, float64 for float64 input (as the reference computes it)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -143,7 +179,7 @@ def _(dout, q, k, v, out, lse, blocks, patches, registers, mode, keep, scale, cu
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, blocks, patches, registers, mode, keep, scale, cu_seqlens, _ = inputs
+    q, k, v, blocks, patches, registers, mode, keep, scale, cu_seqlens, _, _ = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, keep, cu_seqlens)
     ctx.args = (blocks, patches, registers, mode)
@@ -157,7 +193,7 @@ def _backward(ctx, dout, dlse):
     with dispatch.restored_state(ctx.dispatch_state):
         dq, dk, dv = _register_attention_backward(dout, q, k, v, out, lse, *ctx.args, keep, ctx.scale,
                                                   cu_seqlens)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 _register_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -214,29 +250,28 @@ def register_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout
                     or cu_seqlens.dim() != 1:
                 raise ValueError(f"register_attention: cu_seqlens must be a 1-D integer tensor, got "
                                  f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
-            # Values are checked inside the op (opaque to torch.compile, like keep's).
-            cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
+            # Values are checked inside the op (opaque to torch.compile, like keep's), in the
+            # tensor's own dtype: int64 offsets >= 2**31 must not wrap into range first.
+            cu_seqlens = cu_seqlens.to(device=q.device)
             cu_checked = False
         else:
             if not (isinstance(cu_seqlens, (list, tuple)) and all(
                     isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in cu_seqlens)):
                 raise TypeError(f"register_attention: cu_seqlens must be an int tensor [S + 1] or a list/tuple of "
                                 f"ints, got {cu_seqlens!r}")
-            cu_host = torch.tensor([int(x) for x in cu_seqlens], dtype=torch.int32)
-            _check_cu_seqlens(cu_host, layout, N)  # on the host, so the op need not read the device copy
+            vals = tuple(int(x) for x in cu_seqlens)
+            _check_cu_seqlens(vals, layout, N)  # on the host, so the op need not read the device copy
             cu_checked = True
-            if q.device.type == "cuda":  # pinned + non_blocking: no host synchronisation
-                cu_seqlens = cu_host.pin_memory().to(q.device, non_blocking=True)
-            else:
-                cu_seqlens = cu_host.to(q.device)
+            cu_seqlens = _cu_on_device(vals, q.device)
         if cu_seqlens.numel() < 2:
             raise ValueError(f"register_attention: cu_seqlens must hold at least 2 offsets (1 sample), got "
                              f"{cu_seqlens.numel()}")
         B = cu_seqlens.numel() - 1  # samples: keep is [S]
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"register_attention: head dim D must be in [1, {MAX_HEAD_DIM}], got {D}")
+    keep_checked = keep is None
     if keep is None:
-        keep = torch.full((B,), layout.registers, dtype=torch.int32, device=q.device)
+        keep = _full_keep(B, layout.registers, q.device)
     else:
         if not isinstance(keep, torch.Tensor):
             raise TypeError(f"register_attention: keep must be an int tensor [B] or [B, T], or None, got "
@@ -254,5 +289,6 @@ def register_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     out, lse = _register_attention(q, k, v, layout.blocks, layout.patches, layout.registers, layout.mode,
-                                   keep, float(scale), cu_seqlens, cu_checked if cu_seqlens is not None else False)
+                                   keep, float(scale), cu_seqlens, cu_checked if cu_seqlens is not None else False,
+                                   keep_checked)
     return (out, lse) if return_lse else out
