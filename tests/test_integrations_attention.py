@@ -225,7 +225,7 @@ def test_patched_attention_backward_matches_dense_reference():
 
 def test_plans_of_the_mask_modes():
     """The layouts the patch derives from the packed shapes (white-box)."""
-    vf = _integration("videoflextok")
+    vf = importlib.import_module("vft_kernels.integrations.official_attention")
     S = torch.Size
     inner = [[S([4, 4]), S([3])], [S([2, 6]), S([3])]]  # per time block: 16 + 3 and 12 + 3 tokens
     outer = [S([2 * 19]), S([2 * 15])]
