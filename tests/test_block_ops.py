@@ -202,6 +202,127 @@ def test_cpu_qk_norm_matches_reference(dtype, case, nc):
 
 
 # ------------------------------------------------------------------------------------
+# QK-LayerNorm (spec 5.5): the official attention's Fp32LayerNorm on the split heads
+
+
+def _official_qk_layer_norm(qkv, heads, eps=EPS):
+    """What the official FlexTok / VideoFlexTok attention computes from q | k | v: each part
+    rearranged "b n (h d) -> b h n d", then Fp32LayerNorm(D, bias=False,
+    elementwise_affine=False) on q and k, i.e. F.layer_norm(x.float(), (D,), eps).type_as(x)."""
+    B, N, W3 = qkv.shape
+    q, k, v = (t.reshape(B, N, heads, -1).transpose(1, 2) for t in qkv.split(W3 // 3, dim=-1))
+
+    def norm(x):
+        return F.layer_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
+    return norm(q), norm(k), v
+
+
+def _qkv(B, N, H, D, seed):
+    """qkv [B, N, 3 H D] with a per-head offset (the centring matters) and spread."""
+    g = _gen(seed)
+    x = torch.randn(B, N, 3, H, D, generator=g) * (0.5 + torch.rand(1, 1, 3, H, 1, generator=g) * 2)
+    x = x + torch.randn(1, 1, 3, H, 1, generator=g) * 3
+    return x.reshape(B, N, 3 * H * D)
+
+
+# (B, N, heads, D)
+QK_LN_CASES = [(2, 9, 3, 13), (1, 97, 2, 59), (1, 1, 1, 1), (2, 5, 1, 64)]
+
+
+def test_reference_qk_layer_norm_is_the_official_formula():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        qkv = _qkv(2, 7, 3, 13, seed=20).to(dtype)
+        for got, want in zip(ref.qk_layer_norm(qkv, 3, EPS), _official_qk_layer_norm(qkv, 3)):
+            assert got.dtype == dtype and torch.equal(got, want), f"{dtype}: reference != official formula"
+    # float64: nn.LayerNorm on the split heads, and the backward's closed form
+    qkv = _qkv(2, 7, 3, 13, seed=21).double()
+    ln = torch.nn.LayerNorm(13, elementwise_affine=False, eps=EPS).double()
+    q, k, v = ref.qk_layer_norm(qkv, 3, EPS)
+    torch.testing.assert_close(q, ln(qkv[..., :39].reshape(2, 7, 3, 13).transpose(1, 2)))
+    torch.testing.assert_close(k, ln(qkv[..., 39:78].reshape(2, 7, 3, 13).transpose(1, 2)))
+    assert torch.equal(v, qkv[..., 78:].reshape(2, 7, 3, 13).transpose(1, 2))
+    grads = [torch.randn(2, 3, 7, 13, generator=_gen(22), dtype=torch.float64) for _ in range(3)]
+    dqkv, dwq, dwk = ref.qk_norm_backward(*grads, qkv, 3, None, None, EPS, True)
+    assert dwq is None and dwk is None
+
+    def closed_form(x, g):  # dx = (g - mean(g) - xhat mean(g xhat)) / sigma
+        sigma = (x.var(-1, unbiased=False, keepdim=True) + EPS).sqrt()
+        xhat = (x - x.mean(-1, keepdim=True)) / sigma
+        return (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True)) / sigma
+
+    q, k, _ = ref.split_heads(qkv, 3)
+    want = torch.stack([closed_form(q, grads[0]), closed_form(k, grads[1]), grads[2]])  # [3, B, H, N, D]
+    torch.testing.assert_close(dqkv, want.permute(1, 3, 0, 2, 4).reshape(qkv.shape))
+
+
+def test_reference_qk_layer_norm_is_the_official_module():
+    """The pinned official Fp32LayerNorm itself (../shared/third_party), where present."""
+    from benchmarks.bench_integrations import official_on_path
+    official_on_path()
+    norm_mod = pytest.importorskip("videoflextok.model.layers.norm",
+                                   reason="the official videoflextok code (../shared/third_party) is missing")
+    norm = norm_mod.Fp32LayerNorm(13, bias=False, elementwise_affine=False)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        qkv = _qkv(2, 7, 3, 13, seed=23).to(dtype)
+        B, N, W3 = qkv.shape
+        heads = [t.reshape(B, N, 3, 13).transpose(1, 2) for t in qkv.split(W3 // 3, dim=-1)]
+        want = (norm(heads[0]), norm(heads[1]), heads[2])
+        with vk.use_backend("reference"):
+            for got, w in zip(vk.qk_layer_norm(qkv, 3), want):
+                assert torch.equal(got, w), f"{dtype}: reference backend != official Fp32LayerNorm"
+        with vk.use_backend("cpu"):
+            got = vk.qk_layer_norm(qkv, 3)
+        r64 = ref.qk_norm_forward(qkv.double(), 3, None, None, EPS, True)
+        _check_all(["q", "k", "v"], got, r64, want, dtype, [13, 13, 1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", QK_LN_CASES)
+@pytest.mark.parametrize("nc", [False, True])
+def test_cpu_qk_layer_norm_matches_reference(dtype, case, nc):
+    B, N, H, D = case
+    qkv = _qkv(B, N, H, D, seed=30 + D)
+    grads = [torch.randn(B, H, N, D, generator=_gen(40 + D)) for _ in range(3)]
+    with poison_outputs():
+        got = cb.qk_norm_forward(_maybe_nc(qkv.to(dtype), nc), H, None, None, EPS, True)
+    want = ref.qk_norm_forward(qkv.double(), H, None, None, EPS, True)
+    lowp = _official_qk_layer_norm(qkv.to(dtype), H)
+    for t in got:
+        assert t.is_contiguous()
+    _check_all(["q", "k", "v"], got, want, lowp, dtype, [D, D, 1])
+    with poison_outputs():
+        got = cb.qk_norm_backward(*[_maybe_nc(t.to(dtype), nc) for t in grads], _maybe_nc(qkv.to(dtype), nc), H,
+                                  None, None, EPS, True)
+    want = ref.qk_norm_backward(*[t.double() for t in grads], qkv.double(), H, None, None, EPS, True)
+    lowp = ref.qk_norm_backward(*[t.to(dtype) for t in grads], qkv.to(dtype), H, None, None, EPS, True)
+    _check_all(["dqkv", "dq_weight", "dk_weight"], got, want, lowp, dtype, [D, 1, 1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nc", [False, True])
+def test_public_qk_layer_norm_autograd_cpu(dtype, nc):
+    """vk.qk_layer_norm on the cpu kernels: outputs and d qkv (random upstream gradient)
+    against the reference in float64, bounded by the official formula in ``dtype``."""
+    B, N, H, D = 2, 97, 2, 59
+    qkv = _qkv(B, N, H, D, seed=50)
+    grads = [torch.randn(B, H, N, D, generator=_gen(51)) for _ in range(3)]
+
+    def run(backend, dt, fn):
+        leaf = qkv.to(dt, copy=True).requires_grad_()
+        with vk.use_backend(backend):
+            outs = fn(_maybe_nc(leaf, nc))
+        return list(outs) + list(torch.autograd.grad(outs, leaf, [g.to(dt) for g in grads]))
+
+    got = run("cpu", dtype, lambda x: vk.qk_layer_norm(x, H))
+    for t in got[:3]:
+        assert t.is_contiguous() and t.shape == (B, H, N, D)
+    want = run("reference", torch.float64, lambda x: vk.qk_layer_norm(x, H))
+    lowp = run("reference", dtype, lambda x: _official_qk_layer_norm(x, H))
+    for name, o, a, b, n in zip(["q", "k", "v", "dqkv"], got, want, lowp, [D, D, 1, D]):
+        assert_matches_reference(f"qk_layer_norm {name}", o, a, b, dtype, reduction_len=n)
+
+
+# ------------------------------------------------------------------------------------
 # Public API: autograd on the cpu backend vs the reference backend, opcheck, errors
 
 
@@ -276,6 +397,7 @@ def test_opcheck_block_ops():
         torch.library.opcheck(torch.ops.vft.qk_rms_norm, (torch.randn(2, 3, 24, requires_grad=True), 2,
                                                           torch.randn(4, requires_grad=True),
                                                           torch.randn(4, requires_grad=True), 1e-6))
+        torch.library.opcheck(torch.ops.vft.qk_layer_norm, (torch.randn(2, 3, 39, requires_grad=True), 1, 1e-5))
 
 
 def test_block_ops_bad_input_errors():
@@ -310,6 +432,22 @@ def test_block_ops_bad_input_errors():
         vk.qk_rms_norm(torch.randn(2, 5, 24), 2, torch.ones(3), torch.ones(4))
     with pytest.raises(ValueError, match="heads must be an int >= 1"):
         vk.qk_rms_norm(torch.randn(2, 5, 24), 0, torch.ones(4), torch.ones(4))
+    with pytest.raises(TypeError, match="qk_layer_norm: qkv must be a torch.Tensor, got list"):
+        vk.qk_layer_norm([[1.0] * 6], 1)
+    with pytest.raises(TypeError, match=r"qk_layer_norm: qkv must be a float tensor .*, got torch.int64"):
+        vk.qk_layer_norm(torch.ones(2, 5, 24, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match=r"qk_layer_norm: qkv must be \[B, N, 3 \* heads \* D\] with heads = 3, "
+                                         r"got shape \(2, 5, 20\)"):
+        vk.qk_layer_norm(torch.randn(2, 5, 20), 3)
+    with pytest.raises(ValueError, match=r"qk_layer_norm: qkv must be \[B, N, 3 \* heads \* D\] with heads = 2, "
+                                         r"got shape \(5, 24\)"):
+        vk.qk_layer_norm(torch.randn(5, 24), 2)
+    for heads in (0, 2.0, True, None):
+        with pytest.raises(ValueError, match=f"qk_layer_norm: heads must be an int >= 1, got {heads!r}"):
+            vk.qk_layer_norm(torch.randn(2, 5, 24), heads)
+    for eps in (0.0, -1e-5, float("nan"), float("inf"), "1e-5"):
+        with pytest.raises(ValueError, match="qk_layer_norm: eps must be a finite float > 0"):
+            vk.qk_layer_norm(torch.randn(2, 5, 24), 2, eps=eps)
 
 
 def test_cpu_backend_refuses_float64_with_reason():
@@ -317,6 +455,8 @@ def test_cpu_backend_refuses_float64_with_reason():
     m = torch.randn(1, 1, 2, 4, dtype=torch.float64)
     with vk.use_backend("cpu"), pytest.raises(vk.BackendUnavailableError, match="dtype torch.float64 not supported"):
         vk.modulated_layer_norm(x, 2, scale=m, shift=m)
+    with vk.use_backend("cpu"), pytest.raises(vk.BackendUnavailableError, match="dtype torch.float64 not supported"):
+        vk.qk_layer_norm(torch.randn(1, 2, 6, dtype=torch.float64), 1)
 
 
 # ------------------------------------------------------------------------------------

@@ -208,6 +208,65 @@ def test_qk_norm_backward_missing_grads():
         _check(f"qk {name}", a, b, c, torch.float32, 5)
 
 
+# (B, N, heads, D): odd head dims, a length of 97, one row per program at D = 130
+QK_LN_CASES = [(2, 3, 2, 13), (1, 1, 1, 1), (1, 97, 1, 59), (2, 4, 3, 24), (1, 5, 2, 130)]
+
+
+def _qkv_centered(B, N, H, D, dtype, g):
+    """qkv [B, N, 3 H D] with a mean and spread per head (the centring matters)."""
+    x = torch.randn((B, N, 3, H, D), generator=g, dtype=torch.float64)
+    x = x * (0.5 + 2 * torch.rand((1, 1, 3, H, 1), generator=g, dtype=torch.float64))
+    x = x + 3 * torch.randn((1, 1, 3, H, 1), generator=g, dtype=torch.float64)
+    return x.reshape(B, N, 3 * H * D).to(dtype)
+
+
+def _official_qk_layer_norm(qkv, heads):
+    """The official attention's QK norm on q | k | v: "b n (h d) -> b h n d", then
+    Fp32LayerNorm(D, bias=False, elementwise_affine=False) on q and k."""
+    B, N, W3 = qkv.shape
+    q, k, v = (t.reshape(B, N, heads, -1).transpose(1, 2) for t in qkv.split(W3 // 3, dim=-1))
+
+    def norm(x):
+        return torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), eps=1e-5).type_as(x)
+    return norm(q), norm(k), v
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(QK_LN_CASES)))
+def test_qk_layer_norm_kernels(case, dtype):
+    """The centred mode (QK-LayerNorm, no weights) against the reference in float64, bounded
+    by the official formula in ``dtype``."""
+    B, N, H, D = QK_LN_CASES[case]
+    g = torch.Generator().manual_seed(70 + case)
+    qkv = _qkv_centered(B, N, H, D, dtype, g)
+    dq, dk, dv = (_rand((B, H, N, D), dtype, g) for _ in range(3))
+    nc = case % 2 == 0
+    with poison_outputs():
+        got = tri.qk_norm_forward(_nc(qkv, nc), H, None, None, 1e-5, True)
+    r64 = ref.qk_norm_forward(qkv.double(), H, None, None, 1e-5, True)
+    for name, a, b, c in zip("qkv", got, r64, _official_qk_layer_norm(qkv, H)):
+        assert a.is_contiguous()
+        _check(f"qk_layer_norm {name}", a, b, c, dtype, D)
+    with poison_outputs():
+        got = tri.qk_norm_backward(*(_nc(t, nc) for t in (dq, dk, dv, qkv)), H, None, None, 1e-5, True)
+    r64 = ref.qk_norm_backward(dq.double(), dk.double(), dv.double(), qkv.double(), H, None, None, 1e-5, True)
+    rl = ref.qk_norm_backward(dq, dk, dv, qkv, H, None, None, 1e-5, True)
+    for name, a, b, c in zip(("dqkv", "dq_weight", "dk_weight"), got, r64, rl):
+        _check(f"qk_layer_norm {name}", a, b, c, dtype, D)
+
+
+def test_qk_layer_norm_backward_missing_grads():
+    g = torch.Generator().manual_seed(4)
+    qkv = _qkv_centered(2, 3, 2, 5, torch.float32, g)
+    dq = _rand((2, 2, 3, 5), torch.float32, g)
+    with poison_outputs():
+        got = tri.qk_norm_backward(dq, None, None, qkv, 2, None, None, 1e-5, True)
+    r64 = ref.qk_norm_backward(dq.double(), None, None, qkv.double(), 2, None, None, 1e-5, True)
+    rl = ref.qk_norm_backward(dq, None, None, qkv, 2, None, None, 1e-5, True)
+    for name, a, b, c in zip(("dqkv", "dq_weight", "dk_weight"), got, r64, rl):
+        _check(f"qk_layer_norm {name}", a, b, c, torch.float32, 5)
+
+
 def test_swiglu_qk_empty():
     with poison_outputs():
         assert tri.swiglu_forward(torch.randn(0, 6)).shape == (0, 3)
@@ -216,6 +275,11 @@ def test_swiglu_qk_empty():
         dqkv, dwq, dwk = tri.qk_norm_backward(q, k, v, torch.randn(2, 0, 12), 2, torch.randn(2), torch.randn(2), EPS)
     assert q.shape == k.shape == v.shape == (2, 2, 0, 2) and dqkv.shape == (2, 0, 12)
     assert torch.equal(dwq, torch.zeros(2)) and torch.equal(dwk, torch.zeros(2))
+    with poison_outputs():
+        q, k, v = tri.qk_norm_forward(torch.randn(2, 0, 12), 2, None, None, 1e-5, True)
+        dqkv, dwq, dwk = tri.qk_norm_backward(q, k, v, torch.randn(2, 0, 12), 2, None, None, 1e-5, True)
+    assert q.shape == k.shape == v.shape == (2, 2, 0, 2) and dqkv.shape == (2, 0, 12)
+    assert dwq is None and dwk is None
 
 
 def test_supports():
@@ -281,6 +345,27 @@ def test_public_swiglu_qk_autograd(dtype):
                 dtype, (D, D, D), (D, B * N * H, B * N * H))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_public_qk_layer_norm_autograd(dtype):
+    """vk.qk_layer_norm on the triton kernels (non-contiguous qkv, odd sizes) vs the
+    reference in float64, bounded by the official formula in ``dtype``; contiguous outputs."""
+    B, N, H, D = 2, 97, 2, 13
+    g = torch.Generator().manual_seed(77)
+    qkv = _qkv_centered(B, N, H, D, dtype, g)
+    grads = [_rand((B, H, N, D), dtype, g) for _ in range(3)]
+
+    def op(x):
+        return vk.qk_layer_norm(noncontiguous(x), H)
+
+    outs, gr = _run_op("triton", op, [qkv], grads)
+    for t in outs:
+        assert t.is_contiguous() and t.shape == (B, H, N, D)
+    outs64, gr64 = _run_op("reference", op, [qkv.double()], [t.double() for t in grads])
+    outsl, grl = _run_op("reference", lambda x: _official_qk_layer_norm(noncontiguous(x), H), [qkv], grads)
+    for name, a, b, c in zip(("q", "k", "v", "dqkv"), outs + gr, outs64 + gr64, outsl + grl):
+        _check(f"qk_layer_norm {name}", a, b, c, dtype, D)
+
+
 def test_public_ops_select_triton():
     """Forced triton runs the triton kernels (not the reference), float64 is refused."""
     x = torch.randn(1, 1, 3, 4)
@@ -312,5 +397,5 @@ def test_aot_compiles_block_kernels():
     assert res.returncode == 0, res.stderr[-3000:]
     assert "FAIL" not in res.stdout, res.stdout[-3000:]
     for name in ("block_norm_fwd", "block_norm_bwd", "block_kind_sum", "swiglu_fwd", "swiglu_bwd", "qk_norm_fwd",
-                 "qk_norm_bwd"):
+                 "qk_norm_bwd", "qk_layer_norm_fwd", "qk_layer_norm_bwd"):
         assert f"ROW {name}[" in res.stdout, f"{name} not compiled"

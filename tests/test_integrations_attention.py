@@ -146,7 +146,7 @@ def test_packer_and_layer_match_official(package, packer_name, mode, sizes, regi
     n = sum(x.numel() for x in data["outer_ps"])
     N = data["packed"].shape[1]
     assert N % 128 == 0 and n <= N
-    with integration.patched(model, fsq=False, guidance=False) as handle:
+    with integration.patched(model, fsq=False, guidance=False, blocks=False) as handle:
         out, pdata = _attend(model, inputs)
         summary = handle.summary()
     mask = pdata["mask"]
@@ -172,7 +172,7 @@ def test_vft_block_mask_stands_in_for_the_block_mask():
     model = _packer_setup(V, IL, "time_block_causal_last", "trunk")
     inputs = _inputs(True, [(4, 4)] * 3, 4, 3)
     _, official = _attend(model, inputs)
-    with integration.patched(model):
+    with integration.patched(model, blocks=False):
         _, data = _attend(model, inputs)
     mask = data["mask"]
     layout = mask.plan.layout
@@ -216,7 +216,7 @@ def test_patched_attention_backward_matches_dense_reference():
         dense = copy.deepcopy(model).to(dtype)
         dense.layer.flex_attention = _dense_flex
         refs.append(grads(dense, dtype))
-    with integration.patched(model) as handle:
+    with integration.patched(model, blocks=False) as handle:
         got = grads(model, torch.float32)
         assert "attention calls so far: 1 on vk.register_attention" in handle.summary()
     for name, g, r64, r32 in zip(("x", "wq", "wk", "wv"), got, *refs):
@@ -225,7 +225,7 @@ def test_patched_attention_backward_matches_dense_reference():
 
 def test_plans_of_the_mask_modes():
     """The layouts the patch derives from the packed shapes (white-box)."""
-    vf = _integration("videoflextok")
+    vf = importlib.import_module("vft_kernels.integrations.official_attention")
     S = torch.Size
     inner = [[S([4, 4]), S([3])], [S([2, 6]), S([3])]]  # per time block: 16 + 3 and 12 + 3 tokens
     outer = [S([2 * 19]), S([2 * 15])]
@@ -260,7 +260,7 @@ def test_samples_without_a_shared_layout_fall_back_exactly(package, packer_name,
     model = _packer_setup(package, packer_name, mode, "trunk")
     inputs = _inputs(packer_name == IL, [(4, 4), (2, 6)], 3 if frames else 4, frames)
     ref, _ = _attend(model, inputs)
-    with integration.patched(model) as handle:
+    with integration.patched(model, blocks=False) as handle:
         out, data = _attend(model, inputs)
         assert data["mask"].plan.layout is None and data["mask"]._mask is not None  # built for the fallback
         assert ("1 fell back to FlexAttention (the samples of one call differ in (patches, registers) per block: "
@@ -281,7 +281,7 @@ def test_score_mod_and_foreign_masks_fall_back_exactly():
     _, foreign = _attend(other, inputs)
     with torch.no_grad():
         ref_foreign = model.layer(foreign["packed"], block_mask=foreign["mask"])
-    with integration.patched(model) as handle:
+    with integration.patched(model, blocks=False) as handle:
         out, _ = _attend(model, inputs, score_mod=score_mod)
         with torch.no_grad():
             out_foreign = model.layer(foreign["packed"], block_mask=foreign["mask"])
@@ -302,7 +302,7 @@ def test_unmapped_packers_and_layers_are_reported():
     model.cross = attention.FlexCrossAttention(32, num_heads=2)
     inputs = _inputs(True, [(4, 4)] * 2, 4, 2)
     ref, _ = _attend(model, inputs)
-    with integration.patched(model) as handle:
+    with integration.patched(model, blocks=False) as handle:
         out, data = _attend(model, inputs)
         summary = handle.summary()
         assert "forward" not in vars(model.packer) and type(data["mask"]).__name__ == "BlockMask"
@@ -318,7 +318,7 @@ def test_unmapped_packers_and_layers_are_reported():
 def test_flextok_materialized_mask_packer_is_reported():
     integration = _integration("flextok")
     model = _packer_setup(F, SEQ, "full", "trunk", return_materialized_mask=True)
-    with integration.patched(model) as handle:
+    with integration.patched(model, blocks=False) as handle:
         assert "dense mask for scaled_dot_product_attention (return_materialized_mask=True)" in handle.summary()
         assert "forward" not in vars(model.packer)
 
@@ -381,13 +381,13 @@ def test_whole_model_matches_official(package, enc_mode, dec_mode, sizes):
     apg = len(set(sizes)) == 1  # the official video sampler's APG shares one momentum buffer: equal sizes
     ref_video = model.detokenize(tokens, sizes, steps=1, apg=apg)
     keys = list(model.state_dict())
-    handle = integration.patch(model)
+    handle = integration.patch(model, blocks=False)  # the attention path (whole blocks: test_integrations_blocks)
     try:
         summary = handle.summary()
         assert "attention: 4 of 4 FlexAttention layer(s) patched" in summary
         assert "attention: 2 of 2 sequence packer(s) patched" in summary
         assert f"mask_mode {enc_mode!r}" in summary and f"mask_mode {dec_mode!r}" in summary
-        assert integration.patch(model) is handle  # patching twice: the same handle
+        assert integration.patch(model, blocks=False) is handle  # patching twice alike: the same handle
         assert list(model.state_dict()) == keys
         got = _model_outputs(model, latents, quants, keep, torch.float32)
         _assert_outputs_match(package, got, ref64, ref32)
@@ -424,7 +424,7 @@ def test_samples_frames_and_keep_change_without_repatching():
         cases.append((latents, quants, keep))
         refs.append((_model_outputs(model64, latents, quants, keep, torch.float64),
                      _model_outputs(model, latents, quants, keep, torch.float32)))
-    with integration.patched(model) as handle:
+    with integration.patched(model, blocks=False) as handle:
         for i, ((latents, quants, keep), (ref64, ref32)) in enumerate(zip(cases, refs)):
             got = _model_outputs(model, latents, quants, keep, torch.float32)
             _assert_outputs_match(f"call {i}", got, ref64, ref32)
@@ -448,7 +448,7 @@ def test_official_compiled_model_as_shipped_never_compiles_when_patched():
         ref = model.encode(latents)["enc_registers_out"]  # compiles (Inductor, C++)
     model.encoder.module_dict["enc_packer"].compile_block_mask = True  # as shipped (never built below)
     graphs = counters["stats"]["unique_graphs"]
-    with integration.patched(model) as handle:
+    with integration.patched(model, blocks=False) as handle:
         with torch.no_grad():
             got = model.encode(latents)["enc_registers_out"]
             for i, sizes in enumerate([[(3, 4, 4)] * 3, [(1, 8, 8)], [(4, 2, 6)] * 2]):
@@ -470,10 +470,12 @@ def test_attention_patch_lifecycle(package):
     packer = model.encoder.module_dict["enc_packer"]
     layer = model.encoder.module_dict["enc_trunk"].blocks[0].attn
     original_flex, original_create = layer.flex_attention, packer.create_block_mask
-    handle = integration.patch(model, fsq=False, guidance=False)  # attention only
-    assert integration.patch(model) is handle
-    with integration.patched(model) as inner:
+    handle = integration.patch(model, fsq=False, guidance=False)  # attention (and blocks) only
+    assert integration.patch(model, fsq=False, guidance=False) is handle
+    with integration.patched(model, fsq=False, guidance=False) as inner:
         assert inner is handle
+    with pytest.raises(ValueError, match="already patched with .*unpatch\\(\\) it before patching with"):
+        integration.patch(model)  # other options: an error, not the old patch silently
     assert handle.active and layer.flex_attention is not original_flex and "forward" in vars(packer)
     other_layer = other.encoder.module_dict["enc_trunk"].blocks[0].attn  # per instance
     assert "forward" not in vars(other.encoder.module_dict["enc_packer"])
@@ -485,6 +487,7 @@ def test_attention_patch_lifecycle(package):
     assert "forward" not in vars(packer)
     with integration.patched(model, attention=False) as h:
         assert "attention: not requested" in h.summary() and layer.flex_attention is original_flex
+        assert "blocks: not patched (they run on the attention plan: needs attention=True)" in h.summary()
     with pytest.raises(ValueError, match="nothing to patch with fsq=False, guidance=False and attention=False"):
         integration.patch(model, fsq=False, guidance=False, attention=False)
     with pytest.raises(ValueError, match=r"found nothing to patch in Linear: expected .*FlexAttention"):

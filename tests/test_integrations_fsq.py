@@ -259,7 +259,7 @@ def test_official_fsq_matches_original(package, monkeypatch):
     z_list = [torch.randn(1, 13, 6) * 2, torch.randn(1, 6, 6) * 2]
     tokens = torch.randint(0, fsq.codebook_size, (1, 19))
     ref, ref_bf16 = _fsq_outputs(fsq, z, z_list, tokens), fsq.forward_z(z.bfloat16())
-    quantize_calls = _count_calls(monkeypatch, _integration("videoflextok"), "fsq_quantize")  # shared code
+    quantize_calls = _count_calls(monkeypatch, importlib.import_module("vft_kernels.integrations.official_fsq"), "fsq_quantize")  # shared code
     with integration.patched(model, guidance=False) as handle:
         assert "fsq: 1 of 1 official FSQ module(s) patched" in handle.summary()
         got, got_bf16 = _fsq_outputs(fsq, z, z_list, tokens), fsq.forward_z(z.bfloat16())
@@ -292,7 +292,7 @@ def test_official_fsq_training_randomness_falls_back(package, monkeypatch):
         return fsq.forward_z(z), fsq.indices_to_embedding(bad_tokens)
 
     (q0, t0), e0 = run()
-    calls = _count_calls(monkeypatch, _integration("videoflextok"), "fsq_quantize")  # shared code
+    calls = _count_calls(monkeypatch, importlib.import_module("vft_kernels.integrations.official_fsq"), "fsq_quantize")  # shared code
     with integration.patched(model):
         (q1, t1), e1 = run()
         assert not calls  # dropout / corruption: the original ran
@@ -392,7 +392,7 @@ def test_sampler_guidance_matches_original(package, name, shapes, kwargs, monkey
     noise = [torch.randn(s) for s in shapes]
     ref64 = _sample(model, shapes, noise, torch.float64, **kwargs)
     ref32 = _sample(model, shapes, noise, torch.float32, **kwargs)
-    calls = _count_calls(monkeypatch, _integration("videoflextok"), "flow_step")
+    calls = _count_calls(monkeypatch, importlib.import_module("vft_kernels.integrations.official_sampler"), "flow_step")
     with integration.patched(model, fsq=False) as handle:
         assert f"guidance: sampler patched: {name} at .pipeline" in handle.summary()
         got = _sample(model, shapes, noise, torch.float32, **kwargs)
@@ -430,7 +430,8 @@ def test_sampler_cfg_rescaler_falls_back(monkeypatch):
     noise = [torch.randn(1, 3, 2, 4, 4)]
     rescaler = cfg_utils.CFGWithRescale(rescale=0.5, channel_wise=False)
     ref = _sample(model, [n.shape for n in noise], noise, torch.float32, guidance_scale=3.0, cfg_rescaler=rescaler)
-    calls = _count_calls(monkeypatch, integration, "flow_step")
+    calls = _count_calls(monkeypatch, importlib.import_module("vft_kernels.integrations.official_sampler"),
+                         "flow_step")
     with integration.patched(model):
         got = _sample(model, [n.shape for n in noise], noise, torch.float32, guidance_scale=3.0,
                       cfg_rescaler=rescaler)
@@ -493,3 +494,28 @@ def test_official_patch_reports_unpatched_pipelines_and_rejects_bad_input():
     _official("flextok", "regularizers.quantize_fsq")
     with pytest.raises(ValueError, match="found nothing to patch"):
         integration.patch(Tokenizer("flextok"), guidance=False)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_official_fsq_out_of_range_ids_wrap_like_the_original_without_a_host_read(package, monkeypatch):
+    """indices_to_embedding on any integer ids: the original's digits wrap around (they are
+    those of id mod codebook_size); the patch gives the same codes through the kernel, and reads
+    nothing back to the host to decide (a device sync per call on a GPU)."""
+    integration = _integration(package)
+    model = Tokenizer(package)
+    fsq = model.regularizer
+    n = fsq.codebook_size
+    for dtype in (torch.int64, torch.int32):
+        ids = torch.tensor([[0, 1, n - 1, n, -1, -n - 7, 3 * n + 5, 2**30 + 3]], dtype=dtype)
+        want = fsq.indices_to_embedding(ids)
+        with integration.patched(model):
+            decode = _count_calls(monkeypatch, importlib.import_module("vft_kernels.integrations.official_fsq"), "fsq_indices_to_codes")
+            reads = []
+            for name in ("tolist", "item", "__bool__"):
+                real = getattr(torch.Tensor, name)
+                monkeypatch.setattr(torch.Tensor, name,
+                                    lambda self, *a, _real=real, _n=name: reads.append(_n) or _real(self, *a))
+            got = fsq.indices_to_embedding(ids)
+            monkeypatch.undo()
+        assert len(decode) == 1 and not reads, (decode, reads)
+        assert torch.equal(got, want), dtype

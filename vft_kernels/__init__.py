@@ -11,6 +11,7 @@ Public API (docs/spec.md §0)::
     y = modulated_layer_norm(x, layout, scale=scale, shift=shift)      # scale, shift keyword-only
     x, y = gated_residual_norm(x, gate, h, layout, scale=scale, shift=shift)
     out = swiglu(gate_up); q, k, v = qk_rms_norm(qkv, heads, q_weight, k_weight)
+    q, k, v = qk_layer_norm(qkv, heads, eps=1e-5)
     available_backends(); use_backend("cpu")
 """
 __version__ = "0.1.0"
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 from .dispatch import BackendUnavailableError, available_backends, use_backend
 from .layout import RegisterLayout, Tile
 from .ops.attention import register_attention
-from .ops.block import gated_residual, gated_residual_norm, modulated_layer_norm, qk_rms_norm, swiglu
+from .ops.block import gated_residual, gated_residual_norm, modulated_layer_norm, qk_layer_norm, qk_rms_norm, swiglu
 from .ops.flow import flow_heun_step, flow_step
 from .ops.fsq import fsq_indices_to_codes, fsq_quantize
 from .sampling import flow_sample
@@ -34,6 +35,7 @@ __all__ = [
     "gated_residual",
     "gated_residual_norm",
     "modulated_layer_norm",
+    "qk_layer_norm",
     "qk_rms_norm",
     "swiglu",
     "fsq_indices_to_codes",

@@ -27,8 +27,9 @@ Backend implementation contract (what a kernel module provides), by op key:
 * ``block_norm_forward(x, gate, h, scale, shift, patches, eps) -> (x_new | None, y | None)``
 * ``block_norm_backward(d_res, dy, xn, gate, h, scale, shift, patches, eps) -> (dx, dgate, dh, dscale, dshift)``
 * ``swiglu_forward(gate_up) -> out``; ``swiglu_backward(dout, gate_up) -> dgate_up``
-* ``qk_norm_forward(qkv, heads, q_weight, k_weight, eps) -> (q, k, v)``;
-  ``qk_norm_backward(dq, dk, dv, qkv, heads, q_weight, k_weight, eps) -> (dqkv, dq_weight, dk_weight)``
+* ``qk_norm_forward(qkv, heads, q_weight, k_weight, eps, centered=False) -> (q, k, v)``;
+  ``qk_norm_backward(dq, dk, dv, qkv, heads, q_weight, k_weight, eps, centered=False) -> (dqkv, dq_weight,
+  dk_weight)`` (``centered``: QK-LayerNorm, the weights and their gradients are None)
   (block ops: docs/spec_block_ops.md; gate/h or scale/shift may be None)
 
 Arguments arrive validated by ``vft_kernels.ops`` (see each op file for exact shapes);

@@ -1,5 +1,6 @@
 // CPU kernels of the transformer-block ops (docs/spec_block_ops.md): adaLN modulated
-// LayerNorm fused with the gated residual, SwiGLU, QK-RMSNorm; forward and backward.
+// LayerNorm fused with the gated residual, SwiGLU, QK-RMSNorm and QK-LayerNorm; forward and
+// backward.
 //
 // Every kernel works on contiguous tensors (the host wrapper, vft_kernels/cpp/block.py,
 // makes them so) one token row at a time: the row is read once into a float buffer, its
@@ -21,6 +22,7 @@
 #include <vector>
 
 #include "vft/bind.h"
+#include "vft/common.h"
 
 namespace vft {
 namespace {
@@ -437,10 +439,13 @@ void swiglu_backward_cpu(const at::Tensor& dout, const at::Tensor& gate_up, cons
 }
 
 // ------------------------------------------------------------------------------------
-// QK-RMSNorm: qkv [B, N, 3, H, D] -> q, k, v [B, H, N, D]; weights float32 [2, D] (q, k)
+// QK norm: qkv [B, N, 3, H, D] -> q, k, v [B, H, N, D], q and k normalised per head vector:
+// RMSNorm scaled by weights float32 [2, D] (q, k), or, when centered, LayerNorm (mean
+// subtracted, biased variance) without weights (wts is null).
 
 template <typename T>
-void qk_norm_forward_impl(const at::Tensor& qkv, const float* wts, int64_t H, double eps, T* q, T* k, T* v) {
+void qk_norm_forward_impl(const at::Tensor& qkv, const float* wts, int64_t H, double eps, bool centered, T* q, T* k,
+                          T* v) {
   const int64_t B = qkv.size(0), N = qkv.size(1), D = qkv.size(2) / (3 * H);
   const T* in = qkv.data_ptr<T>();
   T* outs[3] = {q, k, v};
@@ -458,6 +463,13 @@ void qk_norm_forward_impl(const at::Tensor& qkv, const float* wts, int64_t H, do
             continue;
           }
           load_row(x, src, D);
+          if (centered) {
+            float mean, r;
+            row_stats(x, D, eps, mean, r);
+#pragma GCC ivdep
+            for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<T>((x[i] - mean) * r);
+            continue;
+          }
           const float r = static_cast<float>(1.0 / std::sqrt(lane_dot(x, x, D) / D + eps));
           const float* w = wts + part * D;
 #pragma GCC ivdep
@@ -468,17 +480,20 @@ void qk_norm_forward_impl(const at::Tensor& qkv, const float* wts, int64_t H, do
   });
 }
 
+// Centred: dx = r (dy - mean(dy) - xhat mean(dy xhat)), xhat = (x - mean) r; no weight
+// gradient (dw_partial is null).
 template <typename T>
 void qk_norm_backward_impl(const T* dq, const T* dk, const T* dv, const at::Tensor& qkv, const float* wts, int64_t H,
-                           double eps, T* dqkv, double* dw_partial) {
+                           double eps, bool centered, T* dqkv, double* dw_partial) {
   const int64_t B = qkv.size(0), N = qkv.size(1), D = qkv.size(2) / (3 * H);
   const T* in = qkv.data_ptr<T>();
   const T* grads[3] = {dq, dk, dv};
   at::parallel_for(0, B * N, grain_rows(3 * H * D), [&](int64_t begin, int64_t end) {
     std::vector<float> mem(5 * D, 0.0f);
     float *x = mem.data(), *gw = x + D, *dy = gw + D, *part_acc = dy + D;  // float partials [2, D]
-    double* dw = dw_partial + at::get_thread_num() * 2 * D;
+    double* dw = centered ? nullptr : dw_partial + at::get_thread_num() * 2 * D;
     auto fold = [&]() {  // float partials over a few rows, folded into double (vectorised sums)
+      if (centered) return;
       for (int64_t i = 0; i < 2 * D; ++i) {
         dw[i] += part_acc[i];
         part_acc[i] = 0.0f;
@@ -498,6 +513,17 @@ void qk_norm_backward_impl(const T* dq, const T* dk, const T* dv, const at::Tens
           const T* src = in + ((bn * 3 + part) * H + hd) * D;
           load_row(x, src, D);
           load_row(dy, g, D);
+          if (centered) {
+            float mean, r;
+            row_stats(x, D, eps, mean, r);
+#pragma GCC ivdep
+            for (int64_t i = 0; i < D; ++i) x[i] = (x[i] - mean) * r;  // xhat
+            const float c1 = static_cast<float>(lane_sum(dy, D) / D);
+            const float c2 = static_cast<float>(lane_dot(dy, x, D) / D);
+#pragma GCC ivdep
+            for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<T>(r * (dy[i] - c1 - x[i] * c2));
+            continue;
+          }
           const float r = static_cast<float>(1.0 / std::sqrt(lane_dot(x, x, D) / D + eps));
           const float* w = wts + part * D;
           float* dwp = part_acc + part * D;
@@ -516,44 +542,55 @@ void qk_norm_backward_impl(const T* dq, const T* dk, const T* dv, const at::Tens
   });
 }
 
-void qk_norm_forward_cpu(const at::Tensor& qkv, int64_t heads, const at::Tensor& weights, double eps,
+// The weights of the RMSNorm mode, float32 [2, D]; none in the centred mode (-> nullptr).
+const float* qk_weights(const OptT& weights, bool centered, int64_t D) {
+  VFT_CHECK(weights.has_value() != centered, "qk_norm: weights must be given for the RMSNorm and absent for the ",
+            "centred LayerNorm, got centered = ", centered, " and ", weights.has_value() ? "weights" : "no weights");
+  if (centered) return nullptr;
+  check_cpu_contig(*weights, "qk_norm: weights");
+  VFT_CHECK_DTYPE(*weights, at::kFloat, "qk_norm: weights");
+  VFT_CHECK_SHAPE(*weights, at::IntArrayRef({2, D}), "qk_norm: weights");
+  return weights->data_ptr<float>();
+}
+
+void qk_norm_forward_cpu(const at::Tensor& qkv, int64_t heads, const OptT& weights, double eps, bool centered,
                          const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  for (auto* p : {&qkv, &weights, &q, &k, &v}) check_cpu_contig(*p, "qk_norm_forward_cpu argument");
+  for (auto* p : {&qkv, &q, &k, &v}) check_cpu_contig(*p, "qk_norm_forward_cpu argument");
   TORCH_CHECK(qkv.dim() == 3 && heads > 0 && qkv.size(2) % (3 * heads) == 0, "qkv must be [B, N, 3 H D], got ",
               qkv.sizes());
   const int64_t D = qkv.size(2) / (3 * heads);
-  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.numel() == 2 * D, "weights must be float32 [2, D]");
+  const float* wts = qk_weights(weights, centered, D);
   for (auto* p : {&q, &k, &v}) {
     TORCH_CHECK(p->scalar_type() == qkv.scalar_type() && p->numel() == qkv.numel() / 3,
                 "outputs must be [B, H, N, D] in qkv's dtype");
   }
   if (qkv.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "qk_norm_forward_cpu", [&] {
-    qk_norm_forward_impl<scalar_t>(qkv, weights.data_ptr<float>(), heads, eps, q.data_ptr<scalar_t>(),
-                                   k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>());
+    qk_norm_forward_impl<scalar_t>(qkv, wts, heads, eps, centered, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                                   v.data_ptr<scalar_t>());
   });
 }
 
-// -> float64 weight-gradient partials [threads, 2, D] (summed by the caller)
+// -> float64 weight-gradient partials [threads, 2, D] (summed by the caller; [0, 2, D] when centered)
 at::Tensor qk_norm_backward_cpu(const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
-                                const at::Tensor& qkv, int64_t heads, const at::Tensor& weights, double eps,
+                                const at::Tensor& qkv, int64_t heads, const OptT& weights, double eps, bool centered,
                                 const at::Tensor& dqkv) {
-  for (auto* p : {&dq, &dk, &dv, &qkv, &weights, &dqkv}) check_cpu_contig(*p, "qk_norm_backward_cpu argument");
+  for (auto* p : {&dq, &dk, &dv, &qkv, &dqkv}) check_cpu_contig(*p, "qk_norm_backward_cpu argument");
   TORCH_CHECK(qkv.dim() == 3 && heads > 0 && qkv.size(2) % (3 * heads) == 0, "qkv must be [B, N, 3 H D], got ",
               qkv.sizes());
   const int64_t D = qkv.size(2) / (3 * heads);
-  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.numel() == 2 * D, "weights must be float32 [2, D]");
+  const float* wts = qk_weights(weights, centered, D);
   TORCH_CHECK(dqkv.sizes() == qkv.sizes() && dqkv.scalar_type() == qkv.scalar_type(), "dqkv must be like qkv");
   for (auto* p : {&dq, &dk, &dv}) {
     TORCH_CHECK(p->scalar_type() == qkv.scalar_type() && p->numel() == qkv.numel() / 3,
                 "gradients must be [B, H, N, D] in qkv's dtype");
   }
-  at::Tensor partial = at::zeros({at::get_num_threads(), 2, D}, weights.options().dtype(at::kDouble));
+  at::Tensor partial = at::zeros({centered ? 0 : at::get_num_threads(), 2, D}, qkv.options().dtype(at::kDouble));
   if (qkv.numel() == 0) return partial;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "qk_norm_backward_cpu", [&] {
     qk_norm_backward_impl<scalar_t>(dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), qkv,
-                                    weights.data_ptr<float>(), heads, eps, dqkv.data_ptr<scalar_t>(),
-                                    partial.data_ptr<double>());
+                                    wts, heads, eps, centered, dqkv.data_ptr<scalar_t>(),
+                                    centered ? nullptr : partial.data_ptr<double>());
   });
   return partial;
 }
@@ -576,13 +613,15 @@ void bind_block(pybind11::module_& m) {
   m.def("swiglu_backward_cpu", &swiglu_backward_cpu, "Gradient of swiglu_forward_cpu w.r.t. gate_up.",
         pybind11::arg("dout"), pybind11::arg("gate_up"), pybind11::arg("dgate_up"));
   m.def("qk_norm_forward_cpu", &qk_norm_forward_cpu,
-        "Split qkv [B, N, 3 H D] into q, k, v [B, H, N, D], RMS-normalising q and k per head (weights float32 [2, D]).",
+        "Split qkv [B, N, 3 H D] into q, k, v [B, H, N, D], normalising q and k per head: RMSNorm with weights "
+        "float32 [2, D], or (centered, weights None) LayerNorm without weights.",
         pybind11::arg("qkv"), pybind11::arg("heads"), pybind11::arg("weights"), pybind11::arg("eps"),
-        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"));
+        pybind11::arg("centered"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"));
   m.def("qk_norm_backward_cpu", &qk_norm_backward_cpu,
-        "Backward of qk_norm_forward_cpu: writes dqkv, returns float64 weight-gradient partials [threads, 2, D].",
+        "Backward of qk_norm_forward_cpu: writes dqkv, returns float64 weight-gradient partials [threads, 2, D] "
+        "([0, 2, D] when centered).",
         pybind11::arg("dq"), pybind11::arg("dk"), pybind11::arg("dv"), pybind11::arg("qkv"), pybind11::arg("heads"),
-        pybind11::arg("weights"), pybind11::arg("eps"), pybind11::arg("dqkv"));
+        pybind11::arg("weights"), pybind11::arg("eps"), pybind11::arg("centered"), pybind11::arg("dqkv"));
 }
 
 }  // namespace vft

@@ -74,20 +74,25 @@ def swiglu_backward(dout, gate_up):
 
 
 def _weights(q_weight, k_weight):
+    """float32 [2, D] (q, k) for the RMSNorm; None for the centred LayerNorm (no weights)."""
+    if q_weight is None:
+        return None
     return torch.stack([q_weight.detach().float(), k_weight.detach().float()]).contiguous()
 
 
-def qk_norm_forward(qkv, heads, q_weight, k_weight, eps):
+def qk_norm_forward(qkv, heads, q_weight, k_weight, eps, centered=False):
     B, N, W3 = qkv.shape
     shape = (B, heads, N, W3 // (3 * heads))
     q, k, v = (new_output(shape, qkv.dtype, qkv.device) for _ in range(3))
-    _qk_fwd(qkv.contiguous(), int(heads), _weights(q_weight, k_weight), float(eps), q, k, v)
+    _qk_fwd(qkv.contiguous(), int(heads), _weights(q_weight, k_weight), float(eps), bool(centered), q, k, v)
     return q, k, v
 
 
-def qk_norm_backward(dq, dk, dv, qkv, heads, q_weight, k_weight, eps):
+def qk_norm_backward(dq, dk, dv, qkv, heads, q_weight, k_weight, eps, centered=False):
     dqkv = new_output(qkv.shape, qkv.dtype, qkv.device)
     partial = _qk_bwd(dq.contiguous(), dk.contiguous(), dv.contiguous(), qkv.contiguous(), int(heads),
-                      _weights(q_weight, k_weight), float(eps), dqkv)
+                      _weights(q_weight, k_weight), float(eps), bool(centered), dqkv)
+    if centered:
+        return dqkv, None, None
     dw = partial.sum(0)
     return dqkv, dw[0].to(q_weight.dtype, copy=True), dw[1].to(k_weight.dtype, copy=True)

@@ -42,6 +42,7 @@ class PatchHandle:
         self._undo: list[Callable[[], None]] = []
         self._target: Optional[weakref.ref] = None
         self.active = True
+        self.options: dict = {}  # the patch() options, compared when the target is patched again
 
     def summary(self) -> str:
         state = "" if self.active else " [unpatched]"
@@ -72,8 +73,23 @@ class PatchHandle:
         self._target = weakref.ref(target)
         _HANDLES.setdefault(self.integration, weakref.WeakKeyDictionary())[target] = self
 
+    def _guard(self, obj: object) -> None:
+        """Make ``copy.deepcopy(obj)`` raise until ``unpatch`` (see _CopyGuard)."""
+        if _GUARD in vars(obj):
+            return
+        vars(obj)[_GUARD] = _CopyGuard(self.title)
+        ref = weakref.ref(obj)
+
+        def undo():
+            o = ref()
+            if o is not None:
+                vars(o).pop(_GUARD, None)
+
+        self._undo.append(undo)
+
     def set_instance_attr(self, obj: object, name: str, value: object) -> None:
         """``obj.<name> = value`` in the instance ``__dict__`` only; undone by ``unpatch``."""
+        self._guard(obj)
         had, old = name in vars(obj), vars(obj).get(name)
         vars(obj)[name] = value
         ref = weakref.ref(obj)
@@ -91,6 +107,7 @@ class PatchHandle:
 
     def set_class(self, obj: object, cls: type) -> None:
         """Give ``obj`` the class ``cls`` (a subclass of its own); undone by ``unpatch``."""
+        self._guard(obj)
         original, ref = type(obj), weakref.ref(obj)
         obj.__class__ = cls
 
@@ -100,6 +117,26 @@ class PatchHandle:
                 o.__class__ = original
 
         self._undo.append(undo)
+
+
+class _CopyGuard:
+    """Stored in the ``__dict__`` of every object a handle changes: ``copy.deepcopy`` of it (or
+    of a module holding it) raises instead of making a copy whose patched methods would still
+    run the original's weights and could not be unpatched."""
+
+    def __init__(self, title: str):
+        self.title = title
+
+    def __deepcopy__(self, memo):
+        raise TypeError(f"cannot deep-copy an object patched by {self.title}: its patched methods belong to the "
+                        "original. Copy the model before patching it, or unpatch() it, copy, and patch each copy")
+
+    def __reduce__(self):
+        raise TypeError(f"cannot pickle an object patched by {self.title}: unpatch() it first "
+                        "(state_dict() is unaffected by the patch)")
+
+
+_GUARD = "_vft_patched_by"
 
 
 def override_reasons(obj: object, cls: type, covered: tuple, replaced: tuple) -> list[str]:

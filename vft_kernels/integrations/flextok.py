@@ -9,7 +9,7 @@
 FlexTok shares VideoFlexTok's FSQ (``regularizers.quantize_fsq.FSQ``, here called through
 ``packed_call``), attention (``model.layers.attention``, ``model.preprocessors.flex_seq_packing``)
 and guidance code, so this is the same machinery with FlexTok's classes;
-``vft_kernels.integrations.videoflextok`` documents what is replaced, what falls back and why.
+``vft_kernels.integrations.official_*`` and ``.blocks`` document what is replaced, what falls back and why.
 FlexTok's only sampler is ``flow_matching.pipelines.MinRFPipeline`` (images [1, C, H, W]: APG
 groups are whole samples; APG fixed at momentum -0.5, eta 0, norm threshold 2.5, as in the
 official code). Unlike VideoFlexTok's, it keeps one MomentumBuffer per sample, and so does the
@@ -22,8 +22,14 @@ in size (so in P) falls back to FlexAttention, as do layers built with
 """
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
+
 from . import PatchHandle, patched_context
-from .videoflextok import ATTENTION_LINE, _OfficialPackage, _patch_official, _SamplerSpec  # noqa: F401
+from .official import _OfficialPackage, _patch_official
+from .official_attention import ATTENTION_LINE  # noqa: F401
+from .official_sampler import _SamplerSpec
 
 _FLEXTOK = _OfficialPackage(
     name="flextok",
@@ -38,17 +44,20 @@ _FLEXTOK = _OfficialPackage(
 )
 
 
-def patch(model, fsq: bool = True, attention: bool = True, guidance: bool = True) -> PatchHandle:
+def patch(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks: bool = True,
+          dtype: Optional[torch.dtype] = None) -> PatchHandle:
     """Run the official FlexTok ``model`` (or any nn.Module containing its parts) on the vft
     kernels: FSQ on vk.fsq_quantize / vk.fsq_indices_to_codes (``fsq``), the FlexAttention calls
     over packed sequences on vk.register_attention (``attention``), the sampler's guidance +
     Euler update on vk.flow_step (``guidance``). Returns a PatchHandle (``summary()``,
     ``unpatch()``). Raises TypeError if ``model`` is not an nn.Module, ValueError if nothing
     patchable is found."""
-    return _patch_official(_FLEXTOK, model, fsq, attention, guidance)
+    return _patch_official(_FLEXTOK, model, fsq, attention, guidance, blocks, dtype)
 
 
-def patched(model, fsq: bool = True, attention: bool = True, guidance: bool = True):
+def patched(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks: bool = True,
+            dtype: Optional[torch.dtype] = None):
     """Context manager: ``patch(model, ...)`` for the ``with`` block, undone on exit (unless
     the model was already patched before the block)."""
-    return patched_context(patch, _FLEXTOK.name, model, fsq=fsq, attention=attention, guidance=guidance)
+    return patched_context(patch, _FLEXTOK.name, model, fsq=fsq, attention=attention, guidance=guidance,
+                           blocks=blocks, dtype=dtype)

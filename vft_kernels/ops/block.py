@@ -6,6 +6,7 @@ ops, autograd, backends.
 * ``gated_residual_norm(x, gate, h, layout, *, scale, shift)``: both, in one pass
 * ``swiglu(gate_up, proj_weight=None)``: silu(gate) up (optionally @ proj_weight.T)
 * ``qk_rms_norm(qkv, heads, q_weight, k_weight)``: split + per-head RMSNorm of q and k
+* ``qk_layer_norm(qkv, heads)``: split + per-head LayerNorm (no weight or bias) of q and k
 
 ``x`` is ``[B, T, S, W]``: ``T`` blocks (latent frames) of ``S = P + R`` tokens; the
 modulation tensors are ``[B, T, K, W]`` with ``K = 2`` (patch tokens ``s < P`` take kind 0,
@@ -253,7 +254,7 @@ def _qk_rms_norm(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor, k_weight
 
 
 @_qk_rms_norm.register_fake
-def _(qkv, heads, q_weight, k_weight, eps):
+def _qk_rms_norm_fake(qkv, heads, q_weight, k_weight, eps):
     B, N, W3 = qkv.shape
     shape = (B, heads, N, W3 // (3 * heads))
     return qkv.new_empty(shape), qkv.new_empty(shape), qkv.new_empty(shape)
@@ -286,6 +287,43 @@ def _qk_bwd(ctx, dq, dk, dv):
 
 
 _qk_rms_norm.register_autograd(_qk_bwd, setup_context=_qk_setup)
+
+
+@torch.library.custom_op("vft::qk_layer_norm", mutates_args=())
+def _qk_layer_norm(qkv: torch.Tensor, heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(_call("qk_norm_forward", qkv.device, qkv, heads, None, None, eps, True))
+
+
+@_qk_layer_norm.register_fake
+def _(qkv, heads, eps):
+    return _qk_rms_norm_fake(qkv, heads, None, None, eps)
+
+
+@torch.library.custom_op("vft::qk_layer_norm_backward", mutates_args=())
+def _qk_layer_norm_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor, heads: int,
+                            eps: float) -> torch.Tensor:
+    return _call("qk_norm_backward", qkv.device, dq, dk, dv, qkv, heads, None, None, eps, True)[0]
+
+
+@_qk_layer_norm_backward.register_fake
+def _(dq, dk, dv, qkv, heads, eps):
+    return torch.empty_like(qkv)
+
+
+def _qk_ln_setup(ctx, inputs, output):
+    qkv, heads, eps = inputs
+    ctx.save_for_backward(qkv)
+    ctx.heads, ctx.eps = heads, eps
+    ctx.dispatch_state = dispatch.capture_state()
+
+
+def _qk_ln_bwd(ctx, dq, dk, dv):
+    (qkv,) = ctx.saved_tensors
+    with dispatch.restored_state(ctx.dispatch_state):
+        return _qk_layer_norm_backward(dq, dk, dv, qkv, ctx.heads, ctx.eps), None, None
+
+
+_qk_layer_norm.register_autograd(_qk_ln_bwd, setup_context=_qk_ln_setup)
 
 
 # --------------------------------------------------------------------------------------
@@ -376,18 +414,23 @@ def swiglu(gate_up: torch.Tensor, proj_weight: Optional[torch.Tensor] = None) ->
     return _swiglu(gate_up) if proj_weight is None else _swiglu_linear(gate_up, proj_weight)
 
 
+def _check_qkv(op: str, qkv, heads) -> int:
+    """The head dim D of qkv [B, N, 3 * heads * D]."""
+    _check_float("qkv", op, qkv)
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"{op}: heads must be an int >= 1, got {heads!r}")
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * heads):
+        raise ValueError(f"{op}: qkv must be [B, N, 3 * heads * D] with heads = {heads}, got shape {tuple(qkv.shape)}")
+    return qkv.shape[-1] // (3 * heads)
+
+
 def qk_rms_norm(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor, k_weight: torch.Tensor,
                 eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split a fused projection ``qkv`` [B, N, 3 W] (q | k | v, each H heads of D = W / H)
     into q, k, v [B, H, N, D] (the attention layout), with q and k RMS-normalised per head
     and scaled by ``q_weight`` / ``k_weight`` [D] (float, any dtype; fp32 statistics)."""
     op = "qk_rms_norm"
-    _check_float("qkv", op, qkv)
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"{op}: heads must be an int >= 1, got {heads!r}")
-    if qkv.dim() != 3 or qkv.shape[-1] % (3 * heads):
-        raise ValueError(f"{op}: qkv must be [B, N, 3 * heads * D] with heads = {heads}, got shape {tuple(qkv.shape)}")
-    D = qkv.shape[-1] // (3 * heads)
+    D = _check_qkv(op, qkv, heads)
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
         _check_float(name, op, w)
         if w.shape != (D,):
@@ -399,3 +442,20 @@ def qk_rms_norm(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor, k_weight:
     if _use_reference("qk_norm_forward", qkv.device, args, (qkv, q_weight, k_weight)):
         return ref.qk_rms_norm(qkv, heads, q_weight, k_weight, eps)
     return _qk_rms_norm(*args)
+
+
+def qk_layer_norm(qkv: torch.Tensor, heads: int, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split a fused projection ``qkv`` [B, N, 3 W] (q | k | v, each H heads of D = W / H)
+    into q, k, v [B, H, N, D] (the attention layout, contiguous, qkv's dtype), with q and k
+    layer-normalised per head vector: ``(x - mean) / sqrt(var + eps)``, biased variance, no
+    weight or bias, statistics and normalisation in float32 (float64 for float64 input).
+    This is the official FlexTok / VideoFlexTok attention's QK norm,
+    ``Fp32LayerNorm(D, bias=False, elementwise_affine=False)`` on the split heads. v is
+    only split. Differentiable in qkv; the kernels' backward recomputes the statistics."""
+    op = "qk_layer_norm"
+    _check_qkv(op, qkv, heads)
+    eps = _check_eps(op, eps)
+    args = (qkv, heads, None, None, eps, True)
+    if _use_reference("qk_norm_forward", qkv.device, args, (qkv, None, None)):
+        return tuple(t.contiguous() for t in ref.qk_layer_norm(qkv, heads, eps))
+    return _qk_layer_norm(qkv, heads, eps)

@@ -1,5 +1,6 @@
 """Reference transformer-block ops (docs/spec_block_ops.md): adaLN modulated LayerNorm,
-gated residual (optionally fused with the next modulated norm), SwiGLU and QK-RMSNorm.
+gated residual (optionally fused with the next modulated norm), SwiGLU, QK-RMSNorm and
+QK-LayerNorm.
 
 Float32 math (float64 for float64 input), results in the input dtype; differentiable
 (autograd through plain PyTorch), which is what the ``reference`` backend runs in a model.
@@ -62,13 +63,35 @@ def rms_norm(x, weight, eps: float):
     return y.to(x.dtype)
 
 
-def qk_rms_norm(qkv, heads: int, q_weight, k_weight, eps: float):
-    """qkv [B, N, 3 W] (q | k | v, each H heads of D = W / H) -> q, k, v [B, H, N, D],
-    q and k RMS-normalised per head with weights [D]."""
+def layer_norm(x, eps: float):
+    """LayerNorm over the last dim without weight or bias, statistics in fp32."""
+    return F.layer_norm(x.to(compute_dtype(x.dtype)), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def split_heads(qkv, heads: int):
+    """qkv [B, N, 3 W] (q | k | v, each H heads of D = W / H) -> views q, k, v [B, H, N, D]."""
     B, N, W3 = qkv.shape
-    D = W3 // (3 * heads)
-    q, k, v = qkv.reshape(B, N, 3, heads, D).permute(2, 0, 3, 1, 4)
+    return qkv.reshape(B, N, 3, heads, W3 // (3 * heads)).permute(2, 0, 3, 1, 4)
+
+
+def qk_rms_norm(qkv, heads: int, q_weight, k_weight, eps: float):
+    """qkv [B, N, 3 W] -> q, k, v [B, H, N, D], q and k RMS-normalised per head with
+    weights [D]."""
+    q, k, v = split_heads(qkv, heads)
     return rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), v
+
+
+def qk_layer_norm(qkv, heads: int, eps: float):
+    """qkv [B, N, 3 W] -> q, k, v [B, H, N, D], q and k layer-normalised per head (mean
+    centred, no weight or bias: the official models' Fp32LayerNorm(D, bias=False,
+    elementwise_affine=False))."""
+    q, k, v = split_heads(qkv, heads)
+    return layer_norm(q, eps), layer_norm(k, eps), v
+
+
+def qk_norm(qkv, heads: int, q_weight, k_weight, eps: float, centered: bool):
+    """qk_layer_norm when ``centered`` (the weights are then None), else qk_rms_norm."""
+    return qk_layer_norm(qkv, heads, eps) if centered else qk_rms_norm(qkv, heads, q_weight, k_weight, eps)
 
 
 # --------------------------------------------------------------------------------------
@@ -141,14 +164,16 @@ def swiglu_backward(dout, gate_up):
         return _grad([swiglu(gu)], [gu], [dout])[0]
 
 
-def qk_norm_forward(qkv, heads: int, q_weight, k_weight, eps: float):
-    """-> q, k, v [B, H, N, D] (contiguous copies)."""
-    return tuple(t.contiguous() for t in qk_rms_norm(qkv, heads, q_weight, k_weight, eps))
+def qk_norm_forward(qkv, heads: int, q_weight, k_weight, eps: float, centered: bool = False):
+    """-> q, k, v [B, H, N, D] (contiguous copies). ``centered``: QK-LayerNorm (the weights
+    are None), else QK-RMSNorm."""
+    return tuple(t.contiguous() for t in qk_norm(qkv, heads, q_weight, k_weight, eps, centered))
 
 
-def qk_norm_backward(dq, dk, dv, qkv, heads: int, q_weight, k_weight, eps: float):
-    """-> (dqkv [B, N, 3 W], dq_weight [D], dk_weight [D])."""
+def qk_norm_backward(dq, dk, dv, qkv, heads: int, q_weight, k_weight, eps: float, centered: bool = False):
+    """-> (dqkv [B, N, 3 W], dq_weight [D], dk_weight [D]); the weight gradients are None
+    when ``centered``."""
     with torch.enable_grad():
-        ins = [t.detach().requires_grad_() for t in (qkv, q_weight, k_weight)]
-        outs = qk_rms_norm(ins[0], heads, ins[1], ins[2], eps)
+        ins = [None if t is None else t.detach().requires_grad_() for t in (qkv, q_weight, k_weight)]
+        outs = qk_norm(ins[0], heads, ins[1], ins[2], eps, centered)
         return tuple(_grad(list(outs), ins, [dq, dk, dv]))

@@ -15,9 +15,11 @@ are small; activations normally are contiguous already); offsets are int64.
   tokens of every block into dscale, dgate (and dshift).
 * SwiGLU: tiles of the [rows, H] output, gate and up read from [rows, 2 H];
   the backward recomputes the sigmoid.
-* QK-RMSNorm: a tile of ``BLOCK_R`` (b, h, n) rows x ``DP`` per program, in the order of
-  the [B, H, N, D] outputs; q and k normalised, v copied. The backward writes dqkv and
-  per-program partial sums of the weight gradients, summed by ``_kind_sum_kernel``.
+* QK-RMSNorm / QK-LayerNorm: a tile of ``BLOCK_R`` (b, h, n) rows x ``DP`` per program, in
+  the order of the [B, H, N, D] outputs; q and k normalised (``CENTERED``: the LayerNorm
+  statistics of the block norm, no weights; else RMS and the weights), v copied. The
+  backward writes dqkv and, for the RMSNorm, per-program partial sums of the weight
+  gradients, summed by ``_kind_sum_kernel``.
 """
 from __future__ import annotations
 
@@ -311,7 +313,7 @@ def swiglu_backward(dout, gate_up):
 
 
 # --------------------------------------------------------------------------------------
-# QK-RMSNorm
+# QK-RMSNorm, QK-LayerNorm (CENTERED)
 
 
 @triton.jit
@@ -330,58 +332,72 @@ def _qk_rows(R, N, H, D, BLOCK_R: tl.constexpr, DP: tl.constexpr):
 
 
 @triton.jit
-def _rms_fwd(x, w, D, eps):
-    ms = tl.sum(x * x, axis=1) / tl.cast(D, tl.float32)
-    rs = tl.math.div_rn(1.0, tl.math.sqrt_rn(ms + eps))
-    return x * rs[:, None] * w[None, :]
+def _head_norm_fwd(x, w_ptr, mask, cols, D, eps, CENTERED: tl.constexpr):
+    # x [BLOCK_R, DP] fp32 (0 where masked) -> LayerNorm(x) (CENTERED) or RMSNorm(x) * w
+    if CENTERED:
+        d, rstd = _ln_stats(x, mask, D, eps)
+        y = d * rstd[:, None]
+    else:
+        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+        ms = tl.sum(x * x, axis=1) / tl.cast(D, tl.float32)
+        rs = tl.math.div_rn(1.0, tl.math.sqrt_rn(ms + eps))
+        y = x * rs[:, None] * w[None, :]
+    return y
 
 
 @triton.jit
 def _qk_fwd_kernel(qkv_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, v_ptr, R, N, H, D, eps,
-                   BLOCK_R: tl.constexpr, DP: tl.constexpr):
+                   CENTERED: tl.constexpr, BLOCK_R: tl.constexpr, DP: tl.constexpr):
     mask, src, dst, cols = _qk_rows(R, N, H, D, BLOCK_R, DP)
-    cmask = cols < D
     HD = H * D
     x = tl.load(qkv_ptr + src, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(qw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    tl.store(q_ptr + dst, _rms_fwd(x, w, D, eps).to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(q_ptr + dst, _head_norm_fwd(x, qw_ptr, mask, cols, D, eps, CENTERED).to(q_ptr.dtype.element_ty),
+             mask=mask)
     x = tl.load(qkv_ptr + src + HD, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(kw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    tl.store(k_ptr + dst, _rms_fwd(x, w, D, eps).to(k_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_ptr + dst, _head_norm_fwd(x, kw_ptr, mask, cols, D, eps, CENTERED).to(k_ptr.dtype.element_ty),
+             mask=mask)
     v = tl.load(qkv_ptr + src + 2 * HD, mask=mask, other=0.0)
     tl.store(v_ptr + dst, v, mask=mask)
 
 
 @triton.jit
-def _rms_bwd(dy_ptr, qkv_ptr, w_ptr, dqkv_ptr, pw_ptr, mask, src, dst, cols, D, eps,
-             HAS_DY: tl.constexpr):
-    # One of q / k: writes dx into dqkv and this program's partial sum of dw into pw.
+def _head_norm_bwd(dy_ptr, qkv_ptr, w_ptr, dqkv_ptr, pw_ptr, mask, src, dst, cols, D, eps,
+                   HAS_DY: tl.constexpr, CENTERED: tl.constexpr):
+    # One of q / k: writes dx into dqkv and (RMSNorm) this program's partial sum of dw into pw.
     cmask = cols < D
     if HAS_DY:
         x = tl.load(qkv_ptr + src, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + dst, mask=mask, other=0.0).to(tl.float32)
         df = tl.cast(D, tl.float32)
-        rs = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.sum(x * x, axis=1) / df + eps))
-        dyw = dy * w[None, :]
-        c = tl.sum(dyw * x, axis=1) / df
-        dx = rs[:, None] * dyw - x * (rs * rs * rs * c)[:, None]
-        pw = tl.sum(dy * (x * rs[:, None]), axis=0)
+        if CENTERED:
+            d, rstd = _ln_stats(x, mask, D, eps)
+            xhat = d * rstd[:, None]
+            c1 = tl.sum(dy, axis=1) / df
+            c2 = tl.sum(dy * xhat, axis=1) / df
+            dx = rstd[:, None] * (dy - c1[:, None] - xhat * c2[:, None])
+        else:
+            w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+            rs = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.sum(x * x, axis=1) / df + eps))
+            dyw = dy * w[None, :]
+            c = tl.sum(dyw * x, axis=1) / df
+            dx = rs[:, None] * dyw - x * (rs * rs * rs * c)[:, None]
+            pw = tl.sum(dy * (x * rs[:, None]), axis=0)
     else:
         dx = tl.zeros(mask.shape, dtype=tl.float32)
         pw = tl.zeros(cols.shape, dtype=tl.float32)
     tl.store(dqkv_ptr + src, dx.to(dqkv_ptr.dtype.element_ty), mask=mask)
-    tl.store(pw_ptr + tl.program_id(0).to(tl.int64) * D + cols, pw, mask=cmask)
+    if not CENTERED:
+        tl.store(pw_ptr + tl.program_id(0).to(tl.int64) * D + cols, pw, mask=cmask)
 
 
 @triton.jit
 def _qk_bwd_kernel(dq_ptr, dk_ptr, dv_ptr, qkv_ptr, qw_ptr, kw_ptr, dqkv_ptr, pwq_ptr, pwk_ptr,
                    R, N, H, D, eps, HAS_DQ: tl.constexpr, HAS_DK: tl.constexpr, HAS_DV: tl.constexpr,
-                   BLOCK_R: tl.constexpr, DP: tl.constexpr):
+                   CENTERED: tl.constexpr, BLOCK_R: tl.constexpr, DP: tl.constexpr):
     mask, src, dst, cols = _qk_rows(R, N, H, D, BLOCK_R, DP)
     HD = H * D
-    _rms_bwd(dq_ptr, qkv_ptr, qw_ptr, dqkv_ptr, pwq_ptr, mask, src, dst, cols, D, eps, HAS_DQ)
-    _rms_bwd(dk_ptr, qkv_ptr, kw_ptr, dqkv_ptr, pwk_ptr, mask, src + HD, dst, cols, D, eps, HAS_DK)
+    _head_norm_bwd(dq_ptr, qkv_ptr, qw_ptr, dqkv_ptr, pwq_ptr, mask, src, dst, cols, D, eps, HAS_DQ, CENTERED)
+    _head_norm_bwd(dk_ptr, qkv_ptr, kw_ptr, dqkv_ptr, pwk_ptr, mask, src + HD, dst, cols, D, eps, HAS_DK, CENTERED)
     if HAS_DV:
         dv = tl.load(dv_ptr + dst, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -394,47 +410,57 @@ def _qk_tile(D: int) -> tuple[int, int, int]:
     return _row_tile(D)
 
 
-def qk_norm_forward(qkv, heads, q_weight, k_weight, eps):
-    """qkv [B, N, 3 H D] -> q, k, v [B, H, N, D] (contiguous, qkv's dtype)."""
+def qk_norm_forward(qkv, heads, q_weight, k_weight, eps, centered=False):
+    """qkv [B, N, 3 H D] -> q, k, v [B, H, N, D] (contiguous, qkv's dtype); ``centered``:
+    QK-LayerNorm (the weights are None), else QK-RMSNorm."""
     B, N, W3 = qkv.shape
     D = W3 // (3 * heads)
     shape = (B, heads, N, D)
     q, k, v = (dispatch.new_output(shape, qkv.dtype, qkv.device) for _ in range(3))
     R = B * heads * N
     if R * D:
+        qkv = qkv.contiguous()
         br, dp, warps = _qk_tile(D)
-        _qk_fwd_kernel[(triton.cdiv(R, br),)](qkv.contiguous(), q_weight.contiguous(), k_weight.contiguous(),
-                                              q, k, v, R, N, heads, D, float(eps), BLOCK_R=br, DP=dp,
-                                              num_warps=warps)
+        _qk_fwd_kernel[(triton.cdiv(R, br),)](qkv, qkv if centered else q_weight.contiguous(),
+                                              qkv if centered else k_weight.contiguous(),
+                                              q, k, v, R, N, heads, D, float(eps), CENTERED=bool(centered),
+                                              BLOCK_R=br, DP=dp, num_warps=warps)
     return q, k, v
 
 
-def qk_norm_backward(dq, dk, dv, qkv, heads, q_weight, k_weight, eps):
-    """-> (dqkv [B, N, 3 H D] in qkv's dtype, dq_weight, dk_weight [D] in the weights' dtypes)."""
+def qk_norm_backward(dq, dk, dv, qkv, heads, q_weight, k_weight, eps, centered=False):
+    """-> (dqkv [B, N, 3 H D] in qkv's dtype, dq_weight, dk_weight [D] in the weights' dtypes;
+    None when ``centered``)."""
     B, N, W3 = qkv.shape
     D = W3 // (3 * heads)
     dev = qkv.device
     dqkv = dispatch.new_output(qkv.shape, qkv.dtype, dev)
-    dwq = dispatch.new_output(q_weight.shape, q_weight.dtype, dev)
-    dwk = dispatch.new_output(k_weight.shape, k_weight.dtype, dev)
+    dwq = None if centered else dispatch.new_output(q_weight.shape, q_weight.dtype, dev)
+    dwk = None if centered else dispatch.new_output(k_weight.shape, k_weight.dtype, dev)
     R = B * heads * N
     if R * D == 0:
-        dwq.zero_()
-        dwk.zero_()
+        if not centered:
+            dwq.zero_()
+            dwk.zero_()
         return dqkv, dwq, dwk
     br, dp, warps = _qk_tile(D)
     n_prog = triton.cdiv(R, br)
-    pwq = torch.empty((1, n_prog, D), dtype=torch.float32, device=dev)
-    pwk = torch.empty((1, n_prog, D), dtype=torch.float32, device=dev)
     qkv = qkv.contiguous()
+    if centered:
+        qw = kw = pwq = pwk = qkv  # placeholders, never read or written
+    else:
+        qw, kw = q_weight.contiguous(), k_weight.contiguous()
+        pwq = torch.empty((1, n_prog, D), dtype=torch.float32, device=dev)
+        pwk = torch.empty((1, n_prog, D), dtype=torch.float32, device=dev)
     dq, dk, dv = _c(dq), _c(dk), _c(dv)
     _qk_bwd_kernel[(n_prog,)](
         dq if dq is not None else qkv, dk if dk is not None else qkv, dv if dv is not None else qkv, qkv,
-        q_weight.contiguous(), k_weight.contiguous(), dqkv, pwq, pwk, R, N, heads, D, float(eps),
-        HAS_DQ=dq is not None, HAS_DK=dk is not None, HAS_DV=dv is not None, BLOCK_R=br, DP=dp,
-        num_warps=warps)
-    _kind_sum(pwq, dwq.view(1, 1, D), 0)
-    _kind_sum(pwk, dwk.view(1, 1, D), 0)
+        qw, kw, dqkv, pwq, pwk, R, N, heads, D, float(eps),
+        HAS_DQ=dq is not None, HAS_DK=dk is not None, HAS_DV=dv is not None, CENTERED=bool(centered),
+        BLOCK_R=br, DP=dp, num_warps=warps)
+    if not centered:
+        _kind_sum(pwq, dwq.view(1, 1, D), 0)
+        _kind_sum(pwk, dwk.view(1, 1, D), 0)
     return dqkv, dwq, dwk
 
 
@@ -479,16 +505,20 @@ def aot_variants():
                "BLOCK_H": "constexpr"}
         out.append(Variant(f"swiglu_bwd[{_TY[dtype]}]", _swiglu_bwd_kernel, sig, tile))
         br, dp, warps = _qk_tile(64)
-        w = "*fp32"
-        sig = {"qkv_ptr": p, "qw_ptr": w, "kw_ptr": w, "q_ptr": p, "k_ptr": p, "v_ptr": p, "R": "i64", "N": "i32",
-               "H": "i32", "D": "i32", "eps": "fp32", "BLOCK_R": "constexpr", "DP": "constexpr"}
-        out.append(Variant(f"qk_norm_fwd[D64,{_TY[dtype]}]", _qk_fwd_kernel, sig, {"BLOCK_R": br, "DP": dp},
-                           num_warps=warps))
-        sig = {"dq_ptr": p, "dk_ptr": p, "dv_ptr": p, "qkv_ptr": p, "qw_ptr": w, "kw_ptr": w, "dqkv_ptr": p,
-               "pwq_ptr": "*fp32", "pwk_ptr": "*fp32", "R": "i64", "N": "i32", "H": "i32", "D": "i32", "eps": "fp32",
-               "HAS_DQ": "constexpr", "HAS_DK": "constexpr", "HAS_DV": "constexpr", "BLOCK_R": "constexpr",
-               "DP": "constexpr"}
-        out.append(Variant(f"qk_norm_bwd[D64,{_TY[dtype]}]", _qk_bwd_kernel, sig,
-                           {"HAS_DQ": True, "HAS_DK": True, "HAS_DV": True, "BLOCK_R": br, "DP": dp},
-                           num_warps=warps))
+        for centered in (False, True):
+            name = "qk_layer_norm" if centered else "qk_norm"
+            w = p if centered else "*fp32"  # the layer norm has no weights: qkv stands in
+            pw = p if centered else "*fp32"
+            sig = {"qkv_ptr": p, "qw_ptr": w, "kw_ptr": w, "q_ptr": p, "k_ptr": p, "v_ptr": p, "R": "i64",
+                   "N": "i32", "H": "i32", "D": "i32", "eps": "fp32", "CENTERED": "constexpr", "BLOCK_R": "constexpr",
+                   "DP": "constexpr"}
+            out.append(Variant(f"{name}_fwd[D64,{_TY[dtype]}]", _qk_fwd_kernel, sig,
+                               {"CENTERED": centered, "BLOCK_R": br, "DP": dp}, num_warps=warps))
+            sig = {"dq_ptr": p, "dk_ptr": p, "dv_ptr": p, "qkv_ptr": p, "qw_ptr": w, "kw_ptr": w, "dqkv_ptr": p,
+                   "pwq_ptr": pw, "pwk_ptr": pw, "R": "i64", "N": "i32", "H": "i32", "D": "i32", "eps": "fp32",
+                   "HAS_DQ": "constexpr", "HAS_DK": "constexpr", "HAS_DV": "constexpr", "CENTERED": "constexpr",
+                   "BLOCK_R": "constexpr", "DP": "constexpr"}
+            out.append(Variant(f"{name}_bwd[D64,{_TY[dtype]}]", _qk_bwd_kernel, sig,
+                               {"HAS_DQ": True, "HAS_DK": True, "HAS_DV": True, "CENTERED": centered, "BLOCK_R": br,
+                                "DP": dp}, num_warps=warps))
     return out

@@ -1,0 +1,498 @@
+"""Whole transformer trunks of the official FlexTok / VideoFlexTok models on vft ops.
+
+The official trunk (``model.trunks.transformers.FlexTransformer``) runs, per block, separate
+``wq`` / ``wk`` / ``wv`` / ``proj`` linears, ``Fp32LayerNorm`` (no affine, float32 statistics),
+QK normalisation (the same LayerNorm over each head vector), ``GatedMlp``
+(``fc2(silu(fc1 x) * fc3 x)``) and, in ``FlexBlockAdaLN``, an adaLN modulation
+``SiLU -> Linear(D, n 6 D)`` expanded to every token (``[1, N, 6 D]`` per block) by the
+packer's ``adaLN_packing_fn``. A patched trunk runs the same arithmetic as:
+
+* the modulations of all blocks in one matmul on ``SiLU(adaLN_emb)`` ([B, depth, n, 6, D]),
+  read per (sample, token kind) by the fused norms: nothing of size [N, 6 D] is built;
+* ``vk.modulated_layer_norm`` and ``vk.gated_residual_norm`` (the gated residual fused with the
+  next norm, across blocks) over the packed sequence viewed as [B, T, P + R, D];
+* one QKV projection on concatenated weights, ``vk.qk_layer_norm`` (split into heads + the
+  per-head LayerNorm of q and k in one pass), ``vk.register_attention``
+  on the packer's plan (``cu_seqlens``), the output projection;
+* one gate/up projection on concatenated ``fc1`` / ``fc3`` weights and ``vk.swiglu`` fused with
+  ``fc2``.
+
+Concatenated weights are cached per trunk and rebuilt when a source tensor changes (its data
+pointer or version counter); when gradients are wanted they are concatenated per call
+(differentiable). Official quirks kept: the chunk order ``gate_msa, gate_mlp, shift_msa,
+scale_msa, shift_mlp, scale_mlp``, each norm's own eps, the attention scale of the layer
+(8 / head_dim under muP), padding rows (adaLN blocks leave them unchanged, as the official
+zero modulation does; plain blocks give them what the official code does: zero attention, then
+the MLP, without running the attention's projections on them).
+
+A trunk is patched only when every block is an official ``FlexBlock`` / ``FlexBlockAdaLN`` of
+the known form (``GatedMlp`` with SiLU, non-affine ``Fp32LayerNorm`` norms, FlexAttention
+self-attention); a call runs the official forward (counted, with the reason) unless its
+mask comes from a patched packer with one layout for all samples, every sample has the same
+number of time blocks, and there is no ``score_mod``, ``rope_forward``, intermediate-layer
+output, active drop-path or dropout."""
+from __future__ import annotations
+
+import collections
+import functools
+import math
+import types
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import (RegisterLayout, gated_residual, gated_residual_norm, modulated_layer_norm, qk_layer_norm,
+                register_attention, swiglu)
+from . import PatchHandle
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # float64: the reference ops
+
+
+class TrunkStats:
+    """Per-call counts of one handle's patched trunks (shown in its summary)."""
+
+    def __init__(self):
+        self.vft = 0
+        self.rows_saved = 0
+        self.fallbacks = collections.Counter()
+
+    def lines(self) -> list[str]:
+        total = self.vft + sum(self.fallbacks.values())
+        if not total:
+            return ["trunk calls so far: none"]
+        line = f"trunk calls so far: {self.vft} on vft blocks"
+        if self.rows_saved:
+            line += f" ({self.rows_saved} identical register rows computed once)"
+        if self.fallbacks:
+            line += f", {sum(self.fallbacks.values())} ran the official blocks (" + "; ".join(
+                f"{why}: {n}" for why, n in self.fallbacks.most_common()) + ")"
+        return [line]
+
+
+# --------------------------------------------------------------------------------------
+# Which trunks and blocks have the known form
+
+
+def _plain_norm(norm, ln_cls) -> bool:
+    return type(norm) is ln_cls and norm.weight is None and getattr(norm, "bias", None) is None and \
+        len(norm.normalized_shape) == 1
+
+
+def block_reasons(block, classes: dict) -> list[str]:
+    """Why ``block`` cannot run on the vft trunk (empty: it can). ``classes``: the official
+    FlexBlock, FlexBlockAdaLN, FlexSelfAttention, GatedMlp and Fp32LayerNorm classes."""
+    why = []
+    kind = type(block)
+    if kind not in (classes["FlexBlock"], classes["FlexBlockAdaLN"]):
+        return [f"block of class {kind.__name__} (known: FlexBlock, FlexBlockAdaLN)"]
+    if "forward" in vars(block):
+        why.append("its forward was replaced by other code")
+    attn, mlp = block.attn, block.mlp
+    if type(attn) is not classes["FlexSelfAttention"] or "forward" in vars(attn):
+        why.append(f"attention of class {type(attn).__name__}")
+    elif not callable(vars(attn).get("flex_attention")):
+        why.append("attention without flex_attention (use_flex_attention=False)")
+    else:
+        if any(getattr(attn, n).bias is not None for n in ("wq", "wk", "wv")):
+            why.append("biased q/k/v projections")
+        qn, kn = attn.q_norm, attn.k_norm
+        if not ((isinstance(qn, torch.nn.Identity) and isinstance(kn, torch.nn.Identity)) or
+                (_plain_norm(qn, classes["Fp32LayerNorm"]) and _plain_norm(kn, classes["Fp32LayerNorm"]))):
+            why.append("QK norm other than the non-affine Fp32LayerNorm")
+    if type(mlp) is not classes["GatedMlp"] or type(mlp.act) is not torch.nn.SiLU or "forward" in vars(mlp):
+        why.append(f"MLP {type(mlp).__name__} (known: GatedMlp with SiLU)")
+    elif mlp.fc1.bias is not None or mlp.fc3.bias is not None:
+        why.append("biased MLP gate/up projections")
+    for name in ("norm1", "norm2"):
+        if not _plain_norm(getattr(block, name), classes["Fp32LayerNorm"]):
+            why.append(f"{name} is not a non-affine Fp32LayerNorm")
+    if kind is classes["FlexBlockAdaLN"]:
+        mod = block.adaLN_modulation
+        if not (isinstance(mod, torch.nn.Sequential) and len(mod) == 2 and type(mod[0]) is torch.nn.SiLU and
+                type(mod[1]) is torch.nn.Linear and mod[1].out_features % (6 * block.dim) == 0):
+            why.append("adaLN modulation is not SiLU -> Linear(D, n 6 D)")
+    return why
+
+
+def trunk_reasons(trunk, classes: dict) -> list[str]:
+    if type(trunk) is not classes["FlexTransformer"]:
+        return [f"{type(trunk).__name__} is not the official FlexTransformer"]
+    if "forward" in vars(trunk):
+        return ["its forward was replaced by other code"]
+    blocks = list(trunk.blocks)
+    if not blocks:
+        return ["no blocks"]
+    kinds = {type(b) for b in blocks}
+    if len(kinds) > 1:
+        return ["blocks of different classes"]
+    if len({(b.attn.num_heads, b.attn.head_dim, b.attn.scale) for b in blocks if hasattr(b, "attn")}) > 1:
+        return ["blocks of different head counts, head dims or attention scales"]
+    why = []
+    for i, b in enumerate(blocks):
+        why += [f"block {i}: {r}" for r in block_reasons(b, classes)]
+    return why
+
+
+def _native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_dtype(dtype, device: torch.device):
+    """(the dtype the blocks run in, or None for the model's own; a note for the summary).
+    bf16 only where the hardware has it (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX);
+    elsewhere a RuntimeWarning and the model's dtype."""
+    if dtype is None or dtype == torch.float32:
+        return None, ""
+    if dtype != torch.bfloat16:
+        raise ValueError(f"blocks dtype must be None, torch.float32 or torch.bfloat16, got {dtype}")
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else \
+        (device.type == "cpu" and _native_bf16_cpu())
+    if not native:
+        import warnings
+        warnings.warn(f"patch(dtype=torch.bfloat16): this {device.type} has no native bf16 arithmetic "
+                      "(AVX512-BF16 / AMX on a CPU); the blocks keep the model's dtype", RuntimeWarning, stacklevel=4)
+        return None, "; bf16 requested, kept the model's dtype (no native bf16 on this device)"
+    return torch.bfloat16, "; in bf16 (norm statistics in float32)"
+
+
+# --------------------------------------------------------------------------------------
+# Cached concatenated weights
+
+
+class _Weights:
+    """The trunk's weights as the vft blocks use them, in the compute dtype: per block the
+    concatenated QKV [3W, W] and gate/up [2Hd, W] weights, the output and down projections
+    (and their biases); all blocks' adaLN modulations [depth n 6 W, W] (+ bias, float32).
+    Rebuilt when a source tensor changes (data pointer or version counter)."""
+
+    def __init__(self, trunk):
+        self.trunk = trunk
+        self.cached = (None, None)  # (key, weights), replaced as one tuple: safe across threads
+
+    def _sources(self):
+        out = []
+        for b in self.trunk.blocks:
+            out += [b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight, b.attn.proj.weight, b.attn.proj.bias,
+                    b.mlp.fc1.weight, b.mlp.fc3.weight, b.mlp.fc2.weight, b.mlp.fc2.bias]
+            if hasattr(b, "adaLN_modulation"):
+                out += [b.adaLN_modulation[1].weight, b.adaLN_modulation[1].bias]
+        return out
+
+    @staticmethod
+    def _build(trunk, dtype):
+        def cast(t):
+            return None if t is None else t.to(dtype)
+
+        blocks = list(trunk.blocks)
+        per_block = [{"qkv": torch.cat([b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight]).to(dtype),
+                      "proj": cast(b.attn.proj.weight), "proj_bias": cast(b.attn.proj.bias),
+                      "gate_up": torch.cat([b.mlp.fc1.weight, b.mlp.fc3.weight]).to(dtype),
+                      "down": cast(b.mlp.fc2.weight), "down_bias": cast(b.mlp.fc2.bias)} for b in blocks]
+        ada = None
+        if hasattr(blocks[0], "adaLN_modulation"):
+            lins = [b.adaLN_modulation[1] for b in blocks]
+            bias = [lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in lins]
+            ada = (torch.cat([lin.weight for lin in lins]), torch.cat(bias))
+        return per_block, ada
+
+    def get(self, dtype):
+        sources = self._sources()
+        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in sources):
+            return self._build(self.trunk, dtype)  # differentiable: built per call
+        key = (dtype,) + tuple((p.data_ptr(), p._version, p.dtype, p.device) if p is not None else None
+                               for p in sources)
+        cached_key, value = self.cached
+        if key != cached_key:
+            with torch.no_grad():
+                value = self._build(self.trunk, dtype)
+            self.cached = (key, value)
+        return value
+
+
+# --------------------------------------------------------------------------------------
+# The vft trunk forward
+
+
+def _kind_split(packing_fn, n: int, view: tuple, infer: bool, L: int, device):
+    """How ``packing_fn`` spreads the modulation rows ``[B n, 6 W]`` over the L packed tokens,
+    as (P, rows, view): in the view [B, T, S] of the tokens, the first P tokens of each time
+    block take one row and the rest another (n = 2: patches and registers; n = 1: one row),
+    ``rows`` [B, T, K] long (K = 2 or 1) giving the row of each (sample, block, kind), which is
+    what the fused norms read. With ``infer`` (masks whose plan has no time blocks), T and S
+    are read off the rows of the first sample (its first patches, then its first registers).
+    Found by packing a probe whose values are the row numbers, so any official packing
+    (including the interleave packer's, which repeats the first block's sample order over the
+    time blocks) is reproduced as it is; a str says why it does not have this form."""
+    B, T, S = view
+    probe = torch.arange(B * n, dtype=torch.float32, device=device).view(B, n)
+    try:
+        got = packing_fn(probe)
+    except Exception as e:  # a packing function of another form
+        return f"adaLN packing function rejected a probe ({type(e).__name__})"
+    if not isinstance(got, torch.Tensor) or got.numel() != L:
+        return "adaLN packing function of an unknown form"
+    got = got.reshape(-1).float().cpu()
+    if infer:  # the period of the first sample's rows: P tokens of one row, then those of another
+        first = got[: L // B]
+        changes = (first[1:] != first[:-1]).nonzero().flatten().tolist()
+        S = changes[1] + 1 if n == 2 and len(changes) >= 2 else first.numel()
+        if (L // B) % S:
+            return "adaLN packing of a period that does not divide the sample"
+        T = (L // B) // S
+    got = got.view(B, T, S)
+    lead = got[..., :1]
+    P = int((got[0, 0] == lead[0, 0]).long().cumprod(0).sum()) if n == 2 else S
+    K = 2 if n == 2 and P < S else 1
+    rows = torch.cat([lead, got[..., -1:]], dim=-1) if K == 2 else lead
+    kind = (torch.arange(S) >= P).long()
+    want = rows.gather(-1, kind.expand(B, T, S) if K == 2 else torch.zeros(B, T, S, dtype=torch.long))
+    if not torch.equal(got, want) or rows.min() < 0 or rows.max() >= B * n or rows.ne(rows.round()).any():
+        return "adaLN packing does not give each (sample, time block, patch / register) group one modulation row"
+    return P, rows.long().to(device), (B, T, S)
+
+
+class _Trunk:
+    """The vft forward of one official FlexTransformer instance."""
+
+    def __init__(self, trunk, plan_of: Callable, stats: TrunkStats, official_forward, compress: bool = True,
+                 dtype: Optional[torch.dtype] = None):
+        self.trunk = trunk
+        self.compress = compress
+        self.dtype = dtype  # bf16 mode: linears, attention and the residual stream in this dtype
+        self.plan_of = plan_of
+        self.stats = stats
+        self.official_forward = official_forward
+        self.weights = _Weights(trunk)
+        self.adaln = hasattr(trunk.blocks[0], "adaLN_modulation")
+        self._split: dict = {}  # (packing function code, plan signature) -> patches per block, or a reason
+
+    def prepare(self, x, plan, score_mod, rope_forward, adaLN_emb, packing_fn):
+        """Why this call must run the official blocks (a str), or what the vft blocks need
+        (a dict: the [B, T, S] view, and for adaLN trunks the (patches, modulation rows) split).
+        Nothing is stored on the instance: concurrent calls do not interfere."""
+        t = self.trunk
+        if plan is None:
+            return "mask not from a patched packer"
+        if plan.layout is None:
+            return plan.reason
+        if score_mod is not None or rope_forward is not None:
+            return "score_mod / rope_forward given"
+        if t.intermediate_layer_write_key is not None:
+            return "intermediate layer outputs requested"
+        if t.training and any(not isinstance(b.drop_path, torch.nn.Identity) or b.mlp.drop.p > 0 or
+                              b.attn.proj_drop.p > 0 for b in t.blocks):
+            return "training with drop-path / dropout"
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != 1 or x.shape[1] != plan.seq_len:
+            return f"input of shape {tuple(getattr(x, 'shape', ()))} is not [1, {plan.seq_len}, D]"
+        if x.dtype not in _DTYPES:
+            return f"dtype {x.dtype}"
+        cu, layout = plan.cu_seqlens, plan.layout
+        L = layout.blocks * layout.block_size
+        if any(b - a != L for a, b in zip(cu, cu[1:])):
+            return "samples of different lengths"
+        # the fused norms' view [B, T, S, W]; a "full" / "causal" plan's blocks are single
+        # tokens, so the time blocks are read off the modulation rows there
+        view = (len(cu) - 1, layout.blocks, layout.block_size)
+        if not self.adaln:
+            return {"view": view}
+        if not isinstance(adaLN_emb, torch.Tensor) or adaLN_emb.dim() != 2 or \
+                adaLN_emb.shape[0] != len(cu) - 1 or not callable(packing_fn):
+            return "adaLN embedding is not [samples, D] with a packing function"
+        n = t.blocks[0].adaLN_modulation[1].out_features // (6 * t.blocks[0].dim)
+        infer = layout.mode == "full"
+        kw = getattr(packing_fn, "keywords", None)
+        # a partial of a function: what it packs is in its code and keywords (the packed shapes)
+        key = (packing_fn.func.__code__, repr(sorted(kw.items())), cu, layout, n) if \
+            isinstance(packing_fn, functools.partial) and hasattr(packing_fn.func, "__code__") and kw else None
+        split = self._split.get(key) if key is not None else None
+        if split is None:
+            split = _kind_split(packing_fn, n, view, infer, cu[-1], x.device)
+            if key is not None:
+                if len(self._split) > 64:
+                    self._split.clear()
+                self._split[key] = split
+        if isinstance(split, str):
+            return split
+        return {"view": split[2], "split": split[:2]}
+
+    def __call__(self, data_dict):
+        t = self.trunk
+        x = data_dict[t.input_seq_read_key]
+        get = (lambda k: data_dict[k] if k is not None else None)
+        block_mask, score_mod = get(t.block_mask_read_key), get(t.score_mod_read_key)
+        adaLN_emb, packing_fn = get(t.adaLN_emb_read_key), get(t.adaLN_packing_fn_read_key)
+        rope_forward = get(t.rope_forward_read_key)
+        plan = self.plan_of(block_mask)
+        ctx = self.prepare(x, plan, score_mod, rope_forward, adaLN_emb, packing_fn)
+        if isinstance(ctx, str):
+            self.stats.fallbacks[ctx] += 1
+            return self.official_forward(data_dict)
+        self.stats.vft += 1
+        data_dict[t.output_seq_write_key] = self.run(x, plan, adaLN_emb, ctx)
+        return data_dict
+
+    # -- the blocks ----------------------------------------------------------------------
+
+    def _attention(self, block, y2d, w, layout, cu, aug=None):
+        """Self-attention of one block on normalised tokens y2d [L, W] -> [L, W]. ``aug``
+        (compressed runs): a [3, H, L, D + 1] buffer whose last column holds, for q, 1 and,
+        for k, log(weight) / scale (v: 0), so that key j counts as weight[j] identical keys in
+        the softmax, exactly; q, k, v are written into its first D columns."""
+        attn = block.attn
+        H, Dh = attn.num_heads, attn.head_dim
+        Lr = y2d.shape[0]
+        scale = attn.scale if attn.scale is not None else Dh ** -0.5
+        qkv = F.linear(y2d, w["qkv"])
+        if isinstance(attn.q_norm, torch.nn.Identity):
+            q, k, v = (t.unsqueeze(0).permute(0, 2, 1, 3) for t in qkv.view(Lr, 3, H, Dh).unbind(1))
+        elif attn.q_norm.eps == attn.k_norm.eps:  # split + per-head LayerNorm of q, k in one op
+            q, k, v = qk_layer_norm(qkv.unsqueeze(0), H, eps=attn.q_norm.eps)
+        else:
+            parts = qkv.view(Lr, 3, H, Dh)
+            q = F.layer_norm(parts[:, 0].float(), (Dh,), eps=attn.q_norm.eps).to(y2d.dtype)
+            k = F.layer_norm(parts[:, 1].float(), (Dh,), eps=attn.k_norm.eps).to(y2d.dtype)
+            q, k, v = (t.unsqueeze(0).permute(0, 2, 1, 3) for t in (q, k, parts[:, 2]))
+        if aug is not None:
+            if torch.is_grad_enabled():  # autograd keeps q, k, v: new tensors, not the shared buffer
+                q, k, v = (torch.cat([t[0], aug[j, :, :, Dh:]], dim=-1).unsqueeze(0) for j, t in enumerate((q, k, v)))
+            else:
+                for j, t in enumerate((q, k, v)):
+                    aug[j, :, :, :Dh].copy_(t[0])
+                q, k, v = (aug[j].unsqueeze(0) for j in range(3))
+        out = register_attention(q, k, v, layout, scale=scale, cu_seqlens=cu)[0]  # [H, L, D]
+        if aug is not None:
+            out = out[..., :Dh]
+        return F.linear(out.permute(1, 0, 2).reshape(Lr, H * Dh), w["proj"], w["proj_bias"])
+
+    @staticmethod
+    def _mlp(y, w):
+        out = swiglu(F.linear(y, w["gate_up"]), w["down"])
+        return out if w["down_bias"] is None else out + w["down_bias"]
+
+    def run(self, x, plan, adaLN_emb, ctx):
+        """The trunk on vft ops, in ``self.dtype`` (bf16 mode) or x's dtype; output in x's."""
+        dtype = self.dtype if self.dtype is not None else x.dtype
+        per_block, ada = self.weights.get(dtype)
+        xc = x.to(dtype)
+        if self.adaln:
+            out = self._run_adaln(xc, plan, adaLN_emb, per_block, ada, ctx)
+        else:
+            out = self._run_plain(xc, plan, per_block)
+        return out.to(x.dtype)
+
+    def _run_plain(self, x, plan, per_block):
+        """FlexBlock: x + attn(LN1 x), then + mlp(LN2 x). Padding rows (past the last sample)
+        get what the official blocks give them without the attention work: their attention
+        output is 0 (FlexAttention's, and vk.register_attention's), so only the projection's
+        bias and the MLP apply to them."""
+        W, L = x.shape[2], plan.cu_seqlens[-1]
+        h, pad = x[0, :L], x[0, L:]
+        for i, b in enumerate(self.trunk.blocks):
+            y = F.layer_norm(h.float(), (W,), eps=b.norm1.eps).to(h.dtype)
+            h = h + self._attention(b, y, per_block[i], plan.layout, plan.cu_seqlens)
+            y = F.layer_norm(h.float(), (W,), eps=b.norm2.eps).to(h.dtype)
+            h = h + self._mlp(y, per_block[i])
+            if pad.shape[0]:
+                if per_block[i]["proj_bias"] is not None:
+                    pad = pad + per_block[i]["proj_bias"]
+                y = F.layer_norm(pad.float(), (W,), eps=b.norm2.eps).to(pad.dtype)
+                pad = pad + self._mlp(y, per_block[i])
+        return torch.cat([h, pad]).unsqueeze(0) if pad.shape[0] else h.unsqueeze(0)
+
+    def _run_adaln(self, x, plan, adaLN_emb, per_block, ada, ctx):
+        """FlexBlockAdaLN over the real rows viewed as [B, T, S, W]; padding rows unchanged
+        (their official modulation is zero, so gate 0). Runs of identical register rows at the
+        end of each attention group run as one row (see ``_run_length``)."""
+        blocks = list(self.trunk.blocks)
+        depth, W = len(blocks), x.shape[2]
+        B, T, S = ctx["view"]
+        P, rows = ctx["split"]
+        L = B * T * S
+        n = ada[0].shape[0] // (depth * 6 * W)
+        # [B, depth, n, 6, W]: every block's modulation of every (sample, kind) in one matmul
+        emb = F.silu(adaLN_emb.to(ada[0].dtype))
+        mods = F.linear(emb, ada[0], ada[1])
+        # [B, T, K, depth, 6, W]: the row of each (sample, block, kind), one small gather
+        mods = mods.view(B, depth, n, 6, W).transpose(1, 2).reshape(B * n, depth, 6, W).to(x.dtype)[rows]
+
+        def chunk(i, c):  # [B, T, K, W]
+            return mods[:, :, :, i, c]
+
+        h = x[0, :L].view(B, T, S, W)
+        layout, cu, aug = plan.layout, plan.cu_seqlens, None
+        shared = rows.shape[-1] == 1  # one modulation row per group: any trailing run qualifies
+        run = self._run_length(h, 0 if shared else P, plan)
+        if run >= 2:  # keep S - run rows and one row standing for the run
+            h = torch.cat([h[:, :, :S - run], h[:, :, S - 1:]], dim=2)
+            S = S - run + 1
+            P = S if shared else P
+            self.stats.rows_saved += B * T * (run - 1)
+            layout = RegisterLayout(1, T * S, 0, "full") if plan.layout.mode == "full" else \
+                RegisterLayout(T, S, 0, "block_causal")
+            cu = tuple(range(0, B * T * S + 1, T * S))
+            attn = blocks[0].attn
+            H, Dh = attn.num_heads, attn.head_dim
+            scale = attn.scale if attn.scale is not None else Dh ** -0.5
+            aug = x.new_empty(3, H, B * T * S, Dh + 1)
+            aug[0, ..., Dh] = 1.0
+            aug[1, ..., Dh] = 0.0
+            aug[1, :, S - 1::S, Dh] = math.log(run) / scale  # the last row of every group
+            aug[2, ..., Dh] = 0.0
+        Lc = B * T * S
+        GATE_MSA, GATE_MLP, SHIFT_MSA, SCALE_MSA, SHIFT_MLP, SCALE_MLP = range(6)
+        y = modulated_layer_norm(h, chunk(0, SCALE_MSA), chunk(0, SHIFT_MSA), P, eps=blocks[0].norm1.eps)
+        for i, b in enumerate(blocks):
+            a = self._attention(b, y.view(Lc, W), per_block[i], layout, cu, aug).view(B, T, S, W)
+            h, y = gated_residual_norm(h, chunk(i, GATE_MSA), a, chunk(i, SCALE_MLP), chunk(i, SHIFT_MLP), P,
+                                       eps=b.norm2.eps)
+            m = self._mlp(y.view(Lc, W), per_block[i]).view(B, T, S, W)
+            if i + 1 < depth:
+                h, y = gated_residual_norm(h, chunk(i, GATE_MLP), m, chunk(i + 1, SCALE_MSA),
+                                           chunk(i + 1, SHIFT_MSA), P, eps=blocks[i + 1].norm1.eps)
+            else:
+                h = gated_residual(h, chunk(i, GATE_MLP), m, P)
+        if run >= 2:  # the run's rows are all equal to the row standing for it
+            h = torch.cat([h[:, :, :-1], h[:, :, -1:].expand(B, T, run, W)], dim=2)
+        if L == x.shape[1]:
+            return h.reshape(1, L, W)
+        return torch.cat([h.reshape(1, L, W), x[:, L:]], dim=1)
+
+    def _run_length(self, h, P: int, plan) -> int:
+        """The number of trailing register rows of every attention group (a time block of a
+        sample; the whole sample for "full" masks) that are bitwise equal to its last row
+        (the smallest over the groups). Such rows stay equal through every block: they take
+        the same modulation row, see the same keys (tokens of one group are symmetric under
+        these masks) and run the same row-wise arithmetic; as keys they count once each,
+        which one row with a log(run) score offset reproduces. 0 when the mask is not
+        symmetric within groups (registers causal among themselves), on devices other than
+        the CPU (finding runs reads the comparison back: a sync), or when disabled."""
+        if not self.compress or h.device.type != "cpu" or h.shape[2] - P < 2 or \
+                not (plan.layout.mode == "full" or (plan.layout.mode == "block_causal" and plan.layout.registers == 0)):
+            return 0
+        regs = h[:, :, P:]
+        same = (regs == regs[:, :, -1:]).all(-1)  # [B, T, R]
+        trailing = same.flip(-1).to(torch.int32).cumprod(-1).sum(-1)
+        return int(trailing.min())
+
+
+def patch_trunk(handle: PatchHandle, trunk, plan_of: Callable, stats: TrunkStats, compress: bool = True,
+                dtype: Optional[torch.dtype] = None) -> None:
+    """Give ``trunk`` (an official FlexTransformer of the known form) the vft forward;
+    ``compress``: compute runs of identical register rows once; ``dtype``: run the blocks in
+    this dtype (None: the input's)."""
+    official = types.MethodType(type(trunk).forward, trunk)
+    runner = _Trunk(trunk, plan_of, stats, official, compress, dtype)
+
+    def forward(self, data_dict):
+        return runner(data_dict)
+
+    forward._vft_original = type(trunk).forward
+    forward._vft_runner = runner
+    handle.set_instance_attr(trunk, "forward", types.MethodType(forward, trunk))
