@@ -182,7 +182,7 @@ def test_vqp_probe_rejects_another_bound_formula():
 
     fsq.quantize = quantize_one_minus_eps
     with integration.patched(fsq) as handle:
-        assert "differ from SPEC.md §1 on a probe" in handle.summary()
+        assert "differ from docs/spec.md §1 on a probe" in handle.summary()
         assert "forward" not in vars(fsq)
 
 

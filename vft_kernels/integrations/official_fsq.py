@@ -2,7 +2,7 @@
 
 FSQ (``regularizers.quantize_fsq.FSQ``): ``forward_z`` runs on ``vk.fsq_quantize`` and
 ``indices_to_embedding`` on ``vk.fsq_indices_to_codes``, bit-identical quants and (int64)
-tokens (SPEC.md §4: except tokens within 1e-5 of a rounding boundary). The official quantizer
+tokens (docs/spec.md §4: except tokens within 1e-5 of a rounding boundary). The official quantizer
 draws one Bernoulli sample per batch row on every call, even with ``drop_quant_p = 0`` and in
 eval mode; the patch makes the same draw, so random numbers drawn later (e.g. the sampler's
 noise when no generator is given) stay the same. Falls back to the original:
@@ -23,9 +23,9 @@ import types
 import torch
 
 from .. import fsq_indices_to_codes, fsq_quantize
+from ..ops.fsq import MAX_EXACT_CODEBOOK
 from . import PatchHandle, override_reasons
 
-_MAX_EXACT_CODEBOOK = 2**24  # float32 sums of integers are exact up to here
 _FSQ_METHODS = ("forward", "forward_z", "quantize", "bound", "codes_to_indices", "indices_to_embedding",
                 "_scale_and_shift", "_scale_and_shift_inverse", "corrupt_quant")
 
@@ -44,7 +44,7 @@ def _inexact_levels(fsq) -> list[int]:
 
 def _fsq_fallbacks(fsq, cls) -> list[str]:
     reasons = override_reasons(fsq, cls, _FSQ_METHODS, ("forward_z", "indices_to_embedding"))
-    if fsq.codebook_size > _MAX_EXACT_CODEBOOK:
+    if fsq.codebook_size > MAX_EXACT_CODEBOOK:
         reasons.append(f"codebook of {fsq.codebook_size} > 2**24 codes (the original's float32 token sum is inexact)")
     inexact = _inexact_levels(fsq)
     if inexact:

@@ -12,12 +12,12 @@ signature), noise drawn in the same order with the same generator, ``copy.deepco
 data dict for the conditional and unconditional passes, ``eval_dropout_mask``, callable
 guidance scales, the pipeline's own conditioning helpers (clean / sdedit prefixes).
 Numerics: the official APG projection runs in float64, ``vk.flow_step`` accumulates its group
-reductions in float32 (within the SPEC.md §4 tolerance; the integration tests check it).
+reductions in float32 (within the docs/spec.md §4 tolerance; the integration tests check it).
 MomentumBuffer state: the official ``VideoMinRFPipeline`` / ``MinRFPipeline`` of this package
 create ``[MomentumBuffer(m)] * batch_size``, one buffer object shared by every sample (sample
 j's running average continues from sample j - 1's); the patch keeps that behaviour (it passes
 the same state tensor to ``vk.flow_step`` for every sample) so results match the official
-sampler, although SPEC.md §3 asks for per-sample state. The state lives in official
+sampler, although docs/spec.md §3 asks for per-sample state. The state lives in official
 MomentumBuffer objects, fresh for each call, as in the original. Falls back: to the official
 ``__call__`` when a ``cfg_rescaler`` is given, and to the official guidance formula for a
 sample whose latents and velocities differ in shape, dtype or device, have fewer than 4 dims,
