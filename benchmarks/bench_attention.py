@@ -1,4 +1,4 @@
-"""Register attention benchmark cases (SPEC.md §2): vft backends against PyTorch SDPA,
+"""Register attention benchmark cases (docs/spec.md §2): vft backends against PyTorch SDPA,
 compiled FlexAttention and, on CUDA, flash-attn and xformers; forward and forward+backward.
 
 Baseline of every case: SDPA with its fastest valid boolean mask, built once outside the

@@ -49,9 +49,10 @@ def _fwd_bwd(fn, inputs, provider):
 
 def _op_fns(layout):
     return {
-        "gated_residual_norm": (lambda x, g, h, s, b: vk.gated_residual_norm(x, g, h, s, b, layout, eps=1e-5),
+        "gated_residual_norm": (lambda x, g, h, s, b: vk.gated_residual_norm(x, g, h, layout, scale=s, shift=b,
+                                                                             eps=1e-5),
                                 lambda x, g, h, s, b: ref.gated_residual_norm(x, g, h, s, b, P, 1e-5)),
-        "modulated_layer_norm": (lambda x, s, b: vk.modulated_layer_norm(x, s, b, layout, eps=1e-5),
+        "modulated_layer_norm": (lambda x, s, b: vk.modulated_layer_norm(x, layout, scale=s, shift=b, eps=1e-5),
                                  lambda x, s, b: ref.modulated_layer_norm(x, s, b, P, 1e-5)),
         "swiglu": (vk.swiglu, ref.swiglu),
         "qk_rms_norm": (lambda q, a, b: vk.qk_rms_norm(q, 2, a, b), lambda q, a, b: ref.qk_rms_norm(q, 2, a, b, 1e-6)),

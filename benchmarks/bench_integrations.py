@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import math
 import os
 import statistics
 import sys
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -294,61 +296,162 @@ def _workloads(model: TinyOfficial, sizes: list, steps: int):
     return {"tokenize": tokenize, f"detokenize {steps} steps apg": detokenize}
 
 
+VARIANTS = {  # name -> patch() options (None: the official model as shipped)
+    "official": None,
+    "vft": {},  # the default patch: FSQ, attention, guidance and whole blocks
+    "vft-attention": {"blocks": False},  # the blocks left official (the drop-in before whole-block patching)
+    "vft-bf16": {"dtype": torch.bfloat16},  # blocks in bf16 where the hardware has it
+}
+
+
+def isa_note() -> str:
+    """The capability levels this process runs at: ATen's, oneDNN's and MKL's caps (set to
+    emulate an AVX2-only CPU on a bigger one) and vft's CPU kernels' (where it reports one)."""
+    parts = [f"aten {torch.backends.cpu.get_cpu_capability()}"]
+    for var in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "VFT_CPU_CAPABILITY", "VFT_CPU_ARCH"):
+        if os.environ.get(var):
+            parts.append(f"{var}={os.environ[var]}")
+    try:
+        import vft_kernels as vk
+        if hasattr(vk, "cpu_capability"):
+            parts.append(f"vft {vk.cpu_capability()}")
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    return ", ".join(parts)
+
+
+def _psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    mse = float((x.double() - ref.double()).pow(2).mean())
+    span = float(ref.max() - ref.min())
+    return float("inf") if mse == 0 else 10 * math.log10(span * span / mse)
+
+
 def measure(package: str, reps: int, steps: int, sizes: Optional[list] = None, eager_flex: bool = False,
-            device: str = "cpu", verbose: bool = True, model_size: str = "tiny") -> list[dict]:
-    """Rows (one per workload) of medians unpatched vs patched, interleaved repetitions."""
+            device: str = "cpu", verbose: bool = True, model_size: str = "tiny", variants=("official", "vft"),
+            overrides: Optional[dict] = None, workloads=None) -> list[dict]:
+    """Rows (one per workload and patched variant) of medians against the official model as
+    shipped, in interleaved repetitions. Every variant is its own model instance built with the
+    same seed (same weights), patched once, so no variant disturbs another's compiled code."""
     integration = importlib.import_module(f"vft_kernels.integrations.{package}")
     spec = dict(MODELS[model_size])
+    spec.update(overrides or {})
     sizes = sizes or spec.pop("sizes")[package]
     spec.pop("sizes", None)
     dev = torch.device(device)
-    model = build_tiny_official(package, eager_flex=eager_flex, compile_block_mask=not eager_flex, **spec).to(dev)
+    models, handles = {}, {}
+    for v in variants:
+        models[v] = build_tiny_official(package, eager_flex=eager_flex, compile_block_mask=not eager_flex,
+                                        **spec).to(dev)
+        if VARIANTS[v] is not None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                handles[v] = integration.patch(models[v], **VARIANTS[v])
+            if any("no native bf16" in str(w.message) for w in caught):
+                handles[v] = None  # bf16 not available here: the variant would time float32 again
+                models.pop(v)
+    variants = [v for v in variants if v in models]
+    loads = {v: _workloads(models[v], sizes, steps) for v in variants}
+    names = [n for n in loads[variants[0]] if workloads is None or any(w in n for w in workloads)]
     rows = []
-    for name, fn in _workloads(model, sizes, steps).items():
-        times = {"unpatched": [], "patched": []}
-        first = {}
-        for variant in ("unpatched", "patched"):  # warm-up: compilation of the official code, caches
-            with integration.patched(model) if variant == "patched" else _nothing() as handle:
-                t0 = time.perf_counter()
-                fn()
-                _sync(dev)
-                first[variant] = time.perf_counter() - t0
-                if handle is not None:
-                    calls = [line.strip() for line in handle.summary().splitlines() if "attention calls" in line]
+    for name in names:
+        times = {v: [] for v in variants}
+        first, outs = {}, {}
+        for v in variants:  # warm-up: the official code's compilation, vft's caches
+            t0 = time.perf_counter()
+            outs[v] = loads[v][name]()
+            _sync(dev)
+            first[v] = time.perf_counter() - t0
+            loads[v][name]()  # a second call: Dynamo may compile again on the second call of a shape
         for _ in range(reps):
-            for variant in ("unpatched", "patched"):
-                with integration.patched(model) if variant == "patched" else _nothing():
-                    _sync(dev)
-                    t0 = time.perf_counter()
-                    fn()
-                    _sync(dev)
-                    times[variant].append(time.perf_counter() - t0)
-        med = {v: statistics.median(ts) for v, ts in times.items()}
-        row = {"package": package, "model": model_size, **{k: v for k, v in spec.items()}, "workload": name,
-               "samples": len(sizes),
-               "sizes": " ".join("x".join(map(str, s)) for s in sizes),
-               "official_flex_attention": "eager" if eager_flex else "torch.compile", "reps": reps,
-               "unpatched_ms": med["unpatched"] * 1e3, "patched_ms": med["patched"] * 1e3,
-               "ratio": med["unpatched"] / med["patched"],
-               "unpatched_first_call_s": first["unpatched"], "patched_first_call_s": first["patched"],
-               "patched_attention": calls[0] if calls else "",
-               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-               "threads": torch.get_num_threads(), "torch": torch.__version__}
-        rows.append(row)
-        if verbose:
-            print(f"{package:12s} {name:24s} unpatched {row['unpatched_ms']:9.1f} ms  "
-                  f"patched {row['patched_ms']:9.1f} ms  ratio {row['ratio']:5.2f}x  "
-                  f"(first call {first['unpatched']:.1f} s / {first['patched']:.1f} s; {row['patched_attention']})",
-                  flush=True)
+            for v in variants:
+                _sync(dev)
+                t0 = time.perf_counter()
+                loads[v][name]()
+                _sync(dev)
+                times[v].append(time.perf_counter() - t0)
+        base = times["official"]
+        for v in variants[1:]:
+            per_rep = sorted(b / t for b, t in zip(base, times[v]))  # same-round ratios
+            ref, got = outs["official"], outs[v]
+            if name == "tokenize":
+                agree = float(sum((a == b).sum() for a, b in zip(ref, got)) / sum(a.numel() for a in ref))
+                quality = f"tokens equal {100 * agree:.2f} %"
+            else:
+                quality = "PSNR vs official {:.1f} dB, max |diff| {:.2e}".format(
+                    min(_psnr(g, r) for g, r in zip(got, ref)),
+                    max(float((g.float() - r.float()).abs().max()) for g, r in zip(got, ref)))
+            row = {"package": package, "model": model_size, **spec, "workload": name, "variant": v,
+                   "samples": len(sizes), "sizes": " ".join("x".join(map(str, s)) for s in sizes),
+                   "official_flex_attention": "eager" if eager_flex else "torch.compile", "reps": reps,
+                   "official_ms": statistics.median(base) * 1e3, "patched_ms": statistics.median(times[v]) * 1e3,
+                   "ratio": statistics.median(base) / statistics.median(times[v]),
+                   "ratio_min": per_rep[0], "ratio_max": per_rep[-1],
+                   "official_first_call_s": first["official"], "patched_first_call_s": first[v],
+                   "quality": quality,
+                   "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+                   "isa": isa_note() if dev.type == "cpu" else "",
+                   "threads": torch.get_num_threads(), "torch": torch.__version__}
+            rows.append(row)
+            if verbose:
+                print(f"{package:12s} {name:26s} {v:14s} official {row['official_ms']:9.1f} ms  "
+                      f"{v} {row['patched_ms']:9.1f} ms  ratio {row['ratio']:5.2f}x "
+                      f"[{row['ratio_min']:.2f}-{row['ratio_max']:.2f}]  first call {first['official']:.1f} s / "
+                      f"{first[v]:.1f} s; {quality}", flush=True)
+    for v, h in handles.items():
+        if h is not None and verbose:
+            print("   " + "\n   ".join(line for line in h.summary().splitlines() if "so far" in line))
     return rows
 
 
-class _nothing:
-    def __enter__(self):
-        return None
+def _cpu_name() -> str:
+    from .run import cpu_name
+    return cpu_name()
 
-    def __exit__(self, *exc):
-        return False
+
+# The grid of the "never slower" check: one factor at a time around the medium model, both
+# packages, guided sampling with 1 step (25-step rows: the medium model's main table).
+GRID_BASE = dict(dim=256, depth=4, head_dim=64, registers=64, frames=3, batch=2)
+GRID_STEPS = [dict(dim=128), dict(dim=512), dict(depth=2), dict(depth=8), dict(registers=16),
+              dict(registers=256), dict(frames=1), dict(frames=8), dict(batch=1), dict(batch=4)]
+
+
+def grid(packages, reps: int, steps: int, device: str, variants) -> list[dict]:
+    rows = []
+    for package in packages:
+        for change in [{}] + GRID_STEPS:
+            cell = dict(GRID_BASE, **change)
+            if package == "flextok" and "frames" in change:
+                continue  # images: no frames
+            frames, batch = cell.pop("frames"), cell.pop("batch")
+            size = (frames, 16, 16) if package == "videoflextok" else (16, 16)
+            print(f"-- {package} cell {change or 'base'}", flush=True)
+            got = measure(package, reps, steps, sizes=[size] * batch, device=device, model_size="medium",
+                          variants=variants, overrides=cell)
+            for r in got:
+                r["cell"] = ", ".join(f"{k}={v}" for k, v in change.items()) or "base"
+            rows += got
+    return rows
+
+
+def profile(package: str, steps: int, device: str) -> None:
+    """torch.profiler self-time shares of one detokenize, official vs patched (medium model)."""
+    from torch.profiler import profile as tprofile
+    integration = importlib.import_module(f"vft_kernels.integrations.{package}")
+    spec = dict(MODELS["medium"])
+    sizes = spec.pop("sizes")[package]
+    for variant in ("official", "vft"):
+        model = build_tiny_official(package, compile_block_mask=True, eager_flex=False, **spec).to(device)
+        if variant == "vft":
+            integration.patch(model)
+        fn = _workloads(model, sizes, steps)[f"detokenize {steps} steps apg"]
+        fn()
+        with tprofile() as prof:
+            fn()
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events)
+        print(f"{package} {variant}: detokenize {steps} steps, self CPU time {total / 1e3:.0f} ms")
+        for e in events[:12]:
+            print(f"   {e.key:40s} {e.self_cpu_time_total / 1e3:9.1f} ms  {100 * e.self_cpu_time_total / total:5.1f} %")
 
 
 def cases(ctx):
@@ -386,28 +489,49 @@ def main(argv=None) -> int:
     p.add_argument("--package", default="videoflextok,flextok", help="comma-separated subset of videoflextok,flextok")
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions per variant (median reported)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps of detokenize (default: 4 for the tiny "
-                   "model, 25 for medium)")
+                   "model, 25 for medium; 1 in --grid)")
     p.add_argument("--model", choices=tuple(MODELS), default="tiny",
                    help="model size: tiny (seconds) or medium (width 256, 4 layers, 64 registers; minutes)")
+    p.add_argument("--variants", default="official,vft,vft-attention,vft-bf16",
+                   help=f"comma-separated, first must be official: {', '.join(VARIANTS)} (vft-bf16 is skipped "
+                   "where bf16 is not native)")
+    p.add_argument("--grid", action="store_true", help="the never-slower grid (one factor at a time around the "
+                   "medium model, both packages, --steps 1 unless given)")
+    p.add_argument("--profile", action="store_true", help="torch.profiler self-time breakdown of one detokenize, "
+                   "official vs patched (medium model), instead of timings")
     p.add_argument("--eager-flex", action="store_true",
                    help="official FlexAttention uncompiled (and block masks built eagerly) instead of as shipped")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.path.join(ROOT, "results"), help="folder for integrations.csv")
     args = p.parse_args(argv)
+    packages = [x for x in args.package.split(",") if x]
+    variants = [v for v in args.variants.split(",") if v]
+    if variants[0] != "official" or any(v not in VARIANTS for v in variants):
+        p.error(f"--variants: official first, then any of {', '.join(VARIANTS)}; got {args.variants}")
+    print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else _cpu_name()}; "
+          f"{isa_note() if args.device == 'cpu' else ''}; threads {torch.get_num_threads()}", flush=True)
+    if args.profile:
+        for package in packages:
+            profile(package, args.steps or 4, args.device)
+        return 0
     rows = []
-    for package in [x for x in args.package.split(",") if x]:
-        try:
-            steps = args.steps or (25 if args.model == "medium" else 4)
-            rows += measure(package, args.reps, steps, eager_flex=args.eager_flex, device=args.device,
-                            model_size=args.model)
-        except ImportError as e:
-            print(f"{package}: {e}; skipped", file=sys.stderr)
+    try:
+        if args.grid:
+            rows = grid(packages, args.reps, args.steps or 1, args.device, variants)
+        else:
+            for package in packages:
+                steps = args.steps or (25 if args.model == "medium" else 4)
+                rows += measure(package, args.reps, steps, eager_flex=args.eager_flex, device=args.device,
+                                model_size=args.model, variants=variants)
+    except ImportError as e:
+        print(f"{e}; skipped", file=sys.stderr)
     if not rows:
         return 1
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "integrations.csv")
+    path = os.path.join(args.out, "integrations_grid.csv" if args.grid else "integrations.csv")
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {path}")

@@ -9,10 +9,11 @@ baseline), and skipped or failed providers with the reason. Where the file holds
 runs of the same kind (full / quick) of that commit on that device, a column gives the
 spread of each ratio over them (min-max and the number of runs).
 
-It ends with the performance targets of issue #12 (``TARGETS``), each evaluated over the
-full CPU runs of the latest commit that measured it: the median of the same-run ratios,
-their min and max, met or missed. ``--readme`` also rewrites that table in the README,
-between its generated-targets markers, so the README's numbers come from the file too.
+It ends with the performance targets (``TARGETS``), each evaluated over the full CPU runs
+of the latest commit that measured it: the median of the same-run ratios, their min and
+max, met or missed. ``--readme`` also rewrites the README's results table (the targets
+with a ``readme`` label: speed-ups and the CPU they were measured on), between its
+generated-results markers, so the README's numbers come from the file too.
 """
 from __future__ import annotations
 
@@ -144,7 +145,7 @@ def render(rows: list[dict[str, str]], source: str) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# The issue-#12 targets, evaluated from the results file into the README.
+# The performance targets, evaluated from the results file (docs/performance.md, README).
 
 @dataclass
 class Target:
@@ -163,22 +164,26 @@ class Target:
     metric: str = "ratio"
     keep: str = ""  # exact value of the attention rows' keep column, when set
     goal_amx: Optional[float] = None  # the goal on CPUs with AMX-BF16 (device_name says amx_bf16)
+    readme: str = ""  # "what | compared with": the row in the README's results table; empty: not there
 
 
 ATTN = "image B=4 H=12 T=1 P=256 R=256 D=64"
 SDPA = "sdpa(shared [N,N] mask)"
 TARGETS = [
     Target("register attention fwd, image keep=32, vs SDPA's best mask", "attention", "forward", "float32", ATTN,
-           "cpu", SDPA, 3.0, keep="keep=32"),
+           "cpu", SDPA, 3.0, keep="keep=32",
+           readme="register attention forward, image, 32 of 256 registers kept | PyTorch SDPA, dense mask"),
     Target("same, vs compiled FlexAttention (kernel alone, mask prebuilt)", "attention", "forward", "float32", ATTN,
-           "cpu", "flex(compiled)", 2.0, keep="keep=32"),
+           "cpu", "flex(compiled)", 2.0, keep="keep=32",
+           readme="same | compiled FlexAttention, block mask prebuilt"),
     Target("same, fwd+bwd, vs SDPA's best mask", "attention", "forward+backward", "float32", ATTN, "cpu", SDPA,
-           2.5, keep="keep=32"),
+           2.5, keep="keep=32", readme="same, forward + backward | PyTorch SDPA, dense mask"),
     Target("attention fwd rate on executed tiles (image keep=32), share of the same-run matmul rate",
            "attention", "forward", "float32", ATTN, "cpu", goal=0.70, metric="matmul on executed tiles",
            keep="keep=32"),
     Target("APG step through the API, [4,16,5,32,32], vs torch.compile(reference)", "flow",
-           "apg step (momentum, threshold)", "float32", "4x16x5x32x32", "cpu", "compile(reference)", 2.0),
+           "apg step (momentum, threshold)", "float32", "4x16x5x32x32", "cpu", "compile(reference)", 2.0,
+           readme="flow step with APG guidance, [4, 16, 5, 32, 32] | `torch.compile` of the eager step"),
     Target("APG step, [2,16,21,32,32], vs torch.compile(reference)", "flow", "apg step (momentum, threshold)",
            "float32", "2x16x21x32x32", "cpu", "compile(reference)", 2.0),
     Target("APG step, [8,16,32,32], vs torch.compile(reference)", "flow", "apg step (momentum, threshold)",
@@ -186,7 +191,8 @@ TARGETS = [
     Target("CFG step through the API, [4,16,5,32,32], vs eager", "flow", "cfg step", "float32", "4x16x5x32x32",
            "cpu", "reference", 3.0),
     Target("same, vs torch.compile(reference)", "flow", "cfg step", "float32", "4x16x5x32x32", "cpu",
-           "compile(reference)", 1.5),
+           "compile(reference)", 1.5,
+           readme="flow step with CFG guidance, [4, 16, 5, 32, 32] | `torch.compile` of the eager step"),
     Target("CFG step, [2,16,21,32,32], vs eager / vs compile", "flow", "cfg step", "float32", "2x16x21x32x32",
            "cpu", "reference", 3.0),
     Target("", "flow", "cfg step", "float32", "2x16x21x32x32", "cpu", "compile(reference)", 1.5),
@@ -200,17 +206,19 @@ TARGETS = [
     Target("CFG kernel alone vs that floor, [2,16,21,32,32]", "flow", "cfg step", "float32", "2x16x21x32x32",
            "cpu (kernel only)", "same traffic: torch.addcmul(out=)"),
     Target("FSQ fwd+bwd, 4M tokens, vs eager", "fsq", "forward+backward", "float32", "4M", "cpu", "reference",
-           15.0),
+           15.0, readme="FSQ forward + backward, 4M tokens x 6 dims | eager PyTorch"),
     Target("same, the allocate-and-touch floor of its outputs vs eager (the most any fresh-output op can reach)",
            "fsq", "forward+backward", "float32", "4M", "outputs: allocate + touch", "reference"),
     Target("same, with the allocator of vft's CPU outputs (huge pages where the OS allows)",
            "fsq", "forward+backward", "float32", "4M", "outputs: allocate + touch (vft allocator)", "reference"),
     Target("FSQ fwd+bwd, 4M tokens, bf16 (codes and grads bf16) vs the same op on float32", "fsq",
-           "forward+backward", "bfloat16", "4M", "cpu", "cpu(float32 inputs)", 1.5),
+           "forward+backward", "bfloat16", "4M", "cpu", "cpu(float32 inputs)", 1.5,
+           readme="same in bfloat16 | the same op in float32"),
     Target("FSQ fwd, 4M tokens, bf16 vs float32", "fsq", "forward", "bfloat16", "4M", "cpu", "cpu(float32 inputs)",
            1.5),
     Target("register attention fwd, image keep=32, bf16 vs the same kernel on float32 (goal 1.5x; 2x with AMX)",
-           "attention", "forward", "bfloat16", ATTN, "cpu", "cpu(float32 inputs)", 1.5, keep="keep=32", goal_amx=2.0),
+           "attention", "forward", "bfloat16", ATTN, "cpu", "cpu(float32 inputs)", 1.5, keep="keep=32", goal_amx=2.0,
+           readme="register attention forward (as above) in bfloat16 | the same op in float32"),
 ]
 
 
@@ -241,16 +249,52 @@ def _value(rows: list[dict[str, str]], t: Target) -> Optional[float]:
     return float(a["median_ms"]) / float(r["median_ms"])
 
 
-def target_values(rows: list[dict[str, str]], t: Target, device: str = "cpu") -> tuple[list[float], str]:
-    """The target's values over the full runs of the latest commit that measured it on
-    ``device`` (type), and that commit."""
+def _target_runs(rows: list[dict[str, str]], t: Target, device: str) -> list[tuple[float, dict[str, str]]]:
+    """(value, first row) of each full run on ``device`` (type) of the latest commit that
+    measured the target."""
     runs = _by_run([r for r in rows if r["device"] == device and r["quick"] != "True" and r["op"] == t.op])
     measured = {run: v for run, rs in runs.items() if (v := _value(rs, t)) is not None}
     if not measured:
-        return [], ""
+        return []
     latest = max(measured, key=lambda run: (runs[run][0]["date"], list(runs).index(run)))
     commit = runs[latest][0]["commit"]
-    return [v for run, v in measured.items() if runs[run][0]["commit"] == commit], commit
+    return [(v, runs[run][0]) for run, v in measured.items() if runs[run][0]["commit"] == commit]
+
+
+def target_values(rows: list[dict[str, str]], t: Target, device: str = "cpu") -> tuple[list[float], str]:
+    """The target's values over the full runs of the latest commit that measured it on
+    ``device`` (type), and that commit."""
+    measured = _target_runs(rows, t, device)
+    return [v for v, _ in measured], (measured[0][1]["commit"] if measured else "")
+
+
+def _median(vals: list[float]) -> float:
+    vals = sorted(vals)
+    return vals[len(vals) // 2] if len(vals) % 2 else 0.5 * (vals[len(vals) // 2 - 1] + vals[len(vals) // 2])
+
+
+def readme_table(rows: list[dict[str, str]], device: str = "cpu") -> list[str]:
+    """Markdown lines for the README: a sentence naming the machine(s) of the runs used, then
+    every target with a ``readme`` label: what, against what, and the speed-up (the median of
+    the same-run ratios over the runs, with their min and max)."""
+    lines = ["| op and case | compared with | speed-up of vft: median [min, max] over runs |", "|---|---|---|"]
+    machines: dict[str, None] = {}
+    for t in TARGETS:
+        if not t.readme:
+            continue
+        what, against = (c.strip() for c in t.readme.split("|"))
+        measured = _target_runs(rows, t, device)
+        if not measured:
+            lines.append(f"| {what} | {against} | not measured |")
+            continue
+        vals = [v for v, _ in measured]
+        for _, head in measured:
+            machine = head["device_name"] or head["device"]
+            machines[f"{machine}, {head['threads']} threads, torch {head['torch']}"] = None
+        lines.append(f"| {what} | {against} | {_median(vals):.2f}x [{min(vals):.2f}x, {max(vals):.2f}x] "
+                     f"over {len(vals)} |")
+    where = "; ".join(machines) or "no runs recorded"
+    return [f"Measured on: {where} (`benchmarks/results/all.csv`).", ""] + lines
 
 
 def _amx_runs(rows: list[dict[str, str]], t: Target, device: str, commit: str) -> bool:
@@ -275,19 +319,19 @@ def targets_table(rows: list[dict[str, str]], device: str = "cpu") -> list[str]:
             lines.append(f"| {_cell(t.what)} | no full run recorded | {goal} | not measured |")
             continue
         vals.sort()
-        med = vals[len(vals) // 2] if len(vals) % 2 else 0.5 * (vals[len(vals) // 2 - 1] + vals[len(vals) // 2])
+        med = _median(vals)
         status = "" if goal_value is None else ("met" if med >= goal_value else "**missed**")
         lines.append(f"| {_cell(t.what) or '(same case)'} | {fmt(med)} [{fmt(vals[0])}, {fmt(vals[-1])}] "
                      f"({len(vals)}, {commit}) | {goal} | {status} |")
     return lines
 
 
-BEGIN = "<!-- targets: generated by `python -m benchmarks.report`; edit benchmarks/report.py, not this table -->"
-END = "<!-- end of generated targets -->"
+BEGIN = "<!-- results: generated by `python -m benchmarks.report --readme`; edit benchmarks/report.py, not this -->"
+END = "<!-- end of generated results -->"
 
 
 def update_readme(path: str, rows: list[dict[str, str]]) -> bool:
-    """Replaces the README block between BEGIN and END with the targets table; False when
+    """Replaces the README block between BEGIN and END with the results table; False when
     the README has no such block."""
     with open(path) as f:
         text = f.read()
@@ -296,7 +340,7 @@ def update_readme(path: str, rows: list[dict[str, str]]) -> bool:
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     with open(path, "w") as f:
-        f.write(head + BEGIN + "\n\n" + "\n".join(targets_table(rows)) + "\n\n" + END + tail)
+        f.write(head + BEGIN + "\n\n" + "\n".join(readme_table(rows)) + "\n\n" + END + tail)
     return True
 
 
@@ -305,7 +349,7 @@ def main(argv=None) -> int:
     p.add_argument("--csv", default=default_all_csv(), help="results CSV (default: benchmarks/results/all.csv)")
     p.add_argument("--out", default=DEFAULT_OUT, help="Markdown file to write (default: docs/performance.md)")
     p.add_argument("--readme", nargs="?", const=os.path.join(ROOT, "README.md"), default=None,
-                   help="also rewrite the generated targets table in this README (default path: the repo's)")
+                   help="also rewrite the generated results table in this README (default path: the repo's)")
     args = p.parse_args(argv)
     if not os.path.exists(args.csv):
         print(f"no results at {args.csv}: run `python -m benchmarks.run` first", file=sys.stderr)
@@ -318,13 +362,13 @@ def main(argv=None) -> int:
     source = os.path.relpath(csv_path, ROOT) if csv_path.startswith(ROOT + os.sep) else args.csv
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        f.write(render(rows, source) + "\n## Targets (issue #12, CPU)\n\n" + "\n".join(targets_table(rows)) + "\n")
+        f.write(render(rows, source) + "\n## Targets (CPU)\n\n" + "\n".join(targets_table(rows)) + "\n")
     print(f"wrote {args.out} ({len(rows)} rows of {args.csv})")
     if args.readme:
         if not update_readme(args.readme, rows):
-            print(f"{args.readme} has no generated-targets block; left it unchanged", file=sys.stderr)
+            print(f"{args.readme} has no generated-results block; left it unchanged", file=sys.stderr)
             return 1
-        print(f"updated the targets table in {args.readme}")
+        print(f"updated the results table in {args.readme}")
     return 0
 
 

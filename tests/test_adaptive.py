@@ -1,4 +1,4 @@
-"""vft.adaptive.search_keep (issue #13) on stub models whose quality as a function of the
+"""vft.adaptive.search_keep on stub models whose quality as a function of the
 token count is known exactly (monotone, non-monotone, and frame-causal), and on a real
 micro model."""
 import math
@@ -51,6 +51,28 @@ def _video(B=1, T=4):
     return torch.zeros(B, 3, T, 4, 4, dtype=torch.float64)
 
 
+def _group_psnr(stub, video, keep_row, frames):
+    """PSNR over ``frames`` of the stub's decode with per-frame keep ``keep_row`` [T]."""
+    rec = stub.detokenize(stub.tokenize(video[:1]), keep=keep_row[None].clone())[0]
+    return psnr(rec[:, frames], video[0][:, frames])
+
+
+def _assert_smallest_per_group(stub, video, res, groups, target):
+    """Every latent frame is in exactly one group with one K; decoding each group at its K
+    reaches ``target`` over the group's frames, and at K - 1 (earlier groups at their
+    answers) it does not: the K found is the smallest."""
+    row = res["keep"][0]
+    assert sorted(t for g in groups for t in g) == list(range(len(row)))
+    for g in groups:
+        k = int(row[g[0]])
+        assert all(int(row[t]) == k for t in g), (g, row.tolist())
+        assert _group_psnr(stub, video, row, g) >= target - 1e-9, (g, k)
+        if k > 1:
+            smaller = row.clone()
+            smaller[g] = k - 1
+            assert _group_psnr(stub, video, smaller, g) < target, (g, k)
+
+
 MONO = [None, 10.0, 13.0, 15.0, 16.5, 17.5, 18.2, 18.8, 19.3, 19.7, 20.0, 20.2, 20.4, 20.5, 20.6, 20.7, 20.8]
 
 
@@ -99,8 +121,16 @@ def test_chunk_search_is_constant_per_chunk():
     row = res["keep"][0].tolist()
     assert [(s, n) for s, n in stub.chunks(10)] == [(0, 0), (3, 4), (6, 7)]
     assert len(set(row[0:4])) == 1 and len(set(row[4:7])) == 1 and len(set(row[7:10])) == 1
-    for t in range(10):
-        assert stub.frame_psnr(res["keep"][0], t) >= 17.0 - 1e-9 or t not in (0, 4, 7)
+    _assert_smallest_per_group(stub, _video(T=10), res, [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]], 17.0)
+    assert row != [row[0]] * 10  # the chunks' frames depend on the previous chunk's K: they differ
+
+
+@pytest.mark.parametrize("granularity", ["clip", "frame"])
+def test_every_group_gets_the_smallest_k_by_decoding(granularity):
+    stub = Stub(MONO, causal=0.3)
+    res = search_keep(stub, _video(), target=17.0, granularity=granularity)
+    groups = [[0, 1, 2, 3]] if granularity == "clip" else [[t] for t in range(4)]
+    _assert_smallest_per_group(stub, _video(), res, groups, 17.0)
 
 
 def test_tradeoff_form_matches_brute_force():

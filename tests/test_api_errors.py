@@ -1,4 +1,4 @@
-"""Every bad input of SPEC.md raises the right exception with a message naming the
+"""Every bad input of docs/spec.md raises the right exception with a message naming the
 offending value (and, where there is one, the expected value)."""
 
 import math
@@ -257,3 +257,27 @@ def test_dense_fallback_warns_once_with_reason_and_memory(monkeypatch):
         with vk.use_backend("reference"):  # a forced reference is what the user asked for
             monkeypatch.setattr(ops_attention, "_DENSE_WARNED", set())
             vk.register_attention(q, q, q, LAYOUT)
+
+
+# --------------------------------------------------------------------------------------
+# Transformer-block ops: scale and shift are keyword-only
+
+
+def test_modulation_scale_and_shift_are_keyword_only():
+    """DiT codebases call modulate(x, shift, scale); the block ops take scale and shift by
+    name only, so a positional call in either order fails loudly instead of swapping them."""
+    x = torch.randn(2, 1, 5, 8)
+    scale, shift, gate = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8)
+    with pytest.raises(TypeError, match="positional argument"):
+        vk.modulated_layer_norm(x, shift, scale, 3)
+    with pytest.raises(TypeError, match="positional argument"):
+        vk.gated_residual_norm(x, gate, x, shift, scale, 3)
+    with vk.use_backend("reference"):
+        y = vk.modulated_layer_norm(x, 3, shift=shift, scale=scale)  # keyword order does not matter
+        x_new, y2 = vk.gated_residual_norm(x, gate, x, 3, shift=shift, scale=scale)
+    ln = torch.nn.functional.layer_norm(x, (8,), eps=1e-6)
+    sel = torch.tensor([0, 0, 0, 1, 1])  # 3 patch tokens (row 0), then registers (row 1)
+    torch.testing.assert_close(y, ln * (1 + scale[:, :, sel]) + shift[:, :, sel])
+    torch.testing.assert_close(x_new, x + gate[:, :, sel] * x)
+    torch.testing.assert_close(y2, torch.nn.functional.layer_norm(x_new, (8,), eps=1e-6) * (1 + scale[:, :, sel])
+                               + shift[:, :, sel])

@@ -41,7 +41,7 @@ def _dropped(layout, keep):
 
 def check_against_reference(layout, keep, H, D, dtype, make_input=lambda t: t):
     """Forward (out, lse) and dq/dk/dv of the Triton backend against the float64 reference
-    (SPEC.md §4, reduction length N), plus exact zeros on dropped tokens."""
+    (docs/spec.md §4, reduction length N), plus exact zeros on dropped tokens."""
     keep = torch.tensor(keep, dtype=torch.int32)
     B, N = keep.shape[0], layout.seq_len
     q, k, v, dout = (torch.randn(B, H, N, D).to(dtype) for _ in range(4))
@@ -131,7 +131,7 @@ def test_noncontiguous_inputs():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_tile_sizes(mode):
-    """Rectangular tiles (both ways) also match the reference (SPEC.md §4)."""
+    """Rectangular tiles (both ways) also match the reference (docs/spec.md §4)."""
     layout = RegisterLayout(3, 5, 6, mode)
     keep = torch.tensor([6, 2], dtype=torch.int32)
     N = layout.seq_len
@@ -215,7 +215,7 @@ def _packed_zero_rows(layout, cu, keep, N):
 
 
 def _check_packed_results(name, got, ref64, ref_lowp, layout, cu, keep, dtype):
-    """(out, lse, dq, dk, dv) of a packed call against the reference (SPEC.md §4, reduction
+    """(out, lse, dq, dk, dv) of a packed call against the reference (docs/spec.md §4, reduction
     length = the longest sample), plus exact zeros / -inf on dropped and padding rows."""
     for what, g, r64, rl in zip(("out", "lse", "dq", "dk", "dv"), got, ref64, ref_lowp):
         assert g.dtype == (torch.float32 if what == "lse" else dtype), f"{what} dtype {g.dtype}"

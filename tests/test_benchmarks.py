@@ -404,10 +404,10 @@ def test_eval_adaptive_savings_on_interpolated_frontiers():
 
 
 def test_report_targets_over_runs_of_the_latest_commit_and_readme_block(tmp_path):
-    """Each issue-#12 target is the median of its same-run ratios over the full runs of the
-    latest commit that measured it, with min and max, met or missed against its goal; older
+    """Each target is the median of its same-run ratios over the full runs of the latest
+    commit that measured it, with min and max, met or missed against its goal; older
     commits, quick runs and other devices do not count; --readme rewrites only the block
-    between the markers."""
+    between the markers, with the README's rows, the CPU they ran on and no commit ids."""
     path = str(tmp_path / "all.csv")
     shape = "4x16x5x32x32"
 
@@ -438,7 +438,11 @@ def test_report_targets_over_runs_of_the_latest_commit_and_readme_block(tmp_path
     assert report.main(["--csv", path, "--out", str(out), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith(f"{report.END}\noutro\n") and "stale" not in text
-    assert "**missed**" in text and "## Targets" in out.read_text()
+    assert "Measured on: cpu box, x threads, torch x" in text
+    assert ("| flow step with APG guidance, [4, 16, 5, 32, 32] | `torch.compile` of the eager step | "
+            "1.00x [1.00x, 1.00x] over 1 |") in text
+    assert "| FSQ forward + backward, 4M tokens x 6 dims | eager PyTorch | not measured |" in text
+    assert "new5678" not in text and "**missed**" in out.read_text() and "## Targets" in out.read_text()
     readme.write_text("no markers\n")
     assert report.main(["--csv", path, "--out", str(out), "--readme", str(readme)]) == 1
     assert readme.read_text() == "no markers\n"

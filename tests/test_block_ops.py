@@ -1,5 +1,5 @@
 """Transformer-block ops (docs/spec_block_ops.md): the reference against independent
-formulations, the CPU kernels against the reference (SPEC.md §4 rule, poisoned outputs,
+formulations, the CPU kernels against the reference (docs/spec.md §4 rule, poisoned outputs,
 odd sizes, non-contiguous inputs, every claimed dtype, forward and backward), the public
 API's autograd and errors, torch.library.opcheck, and the model with the ops on the CPU
 kernels vs the reference backend (one step's loss and gradients; a short training run).
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import vft_kernels as vk
 from vft_kernels.reference import block as ref
-from vft_kernels.testing import assert_matches_reference, noncontiguous, poison_outputs
+from vft_kernels.testing import assert_matches_reference, noncontiguous, poison_outputs, stable_seed
 
 cb = pytest.importorskip("vft_kernels.cpp.block", reason="vft_kernels._C (CPU block kernels) is not built",
                          exc_type=ImportError)
@@ -111,7 +111,7 @@ def _check_all(names, got, want64, want_lowp, dtype, lens):
 @pytest.mark.parametrize("which", ["fused", "norm", "residual"])
 @pytest.mark.parametrize("nc", [False, True])
 def test_cpu_block_norm_matches_reference(dtype, case, which, nc):
-    x, gate, h, scale, shift, d_res, dy = _norm_inputs(case, seed=hash((which, nc)) % 1000)
+    x, gate, h, scale, shift, d_res, dy = _norm_inputs(case, seed=stable_seed(which, nc))
     if which == "norm":
         gate = h = d_res = None
     if which == "residual":
@@ -339,8 +339,10 @@ def test_public_ops_autograd_cpu_vs_reference(dtype):
     x, gate, h, scale, shift, d_res, dy = _norm_inputs((2, 3, 7, 33, 4, 2, 2), seed=5)
     layout = vk.RegisterLayout(3, 4, 3, "block_causal")
     cases = [
-        (lambda *a: vk.gated_residual_norm(*a, layout, eps=EPS), (x, gate, h, scale, shift), (d_res, dy), 7 * 33),
-        (lambda *a: vk.modulated_layer_norm(*a, layout, eps=EPS), (x, scale, shift), (dy,), 7 * 33),
+        (lambda x, g, h, s, b: vk.gated_residual_norm(x, g, h, layout, scale=s, shift=b, eps=EPS),
+         (x, gate, h, scale, shift), (d_res, dy), 7 * 33),
+        (lambda x, s, b: vk.modulated_layer_norm(x, layout, scale=s, shift=b, eps=EPS), (x, scale, shift), (dy,),
+         7 * 33),
         (lambda *a: vk.gated_residual(*a, 4), (x, gate, h), (d_res,), 7),
         (vk.swiglu, (torch.randn(3, 5, 18),), (torch.randn(3, 5, 9),), 1),
         (vk.swiglu, (torch.randn(3, 5, 18), torch.randn(7, 9)), (torch.randn(3, 5, 7),), 15),
@@ -375,10 +377,10 @@ def test_swiglu_with_projection_keeps_only_gate_up_for_backward():
 def test_public_ops_run_the_selected_backend():
     x, gate, h, scale, shift, _, _ = _norm_inputs((1, 2, 5, 8, 2, 2, 2))
     with vk.use_backend("cpu"):
-        x_new, y = vk.gated_residual_norm(x.requires_grad_(), gate, h, scale, shift, 2)
+        x_new, y = vk.gated_residual_norm(x.requires_grad_(), gate, h, 2, scale=scale, shift=shift)
     assert "vft::block_norm" in str(x_new.grad_fn.name()) or "block_norm" in type(x_new.grad_fn).__name__
     with vk.use_backend("reference"):
-        x_new, y = vk.gated_residual_norm(x, gate, h, scale, shift, 2)
+        x_new, y = vk.gated_residual_norm(x, gate, h, 2, scale=scale, shift=shift)
     assert "block_norm" not in type(x_new.grad_fn).__name__
 
 
@@ -403,13 +405,13 @@ def test_block_ops_bad_input_errors():
     m = torch.randn(2, 3, 2, 8)
     layout = vk.RegisterLayout(3, 4, 3, "block_causal")
     with pytest.raises(ValueError, match=r"x must be \[B, T, S, W\]"):
-        vk.modulated_layer_norm(x[0], m, m, layout)
+        vk.modulated_layer_norm(x[0], layout, scale=m, shift=m)
     with pytest.raises(ValueError, match="does not match the layout"):
-        vk.modulated_layer_norm(x, m, m, vk.RegisterLayout(3, 5, 3, "block_causal"))
+        vk.modulated_layer_norm(x, vk.RegisterLayout(3, 5, 3, "block_causal"), scale=m, shift=m)
     with pytest.raises(ValueError, match=r"scale must be \[B, T, K, W\]"):
-        vk.modulated_layer_norm(x, torch.randn(2, 3, 3, 8), m, layout)
+        vk.modulated_layer_norm(x, layout, scale=torch.randn(2, 3, 3, 8), shift=m)
     with pytest.raises(TypeError, match="dtype of x"):
-        vk.modulated_layer_norm(x, m.double(), m, layout)
+        vk.modulated_layer_norm(x, layout, scale=m.double(), shift=m)
     with pytest.raises(TypeError, match="float tensor"):
         vk.gated_residual(x.long(), m, x, layout)
     with pytest.raises(ValueError, match="h must have the shape of x"):
@@ -419,7 +421,7 @@ def test_block_ops_bad_input_errors():
     with pytest.raises(TypeError, match="RegisterLayout or the number of patch tokens"):
         vk.gated_residual(x, m, x, "4")
     with pytest.raises(ValueError, match="eps must be a finite float > 0"):
-        vk.gated_residual_norm(x, m, x, m, m, layout, eps=0.0)
+        vk.gated_residual_norm(x, m, x, layout, scale=m, shift=m, eps=0.0)
     with pytest.raises(ValueError, match="even last dim"):
         vk.swiglu(torch.randn(3, 5))
     with pytest.raises(ValueError, match=r"proj_weight must be \[O, H\] with H = 3"):
@@ -452,7 +454,7 @@ def test_cpu_backend_refuses_float64_with_reason():
     x = torch.randn(1, 1, 3, 4, dtype=torch.float64)
     m = torch.randn(1, 1, 2, 4, dtype=torch.float64)
     with vk.use_backend("cpu"), pytest.raises(vk.BackendUnavailableError, match="dtype torch.float64 not supported"):
-        vk.modulated_layer_norm(x, m, m, 2)
+        vk.modulated_layer_norm(x, 2, scale=m, shift=m)
     with vk.use_backend("cpu"), pytest.raises(vk.BackendUnavailableError, match="dtype torch.float64 not supported"):
         vk.qk_layer_norm(torch.randn(1, 2, 6, dtype=torch.float64), 1)
 

@@ -3,7 +3,7 @@
 Runs under TRITON_INTERPRET=1 (set by conftest.py) on tiny odd shapes: the kernels are
 called directly (outputs NaN-poisoned, some inputs non-contiguous) and through the public
 ops with autograd under ``use_backend("triton")``. Ground truth is the reference in
-float64; the reference in the input dtype sets the bound (SPEC.md §4 rule)."""
+float64; the reference in the input dtype sets the bound (docs/spec.md §4 rule)."""
 import os
 import subprocess
 import sys
@@ -322,9 +322,10 @@ def test_public_block_ops_autograd(dtype):
         _rand((B, T, 1, W), dtype, g, 0.5)
     d1, d2 = _rand((B, T, S, W), dtype, g), _rand((B, T, S, W), dtype, g)
     layout = vk.RegisterLayout(T, P, S - P, "block_causal")
-    _compare_op("gated_residual_norm", lambda *a: vk.gated_residual_norm(*a, layout, eps=EPS),
+    _compare_op("gated_residual_norm", lambda x, g, h, s, b: vk.gated_residual_norm(x, g, h, layout, scale=s, shift=b,
+                                                                                eps=EPS),
                 [x, gate, h, scale, shift], [d1, d2], dtype, (W, W), (W, S, W, S, S))
-    _compare_op("modulated_layer_norm", lambda *a: vk.modulated_layer_norm(*a, P, eps=EPS),
+    _compare_op("modulated_layer_norm", lambda x, s, b: vk.modulated_layer_norm(x, P, scale=s, shift=b, eps=EPS),
                 [x, scale, shift], [d1], dtype, (W,), (W, S, S))
     _compare_op("gated_residual", lambda *a: vk.gated_residual(*a, P), [x, gate, h], [d1], dtype, (1,), (1, S, 1))
 

@@ -190,3 +190,91 @@ def test_forced_backend_without_every_op_is_refused_up_front(tmp_path, capsys):
     assert os.path.isfile(os.path.join(out, "summary.json"))
     # `info` only reports, so it accepts any backend.
     assert main(["info", "--preset", "micro", "--backend", "cuda"]) == 0
+
+
+def test_every_option_has_a_help_line():
+    import argparse
+
+    from vft.cli import build_parser
+
+    parser, missing = build_parser(), []
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) >= {"tokenize", "detokenize", "reconstruct", "demo", "train", "train-router", "export"}
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if not isinstance(action, argparse._HelpAction) and not (action.help or "").strip():
+                missing.append(f"vft {name} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, "options without a help line: " + ", ".join(missing)
+
+
+def test_the_shipped_model_is_the_default_and_a_name_or_a_folder_works(trained, tmp_path, capsys):
+    """tokenize / detokenize / reconstruct / demo run the shipped `tiny` model without
+    --checkpoint; --checkpoint takes a shipped name or a folder; anything else is a clear error."""
+    from vft.cli import build_parser
+
+    for argv in (["tokenize", "v.mp4", "--out", "t"], ["detokenize", "t", "--out", "v.mp4"],
+                 ["reconstruct", "v.mp4", "--out", "r"], ["demo"], ["train-router", "--out", "r"]):
+        assert build_parser().parse_args(argv).checkpoint == "tiny", argv
+    clip = str(tmp_path / "clip.mp4")
+    write_video(clip, synthetic_video(11, 8, 32, 32), fps=8)
+    tok = str(tmp_path / "tokens.safetensors")
+    assert main(["tokenize", clip, "--out", tok]) == 0
+    tokens = load_file(tok)["tokens"]
+    model = load_pretrained("tiny")
+    video, _ = read_video(clip)
+    assert torch.equal(tokens, model.tokenize(to_model_range(video)[None]))  # the shipped model's tokens
+    out = str(tmp_path / "decoded.mp4")
+    assert main(["detokenize", tok, "--checkpoint", "tiny", "--out", out, "--steps", "1", "--keep", "2"]) == 0
+    assert read_video(out)[0].shape == (8, 32, 32, 3)
+    err = _err(capsys, ["tokenize", clip, "--checkpoint", "no_such_model", "--out", tok])
+    assert "'no_such_model' is neither a shipped model (tiny) nor a checkpoint folder" in err, err
+    _, _, ck = trained  # a folder still works, and a micro checkpoint's tokens are not the tiny model's
+    assert "made by config 'tiny'" in _err(capsys, ["detokenize", tok, "--checkpoint", ck, "--out", out])
+
+
+def test_export_writes_the_folder_it_is_given_and_nothing_into_the_package(trained, tmp_path, capsys):
+    """`vft export` (vft.pretrained.export) writes a loadable model folder where it is told,
+    and never into the installed package (site-packages may be read-only)."""
+    import vft.pretrained as vp
+
+    _, clip, ck = trained
+    package = os.path.join(os.path.dirname(os.path.abspath(vp.__file__)), "pretrained")
+
+    def snapshot():
+        return sorted((os.path.relpath(os.path.join(d, f), package), os.stat(os.path.join(d, f)).st_mtime_ns)
+                      for d, _, files in os.walk(package) for f in files)
+
+    before = snapshot()
+    out = str(tmp_path / "exported")
+    assert main(["export", ck, "--out", out, "--name", "micro_test", "--command", "vft train ...",
+                 "--calibration-clips", "16"]) == 0
+    assert snapshot() == before
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "train_log.csv"]
+    info = json.load(open(os.path.join(out, "config.json")))
+    assert info["provenance"]["command"] == "vft train ..." and info["model"]["name"] == "micro"
+    model = vp.load_model(out)
+    assert model.cfg.name == "micro" and not model.training
+    tok = str(tmp_path / "t.safetensors")  # the folder is a --checkpoint
+    assert main(["tokenize", clip, "--checkpoint", out, "--out", tok]) == 0
+    assert "calibration_clips must be a positive multiple of 16" in _err(
+        capsys, ["export", ck, "--out", out, "--command", "x", "--calibration-clips", "10"])
+
+
+def test_train_router_command(trained, tmp_path, capsys):
+    """`vft train-router` (router training moved out of vft.router into the CLI) trains,
+    saves and reloads a router for a checkpoint; `vft info --checkpoint tiny` reads a shipped model."""
+    from vft.router import KeepRouter
+
+    _, _, ck = trained
+    out = str(tmp_path / "router")
+    assert main(["train-router", "--checkpoint", ck, "--per-kind", "1", "--train-steps", "5", "--out", out,
+                 "--no-progress", "--backend", "reference"]) == 0
+    assert "router: 4 training clips" in capsys.readouterr().out
+    router = KeepRouter.load(out)
+    assert router.registers == 4 and router.sampling == {"steps": 1, "guidance": "none", "scale": 1.5}
+    info = json.load(open(os.path.join(out, "router.json")))
+    assert info["command"].startswith("vft train-router --checkpoint") and info["validation_clips"] == 1
+    assert "--per-kind must be >= 1" in _err(capsys, ["train-router", "--checkpoint", ck, "--per-kind", "0",
+                                                      "--out", out])
+    assert main(["info", "--checkpoint", "tiny"]) == 0
+    assert "tiny: 8 frames 32x32" in capsys.readouterr().out

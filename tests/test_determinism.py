@@ -1,6 +1,6 @@
 """The backward-determinism claims of register attention, tested as stated.
 
-What is claimed (README.md, ../shared/SPEC.md and DESIGN.md claim nothing about it):
+What is claimed (README.md, docs/spec.md and DESIGN.md claim nothing about it):
 
 * cpu (csrc/cpu/attention.cpp, backward): tasks are handed to threads dynamically, but each
   task owns its dk / dv key tiles and its group's slice of a dq accumulator ``[G, B*H, N,

@@ -278,3 +278,52 @@ def test_memoised_selection_follows_the_forced_backend(monkeypatch):
     with FakeTensorMode() as mode:  # tracing: nothing fake may enter the memo
         flow_ops._float_times(0.3125, 3, x.device, mode.from_tensor(x))
     assert (0.3125, 3, x.device) not in flow_ops._TIMES
+
+
+def test_block_ops_share_the_dispatch_memo(monkeypatch):
+    """The transformer-block ops select their backend through dispatch's one memo: forgetting
+    it (as the tests above do before installing spies) makes the next block call select again."""
+    x, scale, shift = torch.randn(2, 1, 5, 8), torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8)
+    first = vk.modulated_layer_norm(x, scale=scale, shift=shift, layout=3)  # memoised now
+    selected = []
+    real = dispatch.select
+
+    def spy(op, device, *args, **kwargs):
+        selected.append(op)
+        return real(op, device, *args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "select", spy)
+    monkeypatch.setattr(dispatch, "_SELECTED", {})
+    again = vk.modulated_layer_norm(x, scale=scale, shift=shift, layout=3)
+    assert selected == ["block_norm_forward"]
+    vk.modulated_layer_norm(x, scale=scale, shift=shift, layout=3)
+    assert selected == ["block_norm_forward"]  # and memoised again
+    assert torch.equal(first, again)
+
+
+def test_the_huge_page_threshold_comes_from_the_extension(monkeypatch):
+    """empty_output puts CPU outputs on _C.empty_cpu from the size the extension reports
+    (vft::kHugeMinBytes in alloc.h), not from a second copy of the number in Python."""
+    from vft_kernels import _ext
+
+    calls = []
+
+    class FakeC:
+        @staticmethod
+        def huge_pages():
+            return {"mode": "madvise", "used": True, "min_bytes": 1 << 20}
+
+        @staticmethod
+        def empty_cpu(shape, dtype):
+            calls.append((tuple(shape), dtype))
+            return torch.empty(shape, dtype=dtype)
+
+    monkeypatch.setattr(_ext, "C", FakeC)
+    assert dispatch.huge_min_bytes() == 1 << 20
+    dispatch.empty_output((1 << 18,), torch.float32, "cpu")  # exactly 1 MiB
+    dispatch.empty_output(((1 << 18) - 1,), torch.float32, "cpu")  # one element less
+    assert calls == [((1 << 18,), torch.float32)]
+    monkeypatch.setattr(_ext, "C", None)  # no extension: torch.empty for every size
+    assert dispatch.huge_min_bytes() == float("inf")
+    assert dispatch.empty_output((1 << 24,), torch.float32, "cpu").shape == (1 << 24,)
+    assert len(calls) == 1

@@ -1,4 +1,4 @@
-"""Flow step kernels (SPEC.md §3) against the reference with the SPEC §4 tolerance rule.
+"""Flow step kernels (docs/spec.md §3) against the reference with the docs/spec.md §4 tolerance rule.
 
 Every available kernel backend (cpu; triton under TRITON_INTERPRET=1, forced) runs on
 small odd shapes; the float64 reference is ground truth and the reference in the input

@@ -11,7 +11,7 @@ the CUDA-graph sampler.
 * ``flow_sample(cuda_graph=True)`` against the eager loop on a CUDA device (skipped
   without one; the CPU refusal is tested in test_sampling.py).
 
-Every result is checked against the float64 reference with the SPEC.md §4 rule
+Every result is checked against the float64 reference with the docs/spec.md §4 rule
 (``assert_matches_reference``), NaN-poisoned outputs (tests/conftest.py)."""
 import math
 import os

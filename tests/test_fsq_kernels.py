@@ -1,5 +1,5 @@
 """FSQ kernels (cpu natively, triton under TRITON_INTERPRET=1) against the reference,
-per SPEC.md §1 and the §4 tolerance / exactness rules."""
+per docs/spec.md §1 and the §4 tolerance / exactness rules."""
 import math
 import os
 import random

@@ -5,7 +5,7 @@ The official sequence packers build a FlexAttention BlockMask per call from thei
 and packed shapes; patched, they hand the layout (offsets of the packed samples, P, R, mode)
 to the patched attention layers instead, which call vk.register_attention (cu_seqlens).
 Checked against the official code itself (../shared/third_party, built from its constructors
-with tiny sizes and random weights; nothing downloaded): outputs within the SPEC.md §4
+with tiny sizes and random weights; nothing downloaded): outputs within the docs/spec.md §4
 tolerance of the official float64 run, padded rows exactly 0, fallbacks bit-identical to the
 original call and reported, patches per instance, reversible, state-dict neutral.
 
@@ -225,7 +225,7 @@ def test_patched_attention_backward_matches_dense_reference():
 
 def test_plans_of_the_mask_modes():
     """The layouts the patch derives from the packed shapes (white-box)."""
-    vf = _integration("videoflextok")
+    vf = importlib.import_module("vft_kernels.integrations.official_attention")
     S = torch.Size
     inner = [[S([4, 4]), S([3])], [S([2, 6]), S([3])]]  # per time block: 16 + 3 and 12 + 3 tokens
     outer = [S([2 * 19]), S([2 * 15])]
@@ -342,7 +342,7 @@ def _cast_time_embedding_hook(module, args, out):
 
 
 def _float64_twin(model):
-    """A float64 copy of an official model for SPEC.md §4 references (the time embedding stays
+    """A float64 copy of an official model for docs/spec.md §4 references (the time embedding stays
     float32, as the official code runs it, and is cast on the way out)."""
     model64 = copy.deepcopy(model).double()
     model64.decoder.module_dict["dec_time_emb"].float().register_forward_hook(_cast_time_embedding_hook)
@@ -350,7 +350,7 @@ def _float64_twin(model):
 
 
 def _assert_outputs_match(name, got, ref64, ref32):
-    """Every sample's encoder and decoder output under the SPEC.md §4 rule (float32 run)."""
+    """Every sample's encoder and decoder output under the docs/spec.md §4 rule (float32 run)."""
     for what, o, r64, r32 in (("encoder", got[0], ref64[0], ref32[0]), ("decoder", got[1], ref64[1], ref32[1])):
         for i, (oi, r64i, r32i) in enumerate(zip(o, r64, r32)):
             assert_matches_reference(f"{name} {what} sample {i}", oi, r64i, r32i, torch.float32)

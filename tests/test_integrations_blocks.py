@@ -150,7 +150,7 @@ def test_no_runs_where_registers_are_causal():
     """The encoder's registers attend causally among themselves (block_causal_last): equal rows
     there do not stay equal, so nothing is compressed even when the input rows are equal."""
     from vft_kernels.integrations import blocks
-    from vft_kernels.integrations.videoflextok import _Plan
+    from vft_kernels.integrations.official_attention import _Plan
     runner = blocks._Trunk.__new__(blocks._Trunk)
     runner.compress = True
     h = torch.zeros(1, 2, 7, 4)  # every row equal
@@ -170,7 +170,8 @@ def test_backward_through_patched_blocks_matches_official_blocks(monkeypatch):
     reference backend)."""
     from benchmarks.bench_integrations import sample_latents
     integration = _integration(V)
-    monkeypatch.setattr(integration, "_ATTN_DTYPES", integration._ATTN_DTYPES + (torch.float64,))
+    attention = importlib.import_module("vft_kernels.integrations.official_attention")
+    monkeypatch.setattr(attention, "_ATTN_DTYPES", attention._ATTN_DTYPES + (torch.float64,))
     model = _tiny(V, registers=4).double()
     model.decoder.module_dict["dec_time_emb"].float().register_forward_hook(_cast_time_embedding_hook)
     latents = [x.double() for x in sample_latents(V, [(2, 4, 4)] * 2)]
@@ -307,3 +308,39 @@ def test_steady_path_reads_nothing_back(monkeypatch):
         monkeypatch.undo()
         assert "ran the official blocks" not in handle.summary()
     assert reads == [], f"host reads on the steady path: {reads}"
+
+
+def test_bf16_mode_runs_the_decoder_in_bf16_where_native():
+    """patch(dtype=torch.bfloat16): the decoder trunk runs in bf16 (within the rule against the
+    official model run in bf16, both measured against float64); the encoder keeps float32, so
+    tokens do not change. Without native bf16: a warning, and float32 everywhere."""
+    from benchmarks.bench_integrations import sample_latents
+    from vft_kernels.integrations.blocks import _native_bf16_cpu
+    integration = _integration(V)
+    model = _tiny(V, registers=8)
+    latents = sample_latents(V, [(3, 8, 8)] * 2)
+    with torch.no_grad():
+        quants = [model.regularizer.indices_to_embedding(t) for t in model.tokenize(latents)]
+    if not _native_bf16_cpu():
+        with pytest.warns(RuntimeWarning, match="no native bf16"):
+            handle = integration.patch(model, dtype=torch.bfloat16)
+        assert "kept the model's dtype" in handle.summary()
+        handle.unpatch()
+        return
+    ref32 = _trunk_outputs(model, latents, quants, [3, 6], torch.float32)
+    ref64 = _trunk_outputs(_float64_twin(model), latents, quants, [3, 6], torch.float64)
+    model16 = copy.deepcopy(model).to(torch.bfloat16)
+    model16.decoder.module_dict["dec_time_emb"].float()  # the official embedder runs in float32
+    model16.decoder.module_dict["dec_time_emb"].register_forward_hook(
+        lambda m, a, out: out.__setitem__("dec_t_emb", out["dec_t_emb"].to(torch.bfloat16)) or out)
+    ref16 = _trunk_outputs(model16, latents, quants, [3, 6], torch.bfloat16)
+    with integration.patched(model, dtype=torch.bfloat16) as handle:
+        summary = handle.summary()
+        assert "dec_trunk: 2 x FlexBlockAdaLN on vft ops; in bf16" in summary
+        assert "enc_trunk: 2 x FlexBlock on vft ops; in the model's dtype" in summary
+        got = _trunk_outputs(model, latents, quants, [3, 6], torch.float32)
+    assert got[1].dtype == torch.float32
+    assert torch.equal(got[0], _trunk_outputs(model, latents, quants, [3, 6], torch.float32)[0]) or \
+        torch.allclose(got[0], ref32[0], rtol=1e-5, atol=1e-5)  # encoder: float32
+    assert not torch.allclose(got[1], ref32[1], rtol=1e-5, atol=1e-5), "the decoder did not run in bf16"
+    assert_matches_reference("decoder trunk in bf16", got[1].to(torch.bfloat16), ref64[1], ref16[1], torch.bfloat16)

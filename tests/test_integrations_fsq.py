@@ -1,7 +1,7 @@
 """Drop-in integrations (vft_kernels.integrations) against the code they patch:
 vector_quantize_pytorch.FSQ and the official FlexTok / VideoFlexTok FSQ and sampler guidance.
 
-FSQ codes and tokens must be bit-identical to the original's (SPEC.md §4: tokens within 1e-5 of
+FSQ codes and tokens must be bit-identical to the original's (docs/spec.md §4: tokens within 1e-5 of
 a rounding boundary excused), sampler outputs within the §4 tolerance of the original run in
 float64, and patches per instance, reversible, state-dict neutral. The official modules are
 built from their constructors with tiny sizes and random weights (the flow decoder is a small
@@ -72,7 +72,7 @@ def _channel_last_rows(fsq, t, like):
 
 
 def _assert_vqp_same(fsq, z, ref, got):
-    """Outputs and indices identical except at rounding-boundary tokens (SPEC.md §4)."""
+    """Outputs and indices identical except at rounding-boundary tokens (docs/spec.md §4)."""
     (out0, idx0), (out1, idx1) = ref, got
     levels = fsq._levels.tolist()
     near = fsq_boundary_tokens(_vqp_tokens(fsq, z), levels).any(-1)  # [b, n]
@@ -174,7 +174,7 @@ def test_vqp_probe_rejects_another_bound_formula():
     from vft_kernels.integrations import vector_quantize_pytorch as integration
     fsq = _vqp().FSQ(levels=[8, 5, 5, 5])
 
-    def quantize_one_minus_eps(z, eps=1e-3):  # a "(1 - eps)" bound: not SPEC.md §1
+    def quantize_one_minus_eps(z, eps=1e-3):  # a "(1 - eps)" bound: not docs/spec.md §1
         L = fsq._levels
         half_l = (L - 1) * (1 - eps) / 2
         offset = torch.where(L % 2 == 0, 0.5, 0.0)
@@ -182,7 +182,7 @@ def test_vqp_probe_rejects_another_bound_formula():
 
     fsq.quantize = quantize_one_minus_eps
     with integration.patched(fsq) as handle:
-        assert "differ from SPEC.md §1 on a probe" in handle.summary()
+        assert "differ from docs/spec.md §1 on a probe" in handle.summary()
         assert "forward" not in vars(fsq)
 
 
@@ -259,7 +259,7 @@ def test_official_fsq_matches_original(package, monkeypatch):
     z_list = [torch.randn(1, 13, 6) * 2, torch.randn(1, 6, 6) * 2]
     tokens = torch.randint(0, fsq.codebook_size, (1, 19))
     ref, ref_bf16 = _fsq_outputs(fsq, z, z_list, tokens), fsq.forward_z(z.bfloat16())
-    quantize_calls = _count_calls(monkeypatch, _integration("videoflextok"), "fsq_quantize")  # shared code
+    quantize_calls = _count_calls(monkeypatch, importlib.import_module("vft_kernels.integrations.official_fsq"), "fsq_quantize")  # shared code
     with integration.patched(model, guidance=False) as handle:
         assert "fsq: 1 of 1 official FSQ module(s) patched" in handle.summary()
         got, got_bf16 = _fsq_outputs(fsq, z, z_list, tokens), fsq.forward_z(z.bfloat16())
@@ -292,7 +292,7 @@ def test_official_fsq_training_randomness_falls_back(package, monkeypatch):
         return fsq.forward_z(z), fsq.indices_to_embedding(bad_tokens)
 
     (q0, t0), e0 = run()
-    calls = _count_calls(monkeypatch, _integration("videoflextok"), "fsq_quantize")  # shared code
+    calls = _count_calls(monkeypatch, importlib.import_module("vft_kernels.integrations.official_fsq"), "fsq_quantize")  # shared code
     with integration.patched(model):
         (q1, t1), e1 = run()
         assert not calls  # dropout / corruption: the original ran
@@ -392,7 +392,7 @@ def test_sampler_guidance_matches_original(package, name, shapes, kwargs, monkey
     noise = [torch.randn(s) for s in shapes]
     ref64 = _sample(model, shapes, noise, torch.float64, **kwargs)
     ref32 = _sample(model, shapes, noise, torch.float32, **kwargs)
-    calls = _count_calls(monkeypatch, _integration("videoflextok"), "flow_step")
+    calls = _count_calls(monkeypatch, importlib.import_module("vft_kernels.integrations.official_sampler"), "flow_step")
     with integration.patched(model, fsq=False) as handle:
         assert f"guidance: sampler patched: {name} at .pipeline" in handle.summary()
         got = _sample(model, shapes, noise, torch.float32, **kwargs)
@@ -430,7 +430,8 @@ def test_sampler_cfg_rescaler_falls_back(monkeypatch):
     noise = [torch.randn(1, 3, 2, 4, 4)]
     rescaler = cfg_utils.CFGWithRescale(rescale=0.5, channel_wise=False)
     ref = _sample(model, [n.shape for n in noise], noise, torch.float32, guidance_scale=3.0, cfg_rescaler=rescaler)
-    calls = _count_calls(monkeypatch, integration, "flow_step")
+    calls = _count_calls(monkeypatch, importlib.import_module("vft_kernels.integrations.official_sampler"),
+                         "flow_step")
     with integration.patched(model):
         got = _sample(model, [n.shape for n in noise], noise, torch.float32, guidance_scale=3.0,
                       cfg_rescaler=rescaler)
@@ -508,7 +509,7 @@ def test_official_fsq_out_of_range_ids_wrap_like_the_original_without_a_host_rea
         ids = torch.tensor([[0, 1, n - 1, n, -1, -n - 7, 3 * n + 5, 2**30 + 3]], dtype=dtype)
         want = fsq.indices_to_embedding(ids)
         with integration.patched(model):
-            decode = _count_calls(monkeypatch, _integration("videoflextok"), "fsq_indices_to_codes")
+            decode = _count_calls(monkeypatch, importlib.import_module("vft_kernels.integrations.official_fsq"), "fsq_indices_to_codes")
             reads = []
             for name in ("tolist", "item", "__bool__"):
                 real = getattr(torch.Tensor, name)

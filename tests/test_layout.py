@@ -1,4 +1,4 @@
-"""RegisterLayout (SPEC.md §2): the dense forms against the SPEC's words, and the analytic
+"""RegisterLayout (docs/spec.md §2): the dense forms against the spec's words, and the analytic
 tile classification / key and query ranges against the dense mask on random layouts."""
 import functools
 
@@ -14,7 +14,7 @@ MODES = ("full", "block_causal", "block_causal_last")
 
 @functools.lru_cache(maxsize=None)
 def spec_mask(T, P, R, mode, keep):
-    """bool [N, N] for one sample, straight from the SPEC text (independent of layout.py);
+    """bool [N, N] for one sample, straight from the words of docs/spec.md §2 (independent of layout.py);
     keep: an int, or a tuple of T ints (per block)."""
     S = P + R
     N = T * S
@@ -87,7 +87,7 @@ def test_key_and_query_ranges_are_tightest(args):
 
 def _check_dense_forms(layout, keeps):
     """materialize, mask_mod (on broadcast index tensors, as FlexAttention evaluates it),
-    allowed_pairs and density against the SPEC-words mask, for a keep per sample (ints) or
+    allowed_pairs and density against the spec-words mask, for a keep per sample (ints) or
     per block (tuples); returns the keep tensor and the wanted [B, N, N] mask."""
     T, P, R, mode = layout.blocks, layout.patches, layout.registers, layout.mode
     keep = torch.tensor(keeps, dtype=torch.int32)

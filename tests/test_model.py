@@ -306,7 +306,7 @@ def test_per_frame_keep_in_drop_mode():
     """A ``drop`` model takes a per-frame keep [B, T'] as the attention kernels' per-block
     keep: equal values give the per-sample result, frames before the first differing keep
     are unchanged (block-causal decoder), later ones change, and the CPU kernels agree with
-    the reference backend (SPEC.md §4 bound, velocity of a whole decoder)."""
+    the reference backend (docs/spec.md §4 bound, velocity of a whole decoder)."""
     m = _model("drop")
     lat = m.compressor.encode(_video())
     codes, _ = m.encoder(lat)

@@ -1,4 +1,4 @@
-"""Reference register attention (SPEC.md §2) against a dense-mask softmax written out here
+"""Reference register attention (docs/spec.md §2) against a dense-mask softmax written out here
 in float64 and against FlexAttention; the reference's textbook backward against autograd."""
 import math
 import warnings
@@ -16,7 +16,7 @@ FLEX_SHAPES = [(3, 3, 2), (1, 5, 3), (3, 5, 0)]  # eager FlexAttention on CPU is
 
 
 def spec_mask(T, P, R, mode, keep):
-    """bool [B, N, N] straight from the SPEC's words (independent of layout.py)."""
+    """bool [B, N, N] straight from the words of docs/spec.md §2 (independent of layout.py)."""
     S = P + R
     N = T * S
     out = torch.zeros(len(keep), N, N, dtype=torch.bool)
@@ -115,7 +115,7 @@ def test_forward_against_dense_and_flex(T, P, R, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_keep_equals_truncated_sequence(mode):
-    """SPEC: with keep[b] = K the kept tokens see exactly the mask of R = K."""
+    """docs/spec.md §2: with keep[b] = K the kept tokens see exactly the mask of R = K."""
     T, P, R, D = 3, 3, 4, 5
     layout = vk.RegisterLayout(T, P, R, mode)
     q, k, v = make_qkv(1, 2, layout.seq_len, D)
@@ -306,7 +306,7 @@ def test_default_keep_and_list_offsets_need_no_host_read(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_reference_rounds_p_and_ds_like_the_kernels(dtype):
-    # SPEC §4's bound scales with the low-precision reference's error, so that reference
+    # docs/spec.md §4's bound scales with the low-precision reference's error, so that reference
     # must take the kernels' rounding steps: P in v's dtype before P V, P in dO's dtype
     # before P^T dO, dS in q/k's dtype before dS K and dS^T Q.
     torch.manual_seed(0)
@@ -327,8 +327,8 @@ def test_low_precision_reference_rounds_p_and_ds_like_the_kernels(dtype):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_per_block_keep(mode):
-    """keep [B, T]: block t of sample b keeps keep[b, t] registers (SPEC-style mask from
-    layout.materialize, which test_layout checks against the SPEC's words per block); a
+    """keep [B, T]: block t of sample b keeps keep[b, t] registers (spec-style mask from
+    layout.materialize, which test_layout checks against the spec's words per block); a
     per-block keep with equal values is the per-sample keep."""
     layout = vk.RegisterLayout(3, 4, 3, mode)
     keep = torch.tensor([[3, 0, 2], [1, 3, 0]], dtype=torch.int32)

@@ -1,4 +1,4 @@
-"""Reference flow steps (SPEC.md §3) against the SPEC formulas written out here in float64
+"""Reference flow steps (docs/spec.md §3) against the spec's formulas written out here in float64
 with an explicit loop over APG groups."""
 import itertools
 import math

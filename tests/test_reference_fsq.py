@@ -1,4 +1,4 @@
-"""Reference FSQ (SPEC.md §1) against independent float64 formulations: a hand-made table,
+"""Reference FSQ (docs/spec.md §1) against independent float64 formulations: a hand-made table,
 Python `math` on random values, planted exact ties, non-finite rows, the gradient formula,
 index dtypes, decoding."""
 import math
@@ -13,7 +13,7 @@ EPS = 1e-3
 
 
 def spec_q(L, z, eps=EPS):
-    """q for one scalar, in float64 with Python math (SPEC.md §1); also returns `bounded`."""
+    """q for one scalar, in float64 with Python math (docs/spec.md §1); also returns `bounded`."""
     half_l = (L - 1) * (1 + eps) / 2
     offset = 0.5 if L % 2 == 0 else 0.0
     bounded = math.tanh(z + math.atanh(offset / half_l)) * half_l - offset
@@ -28,7 +28,7 @@ def spec_index(qs, levels):
     return index
 
 
-# (L, z, q): worked out from the SPEC formula (bounded shown to 3 digits)
+# (L, z, q): worked out from the docs/spec.md §1 formula (bounded shown to 3 digits)
 HAND_TABLE = [
     (2, 0.0, 0),     # bounded 0.000: L = 2 only flips below z ~ -3.8
     (2, 0.4, 0),     # 0.000
@@ -71,7 +71,7 @@ def test_random_against_math(levels, dtype):
     for n in range(z.shape[0]):
         qs, bs = zip(*(spec_q(L, float(z64[n, j])) for j, L in enumerate(levels)))
         if any(abs(b - math.floor(b) - 0.5) < 1e-5 for b in bs):
-            continue  # rounding boundary: a float32 tanh may go either way (SPEC §4)
+            continue  # rounding boundary: a float32 tanh may go either way (docs/spec.md §4)
         checked += 1
         expected = torch.tensor([q / (L // 2) for q, L in zip(qs, levels)], dtype=torch.float64).to(dtype)
         assert torch.equal(codes[n], expected), n
@@ -177,7 +177,7 @@ def test_low_precision_input(dtype):
     with vk.use_backend("reference"):
         codes, idx = vk.fsq_quantize(z, levels)
         assert codes.dtype == torch.float32 and idx.dtype == torch.int32
-        # float32 arithmetic on the upcast input (SPEC: all arithmetic is float32)
+        # float32 arithmetic on the upcast input (docs/spec.md §1: all arithmetic is float32)
         ref_codes, ref_idx = rf.fsq_forward(z.detach().float(), levels)
         assert torch.equal(codes, ref_codes) and torch.equal(idx, ref_idx)
         g = torch.randn(2, 7, 4)

@@ -1,4 +1,4 @@
-"""The token-budget router (vft.router, issue #13): training on labels, monotone
+"""The token-budget router (vft.router): training on labels, monotone
 predictions, target and budget policies, persistence, errors, the shipped router on
 held-out clips, and `vft tokenize --router`."""
 from __future__ import annotations
@@ -15,6 +15,8 @@ from vft.model import VideoFlexTok
 from vft.router import KeepRouter, collect, frame_features, train_router
 
 SAMPLING = {"steps": 1, "guidance": "none"}
+PER_FRAME_ERROR_DB = 1.5  # |predicted - decoded PSNR| of any frame, shipped router, held-out clips
+MEAN_ERROR_DB = 0.5  # ... on average over the frames
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,8 @@ def test_router_save_load_round_trip(micro_router, tmp_path):
 def test_shipped_router_meets_targets_on_held_out_clips():
     """The router shipped with the tiny model (trained on training seeds) on held-out clips:
     the frames' decoded PSNR reaches the asked target for most frames, with fewer tokens
-    than R, and it predicts each frame's PSNR within a few dB."""
+    than R, and it predicts the decoded PSNR of every frame at the K it chose within
+    PER_FRAME_ERROR_DB (measured: at most 0.46 dB, 0.15 dB on average)."""
     from vft.pretrained import load_pretrained, load_router
 
     model, router = load_pretrained("tiny"), load_router("tiny")
@@ -100,9 +103,19 @@ def test_shipped_router_meets_targets_on_held_out_clips():
     target = 15.0  # 82 % of the 40 frames reach it (measured)
     keep = router.keep_for_target(model, clips, target, tokens)
     rec = model.detokenize(tokens, keep=keep, **SAMPLING)
-    met = [psnr(rec[b][:, list(pixel_frames(model.cfg, t))], clips[b][:, list(pixel_frames(model.cfg, t))]) >= target
-           for b in range(len(clips)) for t in range(keep.shape[1])]
+    pred = router.predict(model, clips, tokens)
+    met, errors = [], []
+    for b in range(len(clips)):
+        for t in range(keep.shape[1]):
+            frames = list(pixel_frames(model.cfg, t))
+            decoded = psnr(rec[b][:, frames], clips[b][:, frames])
+            met.append(decoded >= target)
+            errors.append((abs(float(pred[b, t, keep[b, t] - 1]) - decoded), b, t))
+    assert len(errors) == len(clips) * model.cfg.latent_frames
     assert sum(met) / len(met) >= 0.7, f"only {sum(met)}/{len(met)} frames reach {target} dB"
+    worst = max(errors)
+    assert worst[0] <= PER_FRAME_ERROR_DB, f"clip {worst[1]} frame {worst[2]}: predicted {worst[0]:.2f} dB off"
+    assert sum(e for e, _, _ in errors) / len(errors) <= MEAN_ERROR_DB
     assert float(keep.double().mean()) < model.cfg.registers
     feats = frame_features(model, clips, tokens)
     assert feats.shape[-1] == model.cfg.registers + 3  # the linear path's PSNR per K + statistics

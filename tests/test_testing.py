@@ -1,4 +1,4 @@
-"""The SPEC.md §4 comparison helpers themselves: they must accept what the rule accepts and
+"""The docs/spec.md §4 comparison helpers themselves: they must accept what the rule accepts and
 reject what it rejects (a helper that always passes would make every kernel test vacuous)."""
 import math
 
@@ -113,3 +113,35 @@ def test_assert_fsq_matches():
         testing.assert_fsq_matches(codes, i5, codes, idx, z, levels)
     with pytest.raises(AssertionError, match="dtype"):
         testing.assert_fsq_matches(codes, idx.long(), codes, idx, z, levels)
+
+
+def test_stable_seed_is_the_same_in_every_process():
+    """Seeds that parametrised tests derive from their parameters must not depend on
+    PYTHONHASHSEED (Python's string hash), or a failure cannot be reproduced."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from vft_kernels.testing import stable_seed; print(stable_seed('fused', True, (3, 5, 3)))"
+    seen = set()
+    for hash_seed in ("1", "2", "3"):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        seen.add(int(r.stdout))
+    assert seen == {testing.stable_seed("fused", True, (3, 5, 3))}
+    assert 0 <= testing.stable_seed("x") < 2**16 and testing.stable_seed("fused", True) != testing.stable_seed(
+        "fused", False)
+
+
+def test_no_test_seeds_with_the_builtin_hash():
+    """No test calls the builtin hash(): its value for strings changes from process to process."""
+    import ast
+    import pathlib
+
+    calls = []
+    for path in sorted(pathlib.Path(__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "hash":
+                calls.append(f"{path.name}:{node.lineno}")
+    assert not calls, "hash() in tests: " + ", ".join(calls)

@@ -1,4 +1,4 @@
-"""Adaptive token budgets (issue #13): the fewest tokens per clip, per chunk or per latent
+"""Adaptive token budgets (docs/adaptive.md): the fewest tokens per clip, per chunk or per latent
 frame whose reconstruction reaches a quality target.
 
 One tokenization serves every prefix length, so the search only detokenizes:

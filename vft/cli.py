@@ -3,12 +3,15 @@
     vft demo --out demo_out                      # shipped tiny model on a held-out clip, K = 1, 2, 4, 8
     vft demo --video clip.mp4 --out demo_out     # the same on any video file
     vft train --preset tiny --out ckpt --steps 2000
-    vft tokenize clip.mp4 --checkpoint ckpt --out tokens.safetensors
-    vft detokenize tokens.safetensors --checkpoint ckpt --keep 4 --out clip_k4.mp4
-    vft reconstruct clip.mp4 --checkpoint ckpt --keep 1,2,4,8 --out recon/
+    vft tokenize clip.mp4 --out tokens.safetensors           # the shipped tiny model by default
+    vft detokenize tokens.safetensors --keep 4 --out clip_k4.mp4
+    vft reconstruct clip.mp4 --checkpoint ckpt --keep 1,2,4,8 --out recon/   # a trained checkpoint folder
     vft info --preset videoflextok_k600
+    vft train-router --out my_router                         # the token-budget router of a model
+    vft export ckpt --out my_model --command "vft train ..."  # package a checkpoint as a model folder
 
 Every command takes ``--backend`` (reference, cpu, triton, cuda; default: automatic).
+``--checkpoint`` takes a shipped model's name (``tiny``, the default) or a folder.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ from .data import HELDOUT_SEED, VideoReadError, from_model_range, read_video, re
     to_model_range, write_video
 from .demo import print_summary, reconstruct_report
 from .model import VideoFlexTok
-from .pretrained import load_pretrained
+from .pretrained import PRETRAINED, load_model, pretrained_info
+from .tokenfile import load_tokens, save_tokens
 from .train import keep_values
 
 SAMPLE_SEED = HELDOUT_SEED + 7  # the demo's held-out clip (never trained on)
@@ -70,38 +74,6 @@ def load_clip(path: str, cfg: ModelConfig, fps: Optional[float] = None,
     return to_model_range(frames)[None], rate
 
 
-def save_tokens(path: str, tokens: torch.Tensor, cfg: ModelConfig, fps: float,
-                keep: Optional[torch.Tensor] = None, extra: Optional[dict] = None) -> None:
-    """tokens int [B, T', R] (and optionally a per-latent-frame keep [B, T']) -> safetensors."""
-    from safetensors.torch import save_file
-
-    tensors = {"tokens": tokens.to(torch.int32).contiguous().cpu()}
-    if keep is not None:
-        tensors["keep"] = keep.to(torch.int32).contiguous().cpu()
-    meta = {"config": cfg.name, "registers": str(cfg.registers), "fps": str(fps)}
-    meta.update({k: str(v) for k, v in (extra or {}).items()})
-    save_file(tensors, path, metadata=meta)
-
-
-def load_tokens(path: str) -> tuple[torch.Tensor, dict]:
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokens file not found: {path}")
-    try:
-        with safe_open(path, "pt") as f:
-            if "tokens" not in f.keys():
-                raise ValueError(f"{path} has no 'tokens' tensor (keys: {list(f.keys())})")
-            meta = dict(f.metadata() or {})
-            if "keep" in f.keys():  # per-latent-frame token counts (vft tokenize --target-psnr)
-                meta["keep"] = f.get_tensor("keep").long()
-            return f.get_tensor("tokens"), meta
-    except Exception as e:  # safetensors raises its own error types for malformed files
-        if isinstance(e, ValueError) and "tokens" in str(e):
-            raise
-        raise ValueError(f"cannot read tokens file {path}: {e}") from None
-
-
 def _parse_keeps(text: str, registers: int) -> list[int]:
     try:
         keeps = [int(x) for x in text.split(",") if x.strip()]
@@ -133,7 +105,9 @@ def cmd_info(args) -> int:
             print(f"  {op:<20} {dev:<5} available: {', '.join(names) or '-':<24} runs: {chosen}")
     names = args.preset or ([] if args.checkpoint else list(PRESETS))
     cfgs = [preset(n) for n in names]
-    if args.checkpoint:
+    if args.checkpoint in PRETRAINED:
+        cfgs.append(ModelConfig.from_dict(pretrained_info(args.checkpoint)["model"]))
+    elif args.checkpoint:
         cfgs.append(ckpt.read_config(args.checkpoint)[0])
     for cfg in cfgs:
         with torch.device("meta"):
@@ -207,7 +181,7 @@ def _tokenize_routed(args, model, video, fps) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    model = ckpt.load_model(args.checkpoint, str(_device(args.device)))
+    model = load_model(args.checkpoint, str(_device(args.device)))
     video, fps = load_clip(args.video, model.cfg, args.fps)
     video = video.to(_device(args.device))
     if args.budget is not None or (args.target_psnr is not None and args.router):
@@ -232,7 +206,7 @@ def cmd_tokenize(args) -> int:
 
 def cmd_detokenize(args) -> int:
     device = _device(args.device)
-    model = ckpt.load_model(args.checkpoint, str(device))
+    model = load_model(args.checkpoint, str(device))
     tokens, meta = load_tokens(args.tokens)
     if meta.get("config") and meta["config"] != model.cfg.name:
         raise ValueError(f"tokens in {args.tokens} were made by config {meta['config']!r}, the checkpoint is "
@@ -250,7 +224,7 @@ def cmd_detokenize(args) -> int:
 
 def cmd_reconstruct(args) -> int:
     device = _device(args.device)
-    model = ckpt.load_model(args.checkpoint, str(device))
+    model = load_model(args.checkpoint, str(device))
     video, fps = load_clip(args.video, model.cfg, args.fps)
     keeps = _parse_keeps(args.keep, model.cfg.registers)
     summary = reconstruct_report(model, video.to(device), keeps, args.out, fps, _sampling_kwargs(args),
@@ -262,19 +236,52 @@ def cmd_reconstruct(args) -> int:
 def cmd_export(args) -> int:
     from .pretrained import export
 
-    print(f"packaged {args.checkpoint} as pretrained {args.name!r} in {export(args.checkpoint, args.name, args.command)}")
+    folder = export(args.checkpoint, args.out, args.name, args.command, args.calibration_clips)
+    print(f"packaged {args.checkpoint} as model {args.name!r} in {folder} (load it with --checkpoint {folder})")
+    return 0
+
+
+def cmd_train_router(args) -> int:
+    """Train the token-budget router of a model (``vft.router``) on synthetic clips of mixed
+    complexity (training seeds), labelled by decoding every clip at every K."""
+    import csv
+
+    from .adaptive import mixed_clips
+    from .router import collect, train_router
+
+    if args.per_kind < 1:
+        raise ValueError(f"--per-kind must be >= 1, got {args.per_kind}")
+    model = load_model(args.checkpoint, str(_device(args.device)))
+    sampling = {"steps": args.steps, "guidance": args.guidance, "scale": args.scale}
+    t0 = time.time()
+    clips, _ = mixed_clips(model.cfg, args.per_kind, seed=args.seed)
+    n_val = max(1, len(clips) // 5)  # the last fifth checks the fit
+    feats, labels = collect(model, clips.to(_device(args.device)), sampling, progress=not args.no_progress)
+    feats, labels = feats.cpu(), labels.cpu()
+    log: list = []
+    router = train_router(feats[:-n_val], labels[:-n_val], steps=args.train_steps, sampling=sampling, log=log)
+    with torch.no_grad():
+        val_mae = float((router(feats[-n_val:]) - labels[-n_val:]).abs().mean())
+        train_mae = float((router(feats[:-n_val]) - labels[:-n_val]).abs().mean())
+    extra = {"command": "vft " + " ".join(args.argv), "checkpoint": args.checkpoint,
+             "clips": len(clips) - n_val, "validation_clips": n_val, "train_mae_db": train_mae, "val_mae_db": val_mae,
+             "margin_db": float(router.margin), "seconds": round(time.time() - t0, 1)}
+    router.save(args.out, extra)
+    with open(os.path.join(args.out, "router_train_log.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", "mse_db2"])
+        w.writeheader()
+        w.writerows(log)
+    print(f"router: {len(clips) - n_val} training clips, mean |error| {train_mae:.2f} dB (validation {val_mae:.2f} dB "
+          f"on {n_val}), margin {float(router.margin):.2f} dB -> {args.out}")
     return 0
 
 
 def cmd_demo(args) -> int:
     t_start = time.time()
     device = _device(args.device)
-    if args.checkpoint:
-        model = ckpt.load_model(args.checkpoint, str(device))
-        name = args.checkpoint
-    else:
-        model = load_pretrained("tiny", str(device))
-        name = "the shipped tiny model (vft.load_pretrained('tiny'))"
+    model = load_model(args.checkpoint, str(device))
+    name = (f"the shipped {args.checkpoint} model (vft.load_pretrained({args.checkpoint!r}))"
+            if args.checkpoint in PRETRAINED else args.checkpoint)
     cfg = model.cfg
     if args.video:
         video, fps = load_clip(args.video, cfg, args.fps, max_frames=args.max_frames)
@@ -297,22 +304,46 @@ def cmd_demo(args) -> int:
 # Parser
 
 
+_CHECKPOINT_HELP = ("the model: a shipped model's name ({names}) or a folder made by `vft train` or `vft export` "
+                    "(default: %(default)s; write ./NAME for a folder named like a shipped model)")
+
+
 def _add_common(p):
     p.add_argument("--backend", choices=["reference", "cpu", "triton", "cuda"], default=None,
                    help="force one vft_kernels backend (default: the fastest available)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
 
-def _add_sampling(p, keep_default: Optional[str]):
-    p.add_argument("--keep", default=keep_default,
-                   help="tokens per latent frame to decode from" + (" (comma list)" if keep_default else ""))
-    p.add_argument("--steps", type=int, default=25, help="flow sampling steps")
-    p.add_argument("--guidance", choices=["none", "cfg", "apg"], default="apg")
-    p.add_argument("--scale", type=float, default=1.5, help="guidance scale")
-    p.add_argument("--solver", choices=["euler", "heun"], default="euler")
-    p.add_argument("--shift", type=float, default=1.0, help="time-grid shift")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=float, default=None)
+def _add_checkpoint(p):
+    p.add_argument("--checkpoint", default="tiny", help=_CHECKPOINT_HELP.format(names=", ".join(PRETRAINED)))
+
+
+def _add_sampling(p, keep_default: Optional[str], keep_help: str, fps_help: str):
+    p.add_argument("--keep", default=keep_default, help=keep_help)
+    p.add_argument("--steps", type=int, default=25, help="flow sampling steps (default: %(default)s)")
+    p.add_argument("--guidance", choices=["none", "cfg", "apg"], default="apg",
+                   help="classifier-free guidance: none, cfg, or adaptive projected guidance (default: %(default)s)")
+    p.add_argument("--scale", type=float, default=1.5, help="guidance scale (default: %(default)s)")
+    p.add_argument("--solver", choices=["euler", "heun"], default="euler",
+                   help="ODE solver of the flow sampler (default: %(default)s)")
+    p.add_argument("--shift", type=float, default=1.0, help="time-grid shift s, t' = s t / (1 + (s - 1) t) "
+                   "(default: %(default)s, a uniform grid)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise (default: %(default)s)")
+    p.add_argument("--fps", type=float, default=None, help=fps_help)
+
+
+_TRAIN_HELP = {
+    "steps": "optimizer steps", "batch-size": "clips per step (per process)", "lr": "peak learning rate",
+    "seed": "seed of the weights and the data order", "log-every": "steps per log line / logging window",
+    "ckpt-every": "steps between checkpoints", "warmup-steps": "linear learning-rate warm-up steps",
+    "logit-normal-mean": "mean of the logit-normal distribution of the flow time t",
+    "ema-decay": "decay of the weights' exponential moving average", "null-prob": "probability of training "
+    "with the null condition (for classifier-free guidance)", "prefix-prob": "probability of conditioning on "
+    "clean latent frames of the clip's start (video continuation)", "uniform-t-prob": "share of flow times "
+    "drawn uniformly instead of logit-normal",
+    "loss-t-min": "weight the velocity error by max(t, this)^2 (> 0: closer to the clean-estimate error)",
+    "linear-loss": "weight of the linear path's own clean-latent loss (ModelConfig.linear_path)",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,13 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="backends and parameter counts of presets / a checkpoint")
     _add_common(p)
-    p.add_argument("--preset", action="append", choices=sorted(PRESETS))
-    p.add_argument("--checkpoint")
+    p.add_argument("--preset", action="append", choices=sorted(PRESETS),
+                   help="show this preset (repeatable; default: every preset unless --checkpoint is given)")
+    p.add_argument("--checkpoint", help=f"also show this model: a shipped name ({', '.join(PRETRAINED)}) or a folder")
     p.set_defaults(fn=cmd_info)
 
     p = sub.add_parser("train", help="train a tokenizer (use torchrun for several processes)")
     _add_common(p)
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model config (default: %(default)s)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a model config key, "
                    "e.g. encoder.depth=2 (repeatable)")
     p.add_argument("--out", required=True, help="checkpoint folder")
@@ -340,21 +372,22 @@ def build_parser() -> argparse.ArgumentParser:
                       ("ckpt-every", int), ("warmup-steps", int), ("logit-normal-mean", float),
                       ("ema-decay", float), ("null-prob", float), ("prefix-prob", float),
                       ("uniform-t-prob", float), ("loss-t-min", float), ("linear-loss", float)):
-        p.add_argument(f"--{name}", type=typ)
-    p.add_argument("--keep-sampling", choices=["pow2", "uniform"])
+        p.add_argument(f"--{name}", type=typ, help=_TRAIN_HELP[name] + " (default: the preset's training config)")
+    p.add_argument("--keep-sampling", choices=["pow2", "uniform"],
+                   help="how nested dropout draws each sample's kept token count (default: the training config's)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--max-seconds", type=float, help="stop (with a checkpoint) after this wall time")
     p.add_argument("--init", help="start from the weights of this checkpoint (same config)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("tokenize", help="video file -> tokens (.safetensors)")
     _add_common(p)
-    p.add_argument("video")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--fps", type=float, default=None)
+    p.add_argument("video", help="a video file (any size, frame rate and length; scaled and centre-cropped)")
+    _add_checkpoint(p)
+    p.add_argument("--out", required=True, help="the token file to write (.safetensors)")
+    p.add_argument("--fps", type=float, default=None, help="resample the video to this frame rate first")
     p.add_argument("--target-psnr", type=float, default=None,
                    help="also store the fewest tokens per latent frame (or per --granularity) whose reconstruction "
                    "reaches this PSNR (vft.adaptive.search_keep; `vft detokenize` then uses them)")
@@ -362,54 +395,83 @@ def build_parser() -> argparse.ArgumentParser:
                    "of searching by decoding: 'tiny' (shipped with the tiny model) or a router folder (vft.router)")
     p.add_argument("--budget", type=int, default=None, help="with --router: at most this many tokens per clip, "
                    "spread over the latent frames where the router predicts they help most")
-    p.add_argument("--granularity", choices=["clip", "chunk", "frame"], default="frame")
+    p.add_argument("--granularity", choices=["clip", "chunk", "frame"], default="frame",
+                   help="with --target-psnr (search): one token count per clip, per chunk or per latent frame "
+                   "(default: %(default)s)")
     p.add_argument("--search-steps", type=int, default=25, help="sampling steps of the search's reconstructions "
                    "(APG, scale 1.5: detokenize's defaults)")
     p.set_defaults(fn=cmd_tokenize)
 
     p = sub.add_parser("detokenize", help="tokens (.safetensors) -> video file")
     _add_common(p)
-    p.add_argument("tokens")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True)
-    _add_sampling(p, None)
+    p.add_argument("tokens", help="a token file written by `vft tokenize`")
+    _add_checkpoint(p)
+    p.add_argument("--out", required=True, help="the video file to write (.mp4)")
+    _add_sampling(p, None, "tokens per latent frame to decode from (default: the counts stored in the token file, "
+                  "else all)", "frame rate of the written video (default: the one stored in the token file)")
     p.set_defaults(fn=cmd_detokenize)
 
     p = sub.add_parser("reconstruct", help="video -> tokens -> videos at several token counts (mp4 + PNG grid)")
     _add_common(p)
-    p.add_argument("video")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("video", help="a video file (any size, frame rate and length; scaled and centre-cropped)")
+    _add_checkpoint(p)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--no-progress", action="store_true")
-    _add_sampling(p, "1,2,4,8")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_sampling(p, "1,2,4,8", "token counts per latent frame to reconstruct from (comma list; default: "
+                  "%(default)s)", "resample the video to this frame rate first (default: its own)")
     p.set_defaults(fn=cmd_reconstruct)
 
-    p = sub.add_parser("export", help="package a training checkpoint as a shipped pretrained model (developers)")
-    p.add_argument("checkpoint")
-    p.add_argument("--name", default="tiny")
+    p = sub.add_parser("export", help="package a training checkpoint as a model folder (EMA weights, FSQ norm "
+                       "recalibrated, configs, training log)")
+    p.add_argument("checkpoint", help="a checkpoint folder made by `vft train`")
+    p.add_argument("--out", required=True, help="the model folder to write (created if missing)")
+    p.add_argument("--name", default="tiny", help="the model's name, recorded in its weights (default: %(default)s)")
     p.add_argument("--command", required=True, help="the exact training command, recorded in config.json")
+    p.add_argument("--calibration-clips", type=int, default=256, help="training clips that recalibrate the FSQ "
+                   "input norm's statistics for the EMA weights (a multiple of 16; default: %(default)s)")
     _add_common(p)
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("train-router", help="train the token-budget router of a model (vft.router) on synthetic "
+                       "clips labelled by decoding them at every token count")
+    _add_common(p)
+    _add_checkpoint(p)
+    p.add_argument("--out", required=True, help="folder for router.safetensors, router.json, router_train_log.csv")
+    p.add_argument("--per-kind", type=int, default=40, help="training clips of each of the five kinds; a fifth of "
+                   "all clips checks the fit (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=5000, help="first clip seed (training seeds are < 10**6; default: "
+                   "%(default)s)")
+    p.add_argument("--steps", type=int, default=1, help="sampling steps of the labels' decodes; decode the router's "
+                   "token files with the same setting (default: %(default)s)")
+    p.add_argument("--guidance", choices=["none", "cfg", "apg"], default="none",
+                   help="guidance of the labels' decodes (default: %(default)s)")
+    p.add_argument("--scale", type=float, default=1.5, help="guidance scale of the labels' decodes (default: "
+                   "%(default)s)")
+    p.add_argument("--train-steps", type=int, default=3000, help="optimizer steps of the fit (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_train_router)
 
     p = sub.add_parser("demo", help="the shipped tiny tokenizer on a held-out clip (or --video): tokenize once, "
                        "reconstruct from K = 1, 2, 4, ... tokens, write mp4 / PNG / JSON / Markdown")
     _add_common(p)
-    p.add_argument("--out", default="demo_out")
+    p.add_argument("--out", default="demo_out", help="output folder (default: %(default)s)")
     p.add_argument("--video", help="a video file (any size, frame rate, length) instead of the held-out clip")
     p.add_argument("--max-frames", type=int, default=32, help="use at most this many frames of --video")
-    p.add_argument("--checkpoint", help="a trained checkpoint folder instead of the shipped model")
+    _add_checkpoint(p)
     p.add_argument("--no-timing", action="store_true", help="skip the fastest-backend vs reference timing")
-    p.add_argument("--no-progress", action="store_true")
-    _add_sampling(p, None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_sampling(p, None, "token counts per latent frame to reconstruct from (comma list; default: 1, 2, 4, ... "
+                  "up to all)", "resample --video to this frame rate first (default: its own)")
     p.set_defaults(fn=cmd_demo)
     return parser
 
 
-_MODEL_COMMANDS = ("train", "tokenize", "detokenize", "reconstruct", "demo")
+_MODEL_COMMANDS = ("train", "tokenize", "detokenize", "reconstruct", "demo", "train-router")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.backend is not None and args.command in _MODEL_COMMANDS:
         # Every model command runs all the ops: refuse a backend that lacks one now, with the
         # reason, rather than after loading the model (the cuda backend has no attention).

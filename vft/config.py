@@ -324,7 +324,7 @@ def tiny_train_config(**kw) -> TrainConfig:
     Flow times: logit-normal with mean 1.5 (median t = 0.82) for 75 % of the samples, so
     most steps are at high noise, where the velocity can only be predicted from the tokens
     (with the usual mean 0.0 the decoder learned to denoise from the noisy patches alone
-    and ignored its tokens, issue #10), and U(0, 1) for 25 %, so the low-noise end that
+    and ignored its tokens; docs/experiments/README.md), and U(0, 1) for 25 %, so the low-noise end that
     removes the last noise when sampling is trained too.
 
     With x-prediction the velocity error is weighted by max(t, 0.2)^2 (the clean-estimate

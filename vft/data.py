@@ -61,7 +61,7 @@ def resize_crop(frames: torch.Tensor, height: int, width: int, offset: tuple[flo
 # DETAILED_WAVES is the busier background of the first tokenizer runs (periods down to
 # 6 px at 32x32, near the 4-px patch grid), which no 32-number-per-frame code can
 # reproduce well: the best linear code (PCA, 32 dims per latent frame) reaches 17.0 dB
-# there, against 20.2 dB with the default (issue #10; python -m benchmarks.linear_bounds).
+# there, against 20.2 dB with the default (python -m benchmarks.linear_bounds).
 WAVE_CYCLES = (0.3, 1.5)
 DETAILED_WAVES = (1.5, 5.0)
 

@@ -25,6 +25,7 @@ import vft_kernels as vk
 
 from .data import from_model_range, to_model_range, write_video
 from .metrics import codebook_usage, psnr, ssim
+from .tokenfile import save_tokens
 
 OUTPUT_FILES = ("reconstruction.mp4", "grid.png", "quality.png", "frames.safetensors", "tokens.safetensors",
                 "summary.json", "summary.md")
@@ -90,8 +91,6 @@ def reconstruct_report(model, video: torch.Tensor, keeps: list[int], out: str, f
     ``compare_reference``, one tokenize + detokenize at the largest K is also timed on the
     automatically selected backend and on ``reference``."""
     from safetensors.torch import save_file
-
-    from .cli import save_tokens
 
     os.makedirs(out, exist_ok=True)
     cfg = model.cfg

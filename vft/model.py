@@ -140,9 +140,10 @@ class DecoderBlock(nn.Module):
         # block ops pick the patch or register row per token from the layout.
         mod = self.modulation(F.silu(c)).reshape(B, T, 2, 6, W).to(x.dtype)
         eps = self.norm1.eps
-        h = vk.modulated_layer_norm(x, mod[:, :, :, 1], mod[:, :, :, 0], layout, eps=eps)
+        h = vk.modulated_layer_norm(x, layout, scale=mod[:, :, :, 1], shift=mod[:, :, :, 0], eps=eps)
         a = self.attn(h.reshape(B, T * S, W), layout, keep).reshape(B, T, S, W).to(x.dtype)
-        x, h = vk.gated_residual_norm(x, mod[:, :, :, 2], a, mod[:, :, :, 4], mod[:, :, :, 3], layout, eps=eps)
+        x, h = vk.gated_residual_norm(x, mod[:, :, :, 2], a, layout, scale=mod[:, :, :, 4], shift=mod[:, :, :, 3],
+                                      eps=eps)
         return vk.gated_residual(x, mod[:, :, :, 5], self.mlp(h).to(x.dtype), layout)
 
 

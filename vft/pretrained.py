@@ -11,6 +11,7 @@ training config, provenance) and ``model.safetensors`` (the EMA weights), read t
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 
 import torch
@@ -52,38 +53,61 @@ def load_pretrained(name: str = "tiny", device: str = "cpu") -> "torch.nn.Module
     return model.to(device).eval()
 
 
-def export(checkpoint: str, name: str, command: str, calibration_clips: int = 256) -> str:
-    """Package a training checkpoint as pretrained model ``name`` (into this source tree's
-    ``vft/pretrained/<name>/``): its EMA weights with the FSQ input norm's statistics
-    recalibrated for them on ``calibration_clips`` training clips, the configs, the
-    training log and ``command`` (how the run was made). Returns the folder."""
-    import os
+def load_model(name_or_folder: str = "tiny", device: str = "cpu") -> "torch.nn.Module":
+    """A shipped pretrained model by name (one of ``PRETRAINED``), or the model in a
+    checkpoint folder (``vft train --out``) or an exported folder (:func:`export`), with its
+    EMA weights when it has them, in eval mode. A shipped name wins over a folder of the same
+    name in the working directory: write ``./tiny`` for the folder."""
+    from . import checkpoint as ckpt
+
+    if not isinstance(name_or_folder, str) or not name_or_folder:
+        raise ValueError(f"expected a shipped model name {list(PRETRAINED)} or a checkpoint folder, "
+                         f"got {name_or_folder!r}")
+    if name_or_folder in PRETRAINED:
+        return load_pretrained(name_or_folder, device)
+    if not os.path.isdir(name_or_folder):
+        raise FileNotFoundError(f"{name_or_folder!r} is neither a shipped model ({', '.join(PRETRAINED)}) nor a "
+                                "checkpoint folder")
+    return ckpt.load_model(name_or_folder, device)
+
+
+def export(checkpoint: str, out: str, name: str, command: str, calibration_clips: int = 256) -> str:
+    """Package a training checkpoint as a pretrained model folder ``out`` (created; files in
+    it are replaced): its EMA weights with the FSQ input norm's statistics recalibrated for
+    them on ``calibration_clips`` training clips, the configs, the training log and
+    ``command`` (how the run was made). The folder loads with :func:`load_model` (and
+    ``vft ... --checkpoint out``); to ship it, copy it to ``vft/pretrained/<name>/`` in a
+    source checkout and add ``name`` to ``PRETRAINED``. Returns ``out``."""
     import shutil
+
+    from safetensors.torch import save_file
 
     from . import checkpoint as ckpt
     from .train import make_dataset, recalibrate_fsq_norm
 
+    if not isinstance(out, str) or not out:
+        raise ValueError(f"export needs an output folder, got {out!r}")
+    if calibration_clips < 16 or calibration_clips % 16:
+        raise ValueError(f"calibration_clips must be a positive multiple of 16, got {calibration_clips}")
     model = ckpt.load_model(checkpoint, use_ema=True)
     cfg, tcfg = ckpt.read_config(checkpoint)
     data = make_dataset(cfg, tcfg)
     batches = [torch.stack([data[i + j] for j in range(16)]) for i in range(0, calibration_clips, 16)]
     recalibrate_fsq_norm(model, batches)
-    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", name)
-    os.makedirs(folder, exist_ok=True)
-    from safetensors.torch import save_file
-
+    os.makedirs(out, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"name": name, "weights": "ema"})
+    save_file(state, os.path.join(out, "model.safetensors"), metadata={"name": name, "weights": "ema"})
     step = ckpt.read_state(checkpoint)["step"]
     info = {"model": cfg.to_dict(), "train": tcfg.to_dict() if tcfg else None,
             "provenance": {"command": command, "steps": step, "weights": "EMA (decay "
                            f"{tcfg.ema_decay if tcfg else '?'}), FSQ input norm recalibrated on "
                            f"{calibration_clips} training clips", "log": "train_log.csv"}}
-    with open(os.path.join(folder, "config.json"), "w") as f:
+    with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(info, f, indent=2)
-    shutil.copyfile(os.path.join(checkpoint, "log.csv"), os.path.join(folder, "train_log.csv"))
-    return folder
-
+    log = os.path.join(checkpoint, "log.csv")
+    if os.path.isfile(log):
+        shutil.copyfile(log, os.path.join(out, "train_log.csv"))
+    return out
 
 
 def load_router(name: str = "tiny"):

@@ -1,4 +1,4 @@
-"""A lightweight token-budget router (issue #13): predicts, in one pass, each latent frame's
+"""A lightweight token-budget router: predicts, in one pass, each latent frame's
 PSNR at every token count K = 1..R, and picks per-frame K from it for a quality target or a
 token budget, without the decodes that ``vft.adaptive.search_keep`` runs.
 
@@ -20,7 +20,7 @@ is trained for one sampling setting, stored with it).
     keep = router.keep_for_budget(model, video, 24)    # [B, T'] at most 24 tokens per clip
     keep = router.keep_for_lambda(model, video, 0.2)   # [B, T'] argmax PSNR(K) - 0.2 K per frame
 
-Weights: safetensors + JSON (``save`` / ``load``).
+Weights: safetensors + JSON (``save`` / ``load``). ``vft train-router`` trains one for a model.
 """
 from __future__ import annotations
 
@@ -241,54 +241,3 @@ def collect(model, clips: torch.Tensor, sampling: dict, batch: int = 10, progres
         feats.append(frame_features(model, video, tokens))
         labels.append(frame_quality_by_k(model, video, tokens, **sampling))
     return torch.cat(feats), torch.cat(labels)
-
-
-def main(argv=None) -> int:
-    """Train the router of a model on synthetic clips of mixed complexity (training seeds)."""
-    import argparse
-    import csv
-    import sys
-    import time
-
-    from . import checkpoint as ckpt
-    from .adaptive import mixed_clips
-    from .pretrained import load_pretrained
-
-    p = argparse.ArgumentParser(prog="python -m vft.router", description=main.__doc__)
-    p.add_argument("--checkpoint", help="a vft checkpoint folder (default: the shipped tiny model)")
-    p.add_argument("--per-kind", type=int, default=40, help="training clips of each kind")
-    p.add_argument("--seed", type=int, default=5000, help="first clip seed (training seeds are < 10**6)")
-    p.add_argument("--steps", type=int, default=1, help="sampling steps of the labels' decodes")
-    p.add_argument("--guidance", choices=["none", "cfg", "apg"], default="none")
-    p.add_argument("--scale", type=float, default=1.5)
-    p.add_argument("--train-steps", type=int, default=3000)
-    p.add_argument("--out", required=True, help="folder for router.safetensors / router.json / router_train_log.csv")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    model = ckpt.load_model(args.checkpoint) if args.checkpoint else load_pretrained("tiny")
-    model.eval()
-    sampling = {"steps": args.steps, "guidance": args.guidance, "scale": args.scale}
-    t0 = time.time()
-    clips, _ = mixed_clips(model.cfg, args.per_kind, seed=args.seed)
-    n_val = max(1, len(clips) // 5)  # the last fifth checks the fit
-    feats, labels = collect(model, clips, sampling, progress=not args.no_progress)
-    log: list = []
-    router = train_router(feats[:-n_val], labels[:-n_val], steps=args.train_steps, sampling=sampling, log=log)
-    with torch.no_grad():
-        val_mae = float((router(feats[-n_val:]) - labels[-n_val:]).abs().mean())
-        train_mae = float((router(feats[:-n_val]) - labels[:-n_val]).abs().mean())
-    extra = {"command": "python -m vft.router " + " ".join(argv if argv is not None else sys.argv[1:]),
-             "clips": len(clips) - n_val, "validation_clips": n_val, "train_mae_db": train_mae, "val_mae_db": val_mae,
-             "margin_db": float(router.margin), "seconds": round(time.time() - t0, 1)}
-    router.save(args.out, extra)
-    with open(os.path.join(args.out, "router_train_log.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["step", "mse_db2"])
-        w.writeheader()
-        w.writerows(log)
-    print(f"router: {len(clips) - n_val} training clips, mean |error| {train_mae:.2f} dB (validation {val_mae:.2f} dB "
-          f"on {n_val}), margin {float(router.margin):.2f} dB -> {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

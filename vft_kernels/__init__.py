@@ -1,6 +1,6 @@
 """vft_kernels: fast, validated kernels for flexible-length video tokenizers.
 
-Public API (SPEC.md §0)::
+Public API (docs/spec.md §0)::
 
     codes, indices = fsq_quantize(z, levels, eps=1e-3, out_dtype=None)
     codes = fsq_indices_to_codes(indices, levels, validate=True)
@@ -8,7 +8,8 @@ Public API (SPEC.md §0)::
     out = register_attention(q, k, v, layout, keep=None, scale=None)
     x_next = flow_step(x, v_cond, t, t_next, v_uncond=None, guidance="none", scale=1.0, ...)
     x_next = flow_heun_step(x, v1, v2, t, t_next)
-    y = modulated_layer_norm(x, scale, shift, layout); x, y = gated_residual_norm(x, gate, h, scale, shift, layout)
+    y = modulated_layer_norm(x, layout, scale=scale, shift=shift)      # scale, shift keyword-only
+    x, y = gated_residual_norm(x, gate, h, layout, scale=scale, shift=shift)
     out = swiglu(gate_up); q, k, v = qk_rms_norm(qkv, heads, q_weight, k_weight)
     q, k, v = qk_layer_norm(qkv, heads, eps=1e-5)
     available_backends(); use_backend("cpu")

@@ -262,22 +262,27 @@ _SELECTED: dict = {}
 _MAX_SELECTED = 256
 
 
-def call_cached(op: str, key: tuple, device: torch.device, *args):
-    """:func:`call` with the selection memoised: for ops whose backends' ``check`` functions
+def select_cached(op: str, key: tuple, device: torch.device, *args) -> tuple[str, Callable]:
+    """:func:`select` with the choice memoised: for ops whose backends' ``check`` functions
     depend only on what ``key`` holds (e.g. the dtypes), so a hot loop of small calls pays
     one dictionary lookup instead of the walk over backends. The memo also keys on
     everything else selection reads (the forced backend, ``TRITON_INTERPRET``, the device)."""
     k = (op, key, device, forced_backend(), os.environ.get("TRITON_INTERPRET"))
     try:
-        fn = _SELECTED.get(k)
+        hit = _SELECTED.get(k)
     except TypeError:  # symbolic shapes (torch.export tracing) are not hashable: select afresh
-        return call(op, device, *args)
-    if fn is None:
-        fn = select(op, device, *args)[1]
+        return select(op, device, *args)
+    if hit is None:
+        hit = select(op, device, *args)
         if len(_SELECTED) >= _MAX_SELECTED:
             _SELECTED.clear()
-        _SELECTED[k] = fn
-    return fn(*args)
+        _SELECTED[k] = hit
+    return hit
+
+
+def call_cached(op: str, key: tuple, device: torch.device, *args):
+    """:func:`call` with the selection memoised (see :func:`select_cached`)."""
+    return select_cached(op, key, device, *args)[1](*args)
 
 
 def cpu_fast_path() -> bool:
@@ -379,20 +384,32 @@ def poison_outputs(enabled: bool = True):
 INT_POISON = -(2**30) + 7  # not a valid FSQ index nor -1
 
 
-HUGE_MIN_BYTES = 32 << 20  # = vft::kHugeMinBytes (csrc/include/vft/alloc.h; _C.huge_pages()["min_bytes"])
+_HUGE_MIN: tuple = (object(), math.inf)  # (the extension module it was read from, its threshold)
+
+
+def huge_min_bytes() -> float:
+    """The size from which ``_C.empty_cpu`` puts CPU outputs on transparent huge pages, read
+    from the extension (``_C.huge_pages()["min_bytes"]``, i.e. ``vft::kHugeMinBytes`` in
+    csrc/include/vft/alloc.h, which says why 32 MiB); ``inf`` without the extension."""
+    global _HUGE_MIN
+    from . import _ext
+
+    C = _ext.C
+    if _HUGE_MIN[0] is not C:
+        _HUGE_MIN = (C, C.huge_pages()["min_bytes"] if C is not None and hasattr(C, "huge_pages") else math.inf)
+    return _HUGE_MIN[1]
 
 
 def empty_output(shape, dtype, device) -> torch.Tensor:
-    """``torch.empty``; CPU outputs of at least HUGE_MIN_BYTES come from ``_C.empty_cpu`` when
-    the extension is loaded: sizes glibc maps afresh for every call, put on transparent huge
-    pages where the OS allows them, so a fresh output faults once per 2 MiB instead of once
-    per 4 KiB (``_C.huge_pages()``; csrc/include/vft/alloc.h says why 32 MiB)."""
-    if (torch.device(device).type == "cpu" and math.prod(shape) * dtype.itemsize >= HUGE_MIN_BYTES
-            and not torch.compiler.is_compiling()):  # traced: torch.empty
+    """``torch.empty``; CPU outputs of at least :func:`huge_min_bytes` come from
+    ``_C.empty_cpu`` when the extension is loaded: sizes glibc maps afresh for every call, put
+    on transparent huge pages where the OS allows them, so a fresh output faults once per 2 MiB
+    instead of once per 4 KiB (``_C.huge_pages()``)."""
+    if (torch.device(device).type == "cpu" and not torch.compiler.is_compiling()  # traced: torch.empty
+            and math.prod(shape) * dtype.itemsize >= huge_min_bytes()):
         from . import _ext
 
-        if _ext.C is not None:
-            return _ext.C.empty_cpu(list(shape), dtype)
+        return _ext.C.empty_cpu(list(shape), dtype)
     return torch.empty(shape, dtype=dtype, device=device)
 
 

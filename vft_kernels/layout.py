@@ -1,4 +1,4 @@
-"""RegisterLayout: the token layout and mask semantics of register attention (SPEC.md §2).
+"""RegisterLayout: the token layout and mask semantics of register attention (docs/spec.md §2).
 
 A sample is ``T`` time blocks of ``P`` patches followed by ``R`` registers, interleaved
 ``[patches_0 | registers_0 | patches_1 | registers_1 | ...]``; ``N = T * (P + R)``. With

@@ -1,4 +1,4 @@
-"""The flow-matching sampling loop (SPEC.md §3) on the fused steps ``flow_step`` /
+"""The flow-matching sampling loop (docs/spec.md §3) on the fused steps ``flow_step`` /
 ``flow_heun_step``: integrates ``dx/dt = v(x, t)`` from ``t = 1`` (noise) to ``t = 0`` (data)."""
 from __future__ import annotations
 

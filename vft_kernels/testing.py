@@ -1,4 +1,4 @@
-"""The SPEC.md §4 tolerance rule and comparison helpers, shared by tests and benchmarks.
+"""The docs/spec.md §4 tolerance rule and comparison helpers, shared by tests and benchmarks.
 
 A backend's result matches when ``max|out - ref64| <= 2 * max|ref_lowp - ref64| + floor``:
 ``ref64`` is the reference run in float64 on CPU, ``ref_lowp`` the same reference run in
@@ -9,12 +9,20 @@ so NaN-poisoned outputs that a kernel failed to write are caught.
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 
 from .dispatch import poison_outputs  # noqa: F401  (re-exported for tests)
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def stable_seed(*parts) -> int:
+    """A seed in [0, 2**16) derived from ``parts`` (strings, numbers, tuples of them) that is
+    the same in every process. Python's ``hash`` of a string is randomised per process, so a
+    failure seeded with it cannot be reproduced."""
+    return zlib.crc32(repr(parts).encode()) & 0xFFFF
 
 
 def tolerance_floor(dtype: torch.dtype, reduction_len: int = 1) -> float:
@@ -36,7 +44,7 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def assert_matches_reference(name: str, out: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor,
                              dtype: torch.dtype, reduction_len: int = 1, factor: float = 2.0) -> None:
-    """Assert the SPEC.md §4 rule for every element of ``out`` (shape, NaN/inf placement
+    """Assert the docs/spec.md §4 rule for every element of ``out`` (shape, NaN/inf placement
     and error bound)."""
     assert tuple(out.shape) == tuple(ref64.shape), f"{name}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
     o = out.detach().to("cpu", torch.float64)
@@ -73,7 +81,7 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
 
 def fsq_boundary_tokens(z: torch.Tensor, levels, eps: float = 1e-3, margin: float = 1e-5) -> torch.Tensor:
     """Bool [...]: tokens of ``z`` [..., d] where some dim's float64 ``bounded`` value lies
-    within ``margin`` of a rounding boundary k + 0.5 (SPEC.md §4: either neighbour is
+    within ``margin`` of a rounding boundary k + 0.5 (docs/spec.md §4: either neighbour is
     accepted there)."""
     zf = z.detach().to("cpu", torch.float64)
     L = torch.tensor(levels, dtype=torch.float64)
@@ -86,7 +94,7 @@ def fsq_boundary_tokens(z: torch.Tensor, levels, eps: float = 1e-3, margin: floa
 
 def assert_fsq_matches(codes: torch.Tensor, indices: torch.Tensor, ref_codes: torch.Tensor,
                        ref_indices: torch.Tensor, z: torch.Tensor, levels, eps: float = 1e-3) -> int:
-    """SPEC.md §4 FSQ rule: exact equality except at rounding-boundary tokens, where either
+    """docs/spec.md §4 FSQ rule: exact equality except at rounding-boundary tokens, where either
     neighbouring code is accepted (and must still be a valid code consistent with its
     index). Returns how many boundary tokens were found."""
     from .reference.fsq import fsq_decode
@@ -119,7 +127,7 @@ def assert_fsq_matches(codes: torch.Tensor, indices: torch.Tensor, ref_codes: to
 
 def check_attention_non_finite(backend: str, mode: str, head_dim: int = 16) -> None:
     """Register attention on ``backend`` with NaN / inf in q and k, forward and backward,
-    against the reference's NaN placement and values (SPEC.md §4): a NaN query row is NaN, a
+    against the reference's NaN placement and values (docs/spec.md §4): a NaN query row is NaN, a
     row that sees a NaN key is NaN, a +inf query gives NaN and lse +inf, a dropped query stays
     exactly 0 with zero gradient, and nothing leaks into tokens that cannot see the NaN."""
     import vft_kernels as vk
@@ -143,7 +151,7 @@ def check_attention_non_finite(backend: str, mode: str, head_dim: int = 16) -> N
 
     def reference(dtype):
         # The reference backward op, not autograd through the forward (where a dropped NaN
-        # query turns its zero gradient into 0 * NaN): dropped rows pass no gradient (SPEC §2).
+        # query turns its zero gradient into 0 * NaN): dropped rows pass no gradient (docs/spec.md §2).
         args = [t.to(dtype) for t in (q, k, v)]
         o, lse_ = ref.attention_forward(*args, layout, keep, scale)
         return (o, lse_) + ref.attention_backward(dout.to(dtype), *args, o, lse_, layout, keep, scale)

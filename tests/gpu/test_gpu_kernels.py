@@ -1,5 +1,5 @@
 """The kernels on a CUDA device: compiled Triton and the CUDA C++ extension against the
-reference (SPEC.md §4), the way a user runs them.
+reference (docs/spec.md §4), the way a user runs them.
 
 Run by ``scripts/gpu_check.sh`` (TRITON_INTERPRET=0, VFT_REQUIRE_CUDA=1). In the main CPU
 run (``make test``) they skip, saying why: the suite's other tests run Triton under the

@@ -447,15 +447,15 @@ class _Trunk:
             aug[2, ..., Dh] = 0.0
         Lc = B * T * S
         GATE_MSA, GATE_MLP, SHIFT_MSA, SCALE_MSA, SHIFT_MLP, SCALE_MLP = range(6)
-        y = modulated_layer_norm(h, chunk(0, SCALE_MSA), chunk(0, SHIFT_MSA), P, eps=blocks[0].norm1.eps)
+        y = modulated_layer_norm(h, P, scale=chunk(0, SCALE_MSA), shift=chunk(0, SHIFT_MSA), eps=blocks[0].norm1.eps)
         for i, b in enumerate(blocks):
             a = self._attention(b, y.view(Lc, W), per_block[i], layout, cu, aug).view(B, T, S, W)
-            h, y = gated_residual_norm(h, chunk(i, GATE_MSA), a, chunk(i, SCALE_MLP), chunk(i, SHIFT_MLP), P,
-                                       eps=b.norm2.eps)
+            h, y = gated_residual_norm(h, chunk(i, GATE_MSA), a, P, scale=chunk(i, SCALE_MLP),
+                                       shift=chunk(i, SHIFT_MLP), eps=b.norm2.eps)
             m = self._mlp(y.view(Lc, W), per_block[i]).view(B, T, S, W)
             if i + 1 < depth:
-                h, y = gated_residual_norm(h, chunk(i, GATE_MLP), m, chunk(i + 1, SCALE_MSA),
-                                           chunk(i + 1, SHIFT_MSA), P, eps=blocks[i + 1].norm1.eps)
+                h, y = gated_residual_norm(h, chunk(i, GATE_MLP), m, P, scale=chunk(i + 1, SCALE_MSA),
+                                           shift=chunk(i + 1, SHIFT_MSA), eps=blocks[i + 1].norm1.eps)
             else:
                 h = gated_residual(h, chunk(i, GATE_MLP), m, P)
         if run >= 2:  # the run's rows are all equal to the row standing for it

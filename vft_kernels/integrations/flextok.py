@@ -9,7 +9,7 @@
 FlexTok shares VideoFlexTok's FSQ (``regularizers.quantize_fsq.FSQ``, here called through
 ``packed_call``), attention (``model.layers.attention``, ``model.preprocessors.flex_seq_packing``)
 and guidance code, so this is the same machinery with FlexTok's classes;
-``vft_kernels.integrations.videoflextok`` documents what is replaced, what falls back and why.
+``vft_kernels.integrations.official_*`` and ``.blocks`` document what is replaced, what falls back and why.
 FlexTok's only sampler is ``flow_matching.pipelines.MinRFPipeline`` (images [1, C, H, W]: APG
 groups are whole samples; APG fixed at momentum -0.5, eta 0, norm threshold 2.5, as in the
 official code). Unlike VideoFlexTok's, it keeps one MomentumBuffer per sample, and so does the
@@ -27,7 +27,9 @@ from typing import Optional
 import torch
 
 from . import PatchHandle, patched_context
-from .videoflextok import ATTENTION_LINE, _OfficialPackage, _patch_official, _SamplerSpec  # noqa: F401
+from .official import _OfficialPackage, _patch_official
+from .official_attention import ATTENTION_LINE  # noqa: F401
+from .official_sampler import _SamplerSpec
 
 _FLEXTOK = _OfficialPackage(
     name="flextok",

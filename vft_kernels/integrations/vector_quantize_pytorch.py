@@ -11,11 +11,11 @@
 The patch replaces ``forward`` and ``indices_to_codes`` on that one instance (never the
 class): layout (``channel_first``, image / video inputs), ``project_in`` / ``project_out``,
 ``num_codebooks``, ``keep_num_codebooks_dim`` and ``return_indices`` behave as in the original,
-and codes and indices are bit-identical to it for float32 quantization (SPEC.md §4: except
+and codes and indices are bit-identical to it for float32 quantization (docs/spec.md §4: except
 tokens within 1e-5 of a rounding boundary). ``state_dict()`` is untouched; patching twice
 returns the existing handle.
 
-Bound formula: in 1.32.0 ``FSQ.bound`` is the SPEC.md §1 form (half_l = (L - 1)(1 + eps) / 2,
+Bound formula: in 1.32.0 ``FSQ.bound`` is the docs/spec.md §1 form (half_l = (L - 1)(1 + eps) / 2,
 shift = atanh(offset / half_l), eps = 1e-3, round half to even, codes q / (L // 2)) and
 ``codes_to_indices`` rounds a float32 sum, first dim least significant: bit-for-bit what the
 kernels compute. Only such configurations are patched, and ``patch`` also checks it on a probe
@@ -40,6 +40,7 @@ import types
 import torch
 
 from .. import fsq_indices_to_codes, fsq_quantize
+from ..ops.fsq import MAX_EXACT_CODEBOOK
 from ..testing import fsq_boundary_tokens
 from . import PatchHandle, existing_handle, override_reasons, patched_context
 
@@ -47,7 +48,6 @@ from . import PatchHandle, existing_handle, override_reasons, patched_context
 _COVERED_METHODS = ("forward", "quantize", "bound", "codes_to_indices", "indices_to_codes",
                     "_indices_to_codes", "indices_to_level_indices", "_scale_and_shift",
                     "_scale_and_shift_inverse", "maybe_apply_noise")
-_MAX_EXACT_CODEBOOK = 2**24  # float32 sums of integers are exact up to here
 _NAME = "vector_quantize_pytorch"
 
 
@@ -75,14 +75,14 @@ def _probe_mismatch(fsq, levels: tuple[int, ...]):
     ok = ~fsq_boundary_tokens(z, levels).to(z.device)
     same = (codes == ref_codes).all(-1) & (indices == ref_indices)
     if ref_codes.shape != codes.shape or not bool(same[ok].all()):
-        return "its quantize / codes_to_indices differ from SPEC.md §1 on a probe (another bound formula?)"
+        return "its quantize / codes_to_indices differ from docs/spec.md §1 on a probe (another bound formula?)"
     return None
 
 
 def _whole_instance_fallbacks(fsq, cls, levels: tuple[int, ...]) -> list[str]:
     reasons = override_reasons(fsq, cls, _COVERED_METHODS, ("forward", "indices_to_codes"))
     if getattr(fsq, "preserve_symmetry", False):
-        reasons.append("preserve_symmetry=True (symmetry-preserving bound: tanh then floor, not SPEC.md §1)")
+        reasons.append("preserve_symmetry=True (symmetry-preserving bound: tanh then floor, not docs/spec.md §1)")
     if getattr(fsq, "noise_dropout", 0.0) > 0:
         reasons.append(f"noise_dropout={fsq.noise_dropout} (random noise on the codes in training)")
     if getattr(fsq, "bound_hard_clamp", False):
@@ -91,7 +91,7 @@ def _whole_instance_fallbacks(fsq, cls, levels: tuple[int, ...]) -> list[str]:
         reasons.append("orthogonal_rotation=True")
     if getattr(fsq, "scale", None) is not None:
         reasons.append(f"scale={fsq.scale} (unused by vector-quantize-pytorch 1.32.0, not covered)")
-    if math.prod(levels) > _MAX_EXACT_CODEBOOK:
+    if math.prod(levels) > MAX_EXACT_CODEBOOK:
         reasons.append(f"codebook of {math.prod(levels)} > 2**24 codes (the original's float32 index sum is inexact)")
     if not reasons:
         mismatch = _probe_mismatch(fsq, levels)

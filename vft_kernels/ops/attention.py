@@ -1,4 +1,4 @@
-"""Register attention op (SPEC.md §2): argument checks, torch.library custom ops, autograd."""
+"""Register attention op (docs/spec.md §2): argument checks, torch.library custom ops, autograd."""
 from __future__ import annotations
 
 import math
@@ -202,7 +202,7 @@ _register_attention.register_autograd(_backward, setup_context=_setup_context)
 def register_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RegisterLayout,
                        keep: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                        return_lse: bool = False, cu_seqlens=None):
-    """Attention over interleaved ``[patches | registers]`` blocks (SPEC.md §2).
+    """Attention over interleaved ``[patches | registers]`` blocks (docs/spec.md §2).
 
     q, k, v: [B, H, N, D] (fp32/fp16/bf16, same dtype and device), N = layout.seq_len.
     keep: optional int tensor [B] in [0, R]: registers r >= keep[b] are dropped (never

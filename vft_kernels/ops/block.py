@@ -1,9 +1,9 @@
 """Transformer-block ops (docs/spec_block_ops.md): argument checks, torch.library custom
 ops, autograd, backends.
 
-* ``modulated_layer_norm(x, scale, shift, layout)``: LN(x) (1 + scale[sel]) + shift[sel]
+* ``modulated_layer_norm(x, layout, *, scale, shift)``: LN(x) (1 + scale[sel]) + shift[sel]
 * ``gated_residual(x, gate, h, layout)``: x + gate[sel] h
-* ``gated_residual_norm(x, gate, h, scale, shift, layout)``: both, in one pass
+* ``gated_residual_norm(x, gate, h, layout, *, scale, shift)``: both, in one pass
 * ``swiglu(gate_up, proj_weight=None)``: silu(gate) up (optionally @ proj_weight.T)
 * ``qk_rms_norm(qkv, heads, q_weight, k_weight)``: split + per-head RMSNorm of q and k
 * ``qk_layer_norm(qkv, heads)``: split + per-head LayerNorm (no weight or bias) of q and k
@@ -12,13 +12,15 @@ ops, autograd, backends.
 modulation tensors are ``[B, T, K, W]`` with ``K = 2`` (patch tokens ``s < P`` take kind 0,
 register tokens kind 1) or ``K = 1`` (shared). ``sel`` is never materialised.
 
+``scale`` and ``shift`` are keyword-only: DiT codebases write ``modulate(x, shift, scale)``,
+the reverse of the order in the formula, so a positional call could swap them silently.
+
 When the selected backend is ``reference`` the ops run the reference composition under
 plain autograd (what an unfused model does, the baseline of every comparison); kernel
 backends run as custom ops whose backward recomputes the normalisation statistics and
 the SiLU instead of storing them (less activation memory)."""
 from __future__ import annotations
 
-import os
 from typing import Optional, Union
 
 import torch
@@ -102,32 +104,17 @@ def _check_h(op: str, h, x: torch.Tensor) -> None:
 # Backend selection: the reference backend runs the plain composition under autograd.
 
 
-def _backend(op: str, key: tuple, device: torch.device, *args):
-    """(name, fn) of the backend that runs ``op`` for these arguments (memoised on key)."""
-    k = (op, key, device, dispatch.forced_backend(), os.environ.get("TRITON_INTERPRET"))
-    hit = _SELECTED.get(k)
-    if hit is None:
-        hit = dispatch.select(op, device, *args)
-        if len(_SELECTED) > 256:
-            _SELECTED.clear()
-        _SELECTED[k] = hit
-    return hit
-
-
-_SELECTED: dict = {}
-
-
 def _key(*tensors) -> tuple:
     return tuple(None if t is None else (t.dtype, t.dim()) for t in tensors)
 
 
 def _use_reference(op: str, device, args, tensors) -> bool:
-    return _backend(op, _key(*tensors), device, *args)[0] == "reference"
+    return dispatch.select_cached(op, _key(*tensors), device, *args)[0] == "reference"
 
 
 def _call(op: str, device, *args):
     tensors = [a for a in args if isinstance(a, torch.Tensor) or a is None]
-    return _backend(op, _key(*tensors), device, *args)[1](*args)
+    return dispatch.select_cached(op, _key(*tensors), device, *args)[1](*args)
 
 
 # --------------------------------------------------------------------------------------
@@ -343,9 +330,12 @@ _qk_layer_norm.register_autograd(_qk_ln_bwd, setup_context=_qk_ln_setup)
 # Public API
 
 
-def modulated_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, layout: LayoutArg,
+def modulated_layer_norm(x: torch.Tensor, layout: LayoutArg, *, scale: torch.Tensor, shift: torch.Tensor,
                          eps: float = 1e-6) -> torch.Tensor:
     """adaLN: ``LayerNorm(x) * (1 + scale[sel]) + shift[sel]`` (no LN affine, fp32 statistics).
+
+    ``scale`` and ``shift`` are keyword-only (DiT's ``modulate(x, shift, scale)`` takes them in
+    the other order): ``modulated_layer_norm(x, layout, scale=scale, shift=shift)``.
 
     x [B, T, S, W]; scale, shift [B, T, K, W] (K = 2: patch / register values, K = 1: shared);
     layout: the RegisterLayout of x (or the patch count P): token s of a block takes kind
@@ -375,11 +365,13 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, layout:
     return _block_norm(*args)[0]
 
 
-def gated_residual_norm(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, scale: torch.Tensor,
-                        shift: torch.Tensor, layout: LayoutArg, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_residual_norm(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, layout: LayoutArg, *,
+                        scale: torch.Tensor, shift: torch.Tensor,
+                        eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """The gated residual fused with the next modulated LayerNorm, in one pass:
-    ``x_new = x + gate[sel] * h`` and ``y = modulated_layer_norm(x_new, scale, shift)``
-    (the norm reads x_new rounded to x's dtype). Returns (x_new, y)."""
+    ``x_new = x + gate[sel] * h`` and ``y = modulated_layer_norm(x_new, layout, scale=scale,
+    shift=shift)`` (the norm reads x_new rounded to x's dtype). Returns (x_new, y).
+    ``scale`` and ``shift`` are keyword-only, as in :func:`modulated_layer_norm`."""
     op = "gated_residual_norm"
     _check_x(op, x)
     patches = _patches(op, x, layout)

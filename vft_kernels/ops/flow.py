@@ -1,4 +1,4 @@
-"""Flow ODE step ops (SPEC.md §3): argument checks, torch.library custom ops, backends.
+"""Flow ODE step ops (docs/spec.md §3): argument checks, torch.library custom ops, backends.
 
 Inference ops: when any input requires grad, the differentiable reference runs instead
 of a kernel."""
@@ -214,7 +214,7 @@ def flow_step(x: torch.Tensor, v_cond: torch.Tensor, t: Time, t_next: Time, v_un
               apg_momentum: float = 0.0, momentum: Optional[torch.Tensor] = None, reduce_ndim: int = 3,
               prefix: Optional[torch.Tensor] = None, prefix_len: int = 0,
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One Euler step of the flow ODE with fused guidance (SPEC.md §3).
+    """One Euler step of the flow ODE with fused guidance (docs/spec.md §3).
 
     x, v_cond, v_uncond: [B, ...] with at least reduce_ndim + 1 dims, same shape/dtype/device.
     t, t_next: floats or float tensors [B], t_next < t (sampling runs from 1 to 0).

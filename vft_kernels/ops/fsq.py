@@ -1,4 +1,4 @@
-"""FSQ op (SPEC.md §1): argument checks, torch.library custom ops, autograd, backends."""
+"""FSQ op (docs/spec.md §1): argument checks, torch.library custom ops, autograd, backends."""
 from __future__ import annotations
 
 import math
@@ -11,6 +11,10 @@ from .. import dispatch
 from ..reference import fsq as ref
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The largest codebook whose indices a float32 sum of integer terms gives exactly (2**24, the
+# float32 significand). Official FSQ implementations sum their index terms in float32, so
+# their tokens agree with vft's exact int32 / int64 indices only up to this size.
+MAX_EXACT_CODEBOOK = 2**24
 
 for _op in ("fsq_forward", "fsq_backward", "fsq_decode"):
     dispatch.register(_op, "reference", f"vft_kernels.reference.fsq:{_op}")

@@ -1,1 +1,1 @@
-"""Pure-PyTorch ground truth of every op (SPEC.md), one file per op: short and obviously right."""
+"""Pure-PyTorch ground truth of every op (docs/spec.md), one file per op: short and obviously right."""

@@ -1,8 +1,8 @@
-"""Reference register attention (SPEC.md §2): dense mask, float32 (float64 for float64 input)
+"""Reference register attention (docs/spec.md §2): dense mask, float32 (float64 for float64 input)
 softmax. Dropped query rows give exactly zero output and lse = -inf; they pass no gradient.
 For fp16 / bf16 inputs, P and dS are rounded to the inputs' dtype before their matrix
 products, as the flash-style kernels do (and as flash-attention's reference does), so the
-low-precision run measures the error those steps cause (SPEC.md §4).
+low-precision run measures the error those steps cause (docs/spec.md §4).
 
 Packed (varlen) calls, ``cu_seqlens`` given: sample ``s`` is tokens ``[cu[s], cu[s+1])`` of
 the one sequence (q is [1, H, N, D]) with ``(cu[s+1] - cu[s]) / (P + R)`` time blocks; each
@@ -20,7 +20,7 @@ def _operand(t, dtype):
     """``t`` rounded to ``dtype`` (and back) when that is fp16/bf16: the flash-style kernels
     feed P and dS to their matrix products in the inputs' dtype, and the low-precision
     reference takes the same rounding steps so that it measures the error those steps
-    cause (SPEC.md §4: the bound is twice the low-precision reference's error). Identity
+    cause (docs/spec.md §4: the bound is twice the low-precision reference's error). Identity
     in float32 / float64."""
     return t.to(dtype).to(t.dtype) if dtype in LOW_PRECISION else t
 

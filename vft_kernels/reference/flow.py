@@ -1,4 +1,4 @@
-"""Reference flow-matching ODE steps (SPEC.md §3): guidance (none / cfg / apg) + Euler
+"""Reference flow-matching ODE steps (docs/spec.md §3): guidance (none / cfg / apg) + Euler
 update, and the Heun update. Float32 math (float64 for float64 input), differentiable."""
 import torch
 

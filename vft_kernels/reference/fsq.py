@@ -1,7 +1,7 @@
-"""Reference FSQ (SPEC.md §1): finite scalar quantization, literally as specified.
+"""Reference FSQ (docs/spec.md §1): finite scalar quantization, literally as specified.
 
 Arithmetic is float32 for fp32/fp16/bf16 input, float64 for float64 input (the float64
-run is the ground truth of the tolerance rule, SPEC.md §4).
+run is the ground truth of the tolerance rule, docs/spec.md §4).
 """
 import math
 

@@ -1,4 +1,4 @@
-"""Register attention in Triton (SPEC.md §2): FlashAttention-2-style forward and backward.
+"""Register attention in Triton (docs/spec.md §2): FlashAttention-2-style forward and backward.
 
 Kernels (launched on a grid ``(tiles, H, B)``):
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the flow ODE step (SPEC.md §3), backend "triton".
+"""Triton kernels of the flow ODE step (docs/spec.md §3), backend "triton".
 
 Launches per step: one for ``none`` / ``cfg`` / Heun (a single pass over memory); two for
 ``apg`` — a reduction pass that writes per-(group, chunk) partial sums of
@@ -104,7 +104,7 @@ def _flow_update_kernel(out_ptr, x_ptr, a_ptr, b_ptr, m_ptr, prefix_ptr, part_pt
         dv = tl.sum(tl.load(pp + 1, mask=pm, other=0.0), axis=0)
         vv = tl.sum(tl.load(pp + 2, mask=pm, other=0.0), axis=0)
         norm = tl.sqrt(dd)
-        # c = min(1, thr / |d|), and 1 without a threshold or for |d| = 0 (0/0 -> 0 in SPEC terms)
+        # c = min(1, thr / |d|), and 1 without a threshold or for |d| = 0 (0/0 -> 0, docs/spec.md §3)
         # NaN |d| (a NaN / inf velocity) gives NaN, as the reference's clamp does
         r = apg_norm_threshold / norm
         c = tl.where((apg_norm_threshold > 0) & ~(r >= 1.0), r, 1.0)

@@ -1,4 +1,4 @@
-"""Triton FSQ kernels (SPEC.md §1): fused forward, fused backward, indices -> codes.
+"""Triton FSQ kernels (docs/spec.md §1): fused forward, fused backward, indices -> codes.
 
 Each program handles a tile of ``BLOCK_R`` rows x ``DP`` (next power of two >= d) dims of
 the [rows, d] view of the input, with int64 offsets and arbitrary (row, dim) strides. The
