@@ -105,7 +105,7 @@ with vk.use_backend("cpu"):
     xb = torch.randn(2, 2, 5, 8, requires_grad=True)
     gate, scale, shift = (torch.randn(2, 2, 2, 8, requires_grad=True) for _ in range(3))
     hb = torch.randn(2, 2, 5, 8, requires_grad=True)
-    x_new, yb = vk.gated_residual_norm(xb, gate, hb, scale, shift, lay)
+    x_new, yb = vk.gated_residual_norm(xb, gate, hb, lay, scale=scale, shift=shift)
     (x_new * torch.randn_like(x_new)).sum().add((yb * torch.randn_like(yb)).sum()).backward()
     gu = torch.randn(3, 4, 12, requires_grad=True)
     sw = vk.swiglu(gu)

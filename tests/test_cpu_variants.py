@@ -111,7 +111,7 @@ def test_block_ops_bitwise_equal_across_capabilities(dtype):
     def run():
         x, h, gate, scale, shift, gu, qkv, qw, kw = (t.clone().requires_grad_() for t in
                                                      (x0, h0, gate0, scale0, shift0, gu0, qkv0, qw0, kw0))
-        x_new, y = vk.gated_residual_norm(x, gate, h, scale, shift, lay)
+        x_new, y = vk.gated_residual_norm(x, gate, h, lay, scale=scale, shift=shift)
         sw = vk.swiglu(gu)
         q, k, v = vk.qk_rms_norm(qkv, 3, qw, kw)
         outs = (x_new, y, sw, q, k, v)
