@@ -1,4 +1,4 @@
-// CPU kernels of register attention (SPEC.md §2): FlashAttention-2-style tiles with an
+// CPU kernels of register attention (docs/spec.md §2): FlashAttention-2-style tiles with an
 // online softmax in float32. The tile schedule comes from vft/attention_tiles.h (the port
 // of vft_kernels/layout.py): fully masked tiles are never visited, fully allowed tiles
 // skip the mask, dropped query rows write zeros. Tile products are plain row-major
@@ -489,7 +489,7 @@ inline float row_exp64(float* row, float a, float m, uint16_t* p16) {
 // in its own scratch (L2-resident, no per-call buffers), V in column panels of kPanel
 // (brgemm's packed leading dimension is at most 64). Tasks are handed out a batch row's
 // query tiles at a time, so each tile is packed about once. P is rounded to bf16 before
-// P V, the rounding step the bf16 reference takes too (SPEC.md §4).
+// P V, the rounding step the bf16 reference takes too (docs/spec.md §4).
 constexpr int64_t kPanel = 64;
 
 // VNNI layout of a brgemm B operand [K, n] (bf16): element (k, j) at ((k / 2) * ld + j) * 2 + k % 2,

@@ -1,4 +1,4 @@
-// CPU kernels of the flow ODE step (SPEC.md §3): fused guidance + Euler update, Heun update.
+// CPU kernels of the flow ODE step (docs/spec.md §3): fused guidance + Euler update, Heun update.
 //
 // none / cfg / Heun: one pass, OpenMP over (sample, chunk) blocks. APG: OpenMP over groups;
 // each thread reduces its group (|d|^2, <d, v_cond>, |v_cond|^2 with d the momentum-updated
@@ -507,7 +507,7 @@ VFT_DECLARE_VARIANTS(flow_cpu, flow_heun_step_cpu)
 
 void bind_flow(pybind11::module_& m) {
   m.def("flow_step_cpu", VFT_DISPATCH(flow_cpu, flow_step_cpu),
-        "Fused guidance + Euler step (SPEC.md §3) on contiguous CPU tensors; writes out (may alias x) and "
+        "Fused guidance + Euler step (docs/spec.md §3) on contiguous CPU tensors; writes out (may alias x) and "
         "updates momentum in place.",
         pybind11::arg("out"), pybind11::arg("x"), pybind11::arg("v_cond"), pybind11::arg("v_uncond"),
         pybind11::arg("t"), pybind11::arg("t_next"), pybind11::arg("guidance"), pybind11::arg("scale"),

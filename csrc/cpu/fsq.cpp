@@ -1,4 +1,4 @@
-// CPU kernels of FSQ (SPEC.md §1): forward (codes + indices), backward, indices -> codes.
+// CPU kernels of FSQ (docs/spec.md §1): forward (codes + indices), backward, indices -> codes.
 //
 // Layout: z is viewed as [rows, d] with arbitrary (row, dim) strides. Rows are processed
 // in blocks of kRows; inside a block the kRows * d values are one flat array whose
@@ -143,7 +143,7 @@ constexpr Acc kNanBit = Acc(1) << (8 * sizeof(Acc) - 1);
 //   for the boundaries b_i = i + 0.5 - L // 2 (computed on the host in float64, rounded up
 //   to float32, ties to even built in; unused rows NaN). This is exact round(bounded) in
 //   real arithmetic: it differs from torch's float32 tanh only where bounded is within a
-//   few ulp of a boundary, the tokens SPEC.md §4 accepts either way. No tanh at all.
+//   few ulp of a boundary, the tokens docs/spec.md §4 accepts either way. No tanh at all.
 // * tanh (larger levels; the arithmetic the CUDA kernel runs, fsq_math.h).
 template <int D, typename Acc>
 void fwd_elements(const float* __restrict z, float* __restrict codes, Acc* __restrict contrib,

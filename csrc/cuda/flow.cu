@@ -1,4 +1,4 @@
-// CUDA kernels of the flow ODE step (SPEC.md §3). Same structure as the Triton kernels:
+// CUDA kernels of the flow ODE step (docs/spec.md §3). Same structure as the Triton kernels:
 // one launch for none / cfg / Heun; two for APG (per-(group, chunk) partial sums, then an
 // update pass whose blocks fold their group's partials into the APG coefficients and write
 // x_next, the momentum state and the prefix frames). Per-element math: vft/flow_math.h.

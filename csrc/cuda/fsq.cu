@@ -1,4 +1,4 @@
-// CUDA kernels of FSQ (SPEC.md §1), using the per-element math of vft/fsq_math.h (the same
+// CUDA kernels of FSQ (docs/spec.md §1), using the per-element math of vft/fsq_math.h (the same
 // code the CPU kernels run and the CPU tests validate). One thread per row of the
 // [rows, d] view (d <= 16 values, strided), grid-stride loop, int64 offsets.
 #include <ATen/ATen.h>

@@ -1,4 +1,4 @@
-// Per-element math of the flow ODE step (SPEC.md §3), shared by the CPU and CUDA kernels so
+// Per-element math of the flow ODE step (docs/spec.md §3), shared by the CPU and CUDA kernels so
 // that the CPU tests also validate the CUDA arithmetic. Everything is float32.
 //
 // APG in closed form: with d the momentum-updated v_cond - v_uncond, c = min(1, thr / |d|)

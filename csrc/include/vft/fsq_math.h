@@ -1,4 +1,4 @@
-// Per-element FSQ math (SPEC.md §1) shared by the CPU (csrc/cpu/fsq.cpp) and CUDA
+// Per-element FSQ math (docs/spec.md §1) shared by the CPU (csrc/cpu/fsq.cpp) and CUDA
 // (csrc/cuda/fsq.cu) kernels, so the CPU tests validate the arithmetic the GPU runs.
 //
 // Everything is branch-free float32 arithmetic (selects, no library calls except
