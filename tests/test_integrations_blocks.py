@@ -8,6 +8,7 @@ each mask mode, adaLN expansion 1 and 2, keeps that differ per sample, the uncon
 ``_run_length``); gradients through patched blocks against the official blocks; the patch
 lifecycle, threads, deep copies, and the steady path's host reads.
 """
+import contextlib
 import copy
 import importlib
 import os
@@ -321,11 +322,15 @@ def test_bf16_mode_runs_the_decoder_in_bf16_where_native():
     latents = sample_latents(V, [(3, 8, 8)] * 2)
     with torch.no_grad():
         quants = [model.regularizer.indices_to_embedding(t) for t in model.tokenize(latents)]
-    if not _native_bf16_cpu():
-        with pytest.warns(RuntimeWarning, match="no native bf16"):
-            handle = integration.patch(model, dtype=torch.bfloat16)
+    import vft_kernels as vk
+    below = [c for c in ("avx2", "baseline") if c in vk.cpu_capabilities().get("supported", ())]
+    for capped in ([None] if not _native_bf16_cpu() else []) + below[:1]:  # without native bf16
+        with vk.use_cpu_capability(capped) if capped else contextlib.nullcontext():
+            with pytest.warns(RuntimeWarning, match="no native bf16"):
+                handle = integration.patch(model, dtype=torch.bfloat16)
         assert "kept the model's dtype" in handle.summary()
         handle.unpatch()
+    if not _native_bf16_cpu():
         return
     ref32 = _trunk_outputs(model, latents, quants, [3, 6], torch.float32)
     ref64 = _trunk_outputs(_float64_twin(model), latents, quants, [3, 6], torch.float64)

@@ -135,7 +135,13 @@ def trunk_reasons(trunk, classes: dict) -> list[str]:
 
 
 def _native_bf16_cpu() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16)."""
+    """Whether the CPU kernels may use native bf16 products here: the capability vft runs at
+    (cpuid, capped by VFT_CPU_CAPABILITY) is AVX512-BF16 or AMX. Without the extension: the
+    CPU flags."""
+    from .. import cpu_capability
+    level = cpu_capability()
+    if level is not None:
+        return level in ("avx512_bf16", "amx")
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -157,7 +163,8 @@ def resolve_dtype(dtype, device: torch.device):
     if not native:
         import warnings
         warnings.warn(f"patch(dtype=torch.bfloat16): this {device.type} has no native bf16 arithmetic "
-                      "(AVX512-BF16 / AMX on a CPU); the blocks keep the model's dtype", RuntimeWarning, stacklevel=4)
+                      "(AVX512-BF16 / AMX on a CPU, at the capability VFT_CPU_CAPABILITY allows); the blocks keep "
+                      "the model's dtype", RuntimeWarning, stacklevel=4)
         return None, "; bf16 requested, kept the model's dtype (no native bf16 on this device)"
     return torch.bfloat16, "; in bf16 (norm statistics in float32)"
 
