@@ -98,7 +98,7 @@ def cmd_info(args) -> int:
     print(f"vft_kernels {vk.__version__}, torch {torch.__version__}")
     for op, devs in vk.available_backends().items():
         for dev, names in devs.items():
-            forced = dispatch.forced_backend()
+            forced = args.backend or dispatch.forced_backend()
             chosen = forced or (names[0] if names else "none")
             if forced and forced not in names:
                 chosen += " (forced, cannot run here)"
@@ -483,6 +483,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "(`vft info` lists them).", file=sys.stderr)
             return 2
     try:
+        if args.command == "info":  # it only reports: any backend, available on this build or not
+            return args.fn(args)
         with vk.use_backend(args.backend):
             return args.fn(args)
     except (ValueError, FileNotFoundError, vk.BackendUnavailableError, RuntimeError) as e:
