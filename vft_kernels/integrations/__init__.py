@@ -17,6 +17,7 @@ Optional dependencies: requirements-integrations.txt.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import weakref
 from typing import Callable, Optional
@@ -117,6 +118,28 @@ class PatchHandle:
                 o.__class__ = original
 
         self._undo.append(undo)
+
+
+class CallStats:
+    """Per-call counts of one handle's patched parts, shown live in its summary:
+    "<what> calls so far: N <on_vft>[ (note)], M <fell_back> (reason: count; ...)"."""
+
+    def __init__(self, what: str, on_vft: str, fell_back: str):
+        self.what, self.on_vft, self.fell_back = what, on_vft, fell_back
+        self.vft = 0
+        self.fallbacks = collections.Counter()
+
+    def note(self) -> str:
+        return ""
+
+    def lines(self) -> list[str]:
+        if not self.vft + sum(self.fallbacks.values()):
+            return [f"{self.what} calls so far: none"]
+        line = f"{self.what} calls so far: {self.vft} {self.on_vft}{self.note()}"
+        if self.fallbacks:
+            line += f", {sum(self.fallbacks.values())} {self.fell_back} (" + "; ".join(
+                f"{why}: {n}" for why, n in self.fallbacks.most_common()) + ")"
+        return [line]
 
 
 class _CopyGuard:

@@ -33,7 +33,6 @@ number of time blocks, and there is no ``score_mod``, ``rope_forward``, intermed
 output, active drop-path or dropout."""
 from __future__ import annotations
 
-import collections
 import functools
 import math
 import types
@@ -44,30 +43,20 @@ import torch.nn.functional as F
 
 from .. import (RegisterLayout, gated_residual, gated_residual_norm, modulated_layer_norm, qk_layer_norm,
                 register_attention, swiglu)
-from . import PatchHandle
+from . import CallStats, PatchHandle
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # float64: the reference ops
 
 
-class TrunkStats:
-    """Per-call counts of one handle's patched trunks (shown in its summary)."""
+class TrunkStats(CallStats):
+    """Per-call counts of one handle's patched trunks, and the rows that runs saved."""
 
     def __init__(self):
-        self.vft = 0
+        super().__init__("trunk", "on vft blocks", "ran the official blocks")
         self.rows_saved = 0
-        self.fallbacks = collections.Counter()
 
-    def lines(self) -> list[str]:
-        total = self.vft + sum(self.fallbacks.values())
-        if not total:
-            return ["trunk calls so far: none"]
-        line = f"trunk calls so far: {self.vft} on vft blocks"
-        if self.rows_saved:
-            line += f" ({self.rows_saved} identical register rows computed once)"
-        if self.fallbacks:
-            line += f", {sum(self.fallbacks.values())} ran the official blocks (" + "; ".join(
-                f"{why}: {n}" for why, n in self.fallbacks.most_common()) + ")"
-        return [line]
+    def note(self) -> str:
+        return f" ({self.rows_saved} identical register rows computed once)" if self.rows_saved else ""
 
 
 # --------------------------------------------------------------------------------------

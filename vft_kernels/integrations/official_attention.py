@@ -56,7 +56,7 @@ import torch
 
 from .. import RegisterLayout, register_attention
 from ..ops.attention import MAX_HEAD_DIM
-from . import PatchHandle
+from . import CallStats, PatchHandle
 
 ATTENTION_LINE = "attention: no official FlexAttention layer or sequence packer found (nothing to patch)"
 _ATTENTION_MODULE = "model.layers.attention"
@@ -188,22 +188,8 @@ def _plan_packed(mode: str, interleaved: bool, inner_shapes, outer_shapes, seq_l
     return _Plan(RegisterLayout(max(b for *_, b in per_sample), P, R, m), cu, seq_len)
 
 
-class _AttentionStats:
-    """Per-call counts of one handle's patched attention layers (shown in its summary)."""
-
-    def __init__(self):
-        self.vft = 0
-        self.fallbacks = collections.Counter()
-
-    def lines(self) -> list[str]:
-        total = self.vft + sum(self.fallbacks.values())
-        if not total:
-            return ["attention calls so far: none"]
-        line = f"attention calls so far: {self.vft} on vk.register_attention"
-        if self.fallbacks:
-            line += f", {sum(self.fallbacks.values())} fell back to FlexAttention (" + "; ".join(
-                f"{why}: {n}" for why, n in self.fallbacks.most_common()) + ")"
-        return [line]
+def _attention_stats() -> CallStats:
+    return CallStats("attention", "on vk.register_attention", "fell back to FlexAttention")
 
 
 def _plan_of(block_mask) -> Optional[_Plan]:
@@ -241,7 +227,7 @@ def _call_fallback(plan: Optional[_Plan], q, k, v, score_mod, kwargs) -> Optiona
     return None
 
 
-def _patch_attention_layer(handle: PatchHandle, layer, stats: _AttentionStats) -> None:
+def _patch_attention_layer(handle: PatchHandle, layer, stats: CallStats) -> None:
     original = layer.flex_attention
 
     def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, **kwargs):
@@ -363,7 +349,7 @@ def _patch_attention(pkg, handle: PatchHandle, model) -> None:
                       if hasattr(pack_mod, n)}
     layers = [(p, m) for p, m in model.named_modules() if flex_cls is not None and isinstance(m, flex_cls)]
     packers = [(p, m) for p, m in model.named_modules() if isinstance(m, tuple(packer_classes.values()))]
-    stats = _AttentionStats()
+    stats = _attention_stats()
 
     done, skipped = set(), collections.Counter()
     for _, m in layers:
