@@ -263,8 +263,8 @@ def test_official_fsq_matches_original(package, monkeypatch):
     with integration.patched(model, guidance=False) as handle:
         assert "fsq: 1 of 1 official FSQ module(s) patched" in handle.summary()
         got, got_bf16 = _fsq_outputs(fsq, z, z_list, tokens), fsq.forward_z(z.bfloat16())
-    # forward_z(z), the list (flextok packs it into one call), forward_z(bf16)
-    assert len(quantize_calls) == 1 + (1 if package == "flextok" else 2) + 1
+    # the patch-time probe, forward_z(z), the list (flextok packs it into one call), forward_z(bf16)
+    assert len(quantize_calls) == 1 + 1 + (1 if package == "flextok" else 2) + 1
     cases = [(z, ref[:2], got[:2]), (z.bfloat16().float(), ref_bf16, got_bf16)]
     cases += [(zi, (ref[2][i], ref[3][i]), (got[2][i], got[3][i])) for i, zi in enumerate(z_list)]
     for inputs, (q0, t0), (q1, t1) in cases:
@@ -294,6 +294,7 @@ def test_official_fsq_training_randomness_falls_back(package, monkeypatch):
     (q0, t0), e0 = run()
     calls = _count_calls(monkeypatch, importlib.import_module("vft_kernels.integrations.official_fsq"), "fsq_quantize")  # shared code
     with integration.patched(model):
+        calls.clear()  # the patch-time probe (it leaves the random stream alone: checked below)
         (q1, t1), e1 = run()
         assert not calls  # dropout / corruption: the original ran
         assert torch.equal(q1, q0) and torch.equal(t1, t0) and torch.equal(e1, e0)
@@ -519,3 +520,43 @@ def test_official_fsq_out_of_range_ids_wrap_like_the_original_without_a_host_rea
             monkeypatch.undo()
         assert len(decode) == 1 and not reads, (decode, reads)
         assert torch.equal(got, want), dtype
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_official_fsq_is_trusted_by_behaviour_not_class(package, monkeypatch):
+    """The official FSQ class with a changed method (as a new release could have) keeps the
+    original code: the patch-time probe compares its outputs with the kernels', and leaves the
+    random stream as it was (forward_z draws)."""
+    integration = _integration(package)
+    model = Tokenizer(package).eval()
+    cls = type(model.regularizer)
+    torch.manual_seed(7)
+    before = torch.rand(3)
+    torch.manual_seed(7)
+    with integration.patched(model, guidance=False) as handle:
+        assert "fsq: 1 of 1 official FSQ module(s) patched" in handle.summary()
+    assert torch.equal(torch.rand(3), before)  # the probe drew nothing from the global stream
+    original_bound = cls.bound
+    monkeypatch.setattr(cls, "bound", lambda self, z, *a, **k: original_bound(self, z * 0.5, *a, **k))
+    with integration.patched(model, guidance=False) as handle:
+        summary = handle.summary()
+    assert "fsq: 0 of 1 official FSQ module(s) patched" in summary
+    assert "differ from docs/spec.md §1 on a probe" in summary
+
+
+def test_sampler_loop_is_pinned_to_the_official_source(monkeypatch):
+    """The vft loop reproduces one version of the official sampler loop (a hash of its source
+    is pinned): a different official loop is reported and left to run as it is."""
+    import dataclasses
+    integration = _integration("videoflextok")
+    model = Tokenizer("videoflextok", pipeline=_pipeline_factory("videoflextok", "VideoMinRFPipeline"))
+    with integration.patched(model) as handle:
+        assert "guidance: sampler patched: VideoMinRFPipeline" in handle.summary()
+    pkg = integration._VIDEOFLEXTOK
+    spec = dataclasses.replace(pkg.samplers["VideoMinRFPipeline"], source="0123456789abcdef")
+    monkeypatch.setattr(integration, "_VIDEOFLEXTOK",
+                        dataclasses.replace(pkg, samplers={**pkg.samplers, "VideoMinRFPipeline": spec}))
+    with integration.patched(model) as handle:
+        summary = handle.summary()
+    assert "VideoMinRFPipeline at .pipeline not patched (its __call__ differs from the version" in summary
+    assert "known 0123456789abcdef" in summary

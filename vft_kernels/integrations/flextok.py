@@ -38,7 +38,8 @@ _FLEXTOK = _OfficialPackage(
         "MinRFPipeline": _SamplerSpec(
             params=("data_dict", "generator", "timesteps", "vae_image_sizes", "verbose", "guidance_scale",
                     "perform_norm_guidance"),
-            sizes="vae_image_sizes", video=False, apg=(-0.5, 0.0, 2.5), shared_momentum=False),
+            sizes="vae_image_sizes", video=False, apg=(-0.5, 0.0, 2.5), shared_momentum=False,
+            source="166d5c216a647ea2"),
     },
     unsupported={},
 )

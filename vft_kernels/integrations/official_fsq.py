@@ -14,7 +14,10 @@ noise when no generator is given) stay the same. Falls back to the original:
 * for the whole module, when a level's code does not map back to its token exactly in the
   original float32 arithmetic ((q / h) * h + h is inexact for some L // 2 = h >= 13, and the
   original truncates it, so its tokens differ from the exact ones), for codebooks above 2**24
-  codes, and for subclasses that override the quantization methods.
+  codes, for subclasses that override the quantization methods, and when the instance's own
+  ``forward_z`` / ``indices_to_embedding`` disagree with the kernels on a patch-time probe (the
+  class alone does not prove the behaviour; the probe runs in eval mode and leaves the global
+  random stream as it was).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 
 from .. import fsq_indices_to_codes, fsq_quantize
 from ..ops.fsq import MAX_EXACT_CODEBOOK
+from ..testing import fsq_boundary_tokens
 from . import PatchHandle, override_reasons
 
 _FSQ_METHODS = ("forward", "forward_z", "quantize", "bound", "codes_to_indices", "indices_to_embedding",
@@ -50,7 +54,39 @@ def _fsq_fallbacks(fsq, cls) -> list[str]:
     if inexact:
         reasons.append(f"levels {inexact}: the original's float32 code -> token arithmetic is inexact for them "
                        "(its tokens would differ from the exact ones)")
+    if not reasons:
+        mismatch = _probe_mismatch(fsq)
+        if mismatch:
+            reasons.append(mismatch)
     return reasons
+
+
+def _probe_mismatch(fsq):
+    """None if the instance's own ``forward_z`` and ``indices_to_embedding`` agree with the vft
+    kernels on a fixed random probe (tokens on a rounding boundary excused, docs/spec.md §4),
+    else why not: the class alone does not prove the behaviour (a new release, a patched
+    method). Runs in eval mode, without touching the global random stream (forward_z draws)."""
+    levels = tuple(int(L) for L in fsq._levels.tolist())
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(3, 173, len(levels), generator=g) * 2).to(fsq._levels.device)
+    ids = torch.arange(min(fsq.codebook_size, 4096), device=z.device)[None]
+    was_training = fsq.training
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            fsq.train(False)
+            ref_quant, ref_tokens = type(fsq).forward_z(fsq, z)
+            ref_codes = type(fsq).indices_to_embedding(fsq, ids)
+    except Exception as e:  # another release with other signatures: leave it alone
+        return f"the probe could not run the original quantizer ({type(e).__name__}: {e})"
+    finally:
+        fsq.train(was_training)
+    quant, tokens = fsq_quantize(z, levels)
+    ok = ~fsq_boundary_tokens(z, levels).to(z.device)
+    same = (quant == ref_quant).all(-1) & (tokens.long() == ref_tokens)
+    if ref_quant.shape != quant.shape or not bool(same[ok].all()) or \
+            not torch.equal(fsq_indices_to_codes(ids, levels), ref_codes.to(torch.float32)):
+        return "its forward_z / indices_to_embedding differ from docs/spec.md §1 on a probe (another release?)"
+    return None
 
 
 def _patch_fsq(handle: PatchHandle, fsq) -> None:

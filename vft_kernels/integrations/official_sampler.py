@@ -19,7 +19,9 @@ j's running average continues from sample j - 1's); the patch keeps that behavio
 the same state tensor to ``vk.flow_step`` for every sample) so results match the official
 sampler, although docs/spec.md §3 asks for per-sample state. The state lives in official
 MomentumBuffer objects, fresh for each call, as in the original. Falls back: to the official
-``__call__`` when a ``cfg_rescaler`` is given, and to the official guidance formula for a
+``__call__`` (not patched, reported) when its source differs from the version the vft loop
+reproduces (a hash of it is pinned per package: ``_SamplerSpec.source``), per call when a
+``cfg_rescaler`` is given, and to the official guidance formula for a
 sample whose latents and velocities differ in shape, dtype or device, have fewer than 4 dims,
 or whose momentum state does not fit it. Scheduler-based pipelines (``AnyResPipelineCond``,
 ``AnyResPipelineCondV2``: a diffusers scheduler makes the step) are reported, not patched.
@@ -27,8 +29,10 @@ or whose momentum state does not fit it. Scheduler-based pipelines (``AnyResPipe
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import sys
+import textwrap
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,6 +49,19 @@ class _SamplerSpec:
     video: bool  # [1, C, T, H, W] latents, with zero_noise / noise_list / prefix conditioning
     apg: Optional[tuple[float, float, float]]  # fixed (momentum, eta, norm_threshold); None: call args
     shared_momentum: bool  # the official code shares one MomentumBuffer across the batch
+    source: str = ""  # source_hash of the official __call__ this loop reproduces ("": not checked)
+
+
+def source_hash(fn) -> str:
+    """A short hash of ``fn``'s source (dedented, trailing spaces dropped): the vft loop
+    reproduces one version of the official sampler loop, and a changed loop (a new release)
+    must fall back to the official one instead of being replaced by an outdated copy."""
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return "unavailable"
+    src = "\n".join(line.rstrip() for line in textwrap.dedent(src).splitlines())
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
 _PATCHED_PIPELINE_CLASSES: dict[type, type] = {}  # official class -> its vft subclass
@@ -202,4 +219,7 @@ def _pipeline_fallback(pipe, cls: type, spec: _SamplerSpec) -> Optional[str]:
     params = tuple(inspect.signature(cls.__call__).parameters)[1:]
     if params != spec.params:
         return f"unrecognized __call__ signature {params} (this integration knows {spec.params})"
+    if spec.source and source_hash(cls.__call__) != spec.source:
+        return (f"its __call__ differs from the version this integration reproduces (source hash "
+                f"{source_hash(cls.__call__)}, known {spec.source}): the official loop runs")
     return None

@@ -37,11 +37,12 @@ _VIDEOFLEXTOK = _OfficialPackage(
         "VideoMinRFPipeline": _SamplerSpec(
             params=("data_dict", "generator", "timesteps", "video_sizes", "noise_list", "verbose", "guidance_scale",
                     "cfg_rescaler", "perform_norm_guidance", "momentum", "eta", "norm_threshold", "cond_type"),
-            sizes="video_sizes", video=True, apg=None, shared_momentum=True),
+            sizes="video_sizes", video=True, apg=None, shared_momentum=True, source="9d95e2a08c3cb202"),
         "MinRFPipeline": _SamplerSpec(
             params=("data_dict", "generator", "timesteps", "image_sizes", "verbose", "guidance_scale", "cfg_rescaler",
                     "perform_norm_guidance"),
-            sizes="image_sizes", video=False, apg=(-0.5, 0.0, 2.5), shared_momentum=True),
+            sizes="image_sizes", video=False, apg=(-0.5, 0.0, 2.5), shared_momentum=True,
+            source="dcf9339b45c4f014"),
     },
     unsupported={
         "AnyResPipelineCond": "scheduler-based (a diffusers scheduler makes the step)",
