@@ -415,10 +415,20 @@ GRID_STEPS = [dict(dim=128), dict(dim=512), dict(depth=2), dict(depth=8), dict(r
               dict(registers=256), dict(frames=1), dict(frames=8), dict(batch=1), dict(batch=4)]
 
 
-def grid(packages, reps: int, steps: int, device: str, variants) -> list[dict]:
+def grid(packages, reps: int, steps: int, device: str, variants, cells=None) -> list[dict]:
+    """``cells``: names such as "base", "dim=128" (default: every cell). Every cell compiles the
+    official FlexAttention for new shapes in this one process: Dynamo's recompile limit (8 by
+    default) would otherwise send later cells' official model to uncompiled FlexAttention."""
+    import torch._dynamo
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     rows = []
     for package in packages:
         for change in [{}] + GRID_STEPS:
+            name = ", ".join(f"{k}={v}" for k, v in change.items()) or "base"
+            if cells is not None and name not in cells:
+                continue
             cell = dict(GRID_BASE, **change)
             if package == "flextok" and "frames" in change:
                 continue  # images: no frames
@@ -428,7 +438,7 @@ def grid(packages, reps: int, steps: int, device: str, variants) -> list[dict]:
             got = measure(package, reps, steps, sizes=[size] * batch, device=device, model_size="medium",
                           variants=variants, overrides=cell)
             for r in got:
-                r["cell"] = ", ".join(f"{k}={v}" for k, v in change.items()) or "base"
+                r["cell"] = name
             rows += got
     return rows
 
@@ -497,6 +507,8 @@ def main(argv=None) -> int:
                    "where bf16 is not native)")
     p.add_argument("--grid", action="store_true", help="the never-slower grid (one factor at a time around the "
                    "medium model, both packages, --steps 1 unless given)")
+    p.add_argument("--cells", default=None, help="with --grid: comma-separated cells to run, e.g. "
+                   "base,dim=128,registers=16 (default: all)")
     p.add_argument("--profile", action="store_true", help="torch.profiler self-time breakdown of one detokenize, "
                    "official vs patched (medium model), instead of timings")
     p.add_argument("--eager-flex", action="store_true",
@@ -517,7 +529,8 @@ def main(argv=None) -> int:
     rows = []
     try:
         if args.grid:
-            rows = grid(packages, args.reps, args.steps or 1, args.device, variants)
+            rows = grid(packages, args.reps, args.steps or 1, args.device, variants,
+                        cells=args.cells.split(",") if args.cells else None)
         else:
             for package in packages:
                 steps = args.steps or (25 if args.model == "medium" else 4)
