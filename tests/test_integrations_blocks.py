@@ -5,7 +5,7 @@ every trunk output, padding rows included, under the docs/spec.md §4 rule again
 float64 run, for each block class (FlexBlock in the encoder, FlexBlockAdaLN in the decoder),
 each mask mode, adaLN expansion 1 and 2, keeps that differ per sample, the unconditional pass
 (null condition: every register row identical) and runs of mask tokens past keep (computed once:
-``_run_length``); gradients through patched blocks against the official blocks; the patch
+``_run_lengths``); gradients through patched blocks against the official blocks; the patch
 lifecycle, threads, deep copies, and the steady path's host reads.
 """
 import contextlib
@@ -138,8 +138,9 @@ def test_mask_token_runs_are_computed_once_and_match():
     ref64 = _trunk_outputs(model64, latents, quants, keep, torch.float64)
     with integration.patched(model) as handle:
         got = _trunk_outputs(model, latents, quants, keep, torch.float32)
-        # 2 samples x 3 frames, run of 8 - 5 = 3 mask tokens: 2 rows saved per group
-        assert "(12 identical register rows computed once)" in handle.summary()
+        # 3 frames per sample; runs of 8 - 2 = 6 and 8 - 5 = 3 mask tokens (each sample its own
+        # segment): 5 and 2 rows saved per group
+        assert "(21 identical register rows computed once)" in handle.summary()
         runner = vars(model.decoder.module_dict["dec_trunk"])["forward"].__func__._vft_runner
         runner.compress = False
         plain = _trunk_outputs(model, latents, quants, keep, torch.float32)
@@ -157,10 +158,13 @@ def test_no_runs_where_registers_are_causal():
     h = torch.zeros(1, 2, 7, 4)  # every row equal
     causal = _Plan(__import__("vft_kernels").RegisterLayout(2, 3, 4, "block_causal_last"), (0, 14), 14)
     symmetric = _Plan(__import__("vft_kernels").RegisterLayout(2, 7, 0, "block_causal"), (0, 14), 14)
-    assert runner._run_length(h, 3, causal) == 0
-    assert runner._run_length(h, 3, symmetric) == 4
+    assert runner._run_lengths(h, 3, causal) == [0]
+    assert runner._run_lengths(h, 3, symmetric) == [4]
     h[0, 1, 4] = 1.0  # one group's run now ends after 2 rows
-    assert runner._run_length(h, 3, symmetric) == 2
+    assert runner._run_lengths(h, 3, symmetric) == [2]
+    h2 = torch.zeros(2, 2, 7, 4)
+    h2[1, 0, 5] = 1.0  # the second sample's runs: 1 and 4 rows
+    assert runner._run_lengths(h2, 3, symmetric) == [4, 1]
 
 
 def test_backward_through_patched_blocks_matches_official_blocks(monkeypatch):
@@ -349,3 +353,35 @@ def test_bf16_mode_runs_the_decoder_in_bf16_where_native():
         torch.allclose(got[0], ref32[0], rtol=1e-5, atol=1e-5)  # encoder: float32
     assert not torch.allclose(got[1], ref32[1], rtol=1e-5, atol=1e-5), "the decoder did not run in bf16"
     assert_matches_reference("decoder trunk in bf16", got[1].to(torch.bfloat16), ref64[1], ref16[1], torch.bfloat16)
+
+
+@pytest.mark.parametrize("package,sizes,keep", [(V, [(3, 8, 8)] * 2, [3, 8]), (V, [(2, 4, 6)] * 3, None),
+                                                (F, [(8, 8)] * 2, [2, 8])])
+def test_guided_steps_pack_both_passes_in_one_call(package, sizes, keep):
+    """A guided step runs the conditional and the unconditional pass as one decoder call on
+    twice the samples; the trunk splits them into segments by their runs of identical register
+    rows (mask tokens past keep; the null condition), so one call mixes compressed and full
+    samples. The sampled latents match the official sampler's (two calls per step)."""
+    from benchmarks.bench_integrations import sample_latents
+    integration = _integration(package)
+    model = _tiny(package, registers=8)
+    latents = sample_latents(package, sizes)
+    with torch.no_grad():
+        tokens = model.tokenize(latents)
+        want = model.detokenize(tokens, sizes, steps=3, keep=keep)
+    calls = []
+    hook = model.decoder.register_forward_pre_hook(lambda m, args: calls.append(len(args[0]["eval_dropout_mask"])))
+    try:
+        with integration.patched(model) as handle, torch.no_grad():
+            got = model.detokenize(tokens, sizes, steps=3, keep=keep)
+            summary = handle.summary()
+    finally:
+        hook.remove()
+    assert calls == [2 * len(sizes)] * 3, calls  # one call per step, cond + uncond samples
+    assert "ran the official blocks" not in summary
+    T = sizes[0][0] if package == V else 1
+    # per step: each unconditional sample 8 - 1 rows per group; each conditional one 8 - keep - 1
+    saved = sum(7 + (max(8 - k - 1, 0) if 8 - k >= 2 else 0) for k in (keep or [8] * len(sizes))) * T * 3
+    assert f"({saved} identical register rows computed once)" in summary, summary
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)

@@ -33,6 +33,7 @@ number of time blocks, and there is no ``score_mod``, ``rope_forward``, intermed
 output, active drop-path or dropout."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import types
@@ -336,11 +337,13 @@ class _Trunk:
 
     # -- the blocks ----------------------------------------------------------------------
 
-    def _attention(self, block, y2d, w, layout, cu, aug=None):
-        """Self-attention of one block on normalised tokens y2d [L, W] -> [L, W]. ``aug``
-        (compressed runs): a [3, H, L, D + 1] buffer whose last column holds, for q, 1 and,
-        for k, log(weight) / scale (v: 0), so that key j counts as weight[j] identical keys in
-        the softmax, exactly; q, k, v are written into its first D columns."""
+    def _attention(self, block, y2d, w, segments):
+        """Self-attention of one block on normalised tokens y2d [L, W] -> [L, W]: the QKV and
+        output projections on all rows at once, the attention per segment (a run of samples
+        with one layout, see ``_segments``). A compressed segment's ``aug``: a [3, H, Ls, D + 1]
+        buffer whose last column holds, for q, 1 and, for k, log(weight) / scale (v: 0), so
+        that key j counts as weight[j] identical keys in the softmax, exactly; the segment's
+        q, k, v are written into its first D columns."""
         attn = block.attn
         H, Dh = attn.num_heads, attn.head_dim
         Lr = y2d.shape[0]
@@ -355,17 +358,25 @@ class _Trunk:
             q = F.layer_norm(parts[:, 0].float(), (Dh,), eps=attn.q_norm.eps).to(y2d.dtype)
             k = F.layer_norm(parts[:, 1].float(), (Dh,), eps=attn.k_norm.eps).to(y2d.dtype)
             q, k, v = (t.unsqueeze(0).permute(0, 2, 1, 3) for t in (q, k, parts[:, 2]))
-        if aug is not None:
-            if torch.is_grad_enabled():  # autograd keeps q, k, v: new tensors, not the shared buffer
-                q, k, v = (torch.cat([t[0], aug[j, :, :, Dh:]], dim=-1).unsqueeze(0) for j, t in enumerate((q, k, v)))
-            else:
-                for j, t in enumerate((q, k, v)):
-                    aug[j, :, :, :Dh].copy_(t[0])
-                q, k, v = (aug[j].unsqueeze(0) for j in range(3))
-        out = register_attention(q, k, v, layout, scale=scale, cu_seqlens=cu)[0]  # [H, L, D]
-        if aug is not None:
-            out = out[..., :Dh]
-        return F.linear(out.permute(1, 0, 2).reshape(Lr, H * Dh), w["proj"], w["proj_bias"])
+        outs = []
+        for seg in segments:
+            a, b = seg.rows
+            qs, ks, vs = (t[:, :, a:b] for t in (q, k, v)) if len(segments) > 1 else (q, k, v)
+            aug = seg.aug
+            if aug is not None:
+                if torch.is_grad_enabled():  # autograd keeps q, k, v: new tensors, not the shared buffer
+                    qs, ks, vs = (torch.cat([t[0], aug[j, :, :, Dh:]], dim=-1).unsqueeze(0)
+                                  for j, t in enumerate((qs, ks, vs)))
+                else:
+                    for j, t in enumerate((qs, ks, vs)):
+                        aug[j, :, :, :Dh].copy_(t[0])
+                    qs, ks, vs = (aug[j].unsqueeze(0) for j in range(3))
+            out = register_attention(qs, ks, vs, seg.layout, scale=scale, cu_seqlens=seg.cu)[0]  # [H, Ls, D]
+            if aug is not None:
+                out = out[..., :Dh]
+            outs.append(out.permute(1, 0, 2).reshape(b - a, H * Dh))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return F.linear(out, w["proj"], w["proj_bias"])
 
     @staticmethod
     def _mlp(y, w):
@@ -390,9 +401,10 @@ class _Trunk:
         bias and the MLP apply to them."""
         W, L = x.shape[2], plan.cu_seqlens[-1]
         h, pad = x[0, :L], x[0, L:]
+        whole = [_Segment(0, len(plan.cu_seqlens) - 1, 0, 0, 0, (0, L), plan.layout, plan.cu_seqlens, None)]
         for i, b in enumerate(self.trunk.blocks):
             y = F.layer_norm(h.float(), (W,), eps=b.norm1.eps).to(h.dtype)
-            h = h + self._attention(b, y, per_block[i], plan.layout, plan.cu_seqlens)
+            h = h + self._attention(b, y, per_block[i], whole)
             y = F.layer_norm(h.float(), (W,), eps=b.norm2.eps).to(h.dtype)
             h = h + self._mlp(y, per_block[i])
             if pad.shape[0]:
@@ -405,7 +417,10 @@ class _Trunk:
     def _run_adaln(self, x, plan, adaLN_emb, per_block, ada, ctx):
         """FlexBlockAdaLN over the real rows viewed as [B, T, S, W]; padding rows unchanged
         (their official modulation is zero, so gate 0). Runs of identical register rows at the
-        end of each attention group run as one row (see ``_run_length``)."""
+        end of each attention group run as one row (see ``_run_lengths``); samples whose runs
+        differ (the conditional and the unconditional half of a guided step packed in one
+        call) form segments: the linears run on the rows of all segments at once, the norms
+        and the attention per segment."""
         blocks = list(self.trunk.blocks)
         depth, W = len(blocks), x.shape[2]
         B, T, S = ctx["view"]
@@ -417,65 +432,124 @@ class _Trunk:
         mods = F.linear(emb, ada[0], ada[1])
         # [B, T, K, depth, 6, W]: the row of each (sample, block, kind), one small gather
         mods = mods.view(B, depth, n, 6, W).transpose(1, 2).reshape(B * n, depth, 6, W).to(x.dtype)[rows]
-
-        def chunk(i, c):  # [B, T, K, W]
-            return mods[:, :, :, i, c]
-
-        h = x[0, :L].view(B, T, S, W)
-        layout, cu, aug = plan.layout, plan.cu_seqlens, None
+        h_all = x[0, :L].view(B, T, S, W)
         shared = rows.shape[-1] == 1  # one modulation row per group: any trailing run qualifies
-        run = self._run_length(h, 0 if shared else P, plan)
-        if run >= 2:  # keep S - run rows and one row standing for the run
-            h = torch.cat([h[:, :, :S - run], h[:, :, S - 1:]], dim=2)
-            S = S - run + 1
-            P = S if shared else P
-            self.stats.rows_saved += B * T * (run - 1)
-            layout = RegisterLayout(1, T * S, 0, "full") if plan.layout.mode == "full" else \
-                RegisterLayout(T, S, 0, "block_causal")
-            cu = tuple(range(0, B * T * S + 1, T * S))
-            attn = blocks[0].attn
-            H, Dh = attn.num_heads, attn.head_dim
-            scale = attn.scale if attn.scale is not None else Dh ** -0.5
-            aug = x.new_empty(3, H, B * T * S, Dh + 1)
-            aug[0, ..., Dh] = 1.0
-            aug[1, ..., Dh] = 0.0
-            aug[1, :, S - 1::S, Dh] = math.log(run) / scale  # the last row of every group
-            aug[2, ..., Dh] = 0.0
-        Lc = B * T * S
+        segs = self._segments(h_all, P, shared, plan, x)
+        hs = []
+        for g in segs:
+            h = h_all[g.b0:g.b1]
+            if g.run >= 2:  # keep S - run rows and one row standing for the run
+                h = torch.cat([h[:, :, :S - g.run], h[:, :, S - 1:]], dim=2)
+                self.stats.rows_saved += (g.b1 - g.b0) * T * (g.run - 1)
+            hs.append(h)
+        one = len(segs) == 1
+
+        def chunk(g, i, c):  # [Bs, T, K, W]
+            return mods[g.b0:g.b1, :, :, i, c] if not one else mods[:, :, :, i, c]
+
+        def rows2d(ts):  # per-segment [Bs, T, Ss, W] -> [sum Ls, W]
+            return ts[0].reshape(-1, W) if one else torch.cat([t.reshape(-1, W) for t in ts])
+
+        def split(t2d, g):  # [sum Ls, W] -> this segment's [Bs, T, Ss, W]
+            return t2d[g.rows[0]:g.rows[1]].view(g.b1 - g.b0, T, g.S, W)
+
         GATE_MSA, GATE_MLP, SHIFT_MSA, SCALE_MSA, SHIFT_MLP, SCALE_MLP = range(6)
-        y = modulated_layer_norm(h, P, scale=chunk(0, SCALE_MSA), shift=chunk(0, SHIFT_MSA), eps=blocks[0].norm1.eps)
+        ys = [modulated_layer_norm(h, g.P, scale=chunk(g, 0, SCALE_MSA), shift=chunk(g, 0, SHIFT_MSA),
+                                   eps=blocks[0].norm1.eps) for g, h in zip(segs, hs)]
         for i, b in enumerate(blocks):
-            a = self._attention(b, y.view(Lc, W), per_block[i], layout, cu, aug).view(B, T, S, W)
-            h, y = gated_residual_norm(h, chunk(i, GATE_MSA), a, P, scale=chunk(i, SCALE_MLP),
-                                       shift=chunk(i, SHIFT_MLP), eps=b.norm2.eps)
-            m = self._mlp(y.view(Lc, W), per_block[i]).view(B, T, S, W)
-            if i + 1 < depth:
-                h, y = gated_residual_norm(h, chunk(i, GATE_MLP), m, P, scale=chunk(i + 1, SCALE_MSA),
-                                           shift=chunk(i + 1, SHIFT_MSA), eps=blocks[i + 1].norm1.eps)
-            else:
-                h = gated_residual(h, chunk(i, GATE_MLP), m, P)
-        if run >= 2:  # the run's rows are all equal to the row standing for it
-            h = torch.cat([h[:, :, :-1], h[:, :, -1:].expand(B, T, run, W)], dim=2)
+            a = self._attention(b, rows2d(ys), per_block[i], segs)
+            for j, g in enumerate(segs):
+                hs[j], ys[j] = gated_residual_norm(hs[j], chunk(g, i, GATE_MSA), split(a, g), g.P,
+                                                   scale=chunk(g, i, SCALE_MLP), shift=chunk(g, i, SHIFT_MLP),
+                                                   eps=b.norm2.eps)
+            m = self._mlp(rows2d(ys), per_block[i])
+            for j, g in enumerate(segs):
+                if i + 1 < depth:
+                    hs[j], ys[j] = gated_residual_norm(hs[j], chunk(g, i, GATE_MLP), split(m, g), g.P,
+                                                       scale=chunk(g, i + 1, SCALE_MSA),
+                                                       shift=chunk(g, i + 1, SHIFT_MSA), eps=blocks[i + 1].norm1.eps)
+                else:
+                    hs[j] = gated_residual(hs[j], chunk(g, i, GATE_MLP), split(m, g), g.P)
+        for j, g in enumerate(segs):
+            if g.run >= 2:  # the run's rows are all equal to the row standing for it
+                h = hs[j]
+                hs[j] = torch.cat([h[:, :, :-1], h[:, :, -1:].expand(h.shape[0], T, g.run, W)], dim=2)
+        h = hs[0] if one else torch.cat(hs)
         if L == x.shape[1]:
             return h.reshape(1, L, W)
         return torch.cat([h.reshape(1, L, W), x[:, L:]], dim=1)
 
-    def _run_length(self, h, P: int, plan) -> int:
-        """The number of trailing register rows of every attention group (a time block of a
-        sample; the whole sample for "full" masks) that are bitwise equal to its last row
-        (the smallest over the groups). Such rows stay equal through every block: they take
-        the same modulation row, see the same keys (tokens of one group are symmetric under
-        these masks) and run the same row-wise arithmetic; as keys they count once each,
-        which one row with a log(run) score offset reproduces. 0 when the mask is not
-        symmetric within groups (registers causal among themselves), on devices other than
-        the CPU (finding runs reads the comparison back: a sync), or when disabled."""
+    def _segments(self, h, P: int, shared: bool, plan, x) -> list:
+        """The samples of h [B, T, S, W] split into runs of consecutive samples with the same
+        run length (``_run_lengths``; below 2: none), each with its compressed group size,
+        rows in the concatenation of the segments, attention layout, offsets and, when
+        compressed, the augmented q/k/v buffer."""
+        B, T, S, W = h.shape
+        runs = self._run_lengths(h, 0 if shared else P, plan)
+        runs = [r if r >= 2 else 0 for r in runs]
+        attn = self.trunk.blocks[0].attn
+        H, Dh = attn.num_heads, attn.head_dim
+        scale = attn.scale if attn.scale is not None else Dh ** -0.5
+        segs, b0, row = [], 0, 0
+        while b0 < B:
+            b1 = b0 + 1
+            while b1 < B and runs[b1] == runs[b0]:
+                b1 += 1
+            run, Bs = runs[b0], b1 - b0
+            if run == 0:
+                Ss, Ps, layout = S, (S if shared else P), plan.layout
+                aug = None
+            else:
+                Ss = S - run + 1
+                Ps = Ss if shared else P
+                layout = RegisterLayout(1, T * Ss, 0, "full") if plan.layout.mode == "full" else \
+                    RegisterLayout(T, Ss, 0, "block_causal")
+                aug = x.new_empty(3, H, Bs * T * Ss, Dh + 1)
+                aug[0, ..., Dh] = 1.0
+                aug[1, ..., Dh] = 0.0
+                aug[1, :, Ss - 1::Ss, Dh] = math.log(run) / scale  # the last row of every group
+                aug[2, ..., Dh] = 0.0
+            Ls = Bs * T * Ss
+            cu = plan.cu_seqlens if (Bs == B and run == 0) else tuple(range(0, Ls + 1, T * Ss))
+            segs.append(_Segment(b0, b1, Ss, Ps, run, (row, row + Ls), layout, cu, aug))
+            b0, row = b1, row + Ls
+        return segs
+
+    def _run_lengths(self, h, P: int, plan) -> list[int]:
+        """Per sample, the number of trailing register rows of every attention group of it (a
+        time block; the whole sample for "full" masks) that are bitwise equal to the group's
+        last row (the smallest over its groups). Such rows stay equal through every block: they
+        take the same modulation row, see the same keys (tokens of one group are symmetric under
+        these masks) and run the same row-wise arithmetic; as keys they count once each, which
+        one row with a log(run) score offset reproduces. All 0 when the mask is not symmetric
+        within groups (registers causal among themselves), on devices other than the CPU
+        (finding runs reads the comparison back: a sync), or when disabled."""
+        B = h.shape[0]
         if not self.compress or h.device.type != "cpu" or h.shape[2] - P < 2 or \
                 not (plan.layout.mode == "full" or (plan.layout.mode == "block_causal" and plan.layout.registers == 0)):
-            return 0
+            return [0] * B
         regs = h[:, :, P:]
         same = (regs == regs[:, :, -1:]).all(-1)  # [B, T, R]
         trailing = same.flip(-1).to(torch.int32).cumprod(-1).sum(-1)
-        return int(trailing.min())
+        return trailing.amin(1).tolist()
+
+
+@dataclasses.dataclass
+class _Segment:
+    """Consecutive samples b0 .. b1 - 1 of a trunk call that run with one layout: S tokens per
+    group (after compression), the first P of them patches, ``run`` trailing register rows
+    computed as one (0: none), their ``rows`` in the concatenated rows of all segments, the
+    attention ``layout`` and offsets ``cu``, and the augmented q/k/v buffer of a compressed
+    segment (see ``_Trunk._attention``)."""
+    b0: int
+    b1: int
+    S: int
+    P: int
+    run: int
+    rows: tuple
+    layout: object
+    cu: tuple
+    aug: Optional[torch.Tensor]
 
 
 def patch_trunk(handle: PatchHandle, trunk, plan_of: Callable, stats: TrunkStats, compress: bool = True,

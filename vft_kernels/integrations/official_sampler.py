@@ -8,9 +8,14 @@ per sample for images [1, C, H, W], as in the official ``normalized_guidance``).
 patch gives that one pipeline instance a private subclass whose ``__call__`` is the vft loop
 (``isinstance`` still holds, ``unpatch`` restores ``__class__``; module globals are never
 touched). The loop reproduces the official one: argument defaults (read from the official
-signature), noise drawn in the same order with the same generator, ``copy.deepcopy`` of the
-data dict for the conditional and unconditional passes, ``eval_dropout_mask``, callable
-guidance scales, the pipeline's own conditioning helpers (clean / sdedit prefixes).
+signature), noise drawn in the same order with the same generator, a fresh copy of the data
+dict per model call (containers new, tensors cloned: what the official ``copy.deepcopy``
+guarantees), ``eval_dropout_mask``, callable guidance scales, the pipeline's own conditioning
+helpers (clean / sdedit prefixes). One difference in how the work is laid out, not in what
+it computes: a guided step runs the conditional and the unconditional pass as one model call
+on twice the samples (``_guided_pair``; the samples of a packed call do not see each other),
+which halves the per-call work and, on patched trunks, lets the unconditional half's
+identical register rows be computed once while the conditional half keeps all of its rows.
 Numerics: the official APG projection runs in float64, ``vk.flow_step`` accumulates its group
 reductions in float32 (within the docs/spec.md §4 tolerance; the integration tests check it).
 MomentumBuffer state: the official ``VideoMinRFPipeline`` / ``MinRFPipeline`` of this package
@@ -139,6 +144,51 @@ def _condition(pipe, latents, cond_latents, cond_type, noise, t):
     raise ValueError(f"Unknown cond_type: {cond_type}")
 
 
+def _fresh(value):
+    """A copy of a data dict (or a value in it) for one model call: the containers are new and
+    every tensor is cloned, so a module that writes into the dict or into a tensor in place
+    (the official null conditions overwrite their list's tensors in place) changes nothing
+    the loop keeps. What the official ``copy.deepcopy`` guarantees, without pickling-style
+    traversal of other objects (copied with ``copy.copy``)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _fresh(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_fresh(v) for v in value) if type(value) in (list, tuple) else copy.deepcopy(value)
+    return copy.copy(value)
+
+
+def _guided_pair(pipe, data_dict: dict, batch: int):
+    """(v_cond, v_uncond) of a guided step from one model call on 2 x batch samples: the
+    samples as they are, then the same samples with ``eval_dropout_mask`` set (the official
+    unconditional pass). Per-sample entries of the data dict are the lists of ``batch``
+    items (the official data dicts hold per-sample lists) and the timesteps tensor; None
+    (two calls, as officially) when another tensor of the dict has ``batch`` rows (it could
+    be per sample) or the model does not return 2 x batch outputs. Samples of one packed call
+    do not see each other (block-diagonal masks), so each output is the one of its own pass."""
+    if batch < 1:
+        return None
+    merged = {}
+    for k, v in data_dict.items():
+        if k == "eval_dropout_mask":
+            continue
+        if k == pipe.timesteps_read_key and isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == batch:
+            merged[k] = torch.cat([v, v])
+        elif type(v) in (list, tuple) and len(v) == batch:
+            merged[k] = type(v)(list(_fresh(v)) + list(_fresh(v)))
+        elif isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch:
+            return None
+        else:
+            merged[k] = _fresh(v)
+    mask = data_dict.get("eval_dropout_mask")
+    merged["eval_dropout_mask"] = (list(mask) if mask is not None else [False] * batch) + [True] * batch
+    out = pipe.model(merged)[pipe.reconst_write_key]
+    if not isinstance(out, (list, tuple)) or len(out) != 2 * batch:
+        return None
+    return list(out[:batch]), list(out[batch:])
+
+
 def _sample(pipe, spec: _SamplerSpec, mod, a: dict):
     """The official Euler sampling loop with the guided update on vk.flow_step.
     ``a``: the official ``__call__`` arguments (defaults applied); ``mod``: its module."""
@@ -170,13 +220,19 @@ def _sample(pipe, spec: _SamplerSpec, mod, a: dict):
         if cond_latents is not None:
             latents = _condition(pipe, latents, cond_latents, cond_type, noise, t)
         data_dict[noised_key] = latents
-        v_cond = pipe.model(copy.deepcopy(data_dict))[pipe.reconst_write_key]
-        v_uncond, scale = [None] * len(v_cond), 1.0
+        both = _guided_pair(pipe, data_dict, batch) if do_cfg else None
+        if both is not None:  # the conditional and the unconditional pass in one model call
+            v_cond, v_uncond = both
+        else:
+            v_cond = pipe.model(_fresh(data_dict))[pipe.reconst_write_key]
+            v_uncond = [None] * len(v_cond)
+            if do_cfg:
+                uncond_dict = _fresh(data_dict)
+                uncond_dict["eval_dropout_mask"] = [True] * len(v_cond)
+                v_uncond = pipe.model(uncond_dict)[pipe.reconst_write_key]
+        scale = 1.0
         if do_cfg:
             scale = guidance_scale(t) if callable(guidance_scale) else guidance_scale
-            uncond_dict = copy.deepcopy(data_dict)
-            uncond_dict["eval_dropout_mask"] = [True] * len(v_cond)
-            v_uncond = pipe.model(uncond_dict)[pipe.reconst_write_key]
         latents = [_euler_step(mod, x, vc, vu, t, t_next, dt, guidance, scale, apg, buffers[j])
                    for j, (x, vc, vu) in enumerate(zip(latents, v_cond, v_uncond))]
         if pbar is not None:
