@@ -385,3 +385,44 @@ def test_guided_steps_pack_both_passes_in_one_call(package, sizes, keep):
     assert f"({saved} identical register rows computed once)" in summary, summary
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_compile_of_a_patched_decoder_has_no_graph_break_in_vft():
+    """torch.compile of a patched model, cold and after an eager call: Dynamo traces the
+    patched trunk's blocks into one graph (the vft ops appear in it) and breaks nowhere in vft
+    code (the official wrapper's own ``torch.compiler.disable``d modules break where they do
+    unpatched); the compiled decoder gives the eager patched decoder's velocities."""
+    from benchmarks.bench_integrations import sample_latents
+    integration = _integration(V)
+    model = _tiny(V, registers=4)
+    sizes = [(2, 4, 4)] * 2
+    latents = sample_latents(V, sizes)
+    with torch.no_grad():
+        quants = [model.regularizer.indices_to_embedding(t) for t in model.tokenize(latents)]
+
+    def decode(noised):
+        data = {"quants": [q.clone() for q in quants], "noised_latents": list(noised),
+                "timesteps": torch.full((len(noised),), 0.5)}
+        return model.decoder(data)["velocity"]
+
+    def check(when):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(decode)(latents)
+        in_vft = [(b.reason.splitlines()[0], f.filename, f.lineno) for b in explained.break_reasons
+                  for f in b.user_stack if os.sep + "vft_kernels" + os.sep in f.filename]
+        assert in_vft == [], (when, in_vft)
+        code = "\n".join(g.code for g in explained.graphs)
+        for op in ("vft.block_norm", "vft.qk_layer_norm", "vft.register_attention", "vft.swiglu"):
+            assert op in code, (when, op)
+
+    try:
+        with integration.patched(model), torch.no_grad():
+            check("cold")
+            eager = decode(latents)
+            check("after an eager call (weights, plans and probes cached)")
+            torch._dynamo.reset()
+            compiled = torch.compile(decode, backend="aot_eager")(latents)
+        for c, e in zip(compiled, eager):
+            torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()

@@ -103,6 +103,16 @@ def _resolve(target):
 _REGISTRY: dict[tuple[str, str], _Entry] = {}
 
 
+def preload(*ops: str) -> None:
+    """Import the kernels of every registered backend of ``ops`` now (a failure is recorded
+    as that backend's reason, as on first use). For callers that will run these ops inside
+    torch.compile: Dynamo does not trace imports, so a first selection inside a graph would
+    break it."""
+    for (op, _), entry in list(_REGISTRY.items()):
+        if op in ops:
+            entry.load()
+
+
 def register(op: str, backend: str, target: str, devices=("cpu", "cuda"), check: Optional[str] = None):
     """Register ``target`` ("module:function") as ``backend``'s kernel for ``op``."""
     if op not in OPS:

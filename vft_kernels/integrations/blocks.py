@@ -201,8 +201,11 @@ class _Weights:
 
     def get(self, dtype):
         sources = self._sources()
-        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in sources):
-            return self._build(self.trunk, dtype)  # differentiable: built per call
+        if torch.compiler.is_compiling() or \
+                (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in sources)):
+            # differentiable, or inside a compiled graph (which cannot compare data pointers and
+            # must see weight updates): built per call, in the graph
+            return self._build(self.trunk, dtype)
         key = (dtype,) + tuple((p.data_ptr(), p._version, p.dtype, p.device) if p is not None else None
                                for p in sources)
         cached_key, value = self.cached
@@ -253,6 +256,11 @@ def _kind_split(packing_fn, n: int, view: tuple, infer: bool, L: int, device):
     if not torch.equal(got, want) or rows.min() < 0 or rows.max() >= B * n or rows.ne(rows.round()).any():
         return "adaLN packing does not give each (sample, time block, patch / register) group one modulation row"
     return P, rows.long().to(device), (B, T, S)
+
+
+# Under torch.compile the probe runs eagerly (a graph break on the first call of a shape only:
+# its result is cached per packing signature and read from the cache in later traces).
+_kind_split_eager = torch.compiler.disable(_kind_split)
 
 
 class _Trunk:
@@ -309,8 +317,8 @@ class _Trunk:
         key = (packing_fn.func.__code__, repr(sorted(kw.items())), cu, layout, n) if \
             isinstance(packing_fn, functools.partial) and hasattr(packing_fn.func, "__code__") and kw else None
         split = self._split.get(key) if key is not None else None
-        if split is None:
-            split = _kind_split(packing_fn, n, view, infer, cu[-1], x.device)
+        if split is None:  # a probe read back to the host: outside a compiled graph
+            split = _kind_split_eager(packing_fn, n, view, infer, cu[-1], x.device)
             if key is not None:
                 if len(self._split) > 64:
                     self._split.clear()
@@ -523,9 +531,10 @@ class _Trunk:
         these masks) and run the same row-wise arithmetic; as keys they count once each, which
         one row with a log(run) score offset reproduces. All 0 when the mask is not symmetric
         within groups (registers causal among themselves), on devices other than the CPU
-        (finding runs reads the comparison back: a sync), or when disabled."""
+        (finding runs reads the comparison back: a sync), under torch.compile (a graph cannot
+        depend on the data), or when disabled."""
         B = h.shape[0]
-        if not self.compress or h.device.type != "cpu" or h.shape[2] - P < 2 or \
+        if not self.compress or h.device.type != "cpu" or h.shape[2] - P < 2 or torch.compiler.is_compiling() or \
                 not (plan.layout.mode == "full" or (plan.layout.mode == "block_causal" and plan.layout.registers == 0)):
             return [0] * B
         regs = h[:, :, P:]
@@ -558,6 +567,9 @@ def patch_trunk(handle: PatchHandle, trunk, plan_of: Callable, stats: TrunkStats
     ``compress``: compute runs of identical register rows once; ``dtype``: run the blocks in
     this dtype (None: the input's)."""
     official = types.MethodType(type(trunk).forward, trunk)
+    from .. import dispatch
+    dispatch.preload("block_norm_forward", "block_norm_backward", "swiglu_forward", "swiglu_backward",
+                     "qk_norm_forward", "qk_norm_backward", "attention_forward", "attention_backward")
     runner = _Trunk(trunk, plan_of, stats, official, compress, dtype)
 
     def forward(self, data_dict):
