@@ -280,7 +280,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _workloads(model: TinyOfficial, sizes: list, steps: int):
+def _workloads(model: TinyOfficial, sizes: list, steps: int, coarse_keep: Optional[int] = None):
+    """tokenize, detokenize from all tokens and, with ``coarse_keep``, detokenize from the first
+    ``coarse_keep`` tokens per frame / image (the coarse-to-fine use: a prefix of the tokens)."""
     latents = sample_latents(model.package, sizes, model.channels, device=model.device)
     with torch.no_grad():
         tokens = model.tokenize(latents)
@@ -289,11 +291,15 @@ def _workloads(model: TinyOfficial, sizes: list, steps: int):
         with torch.no_grad():
             return model.tokenize(latents)
 
-    def detokenize():
+    def detokenize(keep=None):
         with torch.no_grad():
-            return model.detokenize(tokens, sizes, steps=steps)
+            return model.detokenize(tokens, sizes, steps=steps, keep=keep)
 
-    return {"tokenize": tokenize, f"detokenize {steps} steps apg": detokenize}
+    loads = {"tokenize": tokenize, f"detokenize {steps} steps apg": detokenize}
+    if coarse_keep:
+        loads[f"detokenize {steps} steps apg keep {coarse_keep}"] = \
+            lambda: detokenize([coarse_keep] * len(sizes))
+    return loads
 
 
 VARIANTS = {  # name -> patch() options (None: the official model as shipped)
@@ -350,8 +356,9 @@ def measure(package: str, reps: int, steps: int, sizes: Optional[list] = None, e
                 handles[v] = None  # bf16 not available here: the variant would time float32 again
                 models.pop(v)
     variants = [v for v in variants if v in models]
-    loads = {v: _workloads(models[v], sizes, steps) for v in variants}
-    names = [n for n in loads[variants[0]] if workloads is None or any(w in n for w in workloads)]
+    coarse = spec["registers"] // 4 if model_size == "medium" and spec.get("registers", 0) >= 8 else None
+    loads = {v: _workloads(models[v], sizes, steps, coarse) for v in variants}
+    names = [n for n in loads[variants[0]] if workloads is None or n in workloads]
     rows = []
     for name in names:
         times = {v: [] for v in variants}
@@ -436,7 +443,8 @@ def grid(packages, reps: int, steps: int, device: str, variants, cells=None) -> 
             size = (frames, 16, 16) if package == "videoflextok" else (16, 16)
             print(f"-- {package} cell {change or 'base'}", flush=True)
             got = measure(package, reps, steps, sizes=[size] * batch, device=device, model_size="medium",
-                          variants=variants, overrides=cell)
+                          variants=variants, overrides=cell,
+                          workloads=("tokenize", f"detokenize {steps} steps apg"))
             for r in got:
                 r["cell"] = name
             rows += got

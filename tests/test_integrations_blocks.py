@@ -122,6 +122,31 @@ def test_patched_trunks_match_official(package, enc_mode, dec_mode, sizes, regis
         assert ("identical register rows computed once" in lines) == (dec_mode != "causal")
 
 
+@pytest.mark.parametrize("package", [V, F])
+def test_padded_hidden_width_matches_official(package):
+    """Width 128: the official GatedMlp's hidden width int(2/3 * 4 * 128) = 341 is padded to 352
+    (zero gate/up rows, zero down columns) in the cached weights; the trunks still match the
+    official ones within the rule."""
+    from benchmarks.bench_integrations import sample_latents
+    integration = _integration(package)
+    model = _tiny(package, dim=128, head_dim=32, registers=4)
+    model64 = _float64_twin(model)
+    sizes = [(2, 4, 4)] * 2 if package == V else [(4, 4)] * 2
+    latents = sample_latents(package, sizes)
+    with torch.no_grad():
+        quants = [model.regularizer.indices_to_embedding(t) for t in model.tokenize(latents)]
+    ref32 = _trunk_outputs(model, latents, quants, None, torch.float32)
+    ref64 = _trunk_outputs(model64, latents, quants, None, torch.float64)
+    with integration.patched(model):
+        got = _trunk_outputs(model, latents, quants, None, torch.float32)
+        runner = vars(model.decoder.module_dict["dec_trunk"])["forward"].__func__._vft_runner
+        per_block, _ = runner.weights.get(torch.float32)
+        assert model.decoder.module_dict["dec_trunk"].blocks[0].mlp.fc1.out_features == 341
+        assert per_block[0]["gate_up"].shape == (704, 128) and per_block[0]["down"].shape == (128, 352)
+    assert_matches_reference("encoder trunk, padded MLP", got[0], ref64[0], ref32[0], torch.float32)
+    assert_matches_reference("decoder trunk, padded MLP", got[1], ref64[1], ref32[1], torch.float32)
+
+
 def test_mask_token_runs_are_computed_once_and_match():
     """Conditional pass with keep < R in every sample: the mask tokens past the largest keep form
     a run in every group; the compressed trunk matches the official one, and an uncompressed

@@ -165,7 +165,8 @@ def resolve_dtype(dtype, device: torch.device):
 
 class _Weights:
     """The trunk's weights as the vft blocks use them, in the compute dtype: per block the
-    concatenated QKV [3W, W] and gate/up [2Hd, W] weights, the output and down projections
+    concatenated QKV [3W, W] and gate/up [2Hd, W] weights (Hd: the hidden width, padded, see
+    ``gate_up_down``), the output and down projections
     (and their biases); all blocks' adaLN modulations [depth n 6 W, W] (+ bias, float32).
     Rebuilt when a source tensor changes (data pointer or version counter)."""
 
@@ -187,11 +188,27 @@ class _Weights:
         def cast(t):
             return None if t is None else t.to(dtype)
 
+        def gate_up_down(mlp):
+            # The hidden width padded with zero rows (gate, up) and zero columns (down) to a
+            # multiple of 32: silu(0) * 0 = 0 adds nothing, and the gate/up GEMM's N = 2 H then
+            # is a multiple of 64 (the official 2/3 * 4 D gives e.g. H = 682, N = 1364, which
+            # ran at 129 GFLOPS against 188 at 1408 in MKL's sgemm on an AVX-512 EPYC).
+            H = mlp.fc1.out_features
+            pad = -H % 32 if H % 32 and -H % 32 <= H // 16 else 0
+            fc1, fc3, fc2 = mlp.fc1.weight, mlp.fc3.weight, mlp.fc2.weight
+            if pad:
+                rows = fc1.new_zeros(pad, fc1.shape[1])
+                fc1, fc3 = torch.cat([fc1, rows]), torch.cat([fc3, rows])
+                fc2 = torch.cat([fc2, fc2.new_zeros(fc2.shape[0], pad)], dim=1)
+            return torch.cat([fc1, fc3]).to(dtype), fc2.to(dtype)
+
         blocks = list(trunk.blocks)
-        per_block = [{"qkv": torch.cat([b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight]).to(dtype),
-                      "proj": cast(b.attn.proj.weight), "proj_bias": cast(b.attn.proj.bias),
-                      "gate_up": torch.cat([b.mlp.fc1.weight, b.mlp.fc3.weight]).to(dtype),
-                      "down": cast(b.mlp.fc2.weight), "down_bias": cast(b.mlp.fc2.bias)} for b in blocks]
+        per_block = []
+        for b in blocks:
+            gate_up, down = gate_up_down(b.mlp)
+            per_block.append({"qkv": torch.cat([b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight]).to(dtype),
+                              "proj": cast(b.attn.proj.weight), "proj_bias": cast(b.attn.proj.bias),
+                              "gate_up": gate_up, "down": down, "down_bias": cast(b.mlp.fc2.bias)})
         ada = None
         if hasattr(blocks[0], "adaLN_modulation"):
             lins = [b.adaLN_modulation[1] for b in blocks]
