@@ -127,3 +127,16 @@ def _token_sensitive(model, seed: int = 0):
 def token_sensitive():
     """``token_sensitive(model)``: see _token_sensitive."""
     return _token_sensitive
+
+
+@pytest.fixture(autouse=True)
+def _vft_blocks_without_per_shape_choice(request, monkeypatch):
+    """The integration tests check the numbers of the vft blocks themselves: on tiny models the
+    per-shape choice (``blocks._Tuner``) would send some calls to the official blocks. Tests of
+    that choice opt back in with ``@pytest.mark.tune_blocks``."""
+    if "integrations" in request.node.module.__name__ and request.node.get_closest_marker("tune_blocks") is None:
+        try:
+            from vft_kernels.integrations import blocks
+        except ImportError:
+            return
+        monkeypatch.setattr(blocks, "TUNE", False)

@@ -451,3 +451,61 @@ def test_torch_compile_of_a_patched_decoder_has_no_graph_break_in_vft():
             torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.tune_blocks
+@pytest.mark.parametrize("official_faster", [True, False])
+def test_per_shape_choice_keeps_the_faster_blocks(monkeypatch, official_faster):
+    """patch(blocks=True) on the CPU: the first calls of a call shape alternate between the vft
+    and the official blocks (one untimed call each, then TUNE_CALLS timed ones); later calls of
+    that shape run the faster, and print(handle) says which with the times. The clock is faked
+    so that the test decides which is faster. blocks="always" never runs the official blocks."""
+    from vft_kernels.integrations import blocks
+    integration = _integration(V)
+    model = _tiny(V, registers=4)
+    from benchmarks.bench_integrations import sample_latents
+    latents = sample_latents(V, [(2, 4, 4)] * 2)
+    with torch.no_grad():
+        quants = [model.regularizer.indices_to_embedding(t) for t in model.tokenize(latents)]
+        want = model.decode_step(quants, latents, 0.5)
+    now = [0.0]
+    monkeypatch.setattr(blocks, "_clock", lambda: now[0])
+    real_run, real_official = blocks._Trunk.run, None
+    slow, fast = 2.0, 1.0
+
+    def vft_run(self, *a):
+        now[0] += fast if not official_faster else slow
+        return real_run(self, *a)
+
+    monkeypatch.setattr(blocks._Trunk, "run", vft_run)
+    with integration.patched(model) as handle, torch.no_grad():
+        runner = vars(model.decoder.module_dict["dec_trunk"])["forward"].__func__._vft_runner
+        official = runner.official_forward
+
+        def timed_official(d):
+            now[0] += slow if not official_faster else fast
+            return official(d)
+
+        runner.official_forward = timed_official
+        n_trial = 2 * (blocks.TUNE_CALLS + 1)
+        for _ in range(n_trial + 3):
+            got = model.decode_step(quants, latents, 0.5)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+        summary = handle.summary()
+    # the decoder trunk: TUNE_CALLS + 1 calls of each path, then 3 of the faster one
+    line = next(x for x in summary.splitlines() if "trunk calls so far" in x)
+    if official_faster:
+        assert f"measured faster at this call shape: 3" in line, line
+        assert "official blocks (faster at this shape): 1000.00 ms on vft blocks vs 2000.00 ms" not in summary
+        assert "dec_trunk [1, " in summary and "official blocks (faster at this shape): 2000.00 ms on vft blocks " \
+            "vs 1000.00 ms official" in summary, summary
+    else:
+        assert "measured faster" not in line, line
+        assert "vft blocks: 1000.00 ms on vft blocks vs 2000.00 ms official" in summary, summary
+    with integration.patched(model, blocks="always") as handle, torch.no_grad():
+        for _ in range(n_trial):
+            model.decode_step(quants, latents, 0.5)
+        assert "ran the official blocks" not in handle.summary() and "no per-shape choice" in handle.summary()
+    with pytest.raises(ValueError, match="blocks must be True"):
+        integration.patch(model, blocks="sometimes")

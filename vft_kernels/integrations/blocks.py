@@ -36,6 +36,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
+import time
 import types
 from typing import Callable, Optional
 
@@ -50,14 +52,78 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # float
 
 
 class TrunkStats(CallStats):
-    """Per-call counts of one handle's patched trunks, and the rows that runs saved."""
+    """Per-call counts of one handle's patched trunks, the rows that runs saved, and the
+    per-shape choices between the vft and the official blocks."""
 
     def __init__(self):
         super().__init__("trunk", "on vft blocks", "ran the official blocks")
         self.rows_saved = 0
+        self.choices: dict = {}  # call shape -> what was chosen and why (the measured times)
 
     def note(self) -> str:
         return f" ({self.rows_saved} identical register rows computed once)" if self.rows_saved else ""
+
+    def lines(self) -> list[str]:
+        out = super().lines()
+        for shape, text in list(self.choices.items()):
+            out.append(f"  trunk call shape {shape}: {text}")
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Per-shape choice: the vft blocks or the official ones, whichever measured faster
+
+# Timed calls per path before a shape's choice is made (after one untimed warm-up call of
+# each); tests of the vft blocks' numbers set TUNE = False (always the vft blocks).
+TUNE = True
+TUNE_CALLS = 3
+_clock = time.perf_counter
+
+
+class _Tuner:
+    """For ``patch(blocks=True)`` on the CPU: the first calls of each call shape (input shape,
+    dtype, packing, thread count) alternate between the vft and the official blocks, one
+    untimed call of each and then ``TUNE_CALLS`` timed ones; the faster (by its fastest call)
+    runs every later call of that shape, and the summary says which and the times. Where
+    overhead dominates (narrow models, few tokens) the official blocks can win. Only calls
+    without autograd are timed (a training step runs the vft blocks); the choice can differ
+    between machines and runs, with outputs equal within the tolerance rule either way
+    (``blocks="always"`` pins the vft blocks)."""
+
+    def __init__(self, stats: TrunkStats, name: str):
+        self.stats, self.name = stats, name
+        self.state: dict = {}
+        self.lock = threading.Lock()
+
+    def next_path(self, sig) -> str:
+        with self.lock:
+            st = self.state.get(sig)
+            if st is None:
+                if len(self.state) > 256:
+                    self.state.clear()
+                st = self.state[sig] = {"runs": {"vft": 0, "official": 0}, "times": {"vft": [], "official": []},
+                                        "choice": None}
+            if st["choice"] is not None:
+                return st["choice"]
+            runs = st["runs"]
+            return "vft" if runs["vft"] <= runs["official"] else "official"
+
+    def record(self, sig, path: str, seconds: float, shape: str) -> None:
+        with self.lock:
+            st = self.state.get(sig)
+            if st is None or st["choice"] is not None:
+                return
+            st["runs"][path] += 1
+            if st["runs"][path] > 1:  # the first call of each path warms its caches
+                st["times"][path].append(seconds)
+            t = st["times"]
+            if min(len(t["vft"]), len(t["official"])) >= TUNE_CALLS:
+                fast_vft, fast_off = min(t["vft"]), min(t["official"])
+                st["choice"] = "vft" if fast_vft <= fast_off else "official"
+                which = "vft blocks" if st["choice"] == "vft" else "official blocks (faster at this shape)"
+                self.stats.choices[f"{self.name} {shape}"] = (
+                    f"{which}: {1e3 * fast_vft:.2f} ms on vft blocks vs {1e3 * fast_off:.2f} ms official "
+                    f"(fastest of {TUNE_CALLS} timed calls each)")
 
 
 # --------------------------------------------------------------------------------------
@@ -284,8 +350,9 @@ class _Trunk:
     """The vft forward of one official FlexTransformer instance."""
 
     def __init__(self, trunk, plan_of: Callable, stats: TrunkStats, official_forward, compress: bool = True,
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None, tune: bool = True, name: str = "trunk"):
         self.trunk = trunk
+        self.tuner = _Tuner(stats, name) if tune else None
         self.compress = compress
         self.dtype = dtype  # bf16 mode: linears, attention and the residual stream in this dtype
         self.plan_of = plan_of
@@ -356,8 +423,22 @@ class _Trunk:
         if isinstance(ctx, str):
             self.stats.fallbacks[ctx] += 1
             return self.official_forward(data_dict)
-        self.stats.vft += 1
-        data_dict[t.output_seq_write_key] = self.run(x, plan, adaLN_emb, ctx)
+        if self.tuner is None or not TUNE or torch.is_grad_enabled() or x.device.type != "cpu" or \
+                torch.compiler.is_compiling():
+            self.stats.vft += 1
+            data_dict[t.output_seq_write_key] = self.run(x, plan, adaLN_emb, ctx)
+            return data_dict
+        sig = (tuple(x.shape), x.dtype, plan.cu_seqlens, plan.layout, torch.get_num_threads())
+        path = self.tuner.next_path(sig)
+        t0 = _clock()
+        if path == "official":
+            self.stats.fallbacks["measured faster at this call shape" if self.tuner.state[sig]["choice"] else
+                                 "timed against the vft blocks on the first calls of a shape"] += 1
+            data_dict = self.official_forward(data_dict)
+        else:
+            self.stats.vft += 1
+            data_dict[t.output_seq_write_key] = self.run(x, plan, adaLN_emb, ctx)
+        self.tuner.record(sig, path, _clock() - t0, f"{list(x.shape)} {str(x.dtype).replace('torch.', '')}")
         return data_dict
 
     # -- the blocks ----------------------------------------------------------------------
@@ -579,15 +660,16 @@ class _Segment:
 
 
 def patch_trunk(handle: PatchHandle, trunk, plan_of: Callable, stats: TrunkStats, compress: bool = True,
-                dtype: Optional[torch.dtype] = None) -> None:
+                dtype: Optional[torch.dtype] = None, tune: bool = True, name: str = "trunk") -> None:
     """Give ``trunk`` (an official FlexTransformer of the known form) the vft forward;
     ``compress``: compute runs of identical register rows once; ``dtype``: run the blocks in
-    this dtype (None: the input's)."""
+    this dtype (None: the input's); ``tune``: per call shape, the vft or the official blocks,
+    whichever measured faster on the first calls (``_Tuner``)."""
     official = types.MethodType(type(trunk).forward, trunk)
     from .. import dispatch
     dispatch.preload("block_norm_forward", "block_norm_backward", "swiglu_forward", "swiglu_backward",
                      "qk_norm_forward", "qk_norm_backward", "attention_forward", "attention_backward")
-    runner = _Trunk(trunk, plan_of, stats, official, compress, dtype)
+    runner = _Trunk(trunk, plan_of, stats, official, compress, dtype, tune, name)
 
     def forward(self, data_dict):
         return runner(data_dict)

@@ -45,18 +45,22 @@ _FLEXTOK = _OfficialPackage(
 )
 
 
-def patch(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks: bool = True,
+def patch(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks=True,
           dtype: Optional[torch.dtype] = None) -> PatchHandle:
     """Run the official FlexTok ``model`` (or any nn.Module containing its parts) on the vft
     kernels: FSQ on vk.fsq_quantize / vk.fsq_indices_to_codes (``fsq``), the FlexAttention calls
     over packed sequences on vk.register_attention (``attention``), the sampler's guidance +
-    Euler update on vk.flow_step (``guidance``). Returns a PatchHandle (``summary()``,
+    Euler update on vk.flow_step (``guidance``), whole transformer trunks on fused vft ops
+    (``blocks``, needs ``attention``; on the CPU, per call shape, the official blocks where they
+    measured faster on the first calls; ``blocks="always"`` pins the vft blocks),
+    ``dtype=torch.bfloat16``: the decoder trunks in bf16 where it is native (see
+    ``vft_kernels.integrations.videoflextok.patch``). Returns a PatchHandle (``summary()``,
     ``unpatch()``). Raises TypeError if ``model`` is not an nn.Module, ValueError if nothing
     patchable is found."""
     return _patch_official(_FLEXTOK, model, fsq, attention, guidance, blocks, dtype)
 
 
-def patched(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks: bool = True,
+def patched(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks=True,
             dtype: Optional[torch.dtype] = None):
     """Context manager: ``patch(model, ...)`` for the ``with`` block, undone on exit (unless
     the model was already patched before the block)."""

@@ -28,7 +28,7 @@ class _OfficialPackage:
     unsupported: dict  # pipeline class name -> why it is not patched
 
 
-def _patch_trunks(pkg: _OfficialPackage, handle: PatchHandle, model, dtype=None) -> None:
+def _patch_trunks(pkg: _OfficialPackage, handle: PatchHandle, model, dtype=None, blocks=True) -> None:
     """Whole official trunks (FlexTransformer of FlexBlock / FlexBlockAdaLN) on vft ops
     (``vft_kernels.integrations.blocks``)."""
     mods = {k: sys.modules.get(f"{pkg.name}.{v}") for k, v in (
@@ -63,7 +63,8 @@ def _patch_trunks(pkg: _OfficialPackage, handle: PatchHandle, model, dtype=None)
         # bf16 only in the flow decoder (adaLN trunks): the encoder's outputs are quantised to
         # tokens, and bf16 there changed about 9 % of them on a random-weight model
         decoder = m.adaLN_emb_read_key is not None
-        _blocks.patch_trunk(handle, m, _plan_of, stats, dtype=dtype if decoder else None)
+        _blocks.patch_trunk(handle, m, _plan_of, stats, dtype=dtype if decoder else None,
+                            tune=blocks != "always", name=path.rsplit(".", 1)[-1] or "trunk")
         done += 1
         kind = type(m.blocks[0]).__name__
         lines.append(f"  {where}: {len(m.blocks)} x {kind} on vft ops" +
@@ -73,7 +74,9 @@ def _patch_trunks(pkg: _OfficialPackage, handle: PatchHandle, model, dtype=None)
         " (fused norms + modulation, one QKV and one gate/up projection per block, QK LayerNorm, "
         "vk.register_attention, vk.swiglu; per call, runs the official blocks when the mask is not from a "
         "patched packer, samples differ in length, or score_mod / rope / intermediate outputs / dropout are "
-        "in play)" if done else ""))
+        "in play" + ("; on the CPU, per call shape, the official blocks where they measured faster on the first "
+                     "calls (blocks='always' pins the vft blocks)" if blocks != "always" else
+                     "; blocks='always': no per-shape choice") + ")" if done else ""))
     handle.lines += lines
     if done:
         handle.live.append(stats.lines)
@@ -96,11 +99,14 @@ def _find_pipelines(model, classes: tuple):
 
 
 def _patch_official(pkg: _OfficialPackage, model, fsq: bool, attention: bool, guidance: bool,
-                    blocks: bool = True, dtype=None) -> PatchHandle:
+                    blocks=True, dtype=None) -> PatchHandle:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{pkg.name} integration: expected the official {pkg.title} model or an nn.Module "
                         f"containing its FSQ / attention / sampler, got "
                         f"{type(model).__module__}.{type(model).__qualname__}")
+    if blocks not in (True, False, "always"):
+        raise ValueError(f"{pkg.name} integration: blocks must be True (the vft blocks where they are faster "
+                         f"per call shape), 'always' or False, got {blocks!r}")
     options = dict(fsq=fsq, attention=attention, guidance=guidance, blocks=blocks, dtype=dtype)
     earlier = existing_handle(pkg.name, model)
     if earlier is not None:
@@ -183,6 +189,6 @@ def _patch_official(pkg: _OfficialPackage, model, fsq: bool, attention: bool, gu
     elif not (attention and attn_found):
         handle.lines.append("blocks: not patched (they run on the attention plan: needs attention=True)")
     else:
-        _patch_trunks(pkg, handle, model, dtype)
+        _patch_trunks(pkg, handle, model, dtype, blocks)
     handle.register(model)
     return handle

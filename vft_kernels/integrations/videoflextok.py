@@ -51,14 +51,15 @@ _VIDEOFLEXTOK = _OfficialPackage(
 )
 
 
-def patch(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks: bool = True,
+def patch(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks=True,
           dtype: Optional[torch.dtype] = None) -> PatchHandle:
     """Run the official VideoFlexTok ``model`` (or any nn.Module containing its parts) on the
     vft kernels: FSQ on vk.fsq_quantize / vk.fsq_indices_to_codes (``fsq``), the FlexAttention
     calls over packed sequences on vk.register_attention (``attention``), the sampler's
     guidance + Euler update on vk.flow_step (``guidance``), whole transformer trunks on fused
-    vft ops with identical register rows computed once (``blocks``, needs ``attention``; see
-    ``vft_kernels.integrations.blocks``). ``dtype=torch.bfloat16`` runs the patched decoder
+    vft ops with identical register rows computed once (``blocks``, needs ``attention``; on the
+    CPU, per call shape, the official blocks where they measured faster on the first calls;
+    ``blocks="always"`` pins the vft blocks; see ``vft_kernels.integrations.blocks``). ``dtype=torch.bfloat16`` runs the patched decoder
     trunks (the flow model, called twice per guided step) in bf16 where the hardware multiplies
     bf16 natively (elsewhere: a warning, the model's dtype); the encoder keeps the model's dtype,
     since its outputs are quantised to tokens.
@@ -68,7 +69,7 @@ def patch(model, fsq: bool = True, attention: bool = True, guidance: bool = True
     return _patch_official(_VIDEOFLEXTOK, model, fsq, attention, guidance, blocks, dtype)
 
 
-def patched(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks: bool = True,
+def patched(model, fsq: bool = True, attention: bool = True, guidance: bool = True, blocks=True,
             dtype: Optional[torch.dtype] = None):
     """Context manager: ``patch(model, ...)`` for the ``with`` block, undone on exit (unless
     the model was already patched before the block)."""
