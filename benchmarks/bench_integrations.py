@@ -370,8 +370,8 @@ def measure(package: str, reps: int, steps: int, sizes: Optional[list] = None, e
             first[v] = time.perf_counter() - t0
             loads[v][name]()  # a second call: Dynamo may compile again on the second call of a shape
             # patch(blocks=True) times vft against official blocks on the first 2 x (TUNE_CALLS + 1)
-            # calls of a shape (one trunk call per tokenize; a detokenize makes 25+)
-            for _ in range(10 if name == "tokenize" and v != "official" else 0):
+            # calls of a shape (one trunk call per tokenize, one per guided step)
+            for _ in range(10 if v != "official" and (name == "tokenize" or steps < 8) else 0):
                 loads[v][name]()
         for _ in range(reps):
             for v in variants:
