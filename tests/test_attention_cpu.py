@@ -199,10 +199,12 @@ def test_bf16_forward_paths(bf16_products, D):
         C.attention_cpu_bf16_brgemm(previous)
 
 
-@pytest.mark.parametrize("path", ["blas", "aten"])
+@pytest.mark.parametrize("path", ["blas", "aten", "tiles"])
 def test_fallback_gemm_paths(path):
     """The tile-product fallbacks (BLAS sgemm where torch has no oneDNN brgemm, ATen where
-    it exports no sgemm either) give the same results."""
+    it exports no sgemm either) and vft's AVX2 tile products (the default at the avx2
+    capability; forced here at whatever capability runs, BLAS in the baseline variant) give
+    the same results."""
     try:
         previous = C.attention_cpu_gemm_path(path)
     except ValueError as e:

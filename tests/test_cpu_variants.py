@@ -79,6 +79,47 @@ def test_fsq_forward_backward_decode_bitwise_equal_across_capabilities(levels, d
     _assert_bitwise(_run_all(run))
 
 
+_ALL_BF16 = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+_FSQ_PATH_LEVELS = [(8, 8, 8, 5, 5, 5), (16, 15, 3), (2, 3, 4, 5, 6, 7, 8, 2, 2, 3), (5,) * 16, (16,) * 8,
+                    (999, 999, 999, 3)]
+
+
+def _fsq_every_dtype(levels, inputs):
+    """fn() -> codes and indices of each input, with codes in its dtype and in float32."""
+    def run():
+        out = []
+        for z in inputs:
+            for out_dtype in dict.fromkeys((z.dtype, torch.float32)):
+                out += list(vk.fsq_quantize(z, levels, out_dtype=out_dtype))
+        return out
+
+    return run
+
+
+@pytest.mark.parametrize("levels", _FSQ_PATH_LEVELS, ids=lambda lv: "x".join(map(str, lv)))
+def test_fsq_forward_every_bf16_value_bitwise_equal(levels):
+    """The explicit AVX2 / AVX-512 forward paths (16-bit key counting on dense bf16, the
+    float element loop, index packing; int64 indices: (16,)*8 counts thresholds,
+    (999, 999, 999, 3) takes tanh) give the baseline's bits on every bf16 value in every dim
+    (+-0, subnormals, +-inf, NaNs of both signs), as bf16 and as float32."""
+    every = torch.stack([_ALL_BF16.roll(1237 * j) for j in range(len(levels))], 1)
+    _assert_bitwise(_run_all(_fsq_every_dtype(levels, [every, every.float()])))
+
+
+@pytest.mark.parametrize("levels", _FSQ_PATH_LEVELS, ids=lambda lv: "x".join(map(str, lv)))
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 31, 33, 1000])
+def test_fsq_forward_odd_sizes_and_strides_bitwise_equal(levels, rows):
+    """Row counts around the 16- and 32-row blocks (partial blocks take the load/store
+    paths), contiguous and strided inputs, bf16 and float32: the baseline's bits."""
+    d = len(levels)
+    z = _fsq_inputs(torch.bfloat16, d, rows=rows + 12)[:rows]
+    wide = torch.randn(rows, 2 * d).to(torch.bfloat16)
+    inputs = [z, z.float(), wide[:, ::2], wide[:, ::2].float(), z.t().contiguous().t(), wide[::1, 1::2].float()]
+    _assert_bitwise(_run_all(_fsq_every_dtype(levels, inputs)))
+
+
 @pytest.mark.parametrize("guidance", ["none", "cfg", "apg"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_flow_steps_bitwise_equal_across_capabilities(guidance, dtype):

@@ -34,10 +34,13 @@ namespace vft {
 // hooks live once, in the baseline unit).
 namespace attention_shared {
 
-enum class GemmPath : int { kBrgemm = 0, kBlas = 1, kAten = 2 };
+// kTiles: vft's own AVX2 + FMA tile products (gemm_tiles; variants without AVX2 run BLAS).
+enum class GemmPath : int { kBrgemm = 0, kBlas = 1, kAten = 2, kTiles = 3 };
 
 // The float32 tile products for a capability level (vft/isa.h): oneDNN's brgemm (an
-// AVX-512 kernel) only from level avx512; below it what a CPU of that level gets, BLAS.
+// AVX-512 kernel) only from level avx512; at avx2 vft's AVX2 tile products (no per-call
+// packing: BLAS copies both operands of every 64 x 64 tile product, perf: a fifth of its
+// time); below it BLAS.
 GemmPath gemm_path(int level);
 // Whether bf16 forwards run bf16 tile products at that level (avx512_bf16 or amx).
 bool bf16_brgemm(int level);
@@ -137,6 +140,9 @@ GemmPath gemm_path(int level) {
   const int chosen = g_path_override.load(std::memory_order_relaxed);
   if (chosen != kNoOverride) return static_cast<GemmPath>(chosen);
   const GemmPath best = best_path_once();
+#ifdef VFT_HAVE_AVX2
+  if (level == isa::kAvx2) return GemmPath::kTiles;
+#endif
   if (best == GemmPath::kBrgemm && level < isa::kAvx512) return sgemm_ != nullptr ? GemmPath::kBlas : GemmPath::kAten;
   return best;
 }
@@ -166,6 +172,82 @@ constexpr int64_t kBlockN = 64;
 
 thread_local bool t_vnni_used = false;  // this thread holds a bf16 brgemm context to release
 
+#if defined(__AVX2__) && defined(__FMA__)
+#define VFT_GEMM_TILES 1
+// Rows [0, R) x columns [j, j + 16) of C = A B (+ C): 2R accumulators of 8 lanes, B's two
+// vectors loaded once per k, A broadcast. Columns past n (< 16 left) are masked.
+template <int R, bool kMasked>
+inline void gemm_strip(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, bool accumulate,
+                       float* C, int64_t ldc, __m256i m0, __m256i m1) {
+  // (unroll pragmas: fully unrolled early, the accumulators stay in registers; without them
+  // GCC stored all 2R to the stack on every k)
+  __m256 acc[R][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    if (accumulate) {
+      acc[r][0] = kMasked ? _mm256_maskload_ps(C + r * ldc, m0) : _mm256_loadu_ps(C + r * ldc);
+      acc[r][1] = kMasked ? _mm256_maskload_ps(C + r * ldc + 8, m1) : _mm256_loadu_ps(C + r * ldc + 8);
+    } else {
+      acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    const __m256 b0 = kMasked ? _mm256_maskload_ps(b, m0) : _mm256_loadu_ps(b);
+    const __m256 b1 = kMasked ? _mm256_maskload_ps(b + 8, m1) : _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    if (kMasked) {
+      _mm256_maskstore_ps(C + r * ldc, m0, acc[r][0]);
+      _mm256_maskstore_ps(C + r * ldc + 8, m1, acc[r][1]);
+    } else {
+      _mm256_storeu_ps(C + r * ldc, acc[r][0]);
+      _mm256_storeu_ps(C + r * ldc + 8, acc[r][1]);
+    }
+  }
+}
+
+template <bool kMasked>
+void gemm_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, bool accumulate,
+               float* C, int64_t ldc, __m256i m0, __m256i m1) {
+  int64_t i = 0;
+  for (; i + 6 <= M; i += 6)
+    gemm_strip<6, kMasked>(K, A + i * lda, lda, B, ldb, accumulate, C + i * ldc, ldc, m0, m1);
+  switch (M - i) {
+    case 5: return gemm_strip<5, kMasked>(K, A + i * lda, lda, B, ldb, accumulate, C + i * ldc, ldc, m0, m1);
+    case 4: return gemm_strip<4, kMasked>(K, A + i * lda, lda, B, ldb, accumulate, C + i * ldc, ldc, m0, m1);
+    case 3: return gemm_strip<3, kMasked>(K, A + i * lda, lda, B, ldb, accumulate, C + i * ldc, ldc, m0, m1);
+    case 2: return gemm_strip<2, kMasked>(K, A + i * lda, lda, B, ldb, accumulate, C + i * ldc, ldc, m0, m1);
+    case 1: return gemm_strip<1, kMasked>(K, A + i * lda, lda, B, ldb, accumulate, C + i * ldc, ldc, m0, m1);
+    default: return;
+  }
+}
+
+// Row-major C[M, N] = A[M, K] B[K, N] (+ C), operands read in place (made for the tile
+// shapes: a 64 x 64 B stays in L1): 16-column strips, 6 rows at a time; sums run over k in
+// order, one FMA per term.
+void gemm_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                bool accumulate, float* C, int64_t ldc) {
+  const __m256i all = _mm256_set1_epi32(-1);
+  int64_t j = 0;
+  for (; j + 16 <= N; j += 16) gemm_rows<false>(M, K, A, lda, B + j, ldb, accumulate, C + j, ldc, all, all);
+  if (j < N) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i left = _mm256_set1_epi32(static_cast<int>(N - j));
+    const __m256i m0 = _mm256_cmpgt_epi32(left, lane);
+    const __m256i m1 = _mm256_cmpgt_epi32(left, _mm256_add_epi32(lane, _mm256_set1_epi32(8)));
+    gemm_rows<true>(M, K, A, lda, B + j, ldb, accumulate, C + j, ldc, m0, m1);
+  }
+}
+#endif
+
 // Row-major C[M, N] = A[M, K] B[K, N] (accumulate: C += A B). Without accumulate C's old
 // contents (NaN included) are ignored.
 void gemm(GemmPath path, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
@@ -176,9 +258,12 @@ void gemm(GemmPath path, int64_t M, int64_t N, int64_t K, const float* A, int64_
       for (int64_t r = 0; r < M; ++r) std::fill(C + r * ldc, C + r * ldc + N, 0.0f);
     return;
   }
+#ifdef VFT_GEMM_TILES
+  if (path == GemmPath::kTiles) return gemm_tiles(M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+#endif
   if (path == GemmPath::kBrgemm) {
     at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, false);
-  } else if (path == GemmPath::kBlas) {
+  } else if (path == GemmPath::kBlas || (path == GemmPath::kTiles && sgemm_ != nullptr)) {
     // Row-major C = A B is column-major C^T = B^T A^T.
     const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
     const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
@@ -1015,7 +1100,7 @@ void bind_attention(pybind11::module_& m) {
   m.def(
       "attention_cpu_gemm_path",
       [](const std::string& name) {
-        static const char* names[] = {"brgemm", "blas", "aten"};
+        static const char* names[] = {"brgemm", "blas", "aten", "tiles"};
         const std::string previous = names[static_cast<int>(gemm_path(isa::level()))];
         if (name == "brgemm" || name == "best") {
           VFT_CHECK(name == "best" || brgemm_works(), "attention_cpu_gemm_path: brgemm is not available here");
@@ -1023,14 +1108,16 @@ void bind_attention(pybind11::module_& m) {
         } else if (name == "blas") {
           VFT_CHECK(sgemm_ != nullptr, "attention_cpu_gemm_path: torch exports no BLAS sgemm here");
           g_path_override.store(static_cast<int>(GemmPath::kBlas));
+        } else if (name == "tiles") {
+          g_path_override.store(static_cast<int>(GemmPath::kTiles));
         } else {
-          VFT_CHECK(name == "aten", "attention_cpu_gemm_path: expected brgemm, blas, aten or best, got ", name);
+          VFT_CHECK(name == "aten", "attention_cpu_gemm_path: expected brgemm, blas, aten, tiles or best, got ", name);
           g_path_override.store(static_cast<int>(GemmPath::kAten));
         }
         return previous;
       },
-      "Test hook: route the tile products through oneDNN brgemm, BLAS sgemm or ATen ('best' = the "
-      "default); returns the previous path's name.");
+      "Test hook: route the tile products through oneDNN brgemm, BLAS sgemm, ATen or vft's AVX2 tile "
+      "products ('tiles'; BLAS in the baseline variant) ('best' = the default); returns the previous path's name.");
 }
 #endif  // VFT_ISA_PRIMARY
 

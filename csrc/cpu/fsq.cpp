@@ -9,7 +9,9 @@
 // The forward rounds by counting precomputed thresholds for levels <= 16 (no tanh; see
 // fwd_elements) and evaluates fsq_math.h's tanh otherwise; tests run both paths. Dense bf16
 // inputs with bf16 codes count thresholds on 16-bit keys of the bf16 bits instead, 32 lanes
-// per instruction (forward_bf16_keys).
+// per AVX-512 instruction, 16 per AVX2 one (forward_bf16_keys). The avx2 variant has explicit
+// AVX2 + FMA forms of the element loop and the index packing too (GCC's x86-64-v3 code kept
+// them scalar or on gathers).
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
@@ -145,6 +147,73 @@ constexpr Acc kNanBit = Acc(1) << (8 * sizeof(Acc) - 1);
 //   real arithmetic: it differs from torch's float32 tanh only where bounded is within a
 //   few ulp of a boundary, the tokens docs/spec.md §4 accepts either way. No tanh at all.
 // * tanh (larger levels; the arithmetic the CUDA kernel runs, fsq_math.h).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// The AVX2 variant of the loops below, 8 lanes per op. GCC keeps the last loop (codes and
+// contributions: a NaN select, float -> int, an unsigned multiply) scalar at x86-64-v3, a
+// branch per element; here it is explicit, with the same operations in the same order
+// (the thresholds counted in integers, exact), so the bits equal the other variants'.
+template <int D, typename Acc>
+void fwd_elements(const float* __restrict z, float* __restrict codes, Acc* __restrict contrib,
+                  const FwdTable<D, Acc>& t) {
+  constexpr int K = FwdTable<D, Acc>::K;  // a multiple of 8 (kRows = 16)
+  alignas(64) float digit[K];
+  if (t.n_thr == 0) {  // the tanh path's digits (levels > 16), vectorised by GCC
+    for (int k = 0; k < K; ++k) {
+      const float x = z[k] + t.shift[k];
+      digit[k] = fsq::round_half_even(fsq::tanh_f32(x) * t.half_l[k] - t.offset[k]) + t.half_w[k];
+    }
+  }
+  const __m256 nan_bit = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u)));
+  for (int k = 0; k < K; k += 8) {
+    const __m256 x = _mm256_add_ps(_mm256_loadu_ps(z + k), _mm256_load_ps(t.shift + k));
+    __m256 dg;
+    if (t.n_thr > 0) {
+      __m256i count = _mm256_setzero_si256();  // minus the number of thresholds <= x
+      for (int i = 0; i < t.n_thr; ++i) {
+        const __m256 ge = _mm256_cmp_ps(x, _mm256_load_ps(t.thr[i] + k), _CMP_GE_OQ);
+        count = _mm256_add_epi32(count, _mm256_castps_si256(ge));
+      }
+      dg = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_setzero_si256(), count));
+    } else {
+      dg = _mm256_load_ps(digit + k);
+    }
+    const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    const __m256 half_w = _mm256_load_ps(t.half_w + k), inv = _mm256_load_ps(t.inv_w + k);
+    const __m256 q = _mm256_sub_ps(dg, half_w);
+    const __m256 r = _mm256_mul_ps(q, inv);  // fsq::div_code
+    const __m256 code = _mm256_fmadd_ps(_mm256_fnmadd_ps(r, half_w, q), inv, r);
+    _mm256_storeu_ps(codes + k, _mm256_blendv_ps(code, x, nan));
+    const __m256 dg0 = _mm256_andnot_ps(nan, dg);  // NaN: digit 0 (the tanh path's is NaN)
+    const __m256i d = _mm256_cvttps_epi32(dg0);
+    if constexpr (sizeof(Acc) == 4) {
+      const __m256i c = _mm256_mullo_epi32(d, _mm256_load_si256(reinterpret_cast<const __m256i*>(t.basis + k)));
+      const __m256 out = _mm256_blendv_ps(_mm256_castsi256_ps(c), nan_bit, nan);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(contrib + k), _mm256_castps_si256(out));
+    } else if (_mm256_movemask_ps(_mm256_cmp_ps(dg0, _mm256_set1_ps(2147483648.0f), _CMP_GE_OQ)) != 0) {
+      alignas(32) float dgs[8];  // a digit of 2^31 or more (a level that large): 64-bit conversions
+      _mm256_store_ps(dgs, dg0);
+      const int nan_lanes = _mm256_movemask_ps(nan);
+      for (int l = 0; l < 8; ++l) {
+        const Acc c = static_cast<Acc>(static_cast<std::make_signed_t<Acc>>(dgs[l])) * t.basis[k + l];
+        contrib[k + l] = (nan_lanes >> l) & 1 ? kNanBit<Acc> : c;
+      }
+    } else {
+      // 64-bit products modulo 2^64 from 32 x 32 -> 64-bit multiplies: d * lo + (d * hi) << 32
+      // (0 <= d < 2^31).
+      const __m256i nan_i = _mm256_castps_si256(nan);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i d64 = _mm256_cvtepu32_epi64(h ? _mm256_extracti128_si256(d, 1) : _mm256_castsi256_si128(d));
+        const __m256i b = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.basis + k + 4 * h));
+        const __m256i c = _mm256_add_epi64(_mm256_mul_epu32(d64, b),
+                                           _mm256_slli_epi64(_mm256_mul_epu32(d64, _mm256_srli_epi64(b, 32)), 32));
+        const __m256i m = _mm256_cvtepi32_epi64(h ? _mm256_extracti128_si256(nan_i, 1) : _mm256_castsi256_si128(nan_i));
+        const __m256i out = _mm256_blendv_epi8(c, _mm256_set1_epi64x(static_cast<long long>(kNanBit<Acc>)), m);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(contrib + k + 4 * h), out);
+      }
+    }
+  }
+}
+#else
 template <int D, typename Acc>
 void fwd_elements(const float* __restrict z, float* __restrict codes, Acc* __restrict contrib,
                   const FwdTable<D, Acc>& t) {
@@ -170,8 +239,12 @@ void fwd_elements(const float* __restrict z, float* __restrict codes, Acc* __res
     contrib[k] = nan ? kNanBit<Acc> : c;
   }
 }
+#endif
 
-// Row sums of the contributions of one block ([kRows, D] row-major) -> indices.
+// Row sums of the contributions of one block ([kRows, D] row-major, then kContribPad
+// readable entries: the AVX2 path loads whole vectors from a row's start) -> indices.
+constexpr int kContribPad = 16;
+
 template <int D, typename Idx>
 inline void row_indices(const AccOf<Idx>* __restrict contrib, Idx* __restrict idx, int n) {
   using Acc = AccOf<Idx>;
@@ -222,9 +295,37 @@ inline void row_indices(const AccOf<Idx>* __restrict contrib, Idx* __restrict id
   }
 #elif defined(__AVX2__)
   if constexpr (sizeof(Idx) == 4) {
-    // Rows as the 8 lanes, 8 rows at a time: D gathers of stride D, summing and OR-ing each
-    // row's entries (the NaN bit: index -1), then a masked store of the valid rows.
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i any0 = _mm256_setzero_si256();
+    for (int i = 0; i < 2 * D; ++i)
+      any0 = _mm256_or_si256(any0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(contrib + 8 * i)));
+    if (_mm256_testz_si256(any0, _mm256_set1_epi32(static_cast<int>(kNanBit<Acc>)))) {
+      // Without NaN (the usual block): each row's D entries as one or two vector loads
+      // (entries of the next rows masked off; kContribPad readable entries follow the
+      // block), and the 8 rows' horizontal sums by a tree of hadds: no gathers (perf: the
+      // gathers below were a third of the bf16 forward's time). Integer sums: any order.
+      const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(D), lane);
+      const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(D - 8), lane);
+      for (int r0 = 0; r0 < n; r0 += 8) {
+        __m256i row[8];
+        for (int r = 0; r < 8; ++r) {
+          const Acc* p = contrib + (r0 + r) * D;
+          row[r] = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), m0);
+          if constexpr (D > 8)
+            row[r] = _mm256_add_epi32(row[r], _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8)), m1));
+        }
+        // per 128-bit half: rows 0-3 (then 4-7) partial sums; the halves' sums are the rows'
+        const __m256i s03 = _mm256_hadd_epi32(_mm256_hadd_epi32(row[0], row[1]), _mm256_hadd_epi32(row[2], row[3]));
+        const __m256i s47 = _mm256_hadd_epi32(_mm256_hadd_epi32(row[4], row[5]), _mm256_hadd_epi32(row[6], row[7]));
+        const __m256i sum = _mm256_add_epi32(_mm256_permute2x128_si256(s03, s47, 0x20),
+                                             _mm256_permute2x128_si256(s03, s47, 0x31));
+        const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - r0), lane);
+        _mm256_maskstore_epi32(reinterpret_cast<int*>(idx + r0), valid, sum);
+      }
+      return;
+    }
+    // A NaN in the block: rows as the 8 lanes, 8 rows at a time: D gathers of stride D, summing
+    // and OR-ing each row's entries (the NaN bit: index -1), then a masked store of the valid rows.
     const __m256i rows = _mm256_mullo_epi32(lane, _mm256_set1_epi32(D));
     const __m256i nan_bit = _mm256_set1_epi32(static_cast<int>(kNanBit<Acc>));
     for (int r0 = 0; r0 < n; r0 += 8) {
@@ -254,7 +355,7 @@ inline void row_indices(const AccOf<Idx>* __restrict contrib, Idx* __restrict id
 }
 
 // ---------------------------------------------------------------------------------------
-// bf16 -> bf16 forward on the threshold path, 32 lanes per vector op (AVX-512 BW).
+// bf16 -> bf16 forward on the threshold path, 32 lanes per vector op (AVX-512 BW; AVX2: 16).
 //
 // x = float(z) + shift is non-decreasing in z, so for bf16 inputs each threshold test
 // x >= thr_i is z >= zthr_i for the smallest such bf16 value zthr_i (found once per call by
@@ -264,9 +365,15 @@ inline void row_indices(const AccOf<Idx>* __restrict contrib, Idx* __restrict id
 // (dim, digit) comes from a 64-entry table (two-source word permute) holding exactly what
 // the float path computes and rounds, so results are bit-identical to it (tested on every
 // bf16 value). NaN inputs (keys above +inf or below -inf) give code 0x7FC0 and index -1.
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+// AVX2 has no 16-bit permute: its codes are the float path's own arithmetic (div_code and
+// the bf16 rounding) on the counted digits, 8 lanes at a time.
+#if defined(__AVX2__)
 #define VFT_FSQ_BF16_KEYS 1
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 constexpr int kKeyRows = 32;  // rows per block: D vectors of 32 bf16
+#else
+constexpr int kKeyRows = 16;  // rows per block: D vectors of 16 bf16
+#endif
 
 inline uint16_t key_bits(int k) { return static_cast<uint16_t>(k < 0 ? (k & 0xFFFF) ^ 0x7FFF : k); }
 
@@ -283,6 +390,15 @@ int key_threshold(float shift, float thr) {
   return lo;
 }
 
+// The keys of the thresholds of one call: key_thr[j][i] for dim j (t repeats with period D).
+template <int D>
+void key_thresholds(const FwdTable<D, uint32_t>& t, int16_t (&key_thr)[D][kMaxThresholds]) {
+  for (int j = 0; j < D; ++j) {
+    for (int i = 0; i < t.n_thr; ++i) key_thr[j][i] = static_cast<int16_t>(key_threshold(t.shift[j], t.thr[i][j]));
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 template <int D>
 struct KeyTable {
   alignas(64) int16_t thr[D][kMaxThresholds][32];  // per vector u of a block, per threshold
@@ -300,9 +416,7 @@ bool build_key_table(KeyTable<D>& kt, const FwdTable<D, uint32_t>& t, const std:
   if (t.n_thr == 0 || D * stride > 64) return false;
   kt.n_thr = t.n_thr;
   int16_t key_thr[D][kMaxThresholds];
-  for (int j = 0; j < D; ++j) {  // t's tables repeat with period D: entry j is dim j
-    for (int i = 0; i < t.n_thr; ++i) key_thr[j][i] = static_cast<int16_t>(key_threshold(t.shift[j], t.thr[i][j]));
-  }
+  key_thresholds<D>(t, key_thr);
   for (int u = 0; u < D; ++u) {
     for (int l = 0; l < 32; ++l) {
       const int k = (32 * u + l) % D;  // the element's dim
@@ -333,7 +447,7 @@ void forward_bf16_keys(const uint16_t* zb, uint16_t* cb, int32_t* idx, int64_t b
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       const uint16_t* src = zb + blk * kKeyRows * D;
       uint16_t* dst = cb + blk * kKeyRows * D;
-      alignas(64) uint32_t contrib[kKeyRows * D];  // [vector u][low, high half][16]
+      alignas(64) uint32_t contrib[kKeyRows * D + kContribPad];  // [vector u][low, high half][16]
       for (int u = 0; u < D; ++u) {
         const __m512i b = _mm512_loadu_si512(src + 32 * u);
         const __m512i key = _mm512_xor_si512(b, _mm512_and_si512(_mm512_srai_epi16(b, 15), sign_off));
@@ -358,6 +472,80 @@ void forward_bf16_keys(const uint16_t* zb, uint16_t* cb, int32_t* idx, int64_t b
     }
   });
 }
+#else
+template <int D>
+struct KeyTable {
+  alignas(32) int16_t thr[D][kMaxThresholds][16];  // key threshold - 1 (signed > compares), per vector u
+  alignas(32) float half_w[D][2][8];                // per lane of vector u (low / high 8)
+  alignas(32) float inv_w[D][2][8];
+  alignas(32) int32_t basis[D][2][8];
+  int n_thr = 0;
+};
+
+template <int D>
+bool build_key_table(KeyTable<D>& kt, const FwdTable<D, uint32_t>& t, const std::vector<int64_t>&) {
+  if (t.n_thr == 0) return false;
+  kt.n_thr = t.n_thr;
+  int16_t key_thr[D][kMaxThresholds];
+  key_thresholds<D>(t, key_thr);
+  for (int u = 0; u < D; ++u) {
+    for (int l = 0; l < 16; ++l) {
+      const int k = (16 * u + l) % D;  // the element's dim (t's entry k is dim k: k < D)
+      for (int i = 0; i < t.n_thr; ++i) kt.thr[u][i][l] = static_cast<int16_t>(key_thr[k][i] - 1);  // >= -32642
+      kt.half_w[u][l / 8][l % 8] = t.half_w[k];
+      kt.inv_w[u][l / 8][l % 8] = t.inv_w[k];
+      kt.basis[u][l / 8][l % 8] = static_cast<int32_t>(t.basis[k]);
+    }
+  }
+  return true;
+}
+
+// Rows [0, blocks * kKeyRows) of a dense bf16 z -> bf16 codes and int32 indices.
+template <int D>
+void forward_bf16_keys(const uint16_t* zb, uint16_t* cb, int32_t* idx, int64_t blocks, const KeyTable<D>& kt) {
+  at::parallel_for(0, blocks, kMinBlocksPerThread, [&](int64_t blk_begin, int64_t blk_end) {
+    const __m256i sign_off = _mm256_set1_epi16(0x7FFF), inf = _mm256_set1_epi16(0x7F80);
+    const __m256i qnan = _mm256_set1_epi16(0x7FC0);
+    const __m256i round = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+    const __m256i nan_bit = _mm256_set1_epi32(static_cast<int>(kNanBit<uint32_t>));
+    const int n_thr = kt.n_thr;
+    for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+      const uint16_t* src = zb + blk * kKeyRows * D;
+      uint16_t* dst = cb + blk * kKeyRows * D;
+      alignas(32) uint32_t contrib[kKeyRows * D + kContribPad];  // element order
+      for (int u = 0; u < D; ++u) {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16 * u));
+        const __m256i key = _mm256_xor_si256(b, _mm256_and_si256(_mm256_srai_epi16(b, 15), sign_off));
+        __m256i count = _mm256_setzero_si256();  // minus the number of thresholds <= key
+        for (int i = 0; i < n_thr; ++i) {
+          const __m256i thr = _mm256_load_si256(reinterpret_cast<const __m256i*>(kt.thr[u][i]));
+          count = _mm256_add_epi16(count, _mm256_cmpgt_epi16(key, thr));
+        }
+        const __m256i dg = _mm256_sub_epi16(_mm256_setzero_si256(), count);
+        const __m256i nan = _mm256_cmpgt_epi16(_mm256_and_si256(b, sign_off), inf);
+        __m256i code[2];
+        for (int h = 0; h < 2; ++h) {
+          const __m256i d = _mm256_cvtepu16_epi32(h ? _mm256_extracti128_si256(dg, 1) : _mm256_castsi256_si128(dg));
+          // fsq::div_code of digit - half_w, then bf16::from_f32 (a finite code: no NaN case)
+          const __m256 half_w = _mm256_load_ps(kt.half_w[u][h]), inv = _mm256_load_ps(kt.inv_w[u][h]);
+          const __m256 q = _mm256_sub_ps(_mm256_cvtepi32_ps(d), half_w);
+          const __m256 r = _mm256_mul_ps(q, inv);
+          const __m256i c = _mm256_castps_si256(_mm256_fmadd_ps(_mm256_fnmadd_ps(r, half_w, q), inv, r));
+          const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(c, 16), one);
+          code[h] = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(c, round), lsb), 16);
+          const __m256i m = _mm256_cvtepi16_epi32(h ? _mm256_extracti128_si256(nan, 1) : _mm256_castsi256_si128(nan));
+          const __m256i ctb = _mm256_mullo_epi32(d, _mm256_load_si256(reinterpret_cast<const __m256i*>(kt.basis[u][h])));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(contrib + 16 * u + 8 * h), _mm256_blendv_epi8(ctb, nan_bit, m));
+        }
+        // packus interleaves the 128-bit halves: (lo 0-3, hi 0-3, lo 4-7, hi 4-7) -> element order
+        const __m256i codes = _mm256_permute4x64_epi64(_mm256_packus_epi32(code[0], code[1]), 0xD8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * u), _mm256_blendv_epi8(codes, qnan, nan));
+      }
+      row_indices<D, int32_t>(contrib, idx + blk * kKeyRows, kKeyRows);
+    }
+  });
+}
+#endif
 #endif
 
 template <int D, typename Idx>
@@ -411,7 +599,7 @@ void fsq_forward_impl(const at::Tensor& z2, at::Tensor& codes, at::Tensor& indic
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       alignas(64) float zbuf[K];
       alignas(64) float cbuf[K];
-      alignas(64) Acc contrib[K];
+      alignas(64) Acc contrib[K + kContribPad];
       const int64_t row0 = blk * kRows;
       const int n = static_cast<int>(std::min<int64_t>(kRows, rows - row0));
       const bool full = n == kRows;
