@@ -48,6 +48,56 @@ def test_keep_sampling_values():
     assert (d["prefix_len"] < cfg.latent_frames).all() and (d["prefix_len"] > 0).any()
 
 
+def test_per_frame_keep_sampling_varies_across_frames_and_is_seeded():
+    cfg = preset("micro")
+    T, R = cfg.latent_frames, cfg.registers
+
+    def keeps(mode, seed=0, **kw):
+        return draw(cfg, _tcfg(keep_sampling=mode, **kw), 256, torch.Generator().manual_seed(seed))
+
+    per_sample, per_frame = keeps("uniform"), keeps("uniform_frame")
+    assert per_sample["keep"].shape == (256,) and per_frame["keep"].shape == (256, T)
+    assert set(per_frame["keep"].unique().tolist()) == set(range(1, R + 1))
+    varied = (per_frame["keep"] != per_frame["keep"][:, :1]).any(1)  # samples whose frames differ
+    assert varied.float().mean() > 0.9  # independent draws: 1 - 4 / 4^4 of the samples differ
+    for k in ("t", "prefix_len", "noise", "null"):  # per-frame keeps are drawn last: the rest is unchanged
+        assert torch.equal(per_sample[k], per_frame[k]), k
+    again = keeps("uniform_frame")
+    assert all(torch.equal(per_frame[k], again[k]) for k in per_frame)  # a seed gives the same draws
+    assert not torch.equal(per_frame["keep"], keeps("uniform_frame", seed=1)["keep"])
+    pow2 = keeps("pow2_frame")["keep"]
+    assert set(pow2.unique().tolist()) == set(keep_values(R, "pow2").tolist())
+    mixed = keeps("pow2_mixed", keep_frame_prob=0.5)["keep"]
+    share = float((mixed != mixed[:, :1]).any(1).float().mean())
+    assert 0.35 < share < 0.62, share  # half per frame (of which 1 - 3 / 3^4 differ), half one keep per sample
+    constant = keeps("uniform_mixed", keep_frame_prob=0.0)["keep"]
+    assert constant.shape == (256, T) and torch.equal(constant[:, 0], per_sample["keep"])  # the per-sample draws
+    assert bool((constant == constant[:, :1]).all())
+    with pytest.raises(ValueError, match="keep_sampling must be one of"):
+        _tcfg(keep_sampling="frame")
+    with pytest.raises(ValueError, match="keep_frame_prob must be in"):
+        _tcfg(keep_sampling="pow2_mixed", keep_frame_prob=1.5)
+
+
+def test_training_passes_a_keep_per_frame_and_is_deterministic(tmp_path, monkeypatch):
+    cfg = preset("micro")
+    seen = []
+    real_forward = VideoFlexTok.forward
+
+    def spy(self, video, *args, keep, **kw):
+        seen.append(keep.clone())
+        return real_forward(self, video, *args, keep=keep, **kw)
+
+    monkeypatch.setattr(VideoFlexTok, "forward", spy)
+    runs = [train(cfg, _tcfg(steps=3, keep_sampling="uniform_frame"), str(tmp_path / n), progress=False)
+            for n in ("a", "b")]
+    assert runs[0]["checksums"] == runs[1]["checksums"]
+    steps = seen[:3]
+    assert all(k.shape == (2, cfg.latent_frames) for k in steps)
+    assert any(bool((k != k[:, :1]).any()) for k in steps)
+    assert all(torch.equal(a, b) for a, b in zip(seen[:3], seen[3:6]))
+
+
 def test_lr_schedule():
     t = _tcfg(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
     assert lr_at(0, t) == pytest.approx(0.1)
