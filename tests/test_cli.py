@@ -92,6 +92,49 @@ def test_tokenize_with_a_target_psnr_stores_per_frame_keep(trained, capsys, monk
     assert "unreachable" in capsys.readouterr().err
 
 
+def test_tokenize_with_a_budget_or_a_rate(trained, capsys, monkeypatch, token_sensitive):
+    """`vft tokenize --budget N` spends exactly N tokens per clip, `--rate r` floor(r x latent
+    frames), on curves measured by decoding (no router); the counts are stored and used."""
+    import vft.cli as cli
+
+    root, clip, ck = trained
+    real_load = cli.ckpt.load_model
+    monkeypatch.setattr(cli.ckpt, "load_model", lambda *a, **k: token_sensitive(real_load(*a, **k)))
+    tok = str(root / "budget.safetensors")
+    for extra, total in ((["--budget", "10"], 10), (["--rate", "2.5"], 15), (["--rate", "4"], 24)):
+        assert main(["tokenize", clip, "--checkpoint", ck, "--out", tok, "--search-steps", "1"] + extra) == 0
+        data = load_file(tok)
+        assert data["keep"].shape == (1, 6) and int(data["keep"].sum()) == total and int(data["keep"].min()) >= 1
+        from safetensors import safe_open
+
+        with safe_open(tok, "pt") as f:
+            meta = f.metadata()
+        assert meta["policy"] == "measured" and meta["search_steps"] == "1"
+        assert float(meta[extra[0][2:]]) == float(extra[1])
+        assert f"(measured: {total} tokens" in capsys.readouterr().out
+    out = str(root / "budget.mp4")
+    assert main(["detokenize", tok, "--checkpoint", ck, "--out", out, "--steps", "1"]) == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--budget", "10", "--rate", "2"], "give one of --target-psnr, --budget and --rate, got --budget and --rate"),
+    (["--target-psnr", "10", "--budget", "10"], "give one of --target-psnr, --budget and --rate"),
+    (["--budget", "5"], r"budget must be an int >= T' = 6 tokens per clip"),
+    (["--rate", "0.5"], r"rate \(mean tokens per latent frame\) must be a number in \[1, R = 4\]"),
+    (["--rate", "4.5"], r"must be a number in \[1, R = 4\]"),
+    (["--budget", "10", "--granularity", "clip"], "granularity applies to a target_psnr search without a router"),
+    (["--granularity", "clip"], "--granularity needs --target-psnr, --budget or --rate"),
+    (["--router", "tiny"], "--router needs --target-psnr, --budget or --rate"),
+    (["--rate", "2", "--router", "tiny", "--search-steps", "3"], "with --router nothing is decoded"),
+])
+def test_tokenize_bad_budget_combinations_are_clear_errors(trained, capsys, extra, message):
+    import re
+
+    root, clip, ck = trained
+    assert main(["tokenize", clip, "--checkpoint", ck, "--out", str(root / "bad.safetensors")] + extra) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
 def test_info_reports_parameter_counts(capsys):
     assert main(["info", "--preset", "videoflextok_k600", "--preset", "micro"]) == 0
     out = capsys.readouterr().out

@@ -152,55 +152,58 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _tokenize_routed(args, model, video, fps) -> int:
-    """tokenize with per-latent-frame token counts from the learned router (one pass, no decodes)."""
-    from .pretrained import load_router
-
-    if not args.router:
-        raise ValueError("--budget needs --router (tiny, or a router folder)")
-    if args.target_psnr is not None and args.budget is not None:
-        raise ValueError("give --target-psnr or --budget, not both")
-    router = load_router(args.router)
-    tokens = model.tokenize(video)
-    if args.budget is not None:
-        keep = router.keep_for_budget(model, video, args.budget, tokens)
-        what = {"budget": args.budget}
-    else:
-        keep = router.keep_for_target(model, video, args.target_psnr, tokens)
-        what = {"target_psnr": args.target_psnr}
-    sampling = router.sampling or {}
-    save_tokens(args.out, tokens, model.cfg, fps, keep=keep,
-                extra={**what, "policy": "router", "router": args.router, "router_sampling": json.dumps(sampling)})
-    print(f"tokens {tuple(tokens.shape)} (B, latent frames, registers), keep per latent frame (router) "
-          f"{keep[0].tolist()} ({int(keep[0].sum())} tokens, mean {float(keep[0].double().mean()):.2f} of "
-          f"{model.cfg.registers}) -> {args.out}")
-    if sampling:
-        print(f"note: the router predicts quality for decoding with {sampling}: `vft detokenize --steps "
-              f"{sampling.get('steps')} --guidance {sampling.get('guidance')}` (other settings give other PSNRs)")
-    return 0
-
-
 def cmd_tokenize(args) -> int:
+    """Tokenize; with --target-psnr, --budget or --rate also store per-latent-frame token
+    counts (``vft.adaptive.choose_keep``), found by decoding or, with --router, predicted."""
+    from .adaptive import choose_keep
+
+    modes = {"--target-psnr": args.target_psnr, "--budget": args.budget, "--rate": args.rate}
+    given = [n for n, v in modes.items() if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one of --target-psnr, --budget and --rate, got {' and '.join(given)}")
+    for flag, value in (("--router", args.router), ("--granularity", args.granularity),
+                        ("--search-steps", args.search_steps)):
+        if value is not None and not given:
+            raise ValueError(f"{flag} needs --target-psnr, --budget or --rate")
+    if args.router and args.search_steps is not None:
+        raise ValueError("--search-steps sets the decodes of a search; with --router nothing is decoded (the router "
+                         "predicts for the setting it was trained for)")
     model = load_model(args.checkpoint, str(_device(args.device)))
     video, fps = load_clip(args.video, model.cfg, args.fps)
     video = video.to(_device(args.device))
-    if args.budget is not None or (args.target_psnr is not None and args.router):
-        return _tokenize_routed(args, model, video, fps)
-    if args.target_psnr is None:
+    if not given:
         tokens = model.tokenize(video)
         save_tokens(args.out, tokens, model.cfg, fps)
         print(f"tokens {tuple(tokens.shape)} (B, latent frames, registers) -> {args.out}")
         return 0
-    from .adaptive import search_keep
+    router, sampling = None, {}
+    if args.router:
+        from .pretrained import load_router
 
-    res = search_keep(model, video, target=args.target_psnr, granularity=args.granularity, steps=args.search_steps)
+        router = load_router(args.router)
+    else:
+        sampling = {"steps": 25 if args.search_steps is None else args.search_steps}
+    res = choose_keep(model, video, target_psnr=args.target_psnr, budget=args.budget, rate=args.rate, router=router,
+                      granularity=args.granularity, **sampling)
     tokens, keep = res["tokens"], res["keep"]
-    save_tokens(args.out, tokens, model.cfg, fps, keep=keep,
-                extra={"target_psnr": args.target_psnr, "granularity": args.granularity, "psnr": float(res["quality"][0]),
-                       "search_steps": args.search_steps})
-    print(f"tokens {tuple(tokens.shape)} (B, latent frames, registers), keep per latent frame "
-          f"{keep[0].tolist()} (mean {float(res['mean_tokens'][0]):.2f} of {model.cfg.registers}), "
-          f"PSNR {float(res['quality'][0]):.2f} dB >= {args.target_psnr} -> {args.out}")
+    extra = {res["mode"]: modes["--" + res["mode"].replace("_", "-")], "policy": res["policy"]}
+    if router is not None:
+        extra.update(router=args.router, router_sampling=json.dumps(router.sampling or {}))
+    else:
+        extra.update(search_steps=sampling["steps"])
+    if args.target_psnr is not None and router is None:
+        extra.update(granularity=args.granularity or "frame", psnr=float(res["quality"][0]))
+    save_tokens(args.out, tokens, model.cfg, fps, keep=keep, extra=extra)
+    line = (f"tokens {tuple(tokens.shape)} (B, latent frames, registers), keep per latent frame {keep[0].tolist()} "
+            f"({res['policy']}: {int(keep[0].sum())} tokens, mean {float(keep[0].double().mean()):.2f} of "
+            f"{model.cfg.registers})")
+    if "quality" in res:
+        line += f", PSNR {float(res['quality'][0]):.2f} dB >= {args.target_psnr}"
+    print(f"{line} -> {args.out}")
+    if router is not None and router.sampling:
+        rs = router.sampling
+        print(f"note: the router predicts quality for decoding with {rs}: `vft detokenize --steps "
+              f"{rs.get('steps')} --guidance {rs.get('guidance')}` (other settings give other PSNRs)")
     return 0
 
 
@@ -391,15 +394,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-psnr", type=float, default=None,
                    help="also store the fewest tokens per latent frame (or per --granularity) whose reconstruction "
                    "reaches this PSNR (vft.adaptive.search_keep; `vft detokenize` then uses them)")
-    p.add_argument("--router", default=None, help="pick the per-frame token counts with a learned router instead "
-                   "of searching by decoding: 'tiny' (shipped with the tiny model) or a router folder (vft.router)")
-    p.add_argument("--budget", type=int, default=None, help="with --router: at most this many tokens per clip, "
-                   "spread over the latent frames where the router predicts they help most")
-    p.add_argument("--granularity", choices=["clip", "chunk", "frame"], default="frame",
+    p.add_argument("--budget", type=int, default=None, help="also store per-latent-frame token counts that spend at "
+                   "most this many tokens per clip where they raise its PSNR most (docs/adaptive.md)")
+    p.add_argument("--rate", type=float, default=None, help="as --budget, with a budget of this many tokens per "
+                   "latent frame on average (1 to R; floor(rate x latent frames) per clip)")
+    p.add_argument("--router", default=None, help="with --target-psnr, --budget or --rate: predict the per-frame "
+                   "quality with a learned router instead of decoding: 'tiny' (shipped with the tiny model) or a "
+                   "router folder (vft.router)")
+    p.add_argument("--granularity", choices=["clip", "chunk", "frame"], default=None,
                    help="with --target-psnr (search): one token count per clip, per chunk or per latent frame "
-                   "(default: %(default)s)")
-    p.add_argument("--search-steps", type=int, default=25, help="sampling steps of the search's reconstructions "
-                   "(APG, scale 1.5: detokenize's defaults)")
+                   "(default: frame)")
+    p.add_argument("--search-steps", type=int, default=None, help="sampling steps of the decodes of a search or of "
+                   "the --budget / --rate curves (APG, scale 1.5: detokenize's defaults; default: 25)")
     p.set_defaults(fn=cmd_tokenize)
 
     p = sub.add_parser("detokenize", help="tokens (.safetensors) -> video file")
