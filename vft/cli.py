@@ -28,7 +28,7 @@ import vft_kernels as vk
 from vft_kernels import dispatch
 
 from . import checkpoint as ckpt
-from .config import PRESETS, ModelConfig, TrainConfig, parse_override, preset, tiny_train_config
+from .config import KEEP_SAMPLING, PRESETS, ModelConfig, TrainConfig, parse_override, preset, tiny_train_config
 from .data import HELDOUT_SEED, VideoReadError, from_model_range, read_video, resize_crop, synthetic_video, \
     to_model_range, write_video
 from .demo import print_summary, reconstruct_report
@@ -135,7 +135,7 @@ def cmd_train(args) -> int:
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed", "log_every", "ckpt_every",
                                               "keep_sampling", "data", "warmup_steps", "logit_normal_mean",
                                               "ema_decay", "null_prob", "prefix_prob", "uniform_t_prob", "loss_t_min",
-                                              "linear_loss",
+                                              "linear_loss", "keep_frame_prob",
                                               "workers")
                  if getattr(args, k) is not None}
     if args.bf16:
@@ -376,8 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
                       ("ema-decay", float), ("null-prob", float), ("prefix-prob", float),
                       ("uniform-t-prob", float), ("loss-t-min", float), ("linear-loss", float)):
         p.add_argument(f"--{name}", type=typ, help=_TRAIN_HELP[name] + " (default: the preset's training config)")
-    p.add_argument("--keep-sampling", choices=["pow2", "uniform"],
-                   help="how nested dropout draws each sample's kept token count (default: the training config's)")
+    p.add_argument("--keep-sampling", choices=KEEP_SAMPLING,
+                   help="how nested dropout draws the kept token counts: pow2 / uniform values, one per sample, "
+                   "one per latent frame (_frame) or a mix of both (_mixed) (default: the training config's)")
+    p.add_argument("--keep-frame-prob", type=float, help="with a _mixed --keep-sampling: share of the samples "
+                   "that get a keep per latent frame (default: the training config's, 0.5)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--max-seconds", type=float, help="stop (with a checkpoint) after this wall time")
