@@ -236,7 +236,7 @@ def plot(result: dict, path: str) -> None:
     worth.set_ylabel("PSNR gain from K - 1 to K tokens (dB)")
     worth.set_title("what each token is worth, per content kind")
     worth.grid(alpha=0.3)
-    worth.legend(fontsize=8)
+    worth.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
