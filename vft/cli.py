@@ -4,6 +4,7 @@
     vft demo --video clip.mp4 --out demo_out     # the same on any video file
     vft train --preset tiny --out ckpt --steps 2000
     vft tokenize clip.mp4 --out tokens.safetensors           # the shipped tiny model by default
+    vft tokenize clip.mp4 --rate 4 --out tokens.safetensors  # + per-frame counts, 4 per latent frame on average
     vft detokenize tokens.safetensors --keep 4 --out clip_k4.mp4
     vft reconstruct clip.mp4 --checkpoint ckpt --keep 1,2,4,8 --out recon/   # a trained checkpoint folder
     vft info --preset videoflextok_k600
