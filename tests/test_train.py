@@ -158,13 +158,14 @@ def test_bf16_autocast_step(tmp_path):
     assert torch.isfinite(torch.tensor(res["loss"]))
 
 
-def test_checkpoint_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("keep_sampling", ["pow2", "pow2_mixed"])
+def test_checkpoint_resume_is_exact(tmp_path, keep_sampling):
     cfg = preset("micro")
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(cfg, _tcfg(steps=4), str(straight), progress=False)
-    train(cfg, _tcfg(steps=2), str(split), progress=False)
+    train(cfg, _tcfg(steps=4, keep_sampling=keep_sampling), str(straight), progress=False)
+    train(cfg, _tcfg(steps=2, keep_sampling=keep_sampling), str(split), progress=False)
     assert ckpt.read_state(str(split))["step"] == 2
-    train(cfg, _tcfg(steps=4), str(split), resume=True, progress=False)
+    train(cfg, _tcfg(steps=4, keep_sampling=keep_sampling), str(split), resume=True, progress=False)
     assert ckpt.read_state(str(split))["step"] == 4
     for name in ("model", "ema", "optimizer"):
         a = load_file(str(straight / f"{name}.safetensors"))
@@ -421,3 +422,39 @@ def test_workers_config_and_cli_flag(tmp_path):
     args = build_parser().parse_args(["train", "--out", str(tmp_path), "--workers", "3"])
     assert args.workers == 3
     assert build_parser().parse_args(["train", "--out", str(tmp_path)]).workers is None
+
+
+def test_fine_tune_command_starts_from_init_and_resumes_exactly(tmp_path):
+    """The documented fine-tune (docs/training.md): `vft train --init A --resume` starts from
+    A's weights in a fresh folder; interrupted (here by --max-seconds 0: one step, then a
+    checkpoint) and run again with the same command, it continues to the same weights as an
+    uninterrupted run, with the per-frame keep sampling it was started with."""
+    from vft.cli import main
+
+    base = str(tmp_path / "base")
+    common = ["--preset", "micro", "--batch-size", "2", "--log-every", "1", "--no-progress"]
+    assert main(["train", "--out", base, "--steps", "2", "--seed", "1"] + common) == 0  # weights unlike seed 0's
+    tune = ["--init", base, "--steps", "3", "--keep-sampling", "pow2_mixed", "--keep-frame-prob", "0.7",
+            "--lr", "1e-3", "--resume"] + common
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    assert main(["train", "--out", straight] + tune) == 0
+    assert main(["train", "--out", split, "--max-seconds", "0"] + tune) == 0
+    assert ckpt.read_state(split)["step"] == 1
+    assert main(["train", "--out", split] + tune) == 0
+    assert ckpt.read_state(split)["step"] == 3
+    saved = json.loads((tmp_path / "split" / "config.json").read_text())["train"]
+    assert saved["keep_sampling"] == "pow2_mixed" and saved["keep_frame_prob"] == 0.7
+    a, b, init = _weights(straight), _weights(split), load_file(os.path.join(base, "ema.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # it trained
+    torch.manual_seed(0)  # the weights a run with seed 0 starts from without --init
+    fresh = VideoFlexTok(preset("micro")).state_dict()
+    start = str(tmp_path / "one")  # one step from the init is closer to it than to seed 0's initial weights
+    assert main(["train", "--out", start, "--max-seconds", "0"] + tune) == 0
+    one = _weights(start)
+
+    def dist(x):
+        return sum(float((one[k] - x[k]).abs().sum()) for k in one if one[k].is_floating_point())
+
+    assert dist(init) < 0.1 * dist(fresh), (dist(init), dist(fresh))
