@@ -288,6 +288,8 @@ def test_choose_keep_errors():
         (dict(budget=3), r"budget must be an int >= T' = 4 tokens per clip"),
         (dict(budget=8.0), "budget must be an int"),
     ]
+    with pytest.raises(ValueError, match=r"choose_keep: video must be a float tensor \[B, 3, T, H, W\]"):
+        choose_keep(stub, torch.zeros(3, 4, 4, 4), budget=8)
     for kw, match in cases:
         stub.calls = 0
         with pytest.raises(ValueError, match=match):

@@ -100,9 +100,13 @@ def _check(model, video, target, lam, metric, granularity):
             raise ValueError(f"search_keep: {name} must be >= 0, got {value!r}")
     if metric == "ssim" and target is not None and target > 1:
         raise ValueError(f"search_keep: an SSIM target must be <= 1, got {target}")
+    _check_video(video, "search_keep")
+
+
+def _check_video(video, who: str) -> None:
     if not isinstance(video, torch.Tensor) or video.dim() != 5 or video.shape[1] != 3:
         shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
-        raise ValueError(f"search_keep: video must be a float tensor [B, 3, T, H, W] in [-1, 1], got {shape}")
+        raise ValueError(f"{who}: video must be a float tensor [B, 3, T, H, W] in [-1, 1], got {shape}")
 
 
 @torch.no_grad()
@@ -260,9 +264,7 @@ def choose_keep(model, video: torch.Tensor, target_psnr: Optional[float] = None,
         res = search_keep(model, video, target=value, granularity=granularity or "frame", **sampling)
         return {"tokens": res["tokens"], "keep": res["keep"], "mode": mode, "policy": "search",
                 "quality": res["quality"], "evaluations": res["evaluations"]}
-    if not isinstance(video, torch.Tensor) or video.dim() != 5 or video.shape[1] != 3:
-        shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
-        raise ValueError(f"choose_keep: video must be a float tensor [B, 3, T, H, W] in [-1, 1], got {shape}")
+    _check_video(video, "choose_keep")
     R = model.cfg.registers
     if mode == "rate" and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 1 <= rate <= R):
         raise ValueError(f"choose_keep: rate (mean tokens per latent frame) must be a number in [1, R = {R}], "
