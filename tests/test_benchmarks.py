@@ -527,3 +527,23 @@ def test_flow_targets_name_real_cases_and_the_traffic_floor_moves_the_same_bytes
     g = torch.Generator(device="cpu").manual_seed(0)
     x, vc, vu = (torch.randn((4, 16, 5, 32, 32), generator=g) for _ in range(3))
     torch.testing.assert_close(got, x + vc * vu)
+
+
+def test_keep_sampling_benchmark_runs(capsys):
+    """benchmarks.keep_sampling: one line per mode, the four keeps scored, and ``front``'s
+    no-leaning reference is the frame-weighted mean of the all-R and all-1 losses."""
+    import json
+
+    from benchmarks import keep_sampling as ks
+    from vft import train as vt
+
+    make_dataset = vt.make_dataset
+    assert ks.main(["--steps", "2", "--modes", "uniform,uniform_frame", "--static"]) == 0
+    assert vt.make_dataset is make_dataset  # the static clips were for the benchmark's runs only
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["mode"] for r in rows] == ["uniform", "uniform_frame"]
+    for r in rows:
+        assert r["front_if_no_leaning"] == pytest.approx((r["all_4"] + 3 * r["all_1"]) / 4)
+        assert all(0 < r[k] < 10 for k in ("mixed", "front", "all_1", "all_4"))
+    with pytest.raises(SystemExit):
+        ks.main(["--modes", "per_frame"])
