@@ -112,8 +112,27 @@ def test_tokenize_with_a_budget_or_a_rate(trained, capsys, monkeypatch, token_se
         assert meta["policy"] == "measured" and meta["search_steps"] == "1"
         assert float(meta[extra[0][2:]]) == float(extra[1])
         assert f"(measured: {total} tokens" in capsys.readouterr().out
+    import vft.model as vm
+
+    calls, real_detokenize = [], vm.VideoFlexTok.detokenize
+
+    def spy(self, tokens, keep=None, **kw):
+        calls.append((keep, kw))
+        return real_detokenize(self, tokens, keep=keep, **kw)
+
+    monkeypatch.setattr(vm.VideoFlexTok, "detokenize", spy)
     out = str(root / "budget.mp4")
-    assert main(["detokenize", tok, "--checkpoint", ck, "--out", out, "--steps", "1"]) == 0
+    assert main(["detokenize", tok, "--checkpoint", ck, "--out", out]) == 0  # the setting the counts were chosen for
+    assert main(["detokenize", tok, "--checkpoint", ck, "--out", out, "--steps", "2", "--guidance", "none"]) == 0
+    (keep, stored), (_, given) = calls
+    assert torch.equal(keep.cpu(), data["keep"].long())
+    assert (stored["steps"], stored["guidance"], stored["scale"]) == (1, "apg", 1.5)
+    assert (given["steps"], given["guidance"], given["scale"]) == (2, "none", 1.5)
+    assert "decoding with 1 apg steps" in capsys.readouterr().out
+    plain = str(root / "plain.safetensors")  # no per-frame counts: detokenize's own defaults
+    assert main(["tokenize", clip, "--checkpoint", ck, "--out", plain]) == 0
+    assert main(["detokenize", plain, "--checkpoint", ck, "--out", out]) == 0
+    assert calls[-1][1]["steps"] == 25 and calls[-1][1]["guidance"] == "apg"
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -183,7 +183,7 @@ def cmd_tokenize(args) -> int:
 
         router = load_router(args.router)
     else:
-        sampling = {"steps": 25 if args.search_steps is None else args.search_steps}
+        sampling = {"steps": SAMPLING_DEFAULTS["steps"] if args.search_steps is None else args.search_steps}
     res = choose_keep(model, video, target_psnr=args.target_psnr, budget=args.budget, rate=args.rate, router=router,
                       granularity=args.granularity, **sampling)
     tokens, keep = res["tokens"], res["keep"]
@@ -203,8 +203,8 @@ def cmd_tokenize(args) -> int:
     print(f"{line} -> {args.out}")
     if router is not None and router.sampling:
         rs = router.sampling
-        print(f"note: the router predicts quality for decoding with {rs}: `vft detokenize --steps "
-              f"{rs.get('steps')} --guidance {rs.get('guidance')}` (other settings give other PSNRs)")
+        print(f"note: the router predicts quality for decoding with {rs}, which `vft detokenize` uses for this "
+              "file unless told otherwise (other settings give other PSNRs)")
     return 0
 
 
@@ -217,13 +217,31 @@ def cmd_detokenize(args) -> int:
                          f"{model.cfg.name!r}")
     if args.keep is not None:
         keep = _parse_keeps(args.keep, model.cfg.registers)[0]
-    else:  # the per-frame counts stored by `vft tokenize --target-psnr`, if any
+    else:  # the per-frame counts stored by `vft tokenize --target-psnr / --budget / --rate`, if any
         keep = meta["keep"].to(device) if "keep" in meta else None
+    stored = _stored_sampling(meta)
+    for k, default in SAMPLING_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, stored.get(k, default))
+    if stored:
+        print(f"decoding with {args.steps} {args.guidance} steps (scale {args.scale}); the token file's counts were "
+              f"chosen for {stored}")
     video = model.detokenize(tokens.to(device), keep=keep, **_sampling_kwargs(args))
     fps = args.fps or float(meta.get("fps", 8))
     write_video(args.out, from_model_range(video[0]), fps)
     print(f"video {tuple(video.shape)} -> {args.out}")
     return 0
+
+
+def _stored_sampling(meta: dict) -> dict:
+    """The decoding setting a token file's per-frame counts were chosen for: the router's
+    (``router_sampling``), or that of the search / measured curves (``search_steps`` with
+    tokenize's APG at scale 1.5); {} for a file without one."""
+    if "router_sampling" in meta:
+        return {k: v for k, v in json.loads(meta["router_sampling"]).items() if k in SAMPLING_DEFAULTS}
+    if "search_steps" in meta:
+        return {**SAMPLING_DEFAULTS, "steps": int(meta["search_steps"])}
+    return {}
 
 
 def cmd_reconstruct(args) -> int:
@@ -322,12 +340,22 @@ def _add_checkpoint(p):
     p.add_argument("--checkpoint", default="tiny", help=_CHECKPOINT_HELP.format(names=", ".join(PRETRAINED)))
 
 
-def _add_sampling(p, keep_default: Optional[str], keep_help: str, fps_help: str):
+SAMPLING_DEFAULTS = {"steps": 25, "guidance": "apg", "scale": 1.5}
+
+
+def _add_sampling(p, keep_default: Optional[str], keep_help: str, fps_help: str, stored: bool = False):
+    """Decoding options; with ``stored`` (detokenize) --steps, --guidance and --scale default to
+    the setting stored in the token file (``_stored_sampling``), else SAMPLING_DEFAULTS."""
+    d = {k: None if stored else v for k, v in SAMPLING_DEFAULTS.items()}
+    where = "the token file's setting, else " if stored else ""
     p.add_argument("--keep", default=keep_default, help=keep_help)
-    p.add_argument("--steps", type=int, default=25, help="flow sampling steps (default: %(default)s)")
-    p.add_argument("--guidance", choices=["none", "cfg", "apg"], default="apg",
-                   help="classifier-free guidance: none, cfg, or adaptive projected guidance (default: %(default)s)")
-    p.add_argument("--scale", type=float, default=1.5, help="guidance scale (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=d["steps"],
+                   help=f"flow sampling steps (default: {where}{SAMPLING_DEFAULTS['steps']})")
+    p.add_argument("--guidance", choices=["none", "cfg", "apg"], default=d["guidance"],
+                   help="classifier-free guidance: none, cfg, or adaptive projected guidance (default: "
+                   f"{where}{SAMPLING_DEFAULTS['guidance']})")
+    p.add_argument("--scale", type=float, default=d["scale"],
+                   help=f"guidance scale (default: {where}{SAMPLING_DEFAULTS['scale']})")
     p.add_argument("--solver", choices=["euler", "heun"], default="euler",
                    help="ODE solver of the flow sampler (default: %(default)s)")
     p.add_argument("--shift", type=float, default=1.0, help="time-grid shift s, t' = s t / (1 + (s - 1) t) "
@@ -418,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint(p)
     p.add_argument("--out", required=True, help="the video file to write (.mp4)")
     _add_sampling(p, None, "tokens per latent frame to decode from (default: the counts stored in the token file, "
-                  "else all)", "frame rate of the written video (default: the one stored in the token file)")
+                  "else all)", "frame rate of the written video (default: the one stored in the token file)",
+                  stored=True)
     p.set_defaults(fn=cmd_detokenize)
 
     p = sub.add_parser("reconstruct", help="video -> tokens -> videos at several token counts (mp4 + PNG grid)")
