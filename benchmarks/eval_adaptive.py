@@ -51,7 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vft import checkpoint as ckpt
-from vft.adaptive import KINDS, mixed_clips  # noqa: F401 (mixed_clips is re-exported for callers)
+from vft.adaptive import KINDS, REAL_KINDS, mixed_clips  # noqa: F401 (mixed_clips is re-exported for callers)
 from vft.metrics import psnr
 from vft.pretrained import load_pretrained
 
@@ -189,7 +189,7 @@ def evaluate(model, clips, kinds, targets, sampling, progress=True, router=None)
         rows.append(row)
     by_fixed_k = savings_at_fixed_k(mean_by_k.tolist(), frontier)
     per_kind, by_kind = {}, {}
-    for kind in (k for k in KINDS if k in kinds):
+    for kind in (k for k in KINDS + REAL_KINDS if k in kinds):
         idx = [i for i in range(len(kinds)) if kinds[i] == kind]
         per_kind[kind] = clip_q[idx].mean(0).tolist()
         kind_frontier = {name: mean_points(pts, idx) for name, pts in clip_points.items()}
@@ -250,6 +250,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", choices=["none", "cfg", "apg"], default="apg")
     p.add_argument("--scale", type=float, default=1.5)
+    p.add_argument("--real", action="store_true", help="also held-out photo pans and windows of the held-out "
+                   "real video (kinds photo and real)")
     p.add_argument("--router", default=None, help="also evaluate a learned router: 'tiny' (shipped) or a folder; "
                    "it should be trained for the same --steps / --guidance")
     p.add_argument("--out", default="results/eval_adaptive")
@@ -257,7 +259,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     model = ckpt.load_model(args.checkpoint) if args.checkpoint else load_pretrained("tiny")
     model.eval()
-    clips, kinds = mixed_clips(model.cfg, args.per_kind)
+    clips, kinds = mixed_clips(model.cfg, args.per_kind, real=args.real)
     targets = [float(t) for t in args.targets.split(",") if t.strip()]
     sampling = dict(steps=args.steps, guidance=args.guidance, scale=args.scale)
     router = None
@@ -277,7 +279,8 @@ def main(argv=None) -> int:
         w.writeheader()
         w.writerows(result["rows"])
     plot(result, os.path.join(args.out, "eval_adaptive.png"))
-    print(f"{len(clips)} clips ({args.per_kind} per kind: {', '.join(KINDS)}), {args.steps} {args.guidance} steps")
+    print(f"{len(clips)} clips ({args.per_kind} per kind: {', '.join(dict.fromkeys(kinds))}), {args.steps} "
+          f"{args.guidance} steps")
     head = f"{'target':>7} {'fixed K':>8} {'its PSNR':>9} {'oracle/clip':>12} {'saving':>7} {'oracle/frame':>13} {'saving':>7}"
     print(head + (f" {'router':>7} {'saving':>7}" if router is not None else ""))
     for r in result["rows"]:

@@ -295,3 +295,20 @@ def test_choose_keep_errors():
         with pytest.raises(ValueError, match=match):
             choose_keep(stub, _video(), **kw)
         assert stub.calls == 0, kw  # refused before any decode
+
+
+def test_mixed_clips_with_real_content_keep_the_held_out_sources_apart():
+    from vft.adaptive import REAL_KINDS, KINDS, mixed_clips
+    from vft.config import preset
+    from vft.data import HELDOUT_PHOTOS, HELDOUT_SEED, HELDOUT_VIDEO, TRAIN_PHOTOS, TRAIN_VIDEOS, photo_video, \
+        real_video_clip, to_model_range
+
+    cfg = preset("tiny")
+    T, H, W = cfg.frames, cfg.height, cfg.width
+    for seed, photos, videos in ((HELDOUT_SEED + 50_000, HELDOUT_PHOTOS, (HELDOUT_VIDEO,)), (5000, TRAIN_PHOTOS,
+                                                                                             TRAIN_VIDEOS)):
+        clips, kinds = mixed_clips(cfg, 1, seed=seed, real=True)
+        assert kinds == list(KINDS + REAL_KINDS) and clips.shape == (7, 3, T, H, W)
+        assert torch.equal(clips[5], to_model_range(photo_video(seed + 4, T, H, W, photos)).contiguous())
+        assert torch.equal(clips[6], to_model_range(real_video_clip(seed + 5, T, H, W, videos)).contiguous())
+    assert len(mixed_clips(cfg, 1)[1]) == len(KINDS)  # without real: the synthetic kinds only

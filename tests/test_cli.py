@@ -332,6 +332,12 @@ def test_train_router_command(trained, tmp_path, capsys):
     assert main(["train-router", "--checkpoint", ck, "--per-kind", "1", "--train-steps", "5", "--out", out,
                  "--no-progress", "--backend", "reference"]) == 0
     assert "router: 4 training clips" in capsys.readouterr().out
+    assert json.load(open(os.path.join(out, "router.json")))["kinds"] == ["static", "slow", "fast", "cluttered", "cut"]
+    real = str(tmp_path / "router_real")
+    assert main(["train-router", "--checkpoint", ck, "--per-kind", "1", "--train-steps", "5", "--out", real,
+                 "--no-progress", "--real"]) == 0
+    assert "router: 6 training clips" in capsys.readouterr().out  # 7 kinds, one for validation
+    assert json.load(open(os.path.join(real, "router.json")))["kinds"][-2:] == ["photo", "real"]
     router = KeepRouter.load(out)
     assert router.registers == 4 and router.sampling == {"steps": 1, "guidance": "none", "scale": 1.5}
     info = json.load(open(os.path.join(out, "router.json")))

@@ -34,22 +34,29 @@ from typing import Callable, Optional
 
 import torch
 
-from .data import DETAILED_WAVES, HELDOUT_SEED, synthetic_video, to_model_range
+from .data import DETAILED_WAVES, HELDOUT_PHOTOS, HELDOUT_SEED, HELDOUT_VIDEO, TRAIN_PHOTOS, TRAIN_VIDEOS, \
+    photo_video, real_video_clip, synthetic_video, to_model_range
 from .metrics import psnr, ssim
 
 GRANULARITIES = ("clip", "chunk", "frame")
 METRICS = ("psnr", "ssim")
 
 KINDS = ("static", "slow", "fast", "cluttered", "cut")
+REAL_KINDS = ("photo", "real")  # camera moves over photographs, windows of a real video
 
 
-def mixed_clips(cfg, per_kind: int, seed: int = HELDOUT_SEED + 50_000) -> tuple[torch.Tensor, list[str]]:
-    """``per_kind`` clips of each kind in KINDS: ([n, 3, T, H, W] in [-1, 1], kinds). The
-    default seed is held out (benchmarks.eval_adaptive); seeds below HELDOUT_SEED make
-    training clips (the router's labels). Kinds: ``static`` (the first frame repeated),
-    ``slow`` (a clip as generated), ``fast`` (every third frame of a 3x longer clip),
-    ``cluttered`` (the busy background), ``cut`` (half of one clip, then half of another)."""
+def mixed_clips(cfg, per_kind: int, seed: int = HELDOUT_SEED + 50_000,
+                real: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """``per_kind`` clips of each kind in KINDS (and REAL_KINDS with ``real``): ([n, 3, T, H,
+    W] in [-1, 1], kinds). The default seed is held out (benchmarks.eval_adaptive); seeds
+    below HELDOUT_SEED make training clips (the router's labels). Kinds: ``static`` (the
+    first frame repeated), ``slow`` (a clip as generated), ``fast`` (every third frame of a
+    3x longer clip), ``cluttered`` (the busy background), ``cut`` (half of one clip, then half
+    of another), ``photo`` (a pan / zoom over a photograph) and ``real`` (a window of a
+    bundled real video): held-out photographs and ``bikes.mp4`` for held-out seeds, the
+    training ones below."""
     T, H, W = cfg.frames, cfg.height, cfg.width
+    heldout = seed >= HELDOUT_SEED
     clips, kinds = [], []
     for i in range(per_kind):
         s = seed + 10 * i
@@ -58,6 +65,10 @@ def mixed_clips(cfg, per_kind: int, seed: int = HELDOUT_SEED + 50_000) -> tuple[
                   synthetic_video(s + 2, T, H, W, wave_cycles=DETAILED_WAVES),
                   torch.cat([base[:T // 2], synthetic_video(s + 3, T, H, W)[T // 2:]])]
         kinds += list(KINDS)
+        if real:
+            clips += [photo_video(s + 4, T, H, W, HELDOUT_PHOTOS if heldout else TRAIN_PHOTOS),
+                      real_video_clip(s + 5, T, H, W, (HELDOUT_VIDEO,) if heldout else TRAIN_VIDEOS)]
+            kinds += list(REAL_KINDS)
     return torch.stack([to_model_range(c.contiguous()) for c in clips]), kinds
 
 

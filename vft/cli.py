@@ -276,7 +276,7 @@ def cmd_train_router(args) -> int:
     model = load_model(args.checkpoint, str(_device(args.device)))
     sampling = {"steps": args.steps, "guidance": args.guidance, "scale": args.scale}
     t0 = time.time()
-    clips, _ = mixed_clips(model.cfg, args.per_kind, seed=args.seed)
+    clips, kinds = mixed_clips(model.cfg, args.per_kind, seed=args.seed, real=args.real)
     n_val = max(1, len(clips) // 5)  # the last fifth checks the fit
     feats, labels = collect(model, clips.to(_device(args.device)), sampling, progress=not args.no_progress)
     feats, labels = feats.cpu(), labels.cpu()
@@ -286,7 +286,8 @@ def cmd_train_router(args) -> int:
         val_mae = float((router(feats[-n_val:]) - labels[-n_val:]).abs().mean())
         train_mae = float((router(feats[:-n_val]) - labels[:-n_val]).abs().mean())
     extra = {"command": "vft " + " ".join(args.argv), "checkpoint": args.checkpoint,
-             "clips": len(clips) - n_val, "validation_clips": n_val, "train_mae_db": train_mae, "val_mae_db": val_mae,
+             "clips": len(clips) - n_val, "validation_clips": n_val, "kinds": list(dict.fromkeys(kinds)),
+             "train_mae_db": train_mae, "val_mae_db": val_mae,
              "margin_db": float(router.margin), "seconds": round(time.time() - t0, 1)}
     router.save(args.out, extra)
     with open(os.path.join(args.out, "router_train_log.csv"), "w", newline="") as f:
@@ -480,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "all clips checks the fit (default: %(default)s)")
     p.add_argument("--seed", type=int, default=5000, help="first clip seed (training seeds are < 10**6; default: "
                    "%(default)s)")
+    p.add_argument("--real", action="store_true", help="also train on photo pans and windows of real videos (the "
+                   "training photographs and videos; the held-out ones stay out)")
     p.add_argument("--steps", type=int, default=1, help="sampling steps of the labels' decodes; decode the router's "
                    "token files with the same setting (default: %(default)s)")
     p.add_argument("--guidance", choices=["none", "cfg", "apg"], default="none",
