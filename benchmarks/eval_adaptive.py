@@ -8,6 +8,11 @@ Held-out clips of mixed complexity, made from the synthetic generator without ne
 * ``cluttered``: the busy background (``DETAILED_WAVES``);
 * ``cut``: the first half of one clip, then the second half of another.
 
+Per content kind it also reports what each K is worth: the mean PSNR gain from K - 1 to K
+tokens in every latent frame (``db_per_token``, also for the first latent frame and the later
+ones), and each policy's mean saving at the kind's own fixed-K PSNRs (``by_kind`` in the
+JSON; the right panel of the figure).
+
 For each clip the quality at every K in 1..R is measured once (one tokenization; the
 clip's PSNR and each latent frame's PSNR). Policies are compared at equal mean PSNR over
 the clips, by the mean tokens per latent frame they spend:
@@ -46,7 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vft import checkpoint as ckpt
-from vft.adaptive import KINDS, mixed_clips  # noqa: F401 (mixed_clips is re-exported for callers)
+from vft.adaptive import KINDS, REAL_KINDS, mixed_clips  # noqa: F401 (mixed_clips is re-exported for callers)
 from vft.metrics import psnr
 from vft.pretrained import load_pretrained
 
@@ -55,9 +60,9 @@ LAMBDAS = (0.0,) + tuple(0.01 * 500 ** (i / 39) for i in range(40)) + (1e9,)
 
 
 def router_frontier(model, router, clips, tokens, sampling) -> tuple[list, float]:
-    """(points (mean tokens per latent frame, mean decoded PSNR, lambda), seconds of one
-    router call per clip): each latent frame takes argmax_K predicted PSNR(K) - lambda K on
-    the router's predicted curves (the oracle-frame rule without its R decodes per clip),
+    """(per-clip points (tokens per latent frame [n], decoded PSNR [n], lambda), seconds of
+    one router call per clip): each latent frame takes argmax_K predicted PSNR(K) - lambda K
+    on the router's predicted curves (the oracle-frame rule without its R decodes per clip),
     for each lambda of LAMBDAS; the keeps are then decoded and measured."""
     import time
 
@@ -69,8 +74,31 @@ def router_frontier(model, router, clips, tokens, sampling) -> tuple[list, float
         keep = router.keep_for_lambda(model, clips, lam, pred=pred)
         got = [psnr(model.detokenize(tokens[i:i + 1], keep=keep[i:i + 1], **sampling)[0], clips[i])
                for i in range(len(clips))]
-        points.append((float(keep.double().mean()), sum(got) / len(got), lam))
+        points.append((keep.double().mean(1), torch.tensor(got, dtype=torch.float64), lam))
     return points, per_clip
+
+
+def mean_points(clip_points, idx) -> list:
+    """Frontier points (mean tokens, mean PSNR, lambda) over the clips ``idx`` of per-clip points."""
+    return [(float(tok[idx].mean()), float(q[idx].mean()), lam) for tok, q, lam in clip_points]
+
+
+def token_worth(frame_q: torch.Tensor) -> dict:
+    """What the K-th token of a latent frame adds, from frame PSNRs [n, R, T'] decoded with
+    every frame at K: mean dB gain from K - 1 to K (K = 2..R) over all frames, over the
+    first latent frame and over the later ones (which the block-causal decoder can predict
+    in part from earlier frames)."""
+    gain = frame_q[:, 1:] - frame_q[:, :-1]  # [n, R - 1, T']
+    out = {"db_per_token": gain.mean((0, 2)).tolist(), "db_per_token_first_frame": gain[:, :, 0].mean(0).tolist()}
+    if gain.shape[2] > 1:
+        out["db_per_token_later_frames"] = gain[:, :, 1:].mean((0, 2)).tolist()
+    return out
+
+
+def mean_inner_saving(rows: list, name: str, registers: int) -> float:
+    """Mean saving of policy ``name`` at the fixed Ks' own PSNRs, K = 2 .. R - 1 (NaN rows skipped)."""
+    vals = [r[f"{name}_saving"] for r in rows if 1 < r["fixed_k"] < registers and r[f"{name}_saving"] == r[f"{name}_saving"]]
+    return sum(vals) / len(vals) if vals else float("nan")
 
 
 def pareto(points) -> tuple[list, list]:
@@ -127,23 +155,24 @@ def evaluate(model, clips, kinds, targets, sampling, progress=True, router=None)
                 f = list(pixel_frames(cfg, t))
                 frame_q[i, k - 1, t] = psnr(rec[:, f], clips[i][:, f])
     ks = torch.arange(1, R + 1, dtype=torch.float64)
-    frontier = {"clip": [], "frame": []}
+    clip_points = {"clip": [], "frame": []}  # per policy, per lambda: (tokens [n], PSNR [n], lambda)
     for lam in LAMBDAS:
         kc = (clip_q - lam * ks).argmax(1) + 1  # [n]
-        frontier["clip"].append((float(kc.double().mean()), float(clip_q.gather(1, (kc - 1)[:, None]).mean()), lam))
+        clip_points["clip"].append((kc.double(), clip_q.gather(1, (kc - 1)[:, None])[:, 0], lam))
         kf = (frame_q - lam * ks[None, :, None]).argmax(1) + 1  # [n, T]
         got = [psnr(model.detokenize(tokens[i:i + 1], keep=kf[i:i + 1], **sampling)[0], clips[i])
                for i in range(len(clips))]
-        frontier["frame"].append((float(kf.double().mean()), sum(got) / len(got), lam))
+        clip_points["frame"].append((kf.double().mean(1), torch.tensor(got, dtype=torch.float64), lam))
     timing = {}
     if router is not None:
         import time
 
-        frontier["router"], timing["router_s_per_clip"] = router_frontier(model, router, clips, tokens, sampling)
+        clip_points["router"], timing["router_s_per_clip"] = router_frontier(model, router, clips, tokens, sampling)
         t0 = time.perf_counter()
         for i in range(len(clips)):
             model.detokenize(tokens[i:i + 1], **sampling)
         timing["decode_s_per_clip"] = (time.perf_counter() - t0) / len(clips)
+    frontier = {name: mean_points(pts, list(range(len(clips)))) for name, pts in clip_points.items()}
     mean_by_k = clip_q.mean(0)
     rows = []
     for target in targets:
@@ -159,30 +188,55 @@ def evaluate(model, clips, kinds, targets, sampling, progress=True, router=None)
             row[f"{key}_saving"] = 1 - best[0] / fixed_k if fixed_k and reach else float("nan")
         rows.append(row)
     by_fixed_k = savings_at_fixed_k(mean_by_k.tolist(), frontier)
-    per_kind = {k: clip_q[[i for i in range(len(kinds)) if kinds[i] == k]].mean(0).tolist() for k in KINDS if k in kinds}
-    return {"rows": rows, "mean_psnr_by_k": mean_by_k.tolist(), "psnr_by_k_per_kind": per_kind,
-            "frontier": frontier, "by_fixed_k": by_fixed_k, "clips": len(clips), "kinds": kinds, **timing}
+    per_kind, by_kind = {}, {}
+    for kind in (k for k in KINDS + REAL_KINDS if k in kinds):
+        idx = [i for i in range(len(kinds)) if kinds[i] == kind]
+        per_kind[kind] = clip_q[idx].mean(0).tolist()
+        kind_frontier = {name: mean_points(pts, idx) for name, pts in clip_points.items()}
+        kind_rows = savings_at_fixed_k(per_kind[kind], kind_frontier)
+        by_kind[kind] = {"clips": len(idx), "psnr_by_k": per_kind[kind], **token_worth(frame_q[idx]),
+                         "frontier": kind_frontier,
+                         **{f"{name}_saving": mean_inner_saving(kind_rows, name, R) for name in kind_frontier}}
+    return {"rows": rows, "mean_psnr_by_k": mean_by_k.tolist(), "psnr_by_k_per_kind": per_kind, "by_kind": by_kind,
+            **token_worth(frame_q), "frontier": frontier, "by_fixed_k": by_fixed_k, "clips": len(clips),
+            "kinds": kinds, **timing}
 
 
 def plot(result: dict, path: str) -> None:
+    """One figure: left, mean PSNR against mean tokens per latent frame for fixed K, the
+    oracles and the router; right, per content kind, the dB the K-th token of a latent frame
+    adds (what each K is worth)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, worth) = plt.subplots(1, 2, figsize=(11, 4.2))
     curve = result["mean_psnr_by_k"]
-    ax.plot(range(1, len(curve) + 1), curve, "o-", label="fixed K (mean PSNR)")
+    ax.plot(range(1, len(curve) + 1), curve, "o-", label="fixed K")
     for name, marker in (("clip", "s-"), ("frame", "^-"), ("router", "x-")):
         if name not in result["frontier"]:
             continue
-        pts = sorted(result["frontier"][name])
-        label = "router, a K per frame (lambda sweep)" if name == "router" else f"oracle, a K per {name} (lambda sweep)"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=label)
+        toks, qs = pareto(result["frontier"][name])
+        label = "router, a K per frame" if name == "router" else f"oracle, a K per {name}"
+        ax.plot(toks, qs, marker, label=label + " (lambda sweep)", markersize=4)
     ax.set_xlabel("mean tokens per latent frame")
     ax.set_ylabel("mean PSNR (dB)")
+    ax.set_title(f"{result['clips']} held-out clips, all kinds")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
+    for kind, info in result.get("by_kind", {}).items():
+        gains = info["db_per_token"]
+        label = f"{kind} (saves {info['frame_saving']:.0%} oracle" + \
+            (f", {info['router_saving']:.0%} router)" if "router_saving" in info else ")")
+        worth.plot(range(2, len(gains) + 2), gains, "o-", markersize=3, label=label)
+    worth.axhline(0, color="grey", lw=0.8)
+    worth.set_xscale("log", base=2)
+    worth.set_xlabel("K: the K-th token of every latent frame")
+    worth.set_ylabel("PSNR gain from K - 1 to K tokens (dB)")
+    worth.set_title("what each token is worth, per content kind")
+    worth.grid(alpha=0.3)
+    worth.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -196,6 +250,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", choices=["none", "cfg", "apg"], default="apg")
     p.add_argument("--scale", type=float, default=1.5)
+    p.add_argument("--real", action="store_true", help="also held-out photo pans and windows of the held-out "
+                   "real video (kinds photo and real)")
     p.add_argument("--router", default=None, help="also evaluate a learned router: 'tiny' (shipped) or a folder; "
                    "it should be trained for the same --steps / --guidance")
     p.add_argument("--out", default="results/eval_adaptive")
@@ -203,7 +259,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     model = ckpt.load_model(args.checkpoint) if args.checkpoint else load_pretrained("tiny")
     model.eval()
-    clips, kinds = mixed_clips(model.cfg, args.per_kind)
+    clips, kinds = mixed_clips(model.cfg, args.per_kind, real=args.real)
     targets = [float(t) for t in args.targets.split(",") if t.strip()]
     sampling = dict(steps=args.steps, guidance=args.guidance, scale=args.scale)
     router = None
@@ -223,7 +279,8 @@ def main(argv=None) -> int:
         w.writeheader()
         w.writerows(result["rows"])
     plot(result, os.path.join(args.out, "eval_adaptive.png"))
-    print(f"{len(clips)} clips ({args.per_kind} per kind: {', '.join(KINDS)}), {args.steps} {args.guidance} steps")
+    print(f"{len(clips)} clips ({args.per_kind} per kind: {', '.join(dict.fromkeys(kinds))}), {args.steps} "
+          f"{args.guidance} steps")
     head = f"{'target':>7} {'fixed K':>8} {'its PSNR':>9} {'oracle/clip':>12} {'saving':>7} {'oracle/frame':>13} {'saving':>7}"
     print(head + (f" {'router':>7} {'saving':>7}" if router is not None else ""))
     for r in result["rows"]:
@@ -232,9 +289,21 @@ def main(argv=None) -> int:
         if router is not None:
             line += f" {r['router_tokens']:7.2f} {r['router_saving']:7.1%}"
         print(line)
-    inner = [r for r in result["by_fixed_k"] if 1 < r["fixed_k"] < model.cfg.registers]
+    R = model.cfg.registers
     print("at each fixed K's own mean PSNR (K = 2 .. R - 1), mean saving on the interpolated frontiers: " + ", ".join(
-        f"{name} {sum(r[f'{name}_saving'] for r in inner) / len(inner):.1%}" for name in result["frontier"]))
+        f"{name} {mean_inner_saving(result['by_fixed_k'], name, R):.1%}" for name in result["frontier"]))
+    spans = [(2, 2), (3, 4), (5, 8), (9, 16), (17, 64), (65, R)]
+    spans = [(a, min(b, R)) for a, b in spans if a <= R]
+    names = list(result["frontier"])
+    print(f"per kind: PSNR at K = 1 and R, mean dB per added token (all frames | first | later frames) for K in "
+          + ", ".join(f"{a}-{b}" if a < b else f"{a}" for a, b in spans) + "; saving per policy")
+    for kind, info in result["by_kind"].items():
+        def span_mean(gains):
+            return " ".join(f"{sum(gains[a - 2:b - 1]) / (b - a + 1):5.2f}" for a, b in spans)
+        later = info.get("db_per_token_later_frames", info["db_per_token"])
+        print(f"  {kind:>9}: {info['psnr_by_k'][0]:5.2f} -> {info['psnr_by_k'][-1]:5.2f} dB | "
+              f"{span_mean(info['db_per_token'])} | {span_mean(info['db_per_token_first_frame'])} | "
+              f"{span_mean(later)} | " + ", ".join(f"{n} {info[f'{n}_saving']:.1%}" for n in names))
     if router is not None:
         print(f"router: {result['router_s_per_clip'] * 1e3:.1f} ms per clip vs one decode "
               f"{result['decode_s_per_clip'] * 1e3:.1f} ms")

@@ -1,13 +1,14 @@
-"""vft.adaptive.search_keep on stub models whose quality as a function of the
+"""vft.adaptive.search_keep (and the budget modes of choose_keep) on stub models whose quality as a function of the
 token count is known exactly (monotone, non-monotone, and frame-causal), and on a real
 micro model."""
+import itertools
 import math
 import types
 
 import pytest
 import torch
 
-from vft.adaptive import search_keep
+from vft.adaptive import allocate_budget, choose_keep, search_keep
 from vft.config import preset
 from vft.metrics import psnr
 from vft.model import VideoFlexTok
@@ -38,7 +39,8 @@ class Stub:
     def detokenize(self, tokens, keep=None, **kw):
         self.calls += 1
         B, T = tokens.shape[:2]
-        keep = keep if keep.dim() == 2 else keep[:, None].expand(B, T)
+        keep = torch.as_tensor(keep)
+        keep = keep if keep.dim() == 2 else keep.reshape(-1)[:, None].expand(B, T)
         out = torch.empty(B, 3, T, 4, 4, dtype=torch.float64)
         for b in range(B):
             for t in range(T):
@@ -177,3 +179,136 @@ def test_real_model_per_frame_answer_reproduces(token_sensitive):
     assert res["quality"][0].item() == pytest.approx(psnr(rec, video), abs=1e-6)
     for t, q in enumerate(res["group_quality"][0]):
         assert q >= target and 1 <= res["keep"][0, t] <= 4
+
+
+def test_shipped_model_per_frame_search_returns_the_smallest_k():
+    """On the shipped tiny model (1-step decoding, a held-out clip): every latent frame's K
+    meets the target and K - 1 misses it, both checked by decoding, for every frame."""
+    from vft.adaptive import mixed_clips, pixel_frames
+    from vft.pretrained import load_pretrained
+
+    model = load_pretrained("tiny")
+    kw = dict(steps=1, guidance="none")
+    video = mixed_clips(model.cfg, 1)[0][1:2]  # a "slow" held-out clip
+    T = model.cfg.latent_frames
+    full = model.detokenize(model.tokenize(video), **kw)
+    frames = [list(pixel_frames(model.cfg, t)) for t in range(T)]
+    target = min(16.0, min(psnr(full[:, :, f], video[:, :, f]) for f in frames) - 0.1)
+    res = search_keep(model, video, target=target, granularity="frame", **kw)
+    row = res["keep"][0]
+    rec = model.detokenize(res["tokens"], keep=res["keep"], **kw)
+    for t, f in enumerate(frames):
+        assert psnr(rec[:, :, f], video[:, :, f]) >= target, (t, row.tolist())
+        if row[t] > 1:  # later frames keep their answers: they do not change frame t's decode (block-causal)
+            smaller = res["keep"].clone()
+            smaller[0, t] -= 1
+            fewer = model.detokenize(res["tokens"], keep=smaller, **kw)
+            assert psnr(fewer[:, :, f], video[:, :, f]) < target, (t, row.tolist())
+    assert (row > 1).sum() >= 2 and (row < model.cfg.registers).all(), row.tolist()  # the K - 1 checks ran
+
+
+def _mse_curve(gains):
+    """PSNR curve [R] whose MSE starts at 1 and falls by ``gains`` (decreasing: convex MSE)."""
+    mse = 1.0 - torch.tensor([0.0] + list(itertools.accumulate(gains)), dtype=torch.float64)
+    return -10 * mse.log10()
+
+
+def test_allocate_budget_matches_brute_force():
+    """On convex MSE curves the greedy allocation minimises the clip's MSE exactly (checked
+    against every allocation), spends exactly the budget and gives each frame >= 1 token."""
+    gen = torch.Generator().manual_seed(3)
+    T, R = 3, 5
+    for trial in range(6):
+        gains = torch.rand(T, R - 1, generator=gen).sort(dim=1, descending=True).values * 0.2
+        curves = torch.stack([_mse_curve(g.tolist()) for g in gains])[None]  # [1, T, R]
+        mse = 10 ** (-curves[0] / 10)
+        for budget in (T, T + 1, 7, 11, T * R, T * R + 4):
+            keep = allocate_budget(curves, budget)[0]
+            assert int(keep.sum()) == min(budget, T * R) and int(keep.min()) >= 1
+            best = min(sum(float(mse[t, k[t] - 1]) for t in range(T))
+                       for k in itertools.product(range(1, R + 1), repeat=T) if sum(k) == min(budget, T * R))
+            got = sum(float(mse[t, keep[t] - 1]) for t in range(T))
+            assert got == pytest.approx(best, abs=1e-12), (trial, budget, keep.tolist())
+    with pytest.raises(ValueError, match=r"budget must be an int >= T' = 3"):
+        allocate_budget(curves, 2)
+
+
+class FakeRouter:
+    """A router whose predicted curves are given (vft.router.KeepRouter's interface)."""
+
+    sampling = {"steps": 1, "guidance": "none"}
+
+    def __init__(self, curves):
+        self.curves = curves
+
+    def predict(self, model, video, tokens=None):
+        return self.curves.expand(video.shape[0], *self.curves.shape[1:])
+
+    def keep_for_target(self, model, video, target, tokens=None):
+        ok = self.predict(model, video) >= target
+        return (ok.float().argmax(-1) + 1).to(torch.int64)
+
+
+def test_choose_keep_modes():
+    stub = Stub(MONO)
+    T, R = 4, 16
+    res = choose_keep(stub, _video(2), target_psnr=17.0)  # search, a K per frame: every frame meets it
+    want = search_keep(Stub(MONO), _video(2), target=17.0, granularity="frame")
+    assert res["policy"] == "search" and torch.equal(res["keep"], want["keep"])
+    for t in range(T):
+        assert stub.frame_psnr(res["keep"][0], t) >= 17.0
+    stub.calls = 0
+    res = choose_keep(stub, _video(2), budget=22)  # measured curves: R decodes, then the allocation
+    assert res["policy"] == "measured" and res["evaluations"] == R == stub.calls
+    assert res["keep"].sum(1).tolist() == [22, 22] and res["keep"].shape == (2, T)
+    res = choose_keep(stub, _video(), rate=2.5)  # floor(2.5 x 4) = 10 tokens per clip
+    assert int(res["keep"].sum()) == 10 and res["mode"] == "rate"
+    steep = torch.stack([_mse_curve([0.3, 0.2] + [0.0] * 13), _mse_curve([0.01] * 15)] * 2)[None]  # [1, 4, 16]
+    stub.calls = 0
+    res = choose_keep(stub, _video(), budget=8, router=FakeRouter(steep.float()))
+    assert stub.calls == 0 and res["policy"] == "router"
+    assert res["keep"][0].tolist() == [3, 1, 3, 1]  # the steep frames get the tokens, up to their knee
+    res = choose_keep(stub, _video(), target_psnr=float(steep[0, 0, 1]), router=FakeRouter(steep.float()))
+    assert res["keep"][0].tolist()[0] == 2 and stub.calls == 0
+
+
+def test_choose_keep_errors():
+    stub = Stub(MONO)
+    router = FakeRouter(torch.zeros(1, 4, 16))
+    cases = [
+        (dict(), "exactly one of target_psnr, budget and rate"),
+        (dict(target_psnr=17.0, budget=8), "exactly one of target_psnr, budget and rate"),
+        (dict(budget=8, rate=2.0), "exactly one of target_psnr, budget and rate"),
+        (dict(budget=8, granularity="clip"), "granularity applies to a target_psnr search without a router"),
+        (dict(target_psnr=17.0, granularity="clip", router=router), "granularity applies"),
+        (dict(budget=8, router=router, steps=25), "a router predicts quality for the decoding setting"),
+        (dict(rate=0.5), r"rate \(mean tokens per latent frame\) must be a number in \[1, R = 16\]"),
+        (dict(rate=17), r"must be a number in \[1, R = 16\]"),
+        (dict(rate=True), "must be a number"),
+        (dict(budget=3), r"budget must be an int >= T' = 4 tokens per clip"),
+        (dict(budget=8.0), "budget must be an int"),
+    ]
+    with pytest.raises(ValueError, match=r"choose_keep: video must be a float tensor \[B, 3, T, H, W\]"):
+        choose_keep(stub, torch.zeros(3, 4, 4, 4), budget=8)
+    for kw, match in cases:
+        stub.calls = 0
+        with pytest.raises(ValueError, match=match):
+            choose_keep(stub, _video(), **kw)
+        assert stub.calls == 0, kw  # refused before any decode
+
+
+def test_mixed_clips_with_real_content_keep_the_held_out_sources_apart():
+    from vft.adaptive import REAL_KINDS, KINDS, mixed_clips
+    from vft.config import preset
+    from vft.data import HELDOUT_PHOTOS, HELDOUT_SEED, HELDOUT_VIDEO, TRAIN_PHOTOS, TRAIN_VIDEOS, photo_video, \
+        real_video_clip, to_model_range
+
+    cfg = preset("tiny")
+    T, H, W = cfg.frames, cfg.height, cfg.width
+    for seed, photos, videos in ((HELDOUT_SEED + 50_000, HELDOUT_PHOTOS, (HELDOUT_VIDEO,)), (5000, TRAIN_PHOTOS,
+                                                                                             TRAIN_VIDEOS)):
+        clips, kinds = mixed_clips(cfg, 1, seed=seed, real=True)
+        assert kinds == list(KINDS + REAL_KINDS) and clips.shape == (7, 3, T, H, W)
+        assert torch.equal(clips[5], to_model_range(photo_video(seed + 4, T, H, W, photos)).contiguous())
+        assert torch.equal(clips[6], to_model_range(real_video_clip(seed + 5, T, H, W, videos)).contiguous())
+    assert len(mixed_clips(cfg, 1)[1]) == len(KINDS)  # without real: the synthetic kinds only

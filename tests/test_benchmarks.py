@@ -363,6 +363,15 @@ def test_eval_adaptive_policies_on_a_micro_model(tmp_path, token_sensitive):
     assert huge[0] == 1 and huge[1] == pytest.approx(res["mean_psnr_by_k"][0])
     zero = [p for p in res["frontier"]["clip"] if p[2] == 0.0][0]
     assert zero[1] >= max(res["mean_psnr_by_k"]) - 1e-9  # each clip at its best K beats any single K
+    # per kind: what each K is worth (the gains telescope to frame PSNR at R minus at K = 1)
+    assert list(res["by_kind"]) == list(ea.KINDS)
+    R = m.cfg.registers
+    for i, (kind, info) in enumerate(res["by_kind"].items()):
+        assert info["clips"] == 1 and len(info["db_per_token"]) == R - 1
+        rec1, recR = (m.detokenize(m.tokenize(clips[i:i + 1]), keep=k, **sampling)[0] for k in (1, R))
+        first = [ea.psnr(r[:, :1], clips[i][:, :1]) for r in (rec1, recR)]
+        assert sum(info["db_per_token_first_frame"]) == pytest.approx(first[1] - first[0], abs=1e-4)
+        assert {"clip_saving", "frame_saving"} <= set(info) and info["psnr_by_k"] == res["psnr_by_k_per_kind"][kind]
     ea.plot(res, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
 
@@ -518,3 +527,23 @@ def test_flow_targets_name_real_cases_and_the_traffic_floor_moves_the_same_bytes
     g = torch.Generator(device="cpu").manual_seed(0)
     x, vc, vu = (torch.randn((4, 16, 5, 32, 32), generator=g) for _ in range(3))
     torch.testing.assert_close(got, x + vc * vu)
+
+
+def test_keep_sampling_benchmark_runs(capsys):
+    """benchmarks.keep_sampling: one line per mode, the four keeps scored, and ``front``'s
+    no-leaning reference is the frame-weighted mean of the all-R and all-1 losses."""
+    import json
+
+    from benchmarks import keep_sampling as ks
+    from vft import train as vt
+
+    make_dataset = vt.make_dataset
+    assert ks.main(["--steps", "2", "--modes", "uniform,uniform_frame", "--static"]) == 0
+    assert vt.make_dataset is make_dataset  # the static clips were for the benchmark's runs only
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["mode"] for r in rows] == ["uniform", "uniform_frame"]
+    for r in rows:
+        assert r["front_if_no_leaning"] == pytest.approx((r["all_4"] + 3 * r["all_1"]) / 4)
+        assert all(0 < r[k] < 10 for k in ("mixed", "front", "all_1", "all_4"))
+    with pytest.raises(SystemExit):
+        ks.main(["--modes", "per_frame"])

@@ -92,6 +92,68 @@ def test_tokenize_with_a_target_psnr_stores_per_frame_keep(trained, capsys, monk
     assert "unreachable" in capsys.readouterr().err
 
 
+def test_tokenize_with_a_budget_or_a_rate(trained, capsys, monkeypatch, token_sensitive):
+    """`vft tokenize --budget N` spends exactly N tokens per clip, `--rate r` floor(r x latent
+    frames), on curves measured by decoding (no router); the counts are stored and used."""
+    import vft.cli as cli
+
+    root, clip, ck = trained
+    real_load = cli.ckpt.load_model
+    monkeypatch.setattr(cli.ckpt, "load_model", lambda *a, **k: token_sensitive(real_load(*a, **k)))
+    tok = str(root / "budget.safetensors")
+    for extra, total in ((["--budget", "10"], 10), (["--rate", "2.5"], 15), (["--rate", "4"], 24)):
+        assert main(["tokenize", clip, "--checkpoint", ck, "--out", tok, "--search-steps", "1"] + extra) == 0
+        data = load_file(tok)
+        assert data["keep"].shape == (1, 6) and int(data["keep"].sum()) == total and int(data["keep"].min()) >= 1
+        from safetensors import safe_open
+
+        with safe_open(tok, "pt") as f:
+            meta = f.metadata()
+        assert meta["policy"] == "measured" and meta["search_steps"] == "1"
+        assert float(meta[extra[0][2:]]) == float(extra[1])
+        assert f"(measured: {total} tokens" in capsys.readouterr().out
+    import vft.model as vm
+
+    calls, real_detokenize = [], vm.VideoFlexTok.detokenize
+
+    def spy(self, tokens, keep=None, **kw):
+        calls.append((keep, kw))
+        return real_detokenize(self, tokens, keep=keep, **kw)
+
+    monkeypatch.setattr(vm.VideoFlexTok, "detokenize", spy)
+    out = str(root / "budget.mp4")
+    assert main(["detokenize", tok, "--checkpoint", ck, "--out", out]) == 0  # the setting the counts were chosen for
+    assert main(["detokenize", tok, "--checkpoint", ck, "--out", out, "--steps", "2", "--guidance", "none"]) == 0
+    (keep, stored), (_, given) = calls
+    assert torch.equal(keep.cpu(), data["keep"].long())
+    assert (stored["steps"], stored["guidance"], stored["scale"]) == (1, "apg", 1.5)
+    assert (given["steps"], given["guidance"], given["scale"]) == (2, "none", 1.5)
+    assert "decoding with 1 apg steps" in capsys.readouterr().out
+    plain = str(root / "plain.safetensors")  # no per-frame counts: detokenize's own defaults
+    assert main(["tokenize", clip, "--checkpoint", ck, "--out", plain]) == 0
+    assert main(["detokenize", plain, "--checkpoint", ck, "--out", out]) == 0
+    assert calls[-1][1]["steps"] == 25 and calls[-1][1]["guidance"] == "apg"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--budget", "10", "--rate", "2"], "give one of --target-psnr, --budget and --rate, got --budget and --rate"),
+    (["--target-psnr", "10", "--budget", "10"], "give one of --target-psnr, --budget and --rate"),
+    (["--budget", "5"], r"budget must be an int >= T' = 6 tokens per clip"),
+    (["--rate", "0.5"], r"rate \(mean tokens per latent frame\) must be a number in \[1, R = 4\]"),
+    (["--rate", "4.5"], r"must be a number in \[1, R = 4\]"),
+    (["--budget", "10", "--granularity", "clip"], "granularity applies to a target_psnr search without a router"),
+    (["--granularity", "clip"], "--granularity needs --target-psnr, --budget or --rate"),
+    (["--router", "tiny"], "--router needs --target-psnr, --budget or --rate"),
+    (["--rate", "2", "--router", "tiny", "--search-steps", "3"], "with --router nothing is decoded"),
+])
+def test_tokenize_bad_budget_combinations_are_clear_errors(trained, capsys, extra, message):
+    import re
+
+    root, clip, ck = trained
+    assert main(["tokenize", clip, "--checkpoint", ck, "--out", str(root / "bad.safetensors")] + extra) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
 def test_info_reports_parameter_counts(capsys):
     assert main(["info", "--preset", "videoflextok_k600", "--preset", "micro"]) == 0
     out = capsys.readouterr().out
@@ -270,6 +332,12 @@ def test_train_router_command(trained, tmp_path, capsys):
     assert main(["train-router", "--checkpoint", ck, "--per-kind", "1", "--train-steps", "5", "--out", out,
                  "--no-progress", "--backend", "reference"]) == 0
     assert "router: 4 training clips" in capsys.readouterr().out
+    assert json.load(open(os.path.join(out, "router.json")))["kinds"] == ["static", "slow", "fast", "cluttered", "cut"]
+    real = str(tmp_path / "router_real")
+    assert main(["train-router", "--checkpoint", ck, "--per-kind", "1", "--train-steps", "5", "--out", real,
+                 "--no-progress", "--real"]) == 0
+    assert "router: 6 training clips" in capsys.readouterr().out  # 7 kinds, one for validation
+    assert json.load(open(os.path.join(real, "router.json")))["kinds"][-2:] == ["photo", "real"]
     router = KeepRouter.load(out)
     assert router.registers == 4 and router.sampling == {"steps": 1, "guidance": "none", "scale": 1.5}
     info = json.load(open(os.path.join(out, "router.json")))

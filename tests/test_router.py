@@ -131,7 +131,8 @@ def test_cli_tokenize_with_router(tmp_path):
     clip = str(tmp_path / "clip.mp4")
     write_video(clip, synthetic_video(4, 8, 32, 32), fps=8)
     ck = os.path.join(os.path.dirname(__file__), "..", "vft", "pretrained", "tiny")
-    for extra in (["--target-psnr", "15", "--router", "tiny"], ["--budget", "20", "--router", "tiny"]):
+    for extra in (["--target-psnr", "15", "--router", "tiny"], ["--budget", "20", "--router", "tiny"],
+                  ["--rate", "5", "--router", "tiny"]):
         tok = str(tmp_path / "t.safetensors")
         assert main(["tokenize", clip, "--checkpoint", ck, "--out", tok] + extra) == 0
         with safe_open(tok, "pt") as f:
@@ -139,12 +140,14 @@ def test_cli_tokenize_with_router(tmp_path):
             assert f.metadata()["policy"] == "router"
             assert '"steps": 1' in f.metadata()["router_sampling"]  # what its predictions assume
         assert keep.shape == (1, 4) and int(keep.min()) >= 1
-        if "--budget" in extra:
+        if "--budget" in extra or "--rate" in extra:  # 20 tokens per clip, 5 per latent frame on average
             assert int(keep.sum()) == 20
         out = str(tmp_path / "rec.mp4")
-        assert main(["detokenize", tok, "--checkpoint", ck, "--out", out, "--steps", "1"]) == 0
+        assert main(["detokenize", tok, "--checkpoint", ck, "--out", out]) == 0  # with the router's setting
     assert main(["tokenize", clip, "--checkpoint", ck, "--out", str(tmp_path / "x.safetensors"),
-                 "--budget", "20"]) == 2
+                 "--router", "tiny"]) == 2
+    assert main(["tokenize", clip, "--checkpoint", ck, "--out", str(tmp_path / "x.safetensors"),
+                 "--budget", "20", "--router", "tiny", "--search-steps", "5"]) == 2
 
 
 def test_eval_adaptive_reports_the_router(micro_router):

@@ -48,6 +48,56 @@ def test_keep_sampling_values():
     assert (d["prefix_len"] < cfg.latent_frames).all() and (d["prefix_len"] > 0).any()
 
 
+def test_per_frame_keep_sampling_varies_across_frames_and_is_seeded():
+    cfg = preset("micro")
+    T, R = cfg.latent_frames, cfg.registers
+
+    def keeps(mode, seed=0, **kw):
+        return draw(cfg, _tcfg(keep_sampling=mode, **kw), 256, torch.Generator().manual_seed(seed))
+
+    per_sample, per_frame = keeps("uniform"), keeps("uniform_frame")
+    assert per_sample["keep"].shape == (256,) and per_frame["keep"].shape == (256, T)
+    assert set(per_frame["keep"].unique().tolist()) == set(range(1, R + 1))
+    varied = (per_frame["keep"] != per_frame["keep"][:, :1]).any(1)  # samples whose frames differ
+    assert varied.float().mean() > 0.9  # independent draws: 1 - 4 / 4^4 of the samples differ
+    for k in ("t", "prefix_len", "noise", "null"):  # per-frame keeps are drawn last: the rest is unchanged
+        assert torch.equal(per_sample[k], per_frame[k]), k
+    again = keeps("uniform_frame")
+    assert all(torch.equal(per_frame[k], again[k]) for k in per_frame)  # a seed gives the same draws
+    assert not torch.equal(per_frame["keep"], keeps("uniform_frame", seed=1)["keep"])
+    pow2 = keeps("pow2_frame")["keep"]
+    assert set(pow2.unique().tolist()) == set(keep_values(R, "pow2").tolist())
+    mixed = keeps("pow2_mixed", keep_frame_prob=0.5)["keep"]
+    share = float((mixed != mixed[:, :1]).any(1).float().mean())
+    assert 0.35 < share < 0.62, share  # half per frame (of which 1 - 3 / 3^4 differ), half one keep per sample
+    constant = keeps("uniform_mixed", keep_frame_prob=0.0)["keep"]
+    assert constant.shape == (256, T) and torch.equal(constant[:, 0], per_sample["keep"])  # the per-sample draws
+    assert bool((constant == constant[:, :1]).all())
+    with pytest.raises(ValueError, match="keep_sampling must be one of"):
+        _tcfg(keep_sampling="frame")
+    with pytest.raises(ValueError, match="keep_frame_prob must be in"):
+        _tcfg(keep_sampling="pow2_mixed", keep_frame_prob=1.5)
+
+
+def test_training_passes_a_keep_per_frame_and_is_deterministic(tmp_path, monkeypatch):
+    cfg = preset("micro")
+    seen = []
+    real_forward = VideoFlexTok.forward
+
+    def spy(self, video, *args, keep, **kw):
+        seen.append(keep.clone())
+        return real_forward(self, video, *args, keep=keep, **kw)
+
+    monkeypatch.setattr(VideoFlexTok, "forward", spy)
+    runs = [train(cfg, _tcfg(steps=3, keep_sampling="uniform_frame"), str(tmp_path / n), progress=False)
+            for n in ("a", "b")]
+    assert runs[0]["checksums"] == runs[1]["checksums"]
+    steps = seen[:3]
+    assert all(k.shape == (2, cfg.latent_frames) for k in steps)
+    assert any(bool((k != k[:, :1]).any()) for k in steps)
+    assert all(torch.equal(a, b) for a, b in zip(seen[:3], seen[3:6]))
+
+
 def test_lr_schedule():
     t = _tcfg(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
     assert lr_at(0, t) == pytest.approx(0.1)
@@ -108,13 +158,14 @@ def test_bf16_autocast_step(tmp_path):
     assert torch.isfinite(torch.tensor(res["loss"]))
 
 
-def test_checkpoint_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("keep_sampling", ["pow2", "pow2_mixed"])
+def test_checkpoint_resume_is_exact(tmp_path, keep_sampling):
     cfg = preset("micro")
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(cfg, _tcfg(steps=4), str(straight), progress=False)
-    train(cfg, _tcfg(steps=2), str(split), progress=False)
+    train(cfg, _tcfg(steps=4, keep_sampling=keep_sampling), str(straight), progress=False)
+    train(cfg, _tcfg(steps=2, keep_sampling=keep_sampling), str(split), progress=False)
     assert ckpt.read_state(str(split))["step"] == 2
-    train(cfg, _tcfg(steps=4), str(split), resume=True, progress=False)
+    train(cfg, _tcfg(steps=4, keep_sampling=keep_sampling), str(split), resume=True, progress=False)
     assert ckpt.read_state(str(split))["step"] == 4
     for name in ("model", "ema", "optimizer"):
         a = load_file(str(straight / f"{name}.safetensors"))
@@ -371,3 +422,39 @@ def test_workers_config_and_cli_flag(tmp_path):
     args = build_parser().parse_args(["train", "--out", str(tmp_path), "--workers", "3"])
     assert args.workers == 3
     assert build_parser().parse_args(["train", "--out", str(tmp_path)]).workers is None
+
+
+def test_fine_tune_command_starts_from_init_and_resumes_exactly(tmp_path):
+    """The documented fine-tune (docs/training.md): `vft train --init A --resume` starts from
+    A's weights in a fresh folder; interrupted (here by --max-seconds 0: one step, then a
+    checkpoint) and run again with the same command, it continues to the same weights as an
+    uninterrupted run, with the per-frame keep sampling it was started with."""
+    from vft.cli import main
+
+    base = str(tmp_path / "base")
+    common = ["--preset", "micro", "--batch-size", "2", "--log-every", "1", "--no-progress"]
+    assert main(["train", "--out", base, "--steps", "2", "--seed", "1"] + common) == 0  # weights unlike seed 0's
+    tune = ["--init", base, "--steps", "3", "--keep-sampling", "pow2_mixed", "--keep-frame-prob", "0.7",
+            "--lr", "1e-3", "--resume"] + common
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    assert main(["train", "--out", straight] + tune) == 0
+    assert main(["train", "--out", split, "--max-seconds", "0"] + tune) == 0
+    assert ckpt.read_state(split)["step"] == 1
+    assert main(["train", "--out", split] + tune) == 0
+    assert ckpt.read_state(split)["step"] == 3
+    saved = json.loads((tmp_path / "split" / "config.json").read_text())["train"]
+    assert saved["keep_sampling"] == "pow2_mixed" and saved["keep_frame_prob"] == 0.7
+    a, b, init = _weights(straight), _weights(split), load_file(os.path.join(base, "ema.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # it trained
+    torch.manual_seed(0)  # the weights a run with seed 0 starts from without --init
+    fresh = VideoFlexTok(preset("micro")).state_dict()
+    start = str(tmp_path / "one")  # one step from the init is closer to it than to seed 0's initial weights
+    assert main(["train", "--out", start, "--max-seconds", "0"] + tune) == 0
+    one = _weights(start)
+
+    def dist(x):
+        return sum(float((one[k] - x[k]).abs().sum()) for k in one if one[k].is_floating_point())
+
+    assert dist(init) < 0.1 * dist(fresh), (dist(init), dist(fresh))

@@ -9,6 +9,10 @@ One tokenization serves every prefix length, so the search only detokenizes:
     res = search_keep(model, video, lam=0.5)                          # max PSNR - 0.5 * tokens per frame
     model.detokenize(res["tokens"], keep=res["keep"])
 
+``choose_keep`` puts the budget modes a user asks for behind one call: a PSNR target per
+frame, a token budget per clip, or a rate (mean tokens per latent frame), by decoding or
+with a learned router (``vft.router``); docs/adaptive.md says what each guarantees.
+
 Granularity "clip" gives one K per clip; "chunk" one per chunk of the model (the latent
 frames each chunk produces); "frame" one per latent frame. Groups are searched in time
 order: the decoder is block-causal (a frame's reconstruction depends on the tokens of that
@@ -30,22 +34,29 @@ from typing import Callable, Optional
 
 import torch
 
-from .data import DETAILED_WAVES, HELDOUT_SEED, synthetic_video, to_model_range
+from .data import DETAILED_WAVES, HELDOUT_PHOTOS, HELDOUT_SEED, HELDOUT_VIDEO, TRAIN_PHOTOS, TRAIN_VIDEOS, \
+    photo_video, real_video_clip, synthetic_video, to_model_range
 from .metrics import psnr, ssim
 
 GRANULARITIES = ("clip", "chunk", "frame")
 METRICS = ("psnr", "ssim")
 
 KINDS = ("static", "slow", "fast", "cluttered", "cut")
+REAL_KINDS = ("photo", "real")  # camera moves over photographs, windows of a real video
 
 
-def mixed_clips(cfg, per_kind: int, seed: int = HELDOUT_SEED + 50_000) -> tuple[torch.Tensor, list[str]]:
-    """``per_kind`` clips of each kind in KINDS: ([n, 3, T, H, W] in [-1, 1], kinds). The
-    default seed is held out (benchmarks.eval_adaptive); seeds below HELDOUT_SEED make
-    training clips (the router's labels). Kinds: ``static`` (the first frame repeated),
-    ``slow`` (a clip as generated), ``fast`` (every third frame of a 3x longer clip),
-    ``cluttered`` (the busy background), ``cut`` (half of one clip, then half of another)."""
+def mixed_clips(cfg, per_kind: int, seed: int = HELDOUT_SEED + 50_000,
+                real: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """``per_kind`` clips of each kind in KINDS (and REAL_KINDS with ``real``): ([n, 3, T, H,
+    W] in [-1, 1], kinds). The default seed is held out (benchmarks.eval_adaptive); seeds
+    below HELDOUT_SEED make training clips (the router's labels). Kinds: ``static`` (the
+    first frame repeated), ``slow`` (a clip as generated), ``fast`` (every third frame of a
+    3x longer clip), ``cluttered`` (the busy background), ``cut`` (half of one clip, then half
+    of another), ``photo`` (a pan / zoom over a photograph) and ``real`` (a window of a
+    bundled real video): held-out photographs and ``bikes.mp4`` for held-out seeds, the
+    training ones below."""
     T, H, W = cfg.frames, cfg.height, cfg.width
+    heldout = seed >= HELDOUT_SEED
     clips, kinds = [], []
     for i in range(per_kind):
         s = seed + 10 * i
@@ -54,6 +65,10 @@ def mixed_clips(cfg, per_kind: int, seed: int = HELDOUT_SEED + 50_000) -> tuple[
                   synthetic_video(s + 2, T, H, W, wave_cycles=DETAILED_WAVES),
                   torch.cat([base[:T // 2], synthetic_video(s + 3, T, H, W)[T // 2:]])]
         kinds += list(KINDS)
+        if real:
+            clips += [photo_video(s + 4, T, H, W, HELDOUT_PHOTOS if heldout else TRAIN_PHOTOS),
+                      real_video_clip(s + 5, T, H, W, (HELDOUT_VIDEO,) if heldout else TRAIN_VIDEOS)]
+            kinds += list(REAL_KINDS)
     return torch.stack([to_model_range(c.contiguous()) for c in clips]), kinds
 
 
@@ -96,9 +111,13 @@ def _check(model, video, target, lam, metric, granularity):
             raise ValueError(f"search_keep: {name} must be >= 0, got {value!r}")
     if metric == "ssim" and target is not None and target > 1:
         raise ValueError(f"search_keep: an SSIM target must be <= 1, got {target}")
+    _check_video(video, "search_keep")
+
+
+def _check_video(video, who: str) -> None:
     if not isinstance(video, torch.Tensor) or video.dim() != 5 or video.shape[1] != 3:
         shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
-        raise ValueError(f"search_keep: video must be a float tensor [B, 3, T, H, W] in [-1, 1], got {shape}")
+        raise ValueError(f"{who}: video must be a float tensor [B, 3, T, H, W] in [-1, 1], got {shape}")
 
 
 @torch.no_grad()
@@ -170,3 +189,107 @@ def search_keep(model, video: torch.Tensor, target: Optional[float] = None, metr
     evaluations += B
     return {"tokens": tokens, "keep": keep, "quality": torch.tensor([measure(recs[b], video[b]) for b in range(B)], dtype=torch.float64),
             "group_quality": group_quality, "mean_tokens": keep.double().mean(dim=1), "evaluations": evaluations}
+
+
+@torch.no_grad()
+def frame_quality_by_k(model, video: torch.Tensor, tokens: Optional[torch.Tensor] = None, **sampling) -> torch.Tensor:
+    """Each latent frame's PSNR [B, T', R] (float32, capped at 60 dB) when the clip is decoded
+    with every frame at K, for K = 1..R (one decode per K for the whole batch)."""
+    cfg = model.cfg
+    if tokens is None:
+        tokens = model.tokenize(video)
+    B, T = tokens.shape[:2]
+    out = torch.zeros(B, T, cfg.registers)
+    for k in range(1, cfg.registers + 1):
+        rec = model.detokenize(tokens, keep=k, **sampling)
+        for b in range(B):
+            for t in range(T):
+                f = list(pixel_frames(cfg, t))
+                out[b, t, k - 1] = min(psnr(rec[b][:, f], video[b][:, f]), 60.0)
+    return out
+
+
+def allocate_budget(curves: torch.Tensor, budget: int, who: str = "allocate_budget") -> torch.Tensor:
+    """Per-frame K int64 [B, T'] spending exactly min(budget, T' R) tokens per clip, at least
+    one per latent frame, from PSNR curves [B, T', R] (measured or predicted): greedily gives
+    the next token to the frame whose MSE (10^(-PSNR/10)) falls most, so it minimises the
+    clip's MSE where the curves are convex."""
+    B, T, R = curves.shape
+    _check_budget(budget, T, who)
+    budget = min(budget, T * R)
+    mse = 10 ** (-curves.double() / 10)
+    keep = torch.ones(B, T, dtype=torch.int64)
+    frames = torch.arange(T)
+    for b in range(B):
+        for _ in range(budget - T):
+            k = keep[b]
+            gain = torch.where(k < R, mse[b, frames, k - 1] - mse[b, frames, k.clamp(max=R - 1)],
+                               torch.full((T,), -math.inf, dtype=torch.float64))
+            keep[b, int(gain.argmax())] += 1
+    return keep.to(curves.device)
+
+
+def _check_budget(budget, frames: int, who: str) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, int) or not frames <= budget:
+        raise ValueError(f"{who}: budget must be an int >= T' = {frames} tokens per clip (one per latent frame), "
+                         f"got {budget!r}")
+
+
+MODES = ("target_psnr", "budget", "rate")
+
+
+@torch.no_grad()
+def choose_keep(model, video: torch.Tensor, target_psnr: Optional[float] = None, budget: Optional[int] = None,
+                rate: Optional[float] = None, router=None, granularity: Optional[str] = None,
+                **sampling) -> dict:
+    """Per-latent-frame token counts of ``video`` [B, 3, T, H, W] in [-1, 1] under one budget
+    mode (docs/adaptive.md has the table of what each guarantees):
+
+    * ``target_psnr`` (dB): without a router, ``search_keep`` by decoding (``granularity``
+      "frame" by default): every latent frame (or clip / chunk) reaches it. With a router:
+      the smallest K predicted to reach it plus the router's margin, per frame.
+    * ``budget``: at most this many tokens per clip (an int >= T', one per latent frame).
+    * ``rate``: at most this many tokens per latent frame on average (>= 1, <= R), i.e.
+      a budget of floor(rate * T') tokens per clip.
+
+    A budget or rate is spent by ``allocate_budget`` on the router's predicted curves, or
+    without a router on curves measured by decoding the clip at every K (R decodes).
+    router: a ``vft.router.KeepRouter`` (it predicts for its own decoding setting, so
+    ``sampling`` is refused with it); sampling: ``detokenize`` keywords of the decodes.
+
+    Returns {"tokens" int32 [B, T', R], "keep" int64 [B, T'], "mode", "policy" ("search",
+    "measured" or "router"), "evaluations" (decodes run)} and, from the search,
+    "quality" [B]."""
+    given = {n: v for n, v in zip(MODES, (target_psnr, budget, rate)) if v is not None}
+    if len(given) != 1:
+        raise ValueError(f"choose_keep: give exactly one of target_psnr, budget and rate, got "
+                         f"{given or 'none'}")
+    (mode, value), = given.items()
+    if granularity is not None and (mode != "target_psnr" or router is not None):
+        raise ValueError(f"choose_keep: granularity applies to a target_psnr search without a router, got "
+                         f"granularity={granularity!r} with {mode}" + (" and a router" if router is not None else ""))
+    if router is not None and sampling:
+        raise ValueError(f"choose_keep: a router predicts quality for the decoding setting it was trained for "
+                         f"({router.sampling}); decoding settings {sorted(sampling)} apply only without one")
+    if mode == "target_psnr" and router is None:
+        res = search_keep(model, video, target=value, granularity=granularity or "frame", **sampling)
+        return {"tokens": res["tokens"], "keep": res["keep"], "mode": mode, "policy": "search",
+                "quality": res["quality"], "evaluations": res["evaluations"]}
+    _check_video(video, "choose_keep")
+    R = model.cfg.registers
+    if mode == "rate" and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 1 <= rate <= R):
+        raise ValueError(f"choose_keep: rate (mean tokens per latent frame) must be a number in [1, R = {R}], "
+                         f"got {rate!r}")
+    tokens = model.tokenize(video)
+    T = tokens.shape[1]
+    if mode == "target_psnr":
+        keep = router.keep_for_target(model, video, value, tokens)
+        return {"tokens": tokens, "keep": keep, "mode": mode, "policy": "router", "evaluations": 0}
+    clip_budget = budget if mode == "budget" else math.floor(rate * T + 1e-9)
+    _check_budget(clip_budget, T, "choose_keep")  # before the decodes
+    if router is not None:
+        curves, policy, evaluations = router.predict(model, video, tokens), "router", 0
+    else:
+        curves, policy, evaluations = frame_quality_by_k(model, video, tokens, **sampling), "measured", R
+    keep = allocate_budget(curves, clip_budget, who="choose_keep")
+    return {"tokens": tokens, "keep": keep, "mode": mode, "policy": policy, "evaluations": evaluations}

@@ -4,6 +4,7 @@
     vft demo --video clip.mp4 --out demo_out     # the same on any video file
     vft train --preset tiny --out ckpt --steps 2000
     vft tokenize clip.mp4 --out tokens.safetensors           # the shipped tiny model by default
+    vft tokenize clip.mp4 --rate 4 --out tokens.safetensors  # + per-frame counts, 4 per latent frame on average
     vft detokenize tokens.safetensors --keep 4 --out clip_k4.mp4
     vft reconstruct clip.mp4 --checkpoint ckpt --keep 1,2,4,8 --out recon/   # a trained checkpoint folder
     vft info --preset videoflextok_k600
@@ -28,7 +29,7 @@ import vft_kernels as vk
 from vft_kernels import dispatch
 
 from . import checkpoint as ckpt
-from .config import PRESETS, ModelConfig, TrainConfig, parse_override, preset, tiny_train_config
+from .config import KEEP_SAMPLING, PRESETS, ModelConfig, TrainConfig, parse_override, preset, tiny_train_config
 from .data import HELDOUT_SEED, VideoReadError, from_model_range, read_video, resize_crop, synthetic_video, \
     to_model_range, write_video
 from .demo import print_summary, reconstruct_report
@@ -135,7 +136,7 @@ def cmd_train(args) -> int:
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed", "log_every", "ckpt_every",
                                               "keep_sampling", "data", "warmup_steps", "logit_normal_mean",
                                               "ema_decay", "null_prob", "prefix_prob", "uniform_t_prob", "loss_t_min",
-                                              "linear_loss",
+                                              "linear_loss", "keep_frame_prob",
                                               "workers")
                  if getattr(args, k) is not None}
     if args.bf16:
@@ -152,55 +153,58 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _tokenize_routed(args, model, video, fps) -> int:
-    """tokenize with per-latent-frame token counts from the learned router (one pass, no decodes)."""
-    from .pretrained import load_router
-
-    if not args.router:
-        raise ValueError("--budget needs --router (tiny, or a router folder)")
-    if args.target_psnr is not None and args.budget is not None:
-        raise ValueError("give --target-psnr or --budget, not both")
-    router = load_router(args.router)
-    tokens = model.tokenize(video)
-    if args.budget is not None:
-        keep = router.keep_for_budget(model, video, args.budget, tokens)
-        what = {"budget": args.budget}
-    else:
-        keep = router.keep_for_target(model, video, args.target_psnr, tokens)
-        what = {"target_psnr": args.target_psnr}
-    sampling = router.sampling or {}
-    save_tokens(args.out, tokens, model.cfg, fps, keep=keep,
-                extra={**what, "policy": "router", "router": args.router, "router_sampling": json.dumps(sampling)})
-    print(f"tokens {tuple(tokens.shape)} (B, latent frames, registers), keep per latent frame (router) "
-          f"{keep[0].tolist()} ({int(keep[0].sum())} tokens, mean {float(keep[0].double().mean()):.2f} of "
-          f"{model.cfg.registers}) -> {args.out}")
-    if sampling:
-        print(f"note: the router predicts quality for decoding with {sampling}: `vft detokenize --steps "
-              f"{sampling.get('steps')} --guidance {sampling.get('guidance')}` (other settings give other PSNRs)")
-    return 0
-
-
 def cmd_tokenize(args) -> int:
+    """Tokenize; with --target-psnr, --budget or --rate also store per-latent-frame token
+    counts (``vft.adaptive.choose_keep``), found by decoding or, with --router, predicted."""
+    from .adaptive import choose_keep
+
+    modes = {"--target-psnr": args.target_psnr, "--budget": args.budget, "--rate": args.rate}
+    given = [n for n, v in modes.items() if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one of --target-psnr, --budget and --rate, got {' and '.join(given)}")
+    for flag, value in (("--router", args.router), ("--granularity", args.granularity),
+                        ("--search-steps", args.search_steps)):
+        if value is not None and not given:
+            raise ValueError(f"{flag} needs --target-psnr, --budget or --rate")
+    if args.router and args.search_steps is not None:
+        raise ValueError("--search-steps sets the decodes of a search; with --router nothing is decoded (the router "
+                         "predicts for the setting it was trained for)")
     model = load_model(args.checkpoint, str(_device(args.device)))
     video, fps = load_clip(args.video, model.cfg, args.fps)
     video = video.to(_device(args.device))
-    if args.budget is not None or (args.target_psnr is not None and args.router):
-        return _tokenize_routed(args, model, video, fps)
-    if args.target_psnr is None:
+    if not given:
         tokens = model.tokenize(video)
         save_tokens(args.out, tokens, model.cfg, fps)
         print(f"tokens {tuple(tokens.shape)} (B, latent frames, registers) -> {args.out}")
         return 0
-    from .adaptive import search_keep
+    router, sampling = None, {}
+    if args.router:
+        from .pretrained import load_router
 
-    res = search_keep(model, video, target=args.target_psnr, granularity=args.granularity, steps=args.search_steps)
+        router = load_router(args.router)
+    else:
+        sampling = {"steps": SAMPLING_DEFAULTS["steps"] if args.search_steps is None else args.search_steps}
+    res = choose_keep(model, video, target_psnr=args.target_psnr, budget=args.budget, rate=args.rate, router=router,
+                      granularity=args.granularity, **sampling)
     tokens, keep = res["tokens"], res["keep"]
-    save_tokens(args.out, tokens, model.cfg, fps, keep=keep,
-                extra={"target_psnr": args.target_psnr, "granularity": args.granularity, "psnr": float(res["quality"][0]),
-                       "search_steps": args.search_steps})
-    print(f"tokens {tuple(tokens.shape)} (B, latent frames, registers), keep per latent frame "
-          f"{keep[0].tolist()} (mean {float(res['mean_tokens'][0]):.2f} of {model.cfg.registers}), "
-          f"PSNR {float(res['quality'][0]):.2f} dB >= {args.target_psnr} -> {args.out}")
+    extra = {res["mode"]: modes["--" + res["mode"].replace("_", "-")], "policy": res["policy"]}
+    if router is not None:
+        extra.update(router=args.router, router_sampling=json.dumps(router.sampling or {}))
+    else:
+        extra.update(search_steps=sampling["steps"])
+    if args.target_psnr is not None and router is None:
+        extra.update(granularity=args.granularity or "frame", psnr=float(res["quality"][0]))
+    save_tokens(args.out, tokens, model.cfg, fps, keep=keep, extra=extra)
+    line = (f"tokens {tuple(tokens.shape)} (B, latent frames, registers), keep per latent frame {keep[0].tolist()} "
+            f"({res['policy']}: {int(keep[0].sum())} tokens, mean {float(keep[0].double().mean()):.2f} of "
+            f"{model.cfg.registers})")
+    if "quality" in res:
+        line += f", PSNR {float(res['quality'][0]):.2f} dB >= {args.target_psnr}"
+    print(f"{line} -> {args.out}")
+    if router is not None and router.sampling:
+        rs = router.sampling
+        print(f"note: the router predicts quality for decoding with {rs}, which `vft detokenize` uses for this "
+              "file unless told otherwise (other settings give other PSNRs)")
     return 0
 
 
@@ -213,13 +217,31 @@ def cmd_detokenize(args) -> int:
                          f"{model.cfg.name!r}")
     if args.keep is not None:
         keep = _parse_keeps(args.keep, model.cfg.registers)[0]
-    else:  # the per-frame counts stored by `vft tokenize --target-psnr`, if any
+    else:  # the per-frame counts stored by `vft tokenize --target-psnr / --budget / --rate`, if any
         keep = meta["keep"].to(device) if "keep" in meta else None
+    stored = _stored_sampling(meta)
+    for k, default in SAMPLING_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, stored.get(k, default))
+    if stored:
+        print(f"decoding with {args.steps} {args.guidance} steps (scale {args.scale}); the token file's counts were "
+              f"chosen for {stored}")
     video = model.detokenize(tokens.to(device), keep=keep, **_sampling_kwargs(args))
     fps = args.fps or float(meta.get("fps", 8))
     write_video(args.out, from_model_range(video[0]), fps)
     print(f"video {tuple(video.shape)} -> {args.out}")
     return 0
+
+
+def _stored_sampling(meta: dict) -> dict:
+    """The decoding setting a token file's per-frame counts were chosen for: the router's
+    (``router_sampling``), or that of the search / measured curves (``search_steps`` with
+    tokenize's APG at scale 1.5); {} for a file without one."""
+    if "router_sampling" in meta:
+        return {k: v for k, v in json.loads(meta["router_sampling"]).items() if k in SAMPLING_DEFAULTS}
+    if "search_steps" in meta:
+        return {**SAMPLING_DEFAULTS, "steps": int(meta["search_steps"])}
+    return {}
 
 
 def cmd_reconstruct(args) -> int:
@@ -254,7 +276,7 @@ def cmd_train_router(args) -> int:
     model = load_model(args.checkpoint, str(_device(args.device)))
     sampling = {"steps": args.steps, "guidance": args.guidance, "scale": args.scale}
     t0 = time.time()
-    clips, _ = mixed_clips(model.cfg, args.per_kind, seed=args.seed)
+    clips, kinds = mixed_clips(model.cfg, args.per_kind, seed=args.seed, real=args.real)
     n_val = max(1, len(clips) // 5)  # the last fifth checks the fit
     feats, labels = collect(model, clips.to(_device(args.device)), sampling, progress=not args.no_progress)
     feats, labels = feats.cpu(), labels.cpu()
@@ -264,7 +286,8 @@ def cmd_train_router(args) -> int:
         val_mae = float((router(feats[-n_val:]) - labels[-n_val:]).abs().mean())
         train_mae = float((router(feats[:-n_val]) - labels[:-n_val]).abs().mean())
     extra = {"command": "vft " + " ".join(args.argv), "checkpoint": args.checkpoint,
-             "clips": len(clips) - n_val, "validation_clips": n_val, "train_mae_db": train_mae, "val_mae_db": val_mae,
+             "clips": len(clips) - n_val, "validation_clips": n_val, "kinds": list(dict.fromkeys(kinds)),
+             "train_mae_db": train_mae, "val_mae_db": val_mae,
              "margin_db": float(router.margin), "seconds": round(time.time() - t0, 1)}
     router.save(args.out, extra)
     with open(os.path.join(args.out, "router_train_log.csv"), "w", newline="") as f:
@@ -318,12 +341,22 @@ def _add_checkpoint(p):
     p.add_argument("--checkpoint", default="tiny", help=_CHECKPOINT_HELP.format(names=", ".join(PRETRAINED)))
 
 
-def _add_sampling(p, keep_default: Optional[str], keep_help: str, fps_help: str):
+SAMPLING_DEFAULTS = {"steps": 25, "guidance": "apg", "scale": 1.5}
+
+
+def _add_sampling(p, keep_default: Optional[str], keep_help: str, fps_help: str, stored: bool = False):
+    """Decoding options; with ``stored`` (detokenize) --steps, --guidance and --scale default to
+    the setting stored in the token file (``_stored_sampling``), else SAMPLING_DEFAULTS."""
+    d = {k: None if stored else v for k, v in SAMPLING_DEFAULTS.items()}
+    where = "the token file's setting, else " if stored else ""
     p.add_argument("--keep", default=keep_default, help=keep_help)
-    p.add_argument("--steps", type=int, default=25, help="flow sampling steps (default: %(default)s)")
-    p.add_argument("--guidance", choices=["none", "cfg", "apg"], default="apg",
-                   help="classifier-free guidance: none, cfg, or adaptive projected guidance (default: %(default)s)")
-    p.add_argument("--scale", type=float, default=1.5, help="guidance scale (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=d["steps"],
+                   help=f"flow sampling steps (default: {where}{SAMPLING_DEFAULTS['steps']})")
+    p.add_argument("--guidance", choices=["none", "cfg", "apg"], default=d["guidance"],
+                   help="classifier-free guidance: none, cfg, or adaptive projected guidance (default: "
+                   f"{where}{SAMPLING_DEFAULTS['guidance']})")
+    p.add_argument("--scale", type=float, default=d["scale"],
+                   help=f"guidance scale (default: {where}{SAMPLING_DEFAULTS['scale']})")
     p.add_argument("--solver", choices=["euler", "heun"], default="euler",
                    help="ODE solver of the flow sampler (default: %(default)s)")
     p.add_argument("--shift", type=float, default=1.0, help="time-grid shift s, t' = s t / (1 + (s - 1) t) "
@@ -373,8 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
                       ("ema-decay", float), ("null-prob", float), ("prefix-prob", float),
                       ("uniform-t-prob", float), ("loss-t-min", float), ("linear-loss", float)):
         p.add_argument(f"--{name}", type=typ, help=_TRAIN_HELP[name] + " (default: the preset's training config)")
-    p.add_argument("--keep-sampling", choices=["pow2", "uniform"],
-                   help="how nested dropout draws each sample's kept token count (default: the training config's)")
+    p.add_argument("--keep-sampling", choices=KEEP_SAMPLING,
+                   help="how nested dropout draws the kept token counts: pow2 / uniform values, one per sample, "
+                   "one per latent frame (_frame) or a mix of both (_mixed) (default: the training config's)")
+    p.add_argument("--keep-frame-prob", type=float, help="with a _mixed --keep-sampling: share of the samples "
+                   "that get a keep per latent frame (default: the training config's, 0.5)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--max-seconds", type=float, help="stop (with a checkpoint) after this wall time")
@@ -391,15 +427,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-psnr", type=float, default=None,
                    help="also store the fewest tokens per latent frame (or per --granularity) whose reconstruction "
                    "reaches this PSNR (vft.adaptive.search_keep; `vft detokenize` then uses them)")
-    p.add_argument("--router", default=None, help="pick the per-frame token counts with a learned router instead "
-                   "of searching by decoding: 'tiny' (shipped with the tiny model) or a router folder (vft.router)")
-    p.add_argument("--budget", type=int, default=None, help="with --router: at most this many tokens per clip, "
-                   "spread over the latent frames where the router predicts they help most")
-    p.add_argument("--granularity", choices=["clip", "chunk", "frame"], default="frame",
+    p.add_argument("--budget", type=int, default=None, help="also store per-latent-frame token counts that spend at "
+                   "most this many tokens per clip where they raise its PSNR most (docs/adaptive.md)")
+    p.add_argument("--rate", type=float, default=None, help="as --budget, with a budget of this many tokens per "
+                   "latent frame on average (1 to R; floor(rate x latent frames) per clip)")
+    p.add_argument("--router", default=None, help="with --target-psnr, --budget or --rate: predict the per-frame "
+                   "quality with a learned router instead of decoding: 'tiny' (shipped with the tiny model) or a "
+                   "router folder (vft.router)")
+    p.add_argument("--granularity", choices=["clip", "chunk", "frame"], default=None,
                    help="with --target-psnr (search): one token count per clip, per chunk or per latent frame "
-                   "(default: %(default)s)")
-    p.add_argument("--search-steps", type=int, default=25, help="sampling steps of the search's reconstructions "
-                   "(APG, scale 1.5: detokenize's defaults)")
+                   "(default: frame)")
+    p.add_argument("--search-steps", type=int, default=None, help="sampling steps of the decodes of a search or of "
+                   "the --budget / --rate curves (APG, scale 1.5: detokenize's defaults; default: 25)")
     p.set_defaults(fn=cmd_tokenize)
 
     p = sub.add_parser("detokenize", help="tokens (.safetensors) -> video file")
@@ -408,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint(p)
     p.add_argument("--out", required=True, help="the video file to write (.mp4)")
     _add_sampling(p, None, "tokens per latent frame to decode from (default: the counts stored in the token file, "
-                  "else all)", "frame rate of the written video (default: the one stored in the token file)")
+                  "else all)", "frame rate of the written video (default: the one stored in the token file)",
+                  stored=True)
     p.set_defaults(fn=cmd_detokenize)
 
     p = sub.add_parser("reconstruct", help="video -> tokens -> videos at several token counts (mp4 + PNG grid)")
@@ -441,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "all clips checks the fit (default: %(default)s)")
     p.add_argument("--seed", type=int, default=5000, help="first clip seed (training seeds are < 10**6; default: "
                    "%(default)s)")
+    p.add_argument("--real", action="store_true", help="also train on photo pans and windows of real videos (the "
+                   "training photographs and videos; the held-out ones stay out)")
     p.add_argument("--steps", type=int, default=1, help="sampling steps of the labels' decodes; decode the router's "
                    "token files with the same setting (default: %(default)s)")
     p.add_argument("--guidance", choices=["none", "cfg", "apg"], default="none",

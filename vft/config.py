@@ -23,7 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 DROPOUT_MODES = ("mask_token", "drop")
-KEEP_SAMPLING = ("pow2", "uniform")
+KEEP_VALUES = ("pow2", "uniform")  # the keep counts drawn from: {1, 2, 4, ..., R} or 1..R
+# "<values>": one keep per sample (all its latent frames); "<values>_frame": one per latent
+# frame, drawn independently; "<values>_mixed": per frame for a share keep_frame_prob of the
+# samples, per sample for the rest (vft.train.frame_keeps).
+KEEP_SAMPLING = KEEP_VALUES + tuple(f"{v}_{m}" for m in ("frame", "mixed") for v in KEEP_VALUES)
 FSQ_NORMS = ("none", "batch")
 PREDICTIONS = ("x", "v")
 COMPRESSORS = ("pixel", "vae")
@@ -203,7 +207,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     bf16: bool = False
-    keep_sampling: str = "pow2"
+    keep_sampling: str = "pow2"  # one of KEEP_SAMPLING: per sample, per latent frame, or a mix of both
+    keep_frame_prob: float = 0.5  # "*_mixed" keep sampling: share of samples with a keep per latent frame
     null_prob: float = 0.1  # probability of the null condition (classifier-free guidance)
     prefix_prob: float = 0.25  # probability of a clean-prefix (continuation) sample
     logit_normal_mean: float = 0.0
@@ -226,7 +231,7 @@ class TrainConfig:
             raise ValueError(f"keep_sampling must be one of {KEEP_SAMPLING}, got {self.keep_sampling!r}")
         if not self.linear_loss >= 0:
             raise ValueError(f"linear_loss must be >= 0, got {self.linear_loss}")
-        for n in ("null_prob", "prefix_prob", "uniform_t_prob", "loss_t_min"):
+        for n in ("null_prob", "prefix_prob", "uniform_t_prob", "loss_t_min", "keep_frame_prob"):
             if not 0 <= getattr(self, n) <= 1:
                 raise ValueError(f"{n} must be in [0, 1], got {getattr(self, n)}")
         if self.steps < 0 or self.batch_size < 1:

@@ -384,11 +384,11 @@ class VideoFlexTok(nn.Module):
 
         video [B, 3, T, H, W]; t float [B] flow times; prefix_len int [B]: the first
         prefix_len latent frames are given clean (t = 0) and excluded from the loss;
-        noise [B, C, T', H', W']; keep int [B]; null bool [B]. Returns the velocity MSE
-        ``|v - (noise - x0)|^2`` averaged over the non-prefix frames (float32 scalar); with
-        ``loss_t_min > 0`` each frame's error is weighted by ``max(t, loss_t_min)^2``, which
-        makes it the squared error of the implied clean estimate ``x_t - t v`` (for t >=
-        loss_t_min).
+        noise [B, C, T', H', W']; keep int [B], or [B, T'] (a keep per latent frame); null bool
+        [B]. Returns the velocity MSE ``|v - (noise - x0)|^2`` averaged over the non-prefix
+        frames (float32 scalar); with ``loss_t_min > 0`` each frame's error is weighted by
+        ``max(t, loss_t_min)^2``, which makes it the squared error of the implied clean
+        estimate ``x_t - t v`` (for t >= loss_t_min).
 
         linear_loss: with ``cfg.linear_path``, add this times the squared error of the linear
         path's own clean-latent estimate (from the kept codes; over the non-prefix frames of

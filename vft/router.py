@@ -35,7 +35,7 @@ from torch import nn
 
 import vft_kernels as vk
 
-from .adaptive import pixel_frames
+from .adaptive import allocate_budget, frame_quality_by_k, pixel_frames
 from .metrics import psnr
 
 STATS = ("std", "motion", "detail")
@@ -78,24 +78,6 @@ def frame_features(model, video: torch.Tensor, tokens: Optional[torch.Tensor] = 
         stats[:, t, 2] = gx + gy
     feats.append(stats)
     return torch.cat(feats, dim=-1)
-
-
-@torch.no_grad()
-def frame_quality_by_k(model, video: torch.Tensor, tokens: Optional[torch.Tensor] = None, **sampling) -> torch.Tensor:
-    """Labels [B, T', R]: each latent frame's PSNR when the clip is decoded with every
-    frame at K (one decode per K for the whole batch)."""
-    cfg = model.cfg
-    if tokens is None:
-        tokens = model.tokenize(video)
-    B, T = tokens.shape[:2]
-    out = torch.zeros(B, T, cfg.registers)
-    for k in range(1, cfg.registers + 1):
-        rec = model.detokenize(tokens, keep=k, **sampling)
-        for b in range(B):
-            for t in range(T):
-                f = list(pixel_frames(cfg, t))
-                out[b, t, k - 1] = min(psnr(rec[b][:, f], video[b][:, f]), 60.0)
-    return out
 
 
 class KeepRouter(nn.Module):
@@ -155,25 +137,8 @@ class KeepRouter(nn.Module):
     def keep_for_budget(self, model, video: torch.Tensor, budget: int,
                         tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-frame K [B, T'] spending at most ``budget`` tokens per clip (at least one per
-        frame): greedily gives the next token to the frame whose predicted MSE falls most."""
-        pred = self.predict(model, video, tokens)
-        B, T, R = pred.shape
-        if isinstance(budget, bool) or not isinstance(budget, int) or not T <= budget:
-            raise ValueError(f"router: budget must be an int >= T' = {T} tokens per clip (one per latent frame), "
-                             f"got {budget!r}")
-        budget = min(budget, T * R)
-        mse = 10 ** (-pred / 10)  # [B, T, R]
-        keep = torch.ones(B, T, dtype=torch.int64)
-        for b in range(B):
-            for _ in range(budget - T):
-                k = keep[b]
-                gain = torch.where(k < R, mse[b, torch.arange(T), k - 1] - mse[b, torch.arange(T), k.clamp(max=R - 1)],
-                                   torch.full((T,), -math.inf))
-                t = int(gain.argmax())
-                if gain[t] == -math.inf:
-                    break
-                keep[b, t] += 1
-        return keep
+        frame): ``vft.adaptive.allocate_budget`` on the predicted curves."""
+        return allocate_budget(self.predict(model, video, tokens), budget, who="router")
 
     # -- persistence (safetensors + JSON) --------------------------------------------
     def config(self) -> dict:

@@ -2,7 +2,9 @@
 
 Per step and sample: flow time ``t = sigmoid(N(mean, std))`` (logit-normal; with
 probability ``uniform_t_prob`` ``t ~ U(0, 1)`` instead), noise,
-keep count (``pow2``: uniform over {1, 2, 4, ..., R}; ``uniform``: uniform over [1, R]),
+keep count (``pow2``: uniform over {1, 2, 4, ..., R}; ``uniform``: uniform over [1, R];
+one per sample, or with the ``_frame`` / ``_mixed`` modes one per latent frame, see
+:func:`frame_keeps`),
 null condition with probability ``null_prob``, and with probability ``prefix_prob`` a
 clean prefix of 1..T'-1 latent frames (so the decoder learns the continuation used for
 long videos). All draws come from a generator seeded by (seed, step, rank) and the data
@@ -33,15 +35,34 @@ from .model import VideoFlexTok
 
 
 def keep_values(registers: int, mode: str) -> torch.Tensor:
-    """The keep counts that ``mode`` samples from (uniformly)."""
-    if mode == "pow2":
+    """The keep counts that ``mode`` (a ``TrainConfig.keep_sampling``) samples from (uniformly)."""
+    if mode.split("_")[0] == "pow2":
         vals = sorted({min(2 ** i, registers) for i in range(registers.bit_length() + 1)})
         return torch.tensor(vals)
     return torch.arange(1, registers + 1)
 
 
+def frame_keeps(sample_keep: torch.Tensor, registers: int, frames: int, tcfg: TrainConfig,
+                gen: torch.Generator) -> torch.Tensor:
+    """Per-latent-frame keep counts int64 [B, frames] of the per-frame modes of
+    ``tcfg.keep_sampling``, from a step's per-sample draw ``sample_keep`` [B]: ``*_frame``
+    draws every latent frame independently (uniform over ``keep_values``); ``*_mixed`` does
+    so for a share ``keep_frame_prob`` of the samples and gives the others their per-sample
+    count on every frame (uniform budgets, what most decodes use, stay in the training mix)."""
+    vals = keep_values(registers, tcfg.keep_sampling)
+    batch = sample_keep.shape[0]
+    per_frame = vals[torch.randint(0, len(vals), (batch, frames), generator=gen)]
+    if tcfg.keep_sampling.endswith("_frame"):
+        return per_frame
+    use_frame = torch.rand(batch, 1, generator=gen) < tcfg.keep_frame_prob
+    return torch.where(use_frame, per_frame, sample_keep[:, None].expand(batch, frames))
+
+
 def draw(cfg: ModelConfig, tcfg: TrainConfig, batch: int, gen: torch.Generator) -> dict:
-    """The random inputs of one training step (CPU tensors): t, prefix_len, noise, keep, null."""
+    """The random inputs of one training step (CPU tensors): t, prefix_len, noise, keep ([batch],
+    or [batch, T'] in the per-frame modes, see :func:`frame_keeps`), null. The per-frame
+    modes draw their keeps after everything else, so a step's other draws (and the
+    per-sample keep that ``*_mixed`` uses) are those of the per-sample mode."""
     T = cfg.latent_frames
     C, (h, w) = cfg.compressor.latent_channels, cfg.latent_hw
     u = torch.randn(batch, generator=gen) * tcfg.logit_normal_std + tcfg.logit_normal_mean
@@ -50,13 +71,16 @@ def draw(cfg: ModelConfig, tcfg: TrainConfig, batch: int, gen: torch.Generator) 
     vals = keep_values(cfg.registers, tcfg.keep_sampling)
     with_prefix = torch.rand(batch, generator=gen) < tcfg.prefix_prob
     prefix = torch.randint(1, max(T, 2), (batch,), generator=gen) if T > 1 else torch.zeros(batch, dtype=torch.long)
-    return dict(
+    out = dict(
         t=torch.where(use_uniform, uniform, torch.sigmoid(u)),
         prefix_len=torch.where(with_prefix, prefix, 0),
         noise=torch.randn((batch, C, T, h, w), generator=gen),
         keep=vals[torch.randint(0, len(vals), (batch,), generator=gen)],
         null=torch.rand(batch, generator=gen) < tcfg.null_prob,
     )
+    if "_" in tcfg.keep_sampling:
+        out["keep"] = frame_keeps(out["keep"], cfg.registers, T, tcfg, gen)
+    return out
 
 
 LOG_COLUMNS = ["step", "loss", "lr", "grad_norm", "clips_per_s", "elapsed_s", "distinct_tokens", "perplexity",
