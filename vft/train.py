@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import math
+import multiprocessing
 import os
 import time
 import warnings
@@ -177,6 +178,9 @@ class StepBatchSampler(torch.utils.data.Sampler):
             yield list(range(base, base + self.batch_size))
 
 
+LOADER_TIMEOUT_S = 600.0  # seconds one batch may take in a worker before the loader raises
+
+
 def make_loader(data, tcfg: TrainConfig, start: int, stop: Optional[int] = None, rank: int = 0, world: int = 1,
                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """Batches [B, 3, T, H, W] of steps ``start .. stop - 1`` (default: to ``tcfg.steps``),
@@ -185,9 +189,17 @@ def make_loader(data, tcfg: TrainConfig, start: int, stop: Optional[int] = None,
     the same with any number of workers; the loader's own seed (worker base seeds) comes
     from ``tcfg.seed``, not from the global RNG, which training does not disturb."""
     sampler = StepBatchSampler(tcfg.batch_size, start, tcfg.steps if stop is None else stop, rank, world)
+    workers = {}
+    if tcfg.workers > 0:
+        # Workers start from a clean single-threaded server process, never by fork() of this
+        # one: by the time training starts, this process runs OpenMP, PyAV and (after
+        # torch.compile) inductor threads, and a child forked while one of them holds a lock
+        # can deadlock. A worker that stops answering is an error after LOADER_TIMEOUT_S.
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        workers = dict(multiprocessing_context=multiprocessing.get_context(method), timeout=LOADER_TIMEOUT_S)
     return torch.utils.data.DataLoader(
         data, batch_sampler=sampler, num_workers=tcfg.workers, pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(tcfg.seed * 1_000_003 + rank))
+        generator=torch.Generator().manual_seed(tcfg.seed * 1_000_003 + rank), **workers)
 
 
 def make_dataset(cfg: ModelConfig, tcfg: TrainConfig):
