@@ -10,6 +10,7 @@ lifecycle, threads, deep copies, and the steady path's host reads.
 """
 import contextlib
 import copy
+import math
 import importlib
 import os
 import random
@@ -120,6 +121,13 @@ def test_patched_trunks_match_official(package, enc_mode, dec_mode, sizes, regis
         # The unconditional pass: every register row of a group is the null condition, computed once
         # where the mask treats a group's tokens alike (not under a token-causal mask).
         assert ("identical register rows computed once" in lines) == (dec_mode != "causal")
+        # The encoder's padding rows (one fill value, no keys) go through the plain blocks as one
+        # row (patches of 2x2 latent pixels, 1 frame; sequences padded to a multiple of 128).
+        real = sum(math.prod(s[:-2]) * (s[-2] // 2) * (s[-1] // 2) + registers * (s[0] if package == V else 1)
+                   for s in sizes)
+        n_pad = refs[False][0][0].shape[1] - real
+        assert n_pad == -real % 128
+        assert ("padding rows computed as one" in lines) == (n_pad > 1), (n_pad, lines)
 
 
 @pytest.mark.parametrize("package", [V, F])

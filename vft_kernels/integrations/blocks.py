@@ -58,10 +58,12 @@ class TrunkStats(CallStats):
     def __init__(self):
         super().__init__("trunk", "on vft blocks", "ran the official blocks")
         self.rows_saved = 0
+        self.pad_rows_saved = 0
         self.choices: dict = {}  # call shape -> what was chosen and why (the measured times)
 
     def note(self) -> str:
-        return f" ({self.rows_saved} identical register rows computed once)" if self.rows_saved else ""
+        out = f" ({self.rows_saved} identical register rows computed once)" if self.rows_saved else ""
+        return out + (f" ({self.pad_rows_saved} padding rows computed as one)" if self.pad_rows_saved else "")
 
     def lines(self) -> list[str]:
         out = super().lines()
@@ -507,6 +509,12 @@ class _Trunk:
         bias and the MLP apply to them."""
         W, L = x.shape[2], plan.cu_seqlens[-1]
         h, pad = x[0, :L], x[0, L:]
+        n_pad = pad.shape[0]
+        if n_pad > 1 and not torch.compiler.is_compiling() and torch.equal(pad, pad[:1].expand_as(pad)):
+            # The packer's padding rows are all alike (one fill value): they see no keys and go
+            # through row-wise ops only, so they stay alike and one of them is computed.
+            pad = pad[:1]
+            self.stats.pad_rows_saved += n_pad - 1
         whole = [_Segment(0, len(plan.cu_seqlens) - 1, 0, 0, 0, (0, L), plan.layout, plan.cu_seqlens, None)]
         for i, b in enumerate(self.trunk.blocks):
             y = F.layer_norm(h.float(), (W,), eps=b.norm1.eps).to(h.dtype)
@@ -518,7 +526,7 @@ class _Trunk:
                     pad = pad + per_block[i]["proj_bias"]
                 y = F.layer_norm(pad.float(), (W,), eps=b.norm2.eps).to(pad.dtype)
                 pad = pad + self._mlp(y, per_block[i])
-        return torch.cat([h, pad]).unsqueeze(0) if pad.shape[0] else h.unsqueeze(0)
+        return torch.cat([h, pad.expand(n_pad, W)]).unsqueeze(0) if n_pad else h.unsqueeze(0)
 
     def _run_adaln(self, x, plan, adaLN_emb, per_block, ada, ctx):
         """FlexBlockAdaLN over the real rows viewed as [B, T, S, W]; padding rows unchanged
