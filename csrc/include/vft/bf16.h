@@ -68,7 +68,13 @@ inline __m128i from_f32_x8(__m256 x) {
 inline __m256 to_f32_x8(__m128i b) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16)); }
 #endif
 
-// n contiguous values, bf16 bits -> floats and back.
+// n contiguous values, bf16 bits -> floats and back. With a constant n that is a multiple
+// of the vector width, GCC 12 warns that the (dead) scalar tail loop "invokes undefined
+// behavior" at iteration 2^63 - 1 (-Waggressive-loop-optimizations): a false positive.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Waggressive-loop-optimizations"
+#endif
 inline void load(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
   int64_t i = 0;
 #ifdef VFT_BF16_AVX512
@@ -92,6 +98,9 @@ inline void store(const float* __restrict src, uint16_t* __restrict dst, int64_t
 #endif
   for (; i < n; ++i) dst[i] = from_f32(src[i]);
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 }  // namespace bf16
 }  // namespace VFT_ISA_NS
