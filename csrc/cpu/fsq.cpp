@@ -43,6 +43,12 @@ constexpr int kRows = 16;  // rows per block; kRows * d is a multiple of the vec
 constexpr int kMaxDims = 16;
 constexpr int kMaxThresholds = 15;  // levels up to 16 take the threshold path
 constexpr int64_t kMinBlocksPerThread = 4;  // below this, one thread is faster than a fork
+// Scaling (2-core Zen 4 VM, 256K x 6, avx2 float32, per-call timings): the 2-way split itself
+// scales 2x (p50 0.91 -> 0.47 ms). What made 2-thread means ~1.3 ms was the machine: with other
+// sessions' processes running (each session its own autogroup, so nice does not help), ~16% of
+// 2-thread calls waited ~5 ms at the join for a worker whose CPU was given to another process,
+// while 1-thread calls almost never stall. The op layer's fixed per-call cost (~50-70 us before
+// the fast path in vft_kernels/ops/fsq.py) was the other part that does not shrink with threads.
 
 // ---------------------------------------------------------------------------------------
 // Loads / stores of one block between a tensor and a float buffer.
