@@ -82,7 +82,7 @@ def test_fsq_forward_backward_decode_bitwise_equal_across_capabilities(levels, d
 _ALL_BF16 = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
 
 
-_FSQ_PATH_LEVELS = [(8, 8, 8, 5, 5, 5), (16, 15, 3), (2, 3, 4, 5, 6, 7, 8, 2, 2, 3), (5,) * 16, (16,) * 8,
+_FSQ_PATH_LEVELS = [(8, 8, 8, 5, 5, 5), (16, 15, 3), (7, 5, 5, 5, 5), (2, 3, 4, 5, 6, 7, 8, 2, 2, 3), (5,) * 16, (16,) * 8,
                     (999, 999, 999, 3)]
 
 

@@ -417,3 +417,105 @@ def test_aot_compiles_fsq_kernels():
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "0 failures" in res.stdout and "fsq_forward" in res.stdout, res.stdout
+
+
+# --------------------------------------------------------------------------------------
+# The eager CPU fast path of fsq_quantize (ops/fsq.py _fast_forward)
+
+
+@pytest.fixture
+def fast_calls(monkeypatch):
+    """Runs of fsq_quantize's eager CPU fast path: True when it ran the kernel, False when it
+    declined (the checked path, through the custom op, took over)."""
+    from vft_kernels.ops import fsq as fsq_ops
+
+    if not _available("cpu"):
+        pytest.skip("backend cpu unavailable")
+    real, calls = fsq_ops._fast_forward, []
+
+    def spy(*args):
+        res = real(*args)
+        calls.append(res is not None)
+        return res
+
+    monkeypatch.setattr(fsq_ops, "_fast_forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("levels", [(8, 8, 8, 5, 5, 5), LARGE_LEVELS, (500,) * 4], ids=["presets", "tanh", "int64"])
+@pytest.mark.parametrize("mode", ["no_grad", "grad enabled", "forced cpu", "list levels"])
+def test_fast_path_runs_ordinary_calls_exactly_like_the_checked_path(fast_calls, dtype, out_dtype, levels, mode):
+    """Ordinary eager CPU calls skip the custom op and give bit for bit what the custom op's
+    cpu backend gives (same kernel), every element of the poisoned outputs written."""
+    from vft_kernels.ops import fsq as fsq_ops
+
+    z = (torch.randn(3, 37, len(levels)) * 2).to(dtype)
+    z[0, 0, 0] = math.nan
+    z[1, 2] = -math.inf
+    with vk.use_backend("cpu"):
+        want = fsq_ops._fsq_quantize(z, list(levels), 1e-3, out_dtype)
+    assert fast_calls == []
+    if mode == "no_grad":
+        with torch.no_grad():
+            got = vk.fsq_quantize(z, levels, out_dtype=out_dtype)
+    elif mode == "forced cpu":
+        with vk.use_backend("cpu"):
+            got = vk.fsq_quantize(z, levels, out_dtype=out_dtype)
+    else:
+        got = vk.fsq_quantize(z, list(levels) if mode == "list levels" else levels, out_dtype=out_dtype)
+    assert fast_calls == [True]
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape and not g.requires_grad
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+def test_fast_path_declines_what_it_does_not_check(fast_calls):
+    """Autograd, float64, tensor or numpy-like levels, subclasses, a forced backend other than cpu and
+    more dims than the kernel takes go to the checked path; results are still right."""
+    z = torch.randn(5, 4) * 2
+    levels = (8, 5, 5, 5)
+    want = ref.fsq_forward(z, levels)
+    cases = {
+        "grad": lambda: vk.fsq_quantize(z.clone().requires_grad_(), levels),
+        "float64": lambda: vk.fsq_quantize(z.double(), levels),
+        "tensor levels": lambda: vk.fsq_quantize(z, torch.tensor(levels)),
+        "subclass": lambda: vk.fsq_quantize(torch.nn.Parameter(z, requires_grad=False), levels),
+        "levels of a subclass of int": lambda: vk.fsq_quantize(z, tuple(type("I", (int,), {})(L) for L in levels)),
+    }
+    for name, run in cases.items():
+        fast_calls.clear()
+        codes, idx = run()
+        assert fast_calls == [False], name
+        torch.testing.assert_close(codes.detach().to(want[0].dtype), want[0], msg=name)
+        torch.testing.assert_close(idx, want[1], msg=name)
+    fast_calls.clear()
+    with vk.use_backend("reference"):
+        vk.fsq_quantize(z, levels)
+    assert fast_calls == [False]  # declined: the forced backend runs
+    fast_calls.clear()
+    many = tuple([3] * 17)  # more dims than the cpu kernel takes: the reference
+    zz = torch.randn(4, 17)
+    torch.testing.assert_close(vk.fsq_quantize(zz, many)[1], ref.fsq_forward(zz, many)[1])
+    assert fast_calls == [False]
+    zz = z.clone().requires_grad_()  # autograd still works through the checked path
+    vk.fsq_quantize(zz, levels)[0].sum().backward()
+    assert zz.grad is not None and zz.grad.shape == z.shape
+
+
+@pytest.mark.parametrize("case", ["level 1", "float level", "bool level", "eps too large", "eps 0 with level 2",
+                                  "negative eps", "dims", "int z", "out_dtype", "not a tensor", "0-dim"])
+def test_fast_path_leaves_bad_calls_to_the_checked_errors(fast_calls, case):
+    """Bad calls get fsq_quantize's errors: the fast path declines them, running nothing (also
+    after the same levels passed once with a valid eps)."""
+    z = torch.randn(5, 3)
+    vk.fsq_quantize(z, (8, 5, 2))  # memoises these levels as valid with eps 1e-3
+    args = {"level 1": (z, (8, 5, 1)), "float level": (z, (8, 5, 2.0)), "bool level": (z, (8, 5, True)),
+            "eps too large": (z, (8, 5, 2), 0.6), "eps 0 with level 2": (z, (8, 5, 2), 0.0),
+            "negative eps": (z, (8, 5, 2), -1e-3), "dims": (z, (8, 5)), "int z": (z.int(), (8, 5, 2)),
+            "out_dtype": (z, (8, 5, 2), 1e-3, torch.int32), "not a tensor": (z.tolist(), (8, 5, 2)),
+            "0-dim": (torch.tensor(1.0), (8,))}[case]
+    with pytest.raises((TypeError, ValueError)):
+        vk.fsq_quantize(*args)
+    assert True not in fast_calls[1:]

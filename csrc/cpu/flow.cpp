@@ -60,6 +60,10 @@ void elementwise(T* out, const T* x, const T* a, const T* b, const float* t, con
                  int64_t S, float scale, const T* prefix, flow::Prefix geo) {
   const int64_t per_sample = (S + kBlock - 1) / kBlock;
   at::parallel_for(0, B * per_sample, std::max<int64_t>(1, kParallelMin / kBlock), [&](int64_t job_begin, int64_t job_end) {
+    // A local copy: read through the lambda's capture, the scale was reloaded (broadcast from
+    // memory) every iteration, as the stores to out might change it: an extra load per 8
+    // elements at avx2 (avx-512 folds it into the multiply), ~4% of a 1-thread cfg step.
+    const float sc = scale;
     for (int64_t job = job_begin; job < job_end; ++job) {
       const int64_t s = job / per_sample;
       const int64_t lo = s * S + (job % per_sample) * kBlock, hi = std::min(lo + kBlock, (s + 1) * S);
@@ -70,7 +74,7 @@ void elementwise(T* out, const T* x, const T* a, const T* b, const float* t, con
         if constexpr (kMode == flow::kNone) {
           v = ld(a, i);
         } else if constexpr (kMode == flow::kCfg) {
-          v = flow::cfg_velocity(ld(a, i), ld(b, i), scale);
+          v = flow::cfg_velocity(ld(a, i), ld(b, i), sc);
         } else {
           v = flow::heun_velocity(ld(a, i), ld(b, i));
         }

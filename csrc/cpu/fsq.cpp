@@ -43,6 +43,12 @@ constexpr int kRows = 16;  // rows per block; kRows * d is a multiple of the vec
 constexpr int kMaxDims = 16;
 constexpr int kMaxThresholds = 15;  // levels up to 16 take the threshold path
 constexpr int64_t kMinBlocksPerThread = 4;  // below this, one thread is faster than a fork
+// Scaling (2-core Zen 4 VM, 256K x 6, avx2 float32, per-call timings): the 2-way split itself
+// scales 2x (p50 0.91 -> 0.47 ms). What made 2-thread means ~1.3 ms was the machine: with other
+// sessions' processes running (each session its own autogroup, so nice does not help), ~16% of
+// 2-thread calls waited ~5 ms at the join for a worker whose CPU was given to another process,
+// while 1-thread calls almost never stall. The op layer's fixed per-call cost (~50-70 us before
+// the fast path in vft_kernels/ops/fsq.py) was the other part that does not shrink with threads.
 
 // ---------------------------------------------------------------------------------------
 // Loads / stores of one block between a tensor and a float buffer.
@@ -155,28 +161,41 @@ constexpr Acc kNanBit = Acc(1) << (8 * sizeof(Acc) - 1);
 template <int D, typename Acc>
 void fwd_elements(const float* __restrict z, float* __restrict codes, Acc* __restrict contrib,
                   const FwdTable<D, Acc>& t) {
-  constexpr int K = FwdTable<D, Acc>::K;  // a multiple of 8 (kRows = 16)
+  constexpr int K = FwdTable<D, Acc>::K;  // a multiple of 16 (kRows = 16)
   alignas(64) float digit[K];
   if (t.n_thr == 0) {  // the tanh path's digits (levels > 16), vectorised by GCC
     for (int k = 0; k < K; ++k) {
       const float x = z[k] + t.shift[k];
       digit[k] = fsq::round_half_even(fsq::tanh_f32(x) * t.half_l[k] - t.offset[k]) + t.half_w[k];
     }
+  } else {
+    // The digits counted for G vectors at a time: G independent chains of compare + add per
+    // threshold (perf: one vector's chain of n_thr dependent adds, loop overhead included,
+    // was half of the avx2 forward). Integer counts: exact, in any order. NaN: digit 0.
+    auto count_group = [&]<int G>(int k0) {
+      __m256 x[G];
+      __m256i count[G];  // minus the number of thresholds <= x
+      for (int g = 0; g < G; ++g) {
+        x[g] = _mm256_add_ps(_mm256_loadu_ps(z + k0 + 8 * g), _mm256_load_ps(t.shift + k0 + 8 * g));
+        count[g] = _mm256_setzero_si256();
+      }
+      for (int i = 0; i < t.n_thr; ++i) {
+        for (int g = 0; g < G; ++g) {
+          const __m256 ge = _mm256_cmp_ps(x[g], _mm256_load_ps(t.thr[i] + k0 + 8 * g), _CMP_GE_OQ);
+          count[g] = _mm256_add_epi32(count[g], _mm256_castps_si256(ge));
+        }
+      }
+      for (int g = 0; g < G; ++g)
+        _mm256_store_ps(digit + k0 + 8 * g, _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_setzero_si256(), count[g])));
+    };
+    constexpr int kFull = K / 32 * 32;  // groups of 4 vectors, then one of 2 (K / 8 is even)
+    for (int k0 = 0; k0 < kFull; k0 += 32) count_group.template operator()<4>(k0);
+    if constexpr (kFull < K) count_group.template operator()<2>(kFull);
   }
   const __m256 nan_bit = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u)));
   for (int k = 0; k < K; k += 8) {
     const __m256 x = _mm256_add_ps(_mm256_loadu_ps(z + k), _mm256_load_ps(t.shift + k));
-    __m256 dg;
-    if (t.n_thr > 0) {
-      __m256i count = _mm256_setzero_si256();  // minus the number of thresholds <= x
-      for (int i = 0; i < t.n_thr; ++i) {
-        const __m256 ge = _mm256_cmp_ps(x, _mm256_load_ps(t.thr[i] + k), _CMP_GE_OQ);
-        count = _mm256_add_epi32(count, _mm256_castps_si256(ge));
-      }
-      dg = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_setzero_si256(), count));
-    } else {
-      dg = _mm256_load_ps(digit + k);
-    }
+    const __m256 dg = _mm256_load_ps(digit + k);
     const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
     const __m256 half_w = _mm256_load_ps(t.half_w + k), inv = _mm256_load_ps(t.inv_w + k);
     const __m256 q = _mm256_sub_ps(dg, half_w);
@@ -513,34 +532,49 @@ void forward_bf16_keys(const uint16_t* zb, uint16_t* cb, int32_t* idx, int64_t b
       const uint16_t* src = zb + blk * kKeyRows * D;
       uint16_t* dst = cb + blk * kKeyRows * D;
       alignas(32) uint32_t contrib[kKeyRows * D + kContribPad];  // element order
-      for (int u = 0; u < D; ++u) {
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16 * u));
-        const __m256i key = _mm256_xor_si256(b, _mm256_and_si256(_mm256_srai_epi16(b, 15), sign_off));
-        __m256i count = _mm256_setzero_si256();  // minus the number of thresholds <= key
+      // Vectors u0 .. u0 + G - 1: the digits counted G vectors at a time (G independent chains
+      // of compare + add per threshold; perf: one vector's chain was the loop's bottleneck),
+      // then each vector's codes and contributions. Integer counts: exact, in any order.
+      auto group = [&]<int G>(int u0) {
+        __m256i key[G], count[G];  // count: minus the number of thresholds <= key
+        for (int g = 0; g < G; ++g) {
+          const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16 * (u0 + g)));
+          key[g] = _mm256_xor_si256(b, _mm256_and_si256(_mm256_srai_epi16(b, 15), sign_off));
+          count[g] = _mm256_setzero_si256();
+        }
         for (int i = 0; i < n_thr; ++i) {
-          const __m256i thr = _mm256_load_si256(reinterpret_cast<const __m256i*>(kt.thr[u][i]));
-          count = _mm256_add_epi16(count, _mm256_cmpgt_epi16(key, thr));
+          for (int g = 0; g < G; ++g) {
+            const __m256i thr = _mm256_load_si256(reinterpret_cast<const __m256i*>(kt.thr[u0 + g][i]));
+            count[g] = _mm256_add_epi16(count[g], _mm256_cmpgt_epi16(key[g], thr));
+          }
         }
-        const __m256i dg = _mm256_sub_epi16(_mm256_setzero_si256(), count);
-        const __m256i nan = _mm256_cmpgt_epi16(_mm256_and_si256(b, sign_off), inf);
-        __m256i code[2];
-        for (int h = 0; h < 2; ++h) {
-          const __m256i d = _mm256_cvtepu16_epi32(h ? _mm256_extracti128_si256(dg, 1) : _mm256_castsi256_si128(dg));
-          // fsq::div_code of digit - half_w, then bf16::from_f32 (a finite code: no NaN case)
-          const __m256 half_w = _mm256_load_ps(kt.half_w[u][h]), inv = _mm256_load_ps(kt.inv_w[u][h]);
-          const __m256 q = _mm256_sub_ps(_mm256_cvtepi32_ps(d), half_w);
-          const __m256 r = _mm256_mul_ps(q, inv);
-          const __m256i c = _mm256_castps_si256(_mm256_fmadd_ps(_mm256_fnmadd_ps(r, half_w, q), inv, r));
-          const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(c, 16), one);
-          code[h] = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(c, round), lsb), 16);
-          const __m256i m = _mm256_cvtepi16_epi32(h ? _mm256_extracti128_si256(nan, 1) : _mm256_castsi256_si128(nan));
-          const __m256i ctb = _mm256_mullo_epi32(d, _mm256_load_si256(reinterpret_cast<const __m256i*>(kt.basis[u][h])));
-          _mm256_store_si256(reinterpret_cast<__m256i*>(contrib + 16 * u + 8 * h), _mm256_blendv_epi8(ctb, nan_bit, m));
+        for (int g = 0; g < G; ++g) {
+          const int u = u0 + g;
+          const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16 * u));
+          const __m256i dg = _mm256_sub_epi16(_mm256_setzero_si256(), count[g]);
+          const __m256i nan = _mm256_cmpgt_epi16(_mm256_and_si256(b, sign_off), inf);
+          __m256i code[2];
+          for (int h = 0; h < 2; ++h) {
+            const __m256i d = _mm256_cvtepu16_epi32(h ? _mm256_extracti128_si256(dg, 1) : _mm256_castsi256_si128(dg));
+            // fsq::div_code of digit - half_w, then bf16::from_f32 (a finite code: no NaN case)
+            const __m256 half_w = _mm256_load_ps(kt.half_w[u][h]), inv = _mm256_load_ps(kt.inv_w[u][h]);
+            const __m256 q = _mm256_sub_ps(_mm256_cvtepi32_ps(d), half_w);
+            const __m256 r = _mm256_mul_ps(q, inv);
+            const __m256i c = _mm256_castps_si256(_mm256_fmadd_ps(_mm256_fnmadd_ps(r, half_w, q), inv, r));
+            const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(c, 16), one);
+            code[h] = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(c, round), lsb), 16);
+            const __m256i m = _mm256_cvtepi16_epi32(h ? _mm256_extracti128_si256(nan, 1) : _mm256_castsi256_si128(nan));
+            const __m256i ctb = _mm256_mullo_epi32(d, _mm256_load_si256(reinterpret_cast<const __m256i*>(kt.basis[u][h])));
+            _mm256_store_si256(reinterpret_cast<__m256i*>(contrib + 16 * u + 8 * h), _mm256_blendv_epi8(ctb, nan_bit, m));
+          }
+          // packus interleaves the 128-bit halves: (lo 0-3, hi 0-3, lo 4-7, hi 4-7) -> element order
+          const __m256i codes = _mm256_permute4x64_epi64(_mm256_packus_epi32(code[0], code[1]), 0xD8);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * u), _mm256_blendv_epi8(codes, qnan, nan));
         }
-        // packus interleaves the 128-bit halves: (lo 0-3, hi 0-3, lo 4-7, hi 4-7) -> element order
-        const __m256i codes = _mm256_permute4x64_epi64(_mm256_packus_epi32(code[0], code[1]), 0xD8);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * u), _mm256_blendv_epi8(codes, qnan, nan));
-      }
+      };
+      constexpr int kFull = D / 4 * 4;  // groups of 4 vectors, then one of the D % 4 left
+      for (int u0 = 0; u0 < kFull; u0 += 4) group.template operator()<4>(u0);
+      if constexpr (D % 4 != 0) group.template operator()<D % 4>(kFull);
       row_indices<D, int32_t>(contrib, idx + blk * kKeyRows, kKeyRows);
     }
   });

@@ -131,6 +131,63 @@ def check_saturation(levels: tuple[int, ...], eps: float) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# Eager CPU fast path
+#
+# An ordinary eager CPU forward (no autograd, no compilation, tracing, dispatch or function
+# mode, a plain tensor) runs the cpu backend's kernel directly instead of through the custom
+# op: the same kernel, outputs and errors, without the custom op's ~35 us of Python dispatch a
+# call. That fixed cost does not shrink with threads: at 256K tokens it was a tenth of a
+# 2-thread forward (perf: avx2, 1 thread 1.0 ms kernel + 0.05 ms; 2 threads 0.5 ms + 0.05 ms).
+# Anything else, including every call whose arguments the checks below would reject, takes
+# the checked path.
+
+_VALID_ARGS: dict = {}  # (levels, eps) that passed fsq_quantize's argument checks
+_MAX_VALID_ARGS = 256
+
+
+def _args_valid(levels: tuple, eps) -> bool:
+    """True when ``levels`` (a tuple of ints) and ``eps`` pass fsq_quantize's checks, memoised."""
+    key = (levels, eps)
+    if key in _VALID_ARGS:
+        return True
+    try:
+        check_levels(levels)
+        ok = isinstance(eps, (int, float)) and 0 <= eps < 1 and not (eps == 0 and 2 in levels)
+        if ok:
+            check_saturation(levels, float(eps))
+    except (TypeError, ValueError):
+        return False
+    if ok:
+        if len(_VALID_ARGS) >= _MAX_VALID_ARGS:
+            _VALID_ARGS.clear()
+        _VALID_ARGS[key] = True
+    return ok
+
+
+def _fast_forward(z, levels, eps, out_dtype):
+    """fsq_quantize's result computed by the cpu backend directly, or None (nothing run) when
+    the call is not an ordinary eager CPU call the checked path would give to that backend."""
+    # (compilation first: under torch.compile this returns before anything else is traced)
+    if not (dispatch.cpu_fast_path() and type(z) is torch.Tensor and z.is_cpu):
+        return None
+    if (torch._C._is_torch_function_mode_enabled() or torch._C._functorch.is_functorch_wrapped_tensor(z)
+            or dispatch.PRIORITY["cpu"][0] != "cpu"):
+        return None
+    if (torch.is_grad_enabled() and z.requires_grad) or z.dim() < 1 or z.shape[-1] != len(levels):
+        return None
+    if type(levels) not in (tuple, list) or type(eps) not in (float, int):
+        return None
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        return None
+    levels = tuple(levels)
+    if not all(type(L) is int for L in levels) or not _args_valid(levels, eps):
+        return None
+    args = (z, levels, float(eps), out_dtype or ref.compute_dtype(z.dtype))
+    fn, _ = dispatch._try("fsq_forward", "cpu", z.device, args, {})  # None: what select() would not run
+    return None if fn is None else fn(*args)
+
+
+# --------------------------------------------------------------------------------------
 # Public API
 
 
@@ -141,6 +198,9 @@ def fsq_quantize(z: torch.Tensor, levels: Sequence[int], eps: float = 1e-3,
     Returns ``codes`` [..., d] in [-1, 1] (float32, or ``out_dtype``) and ``indices`` [...]
     (int32, int64 when prod(levels) >= 2**31; -1 for rows containing NaN). ``codes`` is
     differentiable (straight-through rounding); ``indices`` is not."""
+    res = _fast_forward(z, levels, eps, out_dtype)
+    if res is not None:
+        return res
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"fsq_quantize: z must be a torch.Tensor, got {type(z).__name__}")
     if z.dtype not in FLOAT_DTYPES:
