@@ -47,7 +47,12 @@ def _cell(text: str) -> str:
 
 
 def _device(row: dict[str, str]) -> str:
-    return f"{row['device']} ({row['device_name']})" if row.get("device_name") else row.get("device", "")
+    """The table a row belongs to: device type and name, and the CPU capability vft's kernels
+    ran at (a run with --cpu-capability a,b gives one table per capability, each with its own
+    baselines, so the ratios and their spread are never mixed across capabilities)."""
+    dev = f"{row['device']} ({row['device_name']})" if row.get("device_name") else row.get("device", "")
+    cap = row.get("cpu_capability") or ""
+    return f"{dev}, vft kernels at {cap}" if cap else dev
 
 
 def _by_run(rows: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
