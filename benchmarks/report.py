@@ -254,10 +254,19 @@ def _value(rows: list[dict[str, str]], t: Target) -> Optional[float]:
     return float(a["median_ms"]) / float(r["median_ms"])
 
 
-def _target_runs(rows: list[dict[str, str]], t: Target, device: str) -> list[tuple[float, dict[str, str]]]:
+CAPABILITIES = ("", "baseline", "avx2", "avx512", "avx512_bf16", "amx")  # vft's CPU levels, lowest first
+
+
+def _target_runs(rows: list[dict[str, str]], t: Target, device: str,
+                 cap: Optional[str] = None) -> list[tuple[float, dict[str, str]]]:
     """(value, first row) of each full run on ``device`` (type) of the latest commit that
-    measured the target."""
-    runs = _by_run([r for r in rows if r["device"] == device and r["quick"] != "True" and r["op"] == t.op])
+    measured the target, at the CPU capability ``cap`` of vft's kernels (default: the highest
+    any such row recorded, so runs capped lower never mix with the native ones)."""
+    rows = [r for r in rows if r["device"] == device and r["quick"] != "True" and r["op"] == t.op]
+    caps = {r.get("cpu_capability") or "" for r in rows}
+    if cap is None:
+        cap = max(caps, key=lambda c: CAPABILITIES.index(c) if c in CAPABILITIES else -1, default="")
+    runs = _by_run([r for r in rows if (r.get("cpu_capability") or "") == cap])
     measured = {run: v for run, rs in runs.items() if (v := _value(rs, t)) is not None}
     if not measured:
         return []
@@ -282,22 +291,25 @@ def readme_table(rows: list[dict[str, str]], device: str = "cpu") -> list[str]:
     """Markdown lines for the README: a sentence naming the machine(s) of the runs used, then
     every target with a ``readme`` label: what, against what, and the speed-up (the median of
     the same-run ratios over the runs, with their min and max)."""
-    lines = ["| op and case | compared with | speed-up of vft: median [min, max] over runs |", "|---|---|---|"]
+    lines = ["| op and case | compared with | speed-up of vft: median [min, max] over runs | same, vft and torch at "
+             "AVX2 |", "|---|---|---|---|"]
     machines: dict[str, None] = {}
-    for t in TARGETS:
-        if not t.readme:
-            continue
-        what, against = (c.strip() for c in t.readme.split("|"))
-        measured = _target_runs(rows, t, device)
+
+    def cell(measured):
         if not measured:
-            lines.append(f"| {what} | {against} | not measured |")
-            continue
+            return "not measured"
         vals = [v for v, _ in measured]
         for _, head in measured:
             machine = head["device_name"] or head["device"]
             machines[f"{machine}, {head['threads']} threads, torch {head['torch']}"] = None
-        lines.append(f"| {what} | {against} | {_median(vals):.2f}x [{min(vals):.2f}x, {max(vals):.2f}x] "
-                     f"over {len(vals)} |")
+        return f"{_median(vals):.2f}x [{min(vals):.2f}x, {max(vals):.2f}x] over {len(vals)}"
+
+    for t in TARGETS:
+        if not t.readme:
+            continue
+        what, against = (c.strip() for c in t.readme.split("|"))
+        lines.append(f"| {what} | {against} | {cell(_target_runs(rows, t, device))} | "
+                     f"{cell(_target_runs(rows, t, device, cap='avx2'))} |")
     where = "; ".join(machines) or "no runs recorded"
     return [f"Measured on: {where} (`benchmarks/results/all.csv`).", ""] + lines
 

@@ -457,6 +457,26 @@ def test_report_targets_over_runs_of_the_latest_commit_and_readme_block(tmp_path
     assert readme.read_text() == "no markers\n"
 
 
+def test_report_keeps_cpu_capabilities_apart(tmp_path):
+    """Runs with vft's kernels capped to AVX2 never mix with the native ones: the README's
+    main column takes the highest capability recorded, its AVX2 column the avx2 runs, and
+    docs/performance.md gives each capability its own table."""
+    path = str(tmp_path / "all.csv")
+    kw = dict(op="flow", name="apg step (momentum, threshold)", shape="4x16x5x32x32", baseline="reference")
+    for run, cap, cpu_ms in (("nat", "avx512_bf16", 0.25), ("a2", "avx2", 0.5), ("nat2", "avx512_bf16", 0.2)):
+        rows = [_row(p, 1.0, ms, cpu_capability=cap, **kw)
+                for p, ms in (("reference", 2.0), ("compile(reference)", 1.0), ("cpu", cpu_ms))]
+        harness.append_results(rows, path, _meta(run, commit="c0ffee1"))
+    rows = report.read_rows(path)
+    apg = next(t for t in report.TARGETS if t.op == "flow" and t.shape == kw["shape"] and t.name.startswith("apg"))
+    assert sorted(report.target_values(rows, apg)[0]) == pytest.approx([4.0, 5.0])
+    assert [v for v, _ in report._target_runs(rows, apg, "cpu", cap="avx2")] == pytest.approx([2.0])
+    table = "\n".join(report.readme_table(rows))
+    assert "| 4.50x [4.00x, 5.00x] over 2 | 2.00x [2.00x, 2.00x] over 1 |" in table
+    md = report.render(rows, path)
+    assert "flow on cpu (cpu box), vft kernels at avx2" in md and "flow on cpu (cpu box), vft kernels at avx512_bf16" in md
+
+
 @pytest.mark.parametrize("cpu, goal, status", [("AMD EPYC (avx512_bf16)", "1.50x", "met"),
                                                ("Intel Xeon (amx_bf16, avx512_bf16)", "2.00x", "**missed**")])
 def test_report_bf16_attention_goal_follows_the_cpu(tmp_path, cpu, goal, status):
