@@ -340,7 +340,7 @@ def test_train_router_command(trained, tmp_path, capsys):
     info = json.load(open(os.path.join(folder, "router.json")))
     assert info["kinds"] == ["static", "slow", "fast", "cluttered", "cut"]
     assert info["command"].startswith("vft train-router --checkpoint") and info["validation_clips"] == 5
-    assert info["calibration"]["coverage"] == 0.8 and len(info["calibration"]["margins"]) == 29
+    assert info["calibration"]["coverage"] == 0.9 and len(info["calibration"]["margins"]) == 29
     assert {"mean", "p95", "max"} <= set(info["val_error_db"])
     real = str(tmp_path / "router_real")
     assert main(["train-router", "--checkpoint", ck, "--per-kind", "2", "--train-steps", "5", "--out", real,

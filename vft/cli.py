@@ -189,16 +189,10 @@ def cmd_tokenize(args) -> int:
     asked = {k: v for k, v in (("steps", steps), ("guidance", args.guidance), ("scale", args.scale)) if v is not None}
     # The decoding setting the counts are for: the flags over detokenize's defaults.
     decode = {**SAMPLING_DEFAULTS, **asked}
-    router = None
-    if args.router:
-        from .pretrained import load_router
-
-        router = load_router(args.router, decode)  # the router trained for this setting, or an error
-        sampling = {}
-    else:
-        sampling = dict(decode)
-    res = choose_keep(model, video, target_psnr=args.target_psnr, budget=args.budget, rate=args.rate, router=router,
-                      granularity=args.granularity, **sampling)
+    # With --router, choose_keep picks the router trained for this setting (or says there is none).
+    res = choose_keep(model, video, target_psnr=args.target_psnr, budget=args.budget, rate=args.rate,
+                      router=args.router, granularity=args.granularity, **decode)
+    router = res.get("router")
     tokens, keep = res["tokens"], res["keep"]
     extra = {res["mode"]: modes["--" + res["mode"].replace("_", "-")], "policy": res["policy"]}
     if router is not None:
@@ -319,7 +313,7 @@ def cmd_train_router(args) -> int:
     for kind in dict.fromkeys(kinds):
         sel = torch.tensor([k == kind for k in kinds]) & ~fit
         if bool(sel.any()):
-            per_kind[kind] = round(float((router(feats[sel]) - labels[sel]).abs().mean()), 4)
+            per_kind[kind] = round(float((router(feats[sel]) - labels[sel]).abs().mean().detach()), 4)
     extra = {"command": "vft " + " ".join(args.argv), "checkpoint": args.checkpoint,
              "clips": int(fit.sum()), "validation_clips": int((~fit).sum()), "kinds": list(dict.fromkeys(kinds)),
              "train_mae_db": train_err["mean"], "val_mae_db": val["mean"], "val_error_db": val,
@@ -543,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "margins and errors (default: a fifth of --per-kind)")
     p.add_argument("--cache", default=None, help="keep each clip group's labels in this folder and reuse them "
                    "(resumes an interrupted run; e.g. runs/router_labels)")
-    p.add_argument("--coverage", type=float, default=0.8, help="share of held-out frames that must reach a target "
+    p.add_argument("--coverage", type=float, default=0.9, help="share of held-out frames that must reach a target "
                    "with the calibrated margin (default: %(default)s)")
     p.add_argument("--train-steps", type=int, default=3000, help="optimizer steps of the fit (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the fit (default: "

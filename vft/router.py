@@ -259,12 +259,14 @@ def keep_from_prediction(pred: torch.Tensor, level: float) -> torch.Tensor:
 
 
 def calibrate_margins(pred: torch.Tensor, labels: torch.Tensor, targets, coverage: float = 0.8,
-                      grid=None) -> dict:
+                      grid=None, min_frames: int = 20) -> dict:
     """Per target PSNR, the smallest margin m (dB) such that, picking each frame's K as the
     smallest with predicted PSNR >= target + m, at least ``coverage`` of the frames whose
     target is reachable (label at R >= target) reach it (label at that K >= target).
-    pred, labels: [N, T', R] of frames the router was not fitted on. Returns the table
-    {"coverage", "targets", "margins", "frames"} for ``KeepRouter.calibration``."""
+    pred, labels: [N, T', R] of frames the router was not fitted on. A target that fewer
+    than ``min_frames`` frames can reach, or that every margin of the grid meets, gets the
+    margin of the nearest target that is neither. Returns the table {"coverage", "targets",
+    "margins", "frames"} for ``KeepRouter.calibration``."""
     grid = torch.arange(-3.0, 8.0001, 0.05) if grid is None else torch.as_tensor(grid, dtype=torch.float32)
     p, y = pred.reshape(-1, pred.shape[-1]).float(), labels.reshape(-1, labels.shape[-1]).float()
     margins, counts = [], []
@@ -283,6 +285,11 @@ def calibrate_margins(pred: torch.Tensor, labels: torch.Tensor, targets, coverag
                 m_ok = m
                 break
         margins.append(round(m_ok, 3))
+    # Too few frames say nothing, and a margin at the grid's low end only says that every
+    # frame reaches the target whatever K it gets: both take the nearest informative margin.
+    ok = [i for i, n in enumerate(counts) if n >= min_frames and margins[i] > float(grid[0])]
+    if ok:
+        margins = [margins[min(ok, key=lambda j: abs(j - i))] for i in range(len(margins))]
     return {"coverage": coverage, "targets": [float(t) for t in targets], "margins": margins, "frames": counts}
 
 
