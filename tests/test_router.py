@@ -94,10 +94,13 @@ def test_router_save_load_round_trip(micro_router, tmp_path):
 # The shipped tiny routers, per decoding setting: |predicted - decoded| PSNR of a latent frame
 # on held-out clips (held-out seeds, photographs and video), as docs/adaptive.md states them.
 SHIPPED = {
-    "steps1_none": {"sampling": {"steps": 1, "guidance": "none"}, "per_frame_db": 1.5, "mean_db": 0.5,
+    # docs: 0.21 dB mean, 2.28 dB max over 14 clips and all K (measured here: 0.20 / 0.84 dB)
+    "steps1_none": {"sampling": {"steps": 1, "guidance": "none"}, "per_frame_db": 2.3, "mean_db": 0.3,
                     "clips": [0, 1, 2, 3, 4, 5, 6], "ks": [1, 2, 4, 8, 16]},
-    "steps25_apg_scale1.5": {"sampling": {"steps": 25, "guidance": "apg", "scale": 1.5}, "per_frame_db": 2.5,
-                             "mean_db": 0.8, "clips": [1, 3, 5, 6], "ks": [2, 6]},
+    # docs: 0.42 dB mean, 1.70 dB max over 7 clips and all K (measured here: 0.42 / 0.92 dB; 4 clips,
+    # 2 Ks: each K is a 25-step APG decode, 50 decoder passes)
+    "steps25_apg_scale1.5": {"sampling": {"steps": 25, "guidance": "apg", "scale": 1.5}, "per_frame_db": 1.7,
+                             "mean_db": 0.55, "clips": [1, 3, 5, 6], "ks": [2, 6]},
 }
 
 
@@ -142,7 +145,8 @@ def test_shipped_router_predicts_decoded_psnr_on_held_out_clips(tiny, key):
 
 def test_shipped_one_step_router_meets_targets(tiny):
     """The 1-step router's calibrated margin: most held-out frames reach the target with fewer
-    than R tokens (the calibration asks 80 % of its held-out frames)."""
+    than R tokens (the calibration asks 90 % of its held-out frames; docs/adaptive.md: 80 % of
+    the 56 frames of 14 other held-out clips reach 15 dB)."""
     from vft.pretrained import load_router
 
     model, clips, _, tokens = tiny
