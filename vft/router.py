@@ -9,13 +9,20 @@ Features per latent frame (cheap, from one tokenization):
 * the frame's pixel standard deviation, its mean absolute difference to the previous
   pixel frame (motion; 0 for the first) and its mean absolute spatial gradient (detail).
 
+* from the tokenization: whether it is the first latent frame, and the share of its tokens
+  equal to the previous latent frame's (``STATS``; older routers list the ones they use).
+
 A small MLP maps them to R PSNRs, non-decreasing in K by construction (a base plus
 cumulative softplus increments). Labels are the PSNR of each latent frame when the clip is
 decoded with every frame at K (the decoder's sampling is part of what is learned: a router
-is trained for one sampling setting, stored with it).
+is trained for one decoding setting, stored with it). A model ships one router per setting
+(``routers/<setting>/``, a ``RouterSet``); ``resolve_router`` / ``load_router(name,
+sampling)`` give the one for the setting asked for (default: ``DEFAULT_SAMPLING``, what
+``vft detokenize`` decodes with) or an error. Margins are calibrated per target on held-out
+frames (``calibrate_margins``).
 
-    from vft.router import KeepRouter
-    router = KeepRouter.load(path)                     # or train_router(...)
+    from vft.pretrained import load_router
+    router = load_router("tiny")                       # for 25 APG steps; load_router("tiny", {"steps": 1, "guidance": "none"})
     keep = router.keep_for_target(model, video, 16.0)  # [B, T'] smallest K predicted >= 16 dB + margin
     keep = router.keep_for_budget(model, video, 24)    # [B, T'] at most 24 tokens per clip
     keep = router.keep_for_lambda(model, video, 0.2)   # [B, T'] argmax PSNR(K) - 0.2 K per frame
