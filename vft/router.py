@@ -22,7 +22,8 @@ sampling)`` give the one for the setting asked for (default: ``DEFAULT_SAMPLING`
 frames (``calibrate_margins``).
 
     from vft.pretrained import load_router
-    router = load_router("tiny")                       # for 25 APG steps; load_router("tiny", {"steps": 1, "guidance": "none"})
+    router = load_router("tiny")                       # for 25 APG steps (the default decoding)
+    router = load_router("tiny", {"steps": 1, "guidance": "none"})   # for 1-step decoding
     keep = router.keep_for_target(model, video, 16.0)  # [B, T'] smallest K predicted >= 16 dB + margin
     keep = router.keep_for_budget(model, video, 24)    # [B, T'] at most 24 tokens per clip
     keep = router.keep_for_lambda(model, video, 0.2)   # [B, T'] argmax PSNR(K) - 0.2 K per frame
