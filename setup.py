@@ -249,6 +249,7 @@ setup(
     packages=find_packages(include=["vft_kernels", "vft_kernels.*", "vft", "vft.*"]),
     # The shipped tokenizer weights (vft.load_pretrained) travel in the wheel.
     package_data={"vft": ["pretrained/*/config.json", "pretrained/*/model.safetensors", "pretrained/*/router.json",
+                          "pretrained/*/routers/*/router.json", "pretrained/*/routers/*/router.safetensors",
                           "pretrained/*/router.safetensors"]},
     python_requires=">=3.10",
     install_requires=[f"torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}", "numpy", "safetensors", "tqdm"],

@@ -46,6 +46,7 @@ import csv
 import json
 import os
 import sys
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -59,7 +60,27 @@ from vft.pretrained import load_pretrained
 LAMBDAS = (0.0,) + tuple(0.01 * 500 ** (i / 39) for i in range(40)) + (1e9,)
 
 
-def router_frontier(model, router, clips, tokens, sampling) -> tuple[list, float]:
+def decode(model, tokens, keep, sampling, batch: int, memo: Optional[dict] = None) -> torch.Tensor:
+    """``model.detokenize`` of ``tokens`` [n, T', R] with ``keep`` (an int or [n, T']),
+    ``batch`` clips per call (the sampler's noise depends on the batch; larger batches run
+    faster on a CPU). ``memo`` keeps results by keep (lambdas often repeat one; decoding is
+    deterministic)."""
+    key = None
+    if memo is not None and not isinstance(keep, int):
+        key = keep.cpu().numpy().tobytes()
+        if key in memo:
+            return memo[key]
+    out = []
+    for i in range(0, len(tokens), batch):
+        k = keep if isinstance(keep, int) else keep[i:i + batch]
+        out.append(model.detokenize(tokens[i:i + batch], keep=k, **sampling))
+    out = torch.cat(out)
+    if key is not None:
+        memo[key] = out
+    return out
+
+
+def router_frontier(model, router, clips, tokens, sampling, lambdas=LAMBDAS, batch: int = 1) -> tuple[list, float]:
     """(per-clip points (tokens per latent frame [n], decoded PSNR [n], lambda), seconds of
     one router call per clip): each latent frame takes argmax_K predicted PSNR(K) - lambda K
     on the router's predicted curves (the oracle-frame rule without its R decodes per clip),
@@ -69,13 +90,20 @@ def router_frontier(model, router, clips, tokens, sampling) -> tuple[list, float
     t0 = time.perf_counter()
     pred = router.predict(model, clips, tokens)  # [n, T, R], one pass
     per_clip = (time.perf_counter() - t0) / len(clips)
-    points = []
-    for lam in LAMBDAS:
+    points, memo = [], {}
+    for lam in lambdas:
         keep = router.keep_for_lambda(model, clips, lam, pred=pred)
-        got = [psnr(model.detokenize(tokens[i:i + 1], keep=keep[i:i + 1], **sampling)[0], clips[i])
-               for i in range(len(clips))]
+        rec = decode(model, tokens, keep, sampling, batch, memo)
+        got = [psnr(rec[i], clips[i]) for i in range(len(clips))]
         points.append((keep.double().mean(1), torch.tensor(got, dtype=torch.float64), lam))
-    return points, per_clip
+    return points, per_clip, pred
+
+
+def lambda_grid(n: int) -> tuple:
+    """0, ``n - 2`` values log-spaced over 0.01 .. 5 dB per token, and 1e9 (LAMBDAS for n = 42)."""
+    if n < 3:
+        raise ValueError(f"need at least 3 lambdas, got {n}")
+    return (0.0,) + tuple(0.01 * 500 ** (i / (n - 3)) for i in range(n - 2)) + (1e9,)
 
 
 def mean_points(clip_points, idx) -> list:
@@ -139,7 +167,8 @@ def savings_at_fixed_k(mean_by_k: list, frontier: dict) -> list:
     return rows
 
 
-def evaluate(model, clips, kinds, targets, sampling, progress=True, router=None) -> dict:
+def evaluate(model, clips, kinds, targets, sampling, progress=True, router=None, lambdas=LAMBDAS,
+             batch: int = 1) -> dict:
     from vft.adaptive import pixel_frames
 
     cfg, R = model.cfg, model.cfg.registers
@@ -147,27 +176,36 @@ def evaluate(model, clips, kinds, targets, sampling, progress=True, router=None)
     T = tokens.shape[1]
     clip_q = torch.zeros(len(clips), R, dtype=torch.float64)  # [n, K - 1]
     frame_q = torch.zeros(len(clips), R, T, dtype=torch.float64)
-    for i in tqdm(range(len(clips)), desc="quality by K", disable=not progress):
-        for k in range(1, R + 1):
-            rec = model.detokenize(tokens[i:i + 1], keep=k, **sampling)[0]
+    for k in tqdm(range(1, R + 1), desc="quality by K", disable=not progress):
+        recs = decode(model, tokens, k, sampling, batch)
+        for i in range(len(clips)):
+            rec = recs[i]
             clip_q[i, k - 1] = psnr(rec, clips[i])
             for t in range(T):
                 f = list(pixel_frames(cfg, t))
                 frame_q[i, k - 1, t] = psnr(rec[:, f], clips[i][:, f])
     ks = torch.arange(1, R + 1, dtype=torch.float64)
+    memo: dict = {}
     clip_points = {"clip": [], "frame": []}  # per policy, per lambda: (tokens [n], PSNR [n], lambda)
-    for lam in LAMBDAS:
+    for lam in lambdas:
         kc = (clip_q - lam * ks).argmax(1) + 1  # [n]
         clip_points["clip"].append((kc.double(), clip_q.gather(1, (kc - 1)[:, None])[:, 0], lam))
         kf = (frame_q - lam * ks[None, :, None]).argmax(1) + 1  # [n, T]
-        got = [psnr(model.detokenize(tokens[i:i + 1], keep=kf[i:i + 1], **sampling)[0], clips[i])
-               for i in range(len(clips))]
+        rec = decode(model, tokens, kf, sampling, batch, memo)
+        got = [psnr(rec[i], clips[i]) for i in range(len(clips))]
         clip_points["frame"].append((kf.double().mean(1), torch.tensor(got, dtype=torch.float64), lam))
     timing = {}
     if router is not None:
         import time
 
-        clip_points["router"], timing["router_s_per_clip"] = router_frontier(model, router, clips, tokens, sampling)
+        clip_points["router"], timing["router_s_per_clip"], pred = router_frontier(model, router, clips, tokens,
+                                                                                   sampling, lambdas, batch)
+        # |predicted - decoded| PSNR per latent frame and K (decoded with every frame at K)
+        err = (pred.double().transpose(1, 2) - frame_q).abs()  # [n, R, T']
+        timing["router_error_db"] = {"mean": float(err.mean()), "max": float(err.max()),
+                                     "p95": float(torch.quantile(err.flatten(), 0.95)),
+                                     "by_kind": {kd: float(err[[i for i in range(len(kinds)) if kinds[i] == kd]].mean())
+                                                 for kd in dict.fromkeys(kinds)}}
         t0 = time.perf_counter()
         for i in range(len(clips)):
             model.detokenize(tokens[i:i + 1], **sampling)
@@ -253,7 +291,11 @@ def main(argv=None) -> int:
     p.add_argument("--real", action="store_true", help="also held-out photo pans and windows of the held-out "
                    "real video (kinds photo and real)")
     p.add_argument("--router", default=None, help="also evaluate a learned router: 'tiny' (shipped) or a folder; "
-                   "it should be trained for the same --steps / --guidance")
+                   "the one for --steps / --guidance / --scale is used (an error if it has none)")
+    p.add_argument("--lambdas", type=int, default=len(LAMBDAS), help="lambdas of the oracle / router sweeps "
+                   "(each costs a decode per clip and policy; default: %(default)s)")
+    p.add_argument("--batch", type=int, default=1, help="clips per decode (faster on a CPU; the sampler's noise "
+                   "depends on the batch; default: %(default)s)")
     p.add_argument("--out", default="results/eval_adaptive")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -266,11 +308,9 @@ def main(argv=None) -> int:
     if args.router:
         from vft.pretrained import load_router
 
-        router = load_router(args.router)
-        if router.sampling and {k: router.sampling.get(k) for k in ("steps", "guidance")} != \
-                {"steps": args.steps, "guidance": args.guidance}:
-            print(f"warning: the router was trained for {router.sampling}, evaluated with {sampling}", file=sys.stderr)
-    result = evaluate(model, clips, kinds, targets, sampling, progress=not args.no_progress, router=router)
+        router = load_router(args.router, sampling)  # the router for this decoding setting, or an error
+    result = evaluate(model, clips, kinds, targets, sampling, progress=not args.no_progress, router=router,
+                      lambdas=lambda_grid(args.lambdas), batch=args.batch)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "eval_adaptive.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -307,6 +347,10 @@ def main(argv=None) -> int:
     if router is not None:
         print(f"router: {result['router_s_per_clip'] * 1e3:.1f} ms per clip vs one decode "
               f"{result['decode_s_per_clip'] * 1e3:.1f} ms")
+        e = result["router_error_db"]
+        print(f"router |predicted - decoded| PSNR per latent frame and K: mean {e['mean']:.2f} dB, 95th percentile "
+              f"{e['p95']:.2f} dB, max {e['max']:.2f} dB; mean by kind: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in e["by_kind"].items()))
     print(f"-> {args.out}/eval_adaptive.csv, .json, .png")
     return 0
 

@@ -145,6 +145,8 @@ def test_tokenize_with_a_budget_or_a_rate(trained, capsys, monkeypatch, token_se
     (["--granularity", "clip"], "--granularity needs --target-psnr, --budget or --rate"),
     (["--router", "tiny"], "--router needs --target-psnr, --budget or --rate"),
     (["--rate", "2", "--router", "tiny", "--search-steps", "3"], "with --router nothing is decoded"),
+    (["--steps", "3"], "--steps needs --target-psnr, --budget or --rate"),
+    (["--rate", "2", "--steps", "3", "--search-steps", "2"], "--search-steps 2 and --steps 3 disagree"),
 ])
 def test_tokenize_bad_budget_combinations_are_clear_errors(trained, capsys, extra, message):
     import re
@@ -323,26 +325,41 @@ def test_export_writes_the_folder_it_is_given_and_nothing_into_the_package(train
 
 
 def test_train_router_command(trained, tmp_path, capsys):
-    """`vft train-router` (router training moved out of vft.router into the CLI) trains,
-    saves and reloads a router for a checkpoint; `vft info --checkpoint tiny` reads a shipped model."""
-    from vft.router import KeepRouter
+    """`vft train-router` trains a router for one decoding setting, saves it under
+    OUT/routers/<setting>/ with per-target margins calibrated on held-out groups, caches the
+    labels (a rerun decodes nothing) and reloads; `vft info --checkpoint tiny` reads a shipped model."""
+    import vft.router as vr
+    from vft.pretrained import load_router
 
     _, _, ck = trained
-    out = str(tmp_path / "router")
-    assert main(["train-router", "--checkpoint", ck, "--per-kind", "1", "--train-steps", "5", "--out", out,
-                 "--no-progress", "--backend", "reference"]) == 0
-    assert "router: 4 training clips" in capsys.readouterr().out
-    assert json.load(open(os.path.join(out, "router.json")))["kinds"] == ["static", "slow", "fast", "cluttered", "cut"]
+    out, cache = str(tmp_path / "router"), str(tmp_path / "cache")
+    assert main(["train-router", "--checkpoint", ck, "--per-kind", "2", "--train-steps", "5", "--out", out,
+                 "--no-progress", "--backend", "reference", "--cache", cache]) == 0
+    assert "5 training clips" in capsys.readouterr().out
+    folder = os.path.join(out, "routers", "steps1_none")
+    info = json.load(open(os.path.join(folder, "router.json")))
+    assert info["kinds"] == ["static", "slow", "fast", "cluttered", "cut"]
+    assert info["command"].startswith("vft train-router --checkpoint") and info["validation_clips"] == 5
+    assert info["calibration"]["coverage"] == 0.9 and len(info["calibration"]["margins"]) == 29
+    assert {"mean", "p95", "max"} <= set(info["val_error_db"])
     real = str(tmp_path / "router_real")
-    assert main(["train-router", "--checkpoint", ck, "--per-kind", "1", "--train-steps", "5", "--out", real,
-                 "--no-progress", "--real"]) == 0
-    assert "router: 6 training clips" in capsys.readouterr().out  # 7 kinds, one for validation
-    assert json.load(open(os.path.join(real, "router.json")))["kinds"][-2:] == ["photo", "real"]
-    router = KeepRouter.load(out)
-    assert router.registers == 4 and router.sampling == {"steps": 1, "guidance": "none", "scale": 1.5}
-    info = json.load(open(os.path.join(out, "router.json")))
-    assert info["command"].startswith("vft train-router --checkpoint") and info["validation_clips"] == 1
-    assert "--per-kind must be >= 1" in _err(capsys, ["train-router", "--checkpoint", ck, "--per-kind", "0",
+    assert main(["train-router", "--checkpoint", ck, "--per-kind", "2", "--train-steps", "5", "--out", real,
+                 "--no-progress", "--real", "--steps", "2", "--guidance", "apg"]) == 0
+    assert "7 training clips" in capsys.readouterr().out  # 7 kinds, one group for calibration
+    r2 = load_router(real, {"steps": 2, "guidance": "apg"})
+    assert r2.setting() == {"steps": 2, "guidance": "apg", "scale": 1.5}
+    assert json.load(open(os.path.join(real, "routers", "steps2_apg_scale1.5", "router.json")))["kinds"][-2:] == \
+        ["photo", "real"]
+    router = load_router(out, {"steps": 1, "guidance": "none"})
+    assert router.registers == 4 and router.setting() == {"steps": 1, "guidance": "none"}
+    real_quality = vr.frame_quality_by_k
+    try:  # the labels come from the cache now
+        vr.frame_quality_by_k = None
+        assert main(["train-router", "--checkpoint", ck, "--per-kind", "2", "--train-steps", "5", "--out", out,
+                     "--no-progress", "--cache", cache]) == 0
+    finally:
+        vr.frame_quality_by_k = real_quality
+    assert "--per-kind must be >= 2" in _err(capsys, ["train-router", "--checkpoint", ck, "--per-kind", "1",
                                                       "--out", out])
     assert main(["info", "--checkpoint", "tiny"]) == 0
     assert "tiny: 8 frames 32x32" in capsys.readouterr().out

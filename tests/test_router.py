@@ -12,11 +12,10 @@ from vft.adaptive import mixed_clips, pixel_frames
 from vft.config import preset
 from vft.metrics import psnr
 from vft.model import VideoFlexTok
-from vft.router import KeepRouter, collect, frame_features, train_router
+from vft.router import STATS, KeepRouter, calibrate_margins, collect, frame_features, keep_from_prediction, \
+    train_router
 
 SAMPLING = {"steps": 1, "guidance": "none"}
-PER_FRAME_ERROR_DB = 1.5  # |predicted - decoded PSNR| of any frame, shipped router, held-out clips
-MEAN_ERROR_DB = 0.5  # ... on average over the frames
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +30,13 @@ def micro_router():
 def test_features_and_labels_shapes(micro_router):
     model, clips, feats, labels, _ = micro_router
     T, R = model.cfg.latent_frames, model.cfg.registers
-    assert feats.shape == (len(clips), T, 3)  # micro has no linear path: the three statistics
+    assert feats.shape == (len(clips), T, len(STATS))  # micro has no linear path: the statistics only
     assert labels.shape == (len(clips), T, R) and bool(torch.isfinite(labels).all())
     static = feats[0]  # the static clip (kinds come in KINDS order): no motion after its first frame
     assert float(static[1:, 1].abs().max()) == 0.0 and float(feats[2, 1:, 1].min()) > 0  # "fast" moves
+    assert STATS[3:] == ("first", "token_repeat")
+    assert feats[:, 0, 3].eq(1).all() and feats[:, 1:, 3].eq(0).all()  # the first latent frame
+    assert feats[:, 0, 4].eq(0).all() and bool(((feats[..., 4] >= 0) & (feats[..., 4] <= 1)).all())
 
 
 def test_router_fits_and_is_monotone_in_k(micro_router):
@@ -89,39 +91,115 @@ def test_router_save_load_round_trip(micro_router, tmp_path):
         KeepRouter.load(str(tmp_path / "missing"))
 
 
-def test_shipped_router_meets_targets_on_held_out_clips():
-    """The router shipped with the tiny model (trained on training seeds) on held-out clips:
-    the frames' decoded PSNR reaches the asked target for most frames, with fewer tokens
-    than R, and it predicts the decoded PSNR of every frame at the K it chose within
-    PER_FRAME_ERROR_DB (measured: at most 0.46 dB, 0.15 dB on average)."""
-    from vft.pretrained import load_pretrained, load_router
+# The shipped tiny routers, per decoding setting: |predicted - decoded| PSNR of a latent frame
+# on held-out clips (held-out seeds, photographs and video), as docs/adaptive.md states them.
+SHIPPED = {
+    # docs: 0.21 dB mean, 2.28 dB max over 14 clips and all K (measured here: 0.20 / 0.84 dB)
+    "steps1_none": {"sampling": {"steps": 1, "guidance": "none"}, "per_frame_db": 2.3, "mean_db": 0.3,
+                    "clips": [0, 1, 2, 3, 4, 5, 6], "ks": [1, 2, 4, 8, 16]},
+    # docs: 0.42 dB mean, 1.70 dB max over 7 clips and all K (measured here: 0.42 / 0.92 dB; 4 clips,
+    # 2 Ks: each K is a 25-step APG decode, 50 decoder passes)
+    "steps25_apg_scale1.5": {"sampling": {"steps": 25, "guidance": "apg", "scale": 1.5}, "per_frame_db": 1.7,
+                             "mean_db": 0.55, "clips": [1, 3, 5, 6], "ks": [2, 6]},
+}
 
-    model, router = load_pretrained("tiny"), load_router("tiny")
-    assert router.sampling.get("steps") == 1 and router.sampling.get("guidance") == "none"
-    clips, _ = mixed_clips(model.cfg, 2)  # held-out seeds
-    tokens = model.tokenize(clips)
-    target = 15.0  # 82 % of the 40 frames reach it (measured)
+
+@pytest.fixture(scope="module")
+def tiny():
+    from vft.pretrained import load_pretrained
+
+    model = load_pretrained("tiny")
+    clips, kinds = mixed_clips(model.cfg, 1, real=True)  # held-out seeds, photographs and bikes.mp4
+    return model, clips, kinds, model.tokenize(clips)
+
+
+@pytest.mark.parametrize("key", list(SHIPPED))
+def test_shipped_router_predicts_decoded_psnr_on_held_out_clips(tiny, key):
+    """Each shipped router (trained on training seeds, photographs and videos) predicts the
+    decoded PSNR of every latent frame of held-out clips of every kind, decoded with its own
+    setting with every frame at K, within the per-frame and mean errors docs/adaptive.md
+    states (there: measured over all K on the eval_adaptive clips)."""
+    from vft.pretrained import load_router
+
+    model, clips, kinds, tokens = tiny
+    spec = SHIPPED[key]
+    router = load_router("tiny", spec["sampling"])
+    assert router.setting() == {**spec["sampling"]}
+    idx = spec["clips"]
+    video, tok = clips[idx], tokens[idx]
+    pred = router.predict(model, video, tok)
+    errors = []
+    for k in spec["ks"]:
+        rec = model.detokenize(tok, keep=k, **spec["sampling"])
+        for b in range(len(idx)):
+            for t in range(tok.shape[1]):
+                frames = list(pixel_frames(model.cfg, t))
+                decoded = psnr(rec[b][:, frames], video[b][:, frames])
+                errors.append((abs(float(pred[b, t, k - 1]) - decoded), kinds[idx[b]], t, k))
+    worst = max(errors)
+    assert worst[0] <= spec["per_frame_db"], f"{key}: {worst[1]} clip, frame {worst[2]}, K = {worst[3]}: " \
+        f"{worst[0]:.2f} dB off"
+    mean = sum(e[0] for e in errors) / len(errors)
+    assert mean <= spec["mean_db"], f"{key}: mean |error| {mean:.2f} dB"
+
+
+def test_shipped_one_step_router_meets_targets(tiny):
+    """The 1-step router's calibrated margin: most held-out frames reach the target with fewer
+    than R tokens (the calibration asks 90 % of its held-out frames; docs/adaptive.md: 80 % of
+    the 56 frames of 14 other held-out clips reach 15 dB)."""
+    from vft.pretrained import load_router
+
+    model, clips, _, tokens = tiny
+    router = load_router("tiny", SAMPLING)
+    assert router.calibration["coverage"] == 0.9 and len(router.calibration["targets"]) > 5
+    target = 15.0
     keep = router.keep_for_target(model, clips, target, tokens)
     rec = model.detokenize(tokens, keep=keep, **SAMPLING)
-    pred = router.predict(model, clips, tokens)
-    met, errors = [], []
-    for b in range(len(clips)):
-        for t in range(keep.shape[1]):
-            frames = list(pixel_frames(model.cfg, t))
-            decoded = psnr(rec[b][:, frames], clips[b][:, frames])
-            met.append(decoded >= target)
-            errors.append((abs(float(pred[b, t, keep[b, t] - 1]) - decoded), b, t))
-    assert len(errors) == len(clips) * model.cfg.latent_frames
-    assert sum(met) / len(met) >= 0.7, f"only {sum(met)}/{len(met)} frames reach {target} dB"
-    worst = max(errors)
-    assert worst[0] <= PER_FRAME_ERROR_DB, f"clip {worst[1]} frame {worst[2]}: predicted {worst[0]:.2f} dB off"
-    assert sum(e for e, _, _ in errors) / len(errors) <= MEAN_ERROR_DB
+    met = [psnr(rec[b][:, list(pixel_frames(model.cfg, t))], clips[b][:, list(pixel_frames(model.cfg, t))]) >= target
+           for b in range(len(clips)) for t in range(keep.shape[1])]
+    assert sum(met) / len(met) >= 0.6, f"only {sum(met)}/{len(met)} frames reach {target} dB"
     assert float(keep.double().mean()) < model.cfg.registers
-    feats = frame_features(model, clips, tokens)
-    assert feats.shape[-1] == model.cfg.registers + 3  # the linear path's PSNR per K + statistics
+    feats = frame_features(model, clips, tokens, router.stats)
+    assert feats.shape[-1] == model.cfg.registers + len(router.stats)  # the linear path's PSNR per K + statistics
 
 
-def test_cli_tokenize_with_router(tmp_path):
+def test_router_is_chosen_by_decoding_setting(tiny, tmp_path):
+    """A router set (the shipped routers/<setting>/ folders) gives the router of the setting
+    asked for, default: vft detokenize's (25 APG steps, scale 1.5); any other setting, or a
+    single router used for another setting, is an error that names both."""
+    from vft.adaptive import choose_keep
+    from vft.pretrained import load_router
+    from vft.router import DEFAULT_SAMPLING, RouterSet, load_routers, resolve_router, setting_key
+
+    model, clips, _, tokens = tiny
+    assert DEFAULT_SAMPLING == {"steps": 25, "guidance": "apg", "scale": 1.5}
+    assert load_router("tiny").setting() == DEFAULT_SAMPLING
+    one = load_router("tiny", {"steps": 1, "guidance": "none", "scale": 3.0})  # scale does not matter unguided
+    assert one.setting() == {"steps": 1, "guidance": "none"} and setting_key(one.sampling) == "steps1_none"
+    with pytest.raises(ValueError, match="has no router for decoding with .*'steps': 10"):
+        load_router("tiny", {"steps": 10})
+    with pytest.raises(ValueError, match="has no router for decoding"):
+        load_router("tiny", {"steps": 25, "guidance": "apg", "scale": 3.0})
+    with pytest.raises(ValueError, match=r"trained for decoding with \{'steps': 1, 'guidance': 'none'\}, asked for"):
+        resolve_router(one, {})  # the default setting is 25 APG steps
+    with pytest.raises(ValueError, match="routers predict quality for"):
+        resolve_router(one, {"steps": 1, "guidance": "none", "seed": 3})
+    video = clips[:1]
+    res = choose_keep(model, video, rate=4, router="tiny", steps=1, guidance="none")
+    assert res["router"].setting() == {"steps": 1, "guidance": "none"} and int(res["keep"].sum()) == 16
+    assert res["router"].setting() != choose_keep(model, video, rate=4, router="tiny")["router"].setting()
+    with pytest.raises(ValueError, match="trained for decoding with"):
+        choose_keep(model, video, rate=4, router=one)  # default setting: 25 steps
+    assert torch.equal(choose_keep(model, video, rate=4, router=one, steps=1, guidance="none")["keep"], res["keep"])
+    routers = load_routers(os.path.join(os.path.dirname(__file__), "..", "vft", "pretrained", "tiny"))
+    assert isinstance(routers, RouterSet) and len(routers.settings()) == 2
+    one.save(str(tmp_path))  # the single-router folder layout still loads
+    assert load_router(str(tmp_path)).setting() == one.setting()
+    with pytest.raises(ValueError, match="trained for decoding with"):
+        load_router(str(tmp_path), {})
+
+
+def test_cli_tokenize_with_router(tmp_path, capsys):
     from safetensors import safe_open
 
     from vft.cli import main
@@ -131,23 +209,30 @@ def test_cli_tokenize_with_router(tmp_path):
     clip = str(tmp_path / "clip.mp4")
     write_video(clip, synthetic_video(4, 8, 32, 32), fps=8)
     ck = os.path.join(os.path.dirname(__file__), "..", "vft", "pretrained", "tiny")
-    for extra in (["--target-psnr", "15", "--router", "tiny"], ["--budget", "20", "--router", "tiny"],
-                  ["--rate", "5", "--router", "tiny"]):
+    for extra, steps in ((["--target-psnr", "15", "--router", "tiny", "--steps", "1", "--guidance", "none"], 1),
+                         (["--budget", "20", "--router", "tiny"], 25),  # the default decoding setting
+                         (["--rate", "5", "--router", "tiny", "--steps", "1", "--guidance", "none"], 1)):
         tok = str(tmp_path / "t.safetensors")
         assert main(["tokenize", clip, "--checkpoint", ck, "--out", tok] + extra) == 0
         with safe_open(tok, "pt") as f:
             keep = f.get_tensor("keep")
             assert f.metadata()["policy"] == "router"
-            assert '"steps": 1' in f.metadata()["router_sampling"]  # what its predictions assume
+            assert f'"steps": {steps}' in f.metadata()["router_sampling"]  # what its predictions assume
         assert keep.shape == (1, 4) and int(keep.min()) >= 1
         if "--budget" in extra or "--rate" in extra:  # 20 tokens per clip, 5 per latent frame on average
             assert int(keep.sum()) == 20
+        capsys.readouterr()
         out = str(tmp_path / "rec.mp4")
         assert main(["detokenize", tok, "--checkpoint", ck, "--out", out]) == 0  # with the router's setting
+        assert f"decoding with {steps} {'none' if steps == 1 else 'apg'} steps" in capsys.readouterr().out
     assert main(["tokenize", clip, "--checkpoint", ck, "--out", str(tmp_path / "x.safetensors"),
                  "--router", "tiny"]) == 2
     assert main(["tokenize", clip, "--checkpoint", ck, "--out", str(tmp_path / "x.safetensors"),
                  "--budget", "20", "--router", "tiny", "--search-steps", "5"]) == 2
+    capsys.readouterr()
+    assert main(["tokenize", clip, "--checkpoint", ck, "--out", str(tmp_path / "x.safetensors"),
+                 "--budget", "20", "--router", "tiny", "--steps", "10"]) == 2
+    assert "has no router for decoding with {'steps': 10, 'guidance': 'apg', 'scale': 1.5}" in capsys.readouterr().err
 
 
 def test_eval_adaptive_reports_the_router(micro_router):
@@ -162,3 +247,24 @@ def test_eval_adaptive_reports_the_router(micro_router):
     row = res["rows"][0]
     assert {"router_tokens", "router_psnr", "router_lambda", "router_saving"} <= set(row)
     assert res["router_s_per_clip"] > 0 and res["decode_s_per_clip"] > 0
+
+
+def test_calibrate_margins_reaches_the_coverage():
+    """Per target, the calibrated margin is the smallest (on its grid) with which the asked
+    share of frames (those that can reach the target at all) reaches it."""
+    g = torch.Generator().manual_seed(0)
+    labels = 10 + torch.linspace(0, 8, 16).expand(400, 1, 16).clone() + torch.randn(400, 1, 1, generator=g)
+    pred = labels + torch.randn(400, 1, 1, generator=g)  # an unbiased router, 1 dB off per frame
+    cal = calibrate_margins(pred, labels, [13.0, 15.0], coverage=0.8)
+    assert cal["coverage"] == 0.8 and cal["targets"] == [13.0, 15.0]
+    for target, m in zip(cal["targets"], cal["margins"]):
+        reach = labels[:, 0, -1] >= target
+        k = keep_from_prediction(pred[reach, 0], target + m)
+        met = labels[reach, 0].gather(1, (k - 1)[:, None])[:, 0] >= target
+        assert float(met.float().mean()) >= 0.8
+        k_less = keep_from_prediction(pred[reach, 0], target + m - 0.05)
+        assert float((labels[reach, 0].gather(1, (k_less - 1)[:, None])[:, 0] >= target).float().mean()) < 0.8
+        assert 0.3 < m < 1.5  # about the 80th percentile of a unit normal (0.84 dB), less the K grid's slack
+    router = KeepRouter(16, 3, calibration=cal)
+    assert router.margin_for(14.0) == pytest.approx(sum(cal["margins"]) / 2)
+    assert router.margin_for(5.0) == cal["margins"][0] and router.margin_for(30.0) == cal["margins"][1]

@@ -254,12 +254,16 @@ def choose_keep(model, video: torch.Tensor, target_psnr: Optional[float] = None,
 
     A budget or rate is spent by ``allocate_budget`` on the router's predicted curves, or
     without a router on curves measured by decoding the clip at every K (R decodes).
-    router: a ``vft.router.KeepRouter`` (it predicts for its own decoding setting, so
-    ``sampling`` is refused with it); sampling: ``detokenize`` keywords of the decodes.
+    router: a ``vft.router.KeepRouter``, a ``RouterSet`` or a name / folder
+    (``vft.pretrained.load_router``); ``sampling`` (steps, guidance, scale; missing ones from
+    ``vft detokenize``'s default, 25 APG steps at scale 1.5) is the decoding setting the counts
+    are chosen for: a set's router for that setting is used, and a KeepRouter trained for
+    another setting is an error. Without a router, sampling: ``detokenize`` keywords of the
+    decodes.
 
     Returns {"tokens" int32 [B, T', R], "keep" int64 [B, T'], "mode", "policy" ("search",
-    "measured" or "router"), "evaluations" (decodes run)} and, from the search,
-    "quality" [B]."""
+    "measured" or "router"), "evaluations" (decodes run)}, with a router "router" (the
+    KeepRouter used) and, from the search, "quality" [B]."""
     given = {n: v for n, v in zip(MODES, (target_psnr, budget, rate)) if v is not None}
     if len(given) != 1:
         raise ValueError(f"choose_keep: give exactly one of target_psnr, budget and rate, got "
@@ -268,9 +272,15 @@ def choose_keep(model, video: torch.Tensor, target_psnr: Optional[float] = None,
     if granularity is not None and (mode != "target_psnr" or router is not None):
         raise ValueError(f"choose_keep: granularity applies to a target_psnr search without a router, got "
                          f"granularity={granularity!r} with {mode}" + (" and a router" if router is not None else ""))
-    if router is not None and sampling:
-        raise ValueError(f"choose_keep: a router predicts quality for the decoding setting it was trained for "
-                         f"({router.sampling}); decoding settings {sorted(sampling)} apply only without one")
+    if router is not None:
+        from .router import KeepRouter, RouterSet, resolve_router
+
+        if isinstance(router, (str, KeepRouter, RouterSet)):
+            router = resolve_router(router, sampling)  # the router for this decoding setting, or an error
+        elif sampling:
+            raise ValueError(f"choose_keep: a router predicts quality for the decoding setting it was trained for "
+                             f"({getattr(router, 'sampling', None)}); decoding settings {sorted(sampling)} apply only "
+                             "to a vft.router.KeepRouter or RouterSet")
     if mode == "target_psnr" and router is None:
         res = search_keep(model, video, target=value, granularity=granularity or "frame", **sampling)
         return {"tokens": res["tokens"], "keep": res["keep"], "mode": mode, "policy": "search",
@@ -284,7 +294,7 @@ def choose_keep(model, video: torch.Tensor, target_psnr: Optional[float] = None,
     T = tokens.shape[1]
     if mode == "target_psnr":
         keep = router.keep_for_target(model, video, value, tokens)
-        return {"tokens": tokens, "keep": keep, "mode": mode, "policy": "router", "evaluations": 0}
+        return {"tokens": tokens, "keep": keep, "mode": mode, "policy": "router", "evaluations": 0, "router": router}
     clip_budget = budget if mode == "budget" else math.floor(rate * T + 1e-9)
     _check_budget(clip_budget, T, "choose_keep")  # before the decodes
     if router is not None:
@@ -292,4 +302,7 @@ def choose_keep(model, video: torch.Tensor, target_psnr: Optional[float] = None,
     else:
         curves, policy, evaluations = frame_quality_by_k(model, video, tokens, **sampling), "measured", R
     keep = allocate_budget(curves, clip_budget, who="choose_keep")
-    return {"tokens": tokens, "keep": keep, "mode": mode, "policy": policy, "evaluations": evaluations}
+    res = {"tokens": tokens, "keep": keep, "mode": mode, "policy": policy, "evaluations": evaluations}
+    if router is not None:
+        res["router"] = router
+    return res

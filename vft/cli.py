@@ -35,6 +35,7 @@ from .data import HELDOUT_SEED, VideoReadError, from_model_range, read_video, re
 from .demo import print_summary, reconstruct_report
 from .model import VideoFlexTok
 from .pretrained import PRETRAINED, load_model, pretrained_info
+from .router import DEFAULT_SAMPLING
 from .tokenfile import load_tokens, save_tokens
 from .train import keep_values
 
@@ -167,8 +168,15 @@ def cmd_tokenize(args) -> int:
         if value is not None and not given:
             raise ValueError(f"{flag} needs --target-psnr, --budget or --rate")
     if args.router and args.search_steps is not None:
-        raise ValueError("--search-steps sets the decodes of a search; with --router nothing is decoded (the router "
-                         "predicts for the setting it was trained for)")
+        raise ValueError("--search-steps sets the decodes of a search; with --router nothing is decoded (give the "
+                         "decoding setting the counts are for with --steps / --guidance / --scale)")
+    if args.search_steps is not None and args.steps is not None and args.search_steps != args.steps:
+        raise ValueError(f"--search-steps {args.search_steps} and --steps {args.steps} disagree (--search-steps is "
+                         "the old name of --steps)")
+    for flag, value in (("--steps", args.steps), ("--guidance", args.guidance), ("--scale", args.scale)):
+        if value is not None and not given:
+            raise ValueError(f"{flag} needs --target-psnr, --budget or --rate (it is the decoding setting the "
+                             "per-frame counts are chosen for)")
     model = load_model(args.checkpoint, str(_device(args.device)))
     video, fps = load_clip(args.video, model.cfg, args.fps)
     video = video.to(_device(args.device))
@@ -177,21 +185,20 @@ def cmd_tokenize(args) -> int:
         save_tokens(args.out, tokens, model.cfg, fps)
         print(f"tokens {tuple(tokens.shape)} (B, latent frames, registers) -> {args.out}")
         return 0
-    router, sampling = None, {}
-    if args.router:
-        from .pretrained import load_router
-
-        router = load_router(args.router)
-    else:
-        sampling = {"steps": SAMPLING_DEFAULTS["steps"] if args.search_steps is None else args.search_steps}
-    res = choose_keep(model, video, target_psnr=args.target_psnr, budget=args.budget, rate=args.rate, router=router,
-                      granularity=args.granularity, **sampling)
+    steps = args.steps if args.steps is not None else args.search_steps
+    asked = {k: v for k, v in (("steps", steps), ("guidance", args.guidance), ("scale", args.scale)) if v is not None}
+    # The decoding setting the counts are for: the flags over detokenize's defaults.
+    decode = {**SAMPLING_DEFAULTS, **asked}
+    # With --router, choose_keep picks the router trained for this setting (or says there is none).
+    res = choose_keep(model, video, target_psnr=args.target_psnr, budget=args.budget, rate=args.rate,
+                      router=args.router, granularity=args.granularity, **decode)
+    router = res.get("router")
     tokens, keep = res["tokens"], res["keep"]
     extra = {res["mode"]: modes["--" + res["mode"].replace("_", "-")], "policy": res["policy"]}
     if router is not None:
-        extra.update(router=args.router, router_sampling=json.dumps(router.sampling or {}))
+        extra.update(router=args.router, router_sampling=json.dumps(router.setting()))
     else:
-        extra.update(search_steps=sampling["steps"])
+        extra.update(search_steps=decode["steps"], search_sampling=json.dumps(decode))
     if args.target_psnr is not None and router is None:
         extra.update(granularity=args.granularity or "frame", psnr=float(res["quality"][0]))
     save_tokens(args.out, tokens, model.cfg, fps, keep=keep, extra=extra)
@@ -201,10 +208,9 @@ def cmd_tokenize(args) -> int:
     if "quality" in res:
         line += f", PSNR {float(res['quality'][0]):.2f} dB >= {args.target_psnr}"
     print(f"{line} -> {args.out}")
-    if router is not None and router.sampling:
-        rs = router.sampling
-        print(f"note: the router predicts quality for decoding with {rs}, which `vft detokenize` uses for this "
-              "file unless told otherwise (other settings give other PSNRs)")
+    if router is not None:
+        print(f"note: the router predicts quality for decoding with {router.setting()}, which `vft detokenize` uses "
+              "for this file unless told otherwise (other settings give other PSNRs)")
     return 0
 
 
@@ -239,6 +245,8 @@ def _stored_sampling(meta: dict) -> dict:
     tokenize's APG at scale 1.5); {} for a file without one."""
     if "router_sampling" in meta:
         return {k: v for k, v in json.loads(meta["router_sampling"]).items() if k in SAMPLING_DEFAULTS}
+    if "search_sampling" in meta:
+        return {k: v for k, v in json.loads(meta["search_sampling"]).items() if k in SAMPLING_DEFAULTS}
     if "search_steps" in meta:
         return {**SAMPLING_DEFAULTS, "steps": int(meta["search_steps"])}
     return {}
@@ -264,38 +272,64 @@ def cmd_export(args) -> int:
 
 
 def cmd_train_router(args) -> int:
-    """Train the token-budget router of a model (``vft.router``) on synthetic clips of mixed
-    complexity (training seeds), labelled by decoding every clip at every K."""
+    """Train the token-budget router of a model (``vft.router``) for one decoding setting on
+    clips of mixed content (training seeds; with --real also photo pans and windows of the
+    training videos), labelled by decoding every clip at every K. The last fifth of the clip
+    groups is held out: it calibrates the per-target margins and measures the errors."""
     import csv
 
-    from .adaptive import mixed_clips
-    from .router import collect, train_router
+    from .router import STATS, calibrate_margins, collect_groups, prediction_errors, setting, setting_key, \
+        train_router
 
-    if args.per_kind < 1:
-        raise ValueError(f"--per-kind must be >= 1, got {args.per_kind}")
-    model = load_model(args.checkpoint, str(_device(args.device)))
-    sampling = {"steps": args.steps, "guidance": args.guidance, "scale": args.scale}
+    if args.per_kind < 2:
+        raise ValueError(f"--per-kind must be >= 2 (one group fits, one calibrates), got {args.per_kind}")
+    if not 0 < args.coverage < 1:
+        raise ValueError(f"--coverage must be in (0, 1), got {args.coverage}")
+    device = _device(args.device)
+    model = load_model(args.checkpoint, str(device))
+    sampling = setting(steps=args.steps, guidance=args.guidance, scale=args.scale)
     t0 = time.time()
-    clips, kinds = mixed_clips(model.cfg, args.per_kind, seed=args.seed, real=args.real)
-    n_val = max(1, len(clips) // 5)  # the last fifth checks the fit
-    feats, labels = collect(model, clips.to(_device(args.device)), sampling, progress=not args.no_progress)
-    feats, labels = feats.cpu(), labels.cpu()
+    seeds = [args.seed + 10 * i for i in range(args.per_kind)]
+    feats, labels, kinds, groups = collect_groups(model, seeds, sampling, real=args.real, cache=args.cache,
+                                                  progress=not args.no_progress, device=device)
+    n_val = max(1, len(seeds) // 5) if args.val_groups is None else args.val_groups  # calibration and errors
+    if not 1 <= n_val < len(seeds):
+        raise ValueError(f"--val-groups must be in [1, --per-kind), got {n_val}")
+    fit = groups < len(seeds) - n_val
     log: list = []
-    router = train_router(feats[:-n_val], labels[:-n_val], steps=args.train_steps, sampling=sampling, log=log)
+    init = None
+    if args.init:
+        from .router import KeepRouter
+
+        init = KeepRouter.load(args.init)
+    router = train_router(feats[fit], labels[fit], steps=args.train_steps, sampling=sampling, log=log,
+                          stats=STATS, weight_decay=args.weight_decay, init=init, lr=args.lr)
     with torch.no_grad():
-        val_mae = float((router(feats[-n_val:]) - labels[-n_val:]).abs().mean())
-        train_mae = float((router(feats[:-n_val]) - labels[:-n_val]).abs().mean())
+        pred_val, pred_fit = router(feats[~fit]), router(feats[fit])
+    targets = [t / 2 for t in range(20, 49)]  # 10 .. 24 dB
+    router.calibration = calibrate_margins(pred_val, labels[~fit], targets, args.coverage)
+    val, train_err = prediction_errors(pred_val, labels[~fit]), prediction_errors(pred_fit, labels[fit])
+    per_kind = {}
+    for kind in dict.fromkeys(kinds):
+        sel = torch.tensor([k == kind for k in kinds]) & ~fit
+        if bool(sel.any()):
+            per_kind[kind] = round(float((router(feats[sel]) - labels[sel]).abs().mean().detach()), 4)
     extra = {"command": "vft " + " ".join(args.argv), "checkpoint": args.checkpoint,
-             "clips": len(clips) - n_val, "validation_clips": n_val, "kinds": list(dict.fromkeys(kinds)),
-             "train_mae_db": train_mae, "val_mae_db": val_mae,
-             "margin_db": float(router.margin), "seconds": round(time.time() - t0, 1)}
-    router.save(args.out, extra)
-    with open(os.path.join(args.out, "router_train_log.csv"), "w", newline="") as f:
+             "clips": int(fit.sum()), "validation_clips": int((~fit).sum()), "kinds": list(dict.fromkeys(kinds)),
+             "train_mae_db": train_err["mean"], "val_mae_db": val["mean"], "val_error_db": val,
+             "val_mae_db_by_kind": per_kind, "margin_db": float(router.margin),
+             "seconds": round(time.time() - t0, 1)}
+    out = os.path.join(args.out, "routers", setting_key(sampling))
+    router.save(out, extra)
+    with open(os.path.join(out, "router_train_log.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["step", "mse_db2"])
         w.writeheader()
         w.writerows(log)
-    print(f"router: {len(clips) - n_val} training clips, mean |error| {train_mae:.2f} dB (validation {val_mae:.2f} dB "
-          f"on {n_val}), margin {float(router.margin):.2f} dB -> {args.out}")
+    print(f"router for {sampling}: {int(fit.sum())} training clips, mean |error| {train_err['mean']:.2f} dB "
+          f"(held out: {val['mean']:.2f} dB mean, {val['p95']:.2f} dB 95th percentile, {val['max']:.2f} dB max, on "
+          f"{int((~fit).sum())} clips); margins for {args.coverage:.0%} of frames "
+          f"{router.margin_for(14):.2f} / {router.margin_for(16):.2f} / {router.margin_for(18):.2f} dB at "
+          f"14 / 16 / 18 dB -> {out}")
     return 0
 
 
@@ -341,7 +375,7 @@ def _add_checkpoint(p):
     p.add_argument("--checkpoint", default="tiny", help=_CHECKPOINT_HELP.format(names=", ".join(PRETRAINED)))
 
 
-SAMPLING_DEFAULTS = {"steps": 25, "guidance": "apg", "scale": 1.5}
+SAMPLING_DEFAULTS = dict(DEFAULT_SAMPLING)  # vft detokenize's decoding setting (VideoFlexTok.detokenize's defaults)
 
 
 def _add_sampling(p, keep_default: Optional[str], keep_help: str, fps_help: str, stored: bool = False):
@@ -437,8 +471,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", choices=["clip", "chunk", "frame"], default=None,
                    help="with --target-psnr (search): one token count per clip, per chunk or per latent frame "
                    "(default: frame)")
-    p.add_argument("--search-steps", type=int, default=None, help="sampling steps of the decodes of a search or of "
-                   "the --budget / --rate curves (APG, scale 1.5: detokenize's defaults; default: 25)")
+    p.add_argument("--steps", type=int, default=None, help="with --target-psnr, --budget or --rate: the decoding "
+                   "setting the counts are chosen for (and stored; `vft detokenize` uses it): sampling steps "
+                   f"(default: detokenize's, {SAMPLING_DEFAULTS['steps']}); --router picks the router trained for "
+                   "the setting, a search decodes with it")
+    p.add_argument("--guidance", choices=["none", "cfg", "apg"], default=None, help="... its guidance (default: "
+                   f"{SAMPLING_DEFAULTS['guidance']})")
+    p.add_argument("--scale", type=float, default=None, help=f"... its guidance scale (default: "
+                   f"{SAMPLING_DEFAULTS['scale']})")
+    p.add_argument("--search-steps", type=int, default=None, help="the old name of --steps, for a search or "
+                   "measured --budget / --rate curves")
     p.set_defaults(fn=cmd_tokenize)
 
     p = sub.add_parser("detokenize", help="tokens (.safetensors) -> video file")
@@ -472,24 +514,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("train-router", help="train the token-budget router of a model (vft.router) on synthetic "
-                       "clips labelled by decoding them at every token count")
+    p = sub.add_parser("train-router", help="train the token-budget router of a model (vft.router) for one decoding "
+                       "setting, on clips labelled by decoding them at every token count")
     _add_common(p)
     _add_checkpoint(p)
-    p.add_argument("--out", required=True, help="folder for router.safetensors, router.json, router_train_log.csv")
-    p.add_argument("--per-kind", type=int, default=40, help="training clips of each of the five kinds; a fifth of "
-                   "all clips checks the fit (default: %(default)s)")
+    p.add_argument("--out", required=True, help="a model or router folder: the router goes to "
+                   "OUT/routers/<setting>/ (router.safetensors, router.json, router_train_log.csv)")
+    p.add_argument("--per-kind", type=int, default=40, help="clips of each kind (one group of every kind per "
+                   "seed); the last fifth of the groups calibrates the margins and measures the errors "
+                   "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=5000, help="first clip seed (training seeds are < 10**6; default: "
                    "%(default)s)")
     p.add_argument("--real", action="store_true", help="also train on photo pans and windows of real videos (the "
                    "training photographs and videos; the held-out ones stay out)")
-    p.add_argument("--steps", type=int, default=1, help="sampling steps of the labels' decodes; decode the router's "
-                   "token files with the same setting (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=1, help="sampling steps of the labels' decodes: the decoding "
+                   "setting the router is for (default: %(default)s)")
     p.add_argument("--guidance", choices=["none", "cfg", "apg"], default="none",
                    help="guidance of the labels' decodes (default: %(default)s)")
     p.add_argument("--scale", type=float, default=1.5, help="guidance scale of the labels' decodes (default: "
                    "%(default)s)")
+    p.add_argument("--val-groups", type=int, default=None, help="the last this many groups are held out for the "
+                   "margins and errors (default: a fifth of --per-kind)")
+    p.add_argument("--cache", default=None, help="keep each clip group's labels in this folder and reuse them "
+                   "(resumes an interrupted run; e.g. runs/router_labels)")
+    p.add_argument("--coverage", type=float, default=0.9, help="share of held-out frames that must reach a target "
+                   "with the calibrated margin (default: %(default)s)")
     p.add_argument("--train-steps", type=int, default=3000, help="optimizer steps of the fit (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the fit (default: "
+                   "%(default)s)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the fit (default: %(default)s)")
+    p.add_argument("--init", default=None, help="start the fit from this router folder's weights (router.json + "
+                   "router.safetensors; e.g. the model's router for another setting, trained on more clips)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train_router)
 

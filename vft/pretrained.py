@@ -10,6 +10,8 @@ training config, provenance) and ``model.safetensors`` (the EMA weights), read t
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import json
 import os
 from importlib import resources
@@ -110,12 +112,23 @@ def export(checkpoint: str, out: str, name: str, command: str, calibration_clips
     return out
 
 
-def load_router(name: str = "tiny"):
-    """The token-budget router shipped with pretrained model ``name`` (``vft.router``), or
-    a router folder's path (``router.json`` + ``router.safetensors``)."""
-    from .router import KeepRouter
+def load_router(name: str = "tiny", sampling: Optional[dict] = None):
+    """The token-budget router (``vft.router``) for decoding with ``sampling`` (steps /
+    guidance / scale; missing ones from the default of ``vft detokenize``, 25 APG steps at
+    scale 1.5): of pretrained model ``name`` (its ``routers/<setting>/`` folders) or of a
+    router folder (``routers/<setting>/`` subfolders, or one ``router.json`` +
+    ``router.safetensors``). A ValueError when there is none for that setting; ``sampling``
+    None with a single-router folder returns it whatever its setting."""
+    from .router import KeepRouter, RouterSet, load_routers
 
-    if name not in PRETRAINED:
-        return KeepRouter.load(name)
-    with resources.as_file(pretrained_dir(name)) as folder:
-        return KeepRouter.load(str(folder))
+    if name in PRETRAINED:
+        with resources.as_file(pretrained_dir(name)) as folder:
+            found = load_routers(str(folder))
+    else:
+        found = load_routers(name)
+    if isinstance(found, RouterSet):
+        return found.select(sampling)
+    if sampling is not None:
+        assert isinstance(found, KeepRouter)
+        found.check_setting(sampling)
+    return found

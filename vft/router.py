@@ -9,13 +9,21 @@ Features per latent frame (cheap, from one tokenization):
 * the frame's pixel standard deviation, its mean absolute difference to the previous
   pixel frame (motion; 0 for the first) and its mean absolute spatial gradient (detail).
 
+* from the tokenization: whether it is the first latent frame, and the share of its tokens
+  equal to the previous latent frame's (``STATS``; older routers list the ones they use).
+
 A small MLP maps them to R PSNRs, non-decreasing in K by construction (a base plus
 cumulative softplus increments). Labels are the PSNR of each latent frame when the clip is
 decoded with every frame at K (the decoder's sampling is part of what is learned: a router
-is trained for one sampling setting, stored with it).
+is trained for one decoding setting, stored with it). A model ships one router per setting
+(``routers/<setting>/``, a ``RouterSet``); ``resolve_router`` / ``load_router(name,
+sampling)`` give the one for the setting asked for (default: ``DEFAULT_SAMPLING``, what
+``vft detokenize`` decodes with) or an error. Margins are calibrated per target on held-out
+frames (``calibrate_margins``).
 
-    from vft.router import KeepRouter
-    router = KeepRouter.load(path)                     # or train_router(...)
+    from vft.pretrained import load_router
+    router = load_router("tiny")                       # for 25 APG steps (the default decoding)
+    router = load_router("tiny", {"steps": 1, "guidance": "none"})   # for 1-step decoding
     keep = router.keep_for_target(model, video, 16.0)  # [B, T'] smallest K predicted >= 16 dB + margin
     keep = router.keep_for_budget(model, video, 24)    # [B, T'] at most 24 tokens per clip
     keep = router.keep_for_lambda(model, video, 0.2)   # [B, T'] argmax PSNR(K) - 0.2 K per frame
@@ -38,13 +46,27 @@ import vft_kernels as vk
 from .adaptive import allocate_budget, frame_quality_by_k, pixel_frames
 from .metrics import psnr
 
-STATS = ("std", "motion", "detail")
+STATS = ("std", "motion", "detail", "first", "token_repeat")  # what new routers use
+_PIXEL_STATS = ("std", "motion", "detail")
+
+# The decoding setting ``vft detokenize`` (and ``VideoFlexTok.detokenize``) uses by default.
+DEFAULT_SAMPLING = {"steps": 25, "guidance": "apg", "scale": 1.5}
+# Other detokenize keywords a router's labels assume at these values (seed 0, Euler, no shift).
+_FIXED_SAMPLING = {"solver": "euler", "seed": 0, "shift": 1.0}
 
 
 @torch.no_grad()
-def frame_features(model, video: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Router features [B, T', F] of ``video`` [B, 3, T, H, W] (float32; F = R + 3 for a
-    linear-path model, else 3)."""
+def frame_features(model, video: torch.Tensor, tokens: Optional[torch.Tensor] = None,
+                   stats=STATS) -> torch.Tensor:
+    """Router features [B, T', F] of ``video`` [B, 3, T, H, W] (float32; F = R + len(stats)
+    for a linear-path model, else len(stats)). ``stats``, in order, any of: ``std`` (pixel
+    standard deviation), ``motion`` (mean |difference| to the previous pixel frame),
+    ``detail`` (mean |spatial gradient|), ``first`` (1 for the first latent frame, which
+    has no earlier frame to lean on) and ``token_repeat`` (the share of the frame's tokens
+    equal to the previous latent frame's, from the encoder's tokens)."""
+    unknown = [s for s in stats if s not in STATS]
+    if unknown:
+        raise ValueError(f"router: unknown features {unknown}; known: {list(STATS)}")
     cfg = model.cfg
     if tokens is None:
         tokens = model.tokenize(video)
@@ -64,45 +86,114 @@ def frame_features(model, video: torch.Tensor, tokens: Optional[torch.Tensor] = 
                 for b in range(B):
                     lin_q[b, t, k - 1] = min(psnr(rec[b][:, f], video[b][:, f]), 60.0)
         feats.append(lin_q)
-    stats = torch.zeros(B, T, len(STATS))
+    pix = torch.zeros(B, T, len(_PIXEL_STATS))
     v = video.float()
     for t in range(T):
         f = list(pixel_frames(cfg, t))
         clip = v[:, :, f]  # [B, 3, tf, H, W]
         prev = torch.cat([v[:, :, f[0] - 1:f[0]], clip[:, :, :-1]], dim=2) if f[0] > 0 else \
             torch.cat([clip[:, :, :1], clip[:, :, :-1]], dim=2)
-        stats[:, t, 0] = clip.flatten(1).std(dim=1)
-        stats[:, t, 1] = (clip - prev).abs().flatten(1).mean(dim=1)
+        pix[:, t, 0] = clip.flatten(1).std(dim=1).cpu()
+        pix[:, t, 1] = (clip - prev).abs().flatten(1).mean(dim=1).cpu()
         gx = (clip[..., 1:] - clip[..., :-1]).abs().flatten(1).mean(dim=1)
         gy = (clip[..., 1:, :] - clip[..., :-1, :]).abs().flatten(1).mean(dim=1)
-        stats[:, t, 2] = gx + gy
-    feats.append(stats)
+        pix[:, t, 2] = (gx + gy).cpu()
+    tok = tokens.cpu()
+    first = torch.zeros(B, T)
+    first[:, 0] = 1.0
+    repeat = torch.zeros(B, T)
+    repeat[:, 1:] = (tok[:, 1:] == tok[:, :-1]).float().mean(-1)
+    named = {"std": pix[..., 0], "motion": pix[..., 1], "detail": pix[..., 2], "first": first,
+             "token_repeat": repeat}
+    feats.append(torch.stack([named[s] for s in stats], dim=-1))
     return torch.cat(feats, dim=-1)
+
+
+def setting(sampling: Optional[dict] = None, **overrides) -> dict:
+    """A decoding setting in normal form: {"steps", "guidance"} plus "scale" when guided,
+    missing keys from DEFAULT_SAMPLING (the default of ``vft detokenize``)."""
+    s = {**DEFAULT_SAMPLING, **(sampling or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    out = {"steps": int(s["steps"]), "guidance": str(s["guidance"])}
+    if out["guidance"] != "none":
+        out["scale"] = float(s["scale"])
+    return out
+
+
+def setting_key(sampling: Optional[dict]) -> str:
+    """A folder name for a decoding setting: ``steps1_none``, ``steps25_apg_scale1.5``."""
+    s = setting(sampling)
+    return f"steps{s['steps']}_{s['guidance']}" + (f"_scale{s['scale']:g}" if "scale" in s else "")
+
+
+def split_sampling(sampling: dict, who: str = "router") -> dict:
+    """The router-relevant part (steps, guidance, scale) of detokenize keywords; the others
+    must be at the values a router's labels assume (solver euler, seed 0, shift 1)."""
+    unknown = sorted(set(sampling) - set(DEFAULT_SAMPLING) - set(_FIXED_SAMPLING))
+    if unknown:
+        raise ValueError(f"{who}: unknown decoding keywords {unknown}")
+    odd = {k: v for k, v in sampling.items() if k in _FIXED_SAMPLING and v is not None and v != _FIXED_SAMPLING[k]}
+    if odd:
+        raise ValueError(f"{who}: routers predict quality for {_FIXED_SAMPLING} decodes, got {odd}")
+    return {k: v for k, v in sampling.items() if k in DEFAULT_SAMPLING and v is not None}
 
 
 class KeepRouter(nn.Module):
     """features [..., F] -> predicted PSNR [..., R], non-decreasing in K."""
 
-    def __init__(self, registers: int, features: int, hidden: int = 64, sampling: Optional[dict] = None):
+    def __init__(self, registers: int, features: int, hidden: int = 64, sampling: Optional[dict] = None,
+                 stats=_PIXEL_STATS, calibration: Optional[dict] = None):
         super().__init__()
         self.registers, self.features, self.hidden = registers, features, hidden
         self.sampling = dict(sampling or {})
+        self.stats = tuple(stats)
+        # {"coverage": q, "targets": [...], "margins": [...]}: per target PSNR, the margin (dB)
+        # with which a fraction q of held-out frames reached it (``calibrate_margins``).
+        self.calibration = dict(calibration or {})
         self.net = nn.Sequential(nn.Linear(features, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, registers))
         self.register_buffer("feat_mean", torch.zeros(features))
         self.register_buffer("feat_std", torch.ones(features))
-        self.register_buffer("margin", torch.zeros(()))  # dB added to a target (calibrated on training frames)
+        self.register_buffer("margin", torch.zeros(()))  # dB added to a target without a calibration table
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         h = self.net((feats - self.feat_mean) / self.feat_std)
         return h[..., :1] + torch.cat([torch.zeros_like(h[..., :1]), F.softplus(h[..., 1:]).cumsum(-1)], dim=-1)
+
+    def setting(self) -> dict:
+        """The decoding setting this router predicts for (normal form of ``sampling``)."""
+        return setting(self.sampling)
+
+    def check_setting(self, sampling: Optional[dict] = None) -> dict:
+        """The decoding setting asked for (``sampling``'s steps / guidance / scale over
+        DEFAULT_SAMPLING); a ValueError when this router was trained for another."""
+        want = setting(split_sampling(sampling or {}))
+        if want != self.setting():
+            raise ValueError(f"router: trained for decoding with {self.setting()}, asked for {want}; give the "
+                             "router's setting (e.g. steps/guidance) or a router trained for this one "
+                             "(vft train-router --steps ... --guidance ...)")
+        return want
+
+    def margin_for(self, target: float) -> float:
+        """The margin (dB) added to ``target``: the calibration table's, linearly interpolated
+        (its end values outside it), else the scalar ``margin``."""
+        cal = self.calibration
+        if not cal.get("targets"):
+            return float(self.margin)
+        ts, ms = cal["targets"], cal["margins"]
+        if target <= ts[0]:
+            return float(ms[0])
+        if target >= ts[-1]:
+            return float(ms[-1])
+        i = next(i for i in range(1, len(ts)) if ts[i] >= target)
+        w = (target - ts[i - 1]) / (ts[i] - ts[i - 1])
+        return float(ms[i - 1] + w * (ms[i] - ms[i - 1]))
 
     @torch.no_grad()
     def predict(self, model, video: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Predicted PSNR [B, T', R] for ``video`` (one tokenization, no decoding)."""
         if model.cfg.registers != self.registers:
             raise ValueError(f"router: trained for R = {self.registers} registers, the model has {model.cfg.registers}")
-        feats = frame_features(model, video, tokens)
+        feats = frame_features(model, video, tokens, self.stats)
         if feats.shape[-1] != self.features:
             raise ValueError(f"router: expects {self.features} features per frame, this model gives {feats.shape[-1]} "
                              "(a router trained for a linear-path model needs one)")
@@ -112,14 +203,12 @@ class KeepRouter(nn.Module):
     def keep_for_target(self, model, video: torch.Tensor, target: float, tokens: Optional[torch.Tensor] = None,
                         margin: Optional[float] = None) -> torch.Tensor:
         """Per-frame K [B, T']: the smallest K whose predicted PSNR reaches target + margin
-        (R where none does)."""
+        (R where none does); the margin is calibrated per target (``margin_for``)."""
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target) or target < 0:
             raise ValueError(f"router: target must be a finite PSNR >= 0 (dB), got {target!r}")
         pred = self.predict(model, video, tokens)
-        m = float(self.margin) if margin is None else float(margin)
-        ok = pred >= target + m
-        first = torch.where(ok.any(-1), ok.float().argmax(-1), torch.full(ok.shape[:-1], self.registers - 1))
-        return (first + 1).to(torch.int64)
+        m = self.margin_for(target) if margin is None else float(margin)
+        return keep_from_prediction(pred, target + m)
 
     @torch.no_grad()
     def keep_for_lambda(self, model, video: torch.Tensor, lam: float, tokens: Optional[torch.Tensor] = None,
@@ -143,7 +232,7 @@ class KeepRouter(nn.Module):
     # -- persistence (safetensors + JSON) --------------------------------------------
     def config(self) -> dict:
         return {"registers": self.registers, "features": self.features, "hidden": self.hidden,
-                "sampling": self.sampling, "stats": list(STATS)}
+                "sampling": self.sampling, "stats": list(self.stats), "calibration": self.calibration}
 
     def save(self, folder: str, extra: Optional[dict] = None) -> None:
         from safetensors.torch import save_file
@@ -163,23 +252,83 @@ class KeepRouter(nn.Module):
             raise FileNotFoundError(f"router: no router.json + router.safetensors in {folder!r}")
         with open(json_path) as f:
             cfg = json.load(f)
-        router = cls(cfg["registers"], cfg["features"], cfg["hidden"], cfg.get("sampling"))
+        router = cls(cfg["registers"], cfg["features"], cfg["hidden"], cfg.get("sampling"),
+                     cfg.get("stats", _PIXEL_STATS), cfg.get("calibration"))
         router.load_state_dict(load_file(weights))
         return router.eval()
 
 
+def keep_from_prediction(pred: torch.Tensor, level: float) -> torch.Tensor:
+    """Per-frame K [..]: the smallest K with ``pred[..., K - 1] >= level`` (R where none)."""
+    ok = pred >= level
+    R = pred.shape[-1]
+    first = torch.where(ok.any(-1), ok.float().argmax(-1), torch.full(ok.shape[:-1], R - 1, device=pred.device))
+    return (first + 1).to(torch.int64)
+
+
+def calibrate_margins(pred: torch.Tensor, labels: torch.Tensor, targets, coverage: float = 0.8,
+                      grid=None, min_frames: int = 20) -> dict:
+    """Per target PSNR, the smallest margin m (dB) such that, picking each frame's K as the
+    smallest with predicted PSNR >= target + m, at least ``coverage`` of the frames whose
+    target is reachable (label at R >= target) reach it (label at that K >= target).
+    pred, labels: [N, T', R] of frames the router was not fitted on. A target that fewer
+    than ``min_frames`` frames can reach, or that every margin of the grid meets, gets the
+    margin of the nearest target that is neither. Returns the table {"coverage", "targets",
+    "margins", "frames"} for ``KeepRouter.calibration``."""
+    grid = torch.arange(-3.0, 8.0001, 0.05) if grid is None else torch.as_tensor(grid, dtype=torch.float32)
+    p, y = pred.reshape(-1, pred.shape[-1]).float(), labels.reshape(-1, labels.shape[-1]).float()
+    margins, counts = [], []
+    for t in targets:
+        reach = y[:, -1] >= t
+        counts.append(int(reach.sum()))
+        if not bool(reach.any()):
+            margins.append(margins[-1] if margins else 0.0)
+            continue
+        pr, yr = p[reach], y[reach]
+        m_ok = float(grid[-1])
+        for m in grid.tolist():
+            k = keep_from_prediction(pr, t + m)
+            met = yr.gather(1, (k - 1)[:, None])[:, 0] >= t
+            if float(met.float().mean()) >= coverage:
+                m_ok = m
+                break
+        margins.append(round(m_ok, 3))
+    # Too few frames say nothing, and a margin at the grid's low end only says that every
+    # frame reaches the target whatever K it gets: both take the nearest informative margin.
+    ok = [i for i, n in enumerate(counts) if n >= min_frames and margins[i] > float(grid[0])]
+    if ok:
+        margins = [margins[min(ok, key=lambda j: abs(j - i))] for i in range(len(margins))]
+    return {"coverage": coverage, "targets": [float(t) for t in targets], "margins": margins, "frames": counts}
+
+
+def prediction_errors(pred: torch.Tensor, labels: torch.Tensor) -> dict:
+    """|predicted - decoded| PSNR (dB) over frames and K: mean, 95th percentile and max."""
+    e = (pred - labels).abs().flatten().float()
+    return {"mean": float(e.mean()), "p95": float(torch.quantile(e, 0.95)), "max": float(e.max())}
+
+
 def train_router(feats: torch.Tensor, quality: torch.Tensor, steps: int = 3000, lr: float = 3e-3, hidden: int = 64,
                  seed: int = 0, sampling: Optional[dict] = None, margin_quantile: float = 0.8,
-                 log: Optional[list] = None) -> KeepRouter:
+                 log: Optional[list] = None, stats=STATS, weight_decay: float = 0.0,
+                 init: Optional[KeepRouter] = None) -> KeepRouter:
     """Fit a router to features [N, T', F] and labels [N, T', R] (full-batch Adam on the
-    squared PSNR error). The margin is the ``margin_quantile`` of (label - prediction)
-    shortfalls on these frames, so that about that fraction of frames reach a target."""
+    squared PSNR error). The scalar margin is the ``margin_quantile`` of (label -
+    prediction) shortfalls on these frames; ``calibrate_margins`` on held-out frames
+    replaces it by a per-target table. ``init``: start from this router's weights and
+    feature scaling (same features; e.g. a router of another decoding setting, which has
+    seen more clips)."""
     torch.manual_seed(seed)
     x, y = feats.reshape(-1, feats.shape[-1]).float(), quality.reshape(-1, quality.shape[-1]).float()
-    router = KeepRouter(y.shape[-1], x.shape[-1], hidden, sampling)
-    router.feat_mean.copy_(x.mean(0))
-    router.feat_std.copy_(x.std(0).clamp(min=1e-4))
-    opt = torch.optim.Adam(router.parameters(), lr=lr)
+    router = KeepRouter(y.shape[-1], x.shape[-1], init.hidden if init is not None else hidden, sampling, stats)
+    if init is not None:
+        if (init.features, init.registers, tuple(init.stats)) != (x.shape[-1], y.shape[-1], tuple(stats)):
+            raise ValueError(f"router: init has {init.features} features {list(init.stats)} for R = "
+                             f"{init.registers}, the data {x.shape[-1]} {list(stats)} for R = {y.shape[-1]}")
+        router.load_state_dict(init.state_dict())
+    else:
+        router.feat_mean.copy_(x.mean(0))
+        router.feat_std.copy_(x.std(0).clamp(min=1e-4))
+    opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for step in range(steps):
         loss = (router(x) - y).square().mean()
@@ -195,7 +344,8 @@ def train_router(feats: torch.Tensor, quality: torch.Tensor, steps: int = 3000, 
     return router.eval()
 
 
-def collect(model, clips: torch.Tensor, sampling: dict, batch: int = 10, progress: bool = True):
+def collect(model, clips: torch.Tensor, sampling: dict, batch: int = 10, progress: bool = True,
+            stats=STATS):
     """(features [N, T', F], labels [N, T', R]) of ``clips``, in batches."""
     from tqdm.auto import tqdm
 
@@ -203,6 +353,117 @@ def collect(model, clips: torch.Tensor, sampling: dict, batch: int = 10, progres
     for i in tqdm(range(0, len(clips), batch), desc="router labels", disable=not progress):
         video = clips[i:i + batch]
         tokens = model.tokenize(video)
-        feats.append(frame_features(model, video, tokens))
+        feats.append(frame_features(model, video, tokens, stats))
         labels.append(frame_quality_by_k(model, video, tokens, **sampling))
     return torch.cat(feats), torch.cat(labels)
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of a model's weights (label caches are only valid for the same weights)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def collect_groups(model, seeds, sampling: dict, real: bool = True, cache: Optional[str] = None,
+                   progress: bool = True, stats=STATS, device=None, chunk: int = 4):
+    """Features and labels of ``mixed_clips`` groups (one clip of every kind per seed, in
+    ``vft.adaptive.KINDS`` + ``REAL_KINDS`` order): (features [N, T', F], labels [N, T', R],
+    kinds, group index per clip). ``chunk`` groups are decoded together (one decode per K;
+    larger batches run faster on a CPU, and the sampler's noise depends on the batch, so a
+    chunk is fixed by its seeds). With ``cache`` (a folder), each chunk's labels are kept in
+    ``<cache>/<model hash>/<setting>/<first seed>x<groups>.safetensors`` and read back
+    instead of decoded: an interrupted run resumes where it stopped, a longer one reuses them."""
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    from .adaptive import mixed_clips
+
+    sampling = {**split_sampling(sampling), **{k: v for k, v in sampling.items() if k not in DEFAULT_SAMPLING}}
+    folder = None
+    if cache:
+        folder = os.path.join(cache, model_fingerprint(model), setting_key(sampling) + ("_real" if real else ""))
+        os.makedirs(folder, exist_ok=True)
+    seeds = list(seeds)
+    feats, labels, kinds, groups = [], [], [], []
+    bar = tqdm(total=len(seeds), desc=f"router labels {setting_key(sampling)}", disable=not progress)
+    for c in range(0, len(seeds), chunk):
+        part = seeds[c:c + chunk]
+        clips, k = zip(*(mixed_clips(model.cfg, 1, seed=s, real=real) for s in part))
+        clips = torch.cat(clips)
+        if device is not None:
+            clips = clips.to(device)
+        tokens = model.tokenize(clips)
+        path = os.path.join(folder, f"{part[0]}x{len(part)}.safetensors") if folder else None
+        if path and os.path.exists(path):
+            lab = load_file(path)["labels"]
+        else:
+            lab = frame_quality_by_k(model, clips, tokens, **sampling)
+            if path:
+                save_file({"labels": lab.contiguous()}, path + ".tmp",
+                          metadata={"sampling": json.dumps(sampling), "seeds": json.dumps(part)})
+                os.replace(path + ".tmp", path)
+        feats.append(frame_features(model, clips, tokens, stats))
+        labels.append(lab)
+        for g, kk in enumerate(k):
+            kinds += kk
+            groups += [c + g] * len(kk)
+        bar.update(len(part))
+    bar.close()
+    return torch.cat(feats), torch.cat(labels), kinds, torch.tensor(groups)
+
+
+class RouterSet:
+    """Routers of one model, one per decoding setting (a folder ``routers/<setting>/``);
+    ``select`` picks the one trained for the setting asked for."""
+
+    def __init__(self, routers: dict, source: str = ""):
+        self.routers = dict(routers)  # setting_key -> KeepRouter
+        self.source = source
+
+    def settings(self) -> list:
+        return [r.setting() for r in self.routers.values()]
+
+    def select(self, sampling: Optional[dict] = None) -> KeepRouter:
+        want = setting(split_sampling(sampling or {}))
+        router = self.routers.get(setting_key(want))
+        if router is None:
+            raise ValueError(f"router: {self.source or 'this router set'} has no router for decoding with {want} "
+                             f"(it has {self.settings()}); decode with one of those settings or train one "
+                             "(vft train-router --steps ... --guidance ...)")
+        return router
+
+
+def load_routers(folder: str):
+    """A router folder: ``router.json`` + ``router.safetensors`` (one KeepRouter) or
+    ``routers/<setting>/`` subfolders (a RouterSet)."""
+    sub = os.path.join(folder, "routers")
+    if os.path.isdir(sub):
+        routers = {}
+        for name in sorted(os.listdir(sub)):
+            if os.path.exists(os.path.join(sub, name, "router.json")):
+                r = KeepRouter.load(os.path.join(sub, name))
+                routers[setting_key(r.sampling)] = r
+        if routers:
+            return RouterSet(routers, folder)
+    return KeepRouter.load(folder)
+
+
+def resolve_router(router, sampling: Optional[dict] = None) -> KeepRouter:
+    """The KeepRouter for the decoding setting ``sampling`` (steps / guidance / scale; missing
+    ones from DEFAULT_SAMPLING, the default of ``vft detokenize``): ``router`` is a
+    KeepRouter (it must have been trained for that setting), a RouterSet (its router for the
+    setting) or a name / folder for ``vft.pretrained.load_router``."""
+    if isinstance(router, str):
+        from .pretrained import load_router
+
+        return load_router(router, sampling)
+    if isinstance(router, RouterSet):
+        return router.select(sampling)
+    if isinstance(router, KeepRouter):
+        router.check_setting(sampling)
+    return router
