@@ -8,7 +8,8 @@ import types
 import pytest
 import torch
 
-from vft.adaptive import allocate_budget, choose_keep, search_keep
+from vft.adaptive import allocate_budget, search_keep
+from vft.budget import choose_keep
 from vft.config import preset
 from vft.metrics import psnr
 from vft.model import VideoFlexTok

@@ -167,9 +167,10 @@ def test_router_is_chosen_by_decoding_setting(tiny, tmp_path):
     """A router set (the shipped routers/<setting>/ folders) gives the router of the setting
     asked for, default: vft detokenize's (25 APG steps, scale 1.5); any other setting, or a
     single router used for another setting, is an error that names both."""
-    from vft.adaptive import choose_keep
+    from vft.budget import choose_keep
     from vft.pretrained import load_router
-    from vft.router import DEFAULT_SAMPLING, RouterSet, load_routers, resolve_router, setting_key
+    from vft.pretrained import resolve_router
+    from vft.router import DEFAULT_SAMPLING, RouterSet, load_routers, setting_key
 
     model, clips, _, tokens = tiny
     assert DEFAULT_SAMPLING == {"steps": 25, "guidance": "apg", "scale": 1.5}

@@ -156,8 +156,8 @@ def cmd_train(args) -> int:
 
 def cmd_tokenize(args) -> int:
     """Tokenize; with --target-psnr, --budget or --rate also store per-latent-frame token
-    counts (``vft.adaptive.choose_keep``), found by decoding or, with --router, predicted."""
-    from .adaptive import choose_keep
+    counts (``vft.budget.choose_keep``), found by decoding or, with --router, predicted."""
+    from .budget import choose_keep
 
     modes = {"--target-psnr": args.target_psnr, "--budget": args.budget, "--rate": args.rate}
     given = [n for n, v in modes.items() if v is not None]

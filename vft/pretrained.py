@@ -132,3 +132,19 @@ def load_router(name: str = "tiny", sampling: Optional[dict] = None):
         assert isinstance(found, KeepRouter)
         found.check_setting(sampling)
     return found
+
+
+def resolve_router(router, sampling: Optional[dict] = None):
+    """The KeepRouter for the decoding setting ``sampling`` (steps / guidance / scale; missing
+    ones from DEFAULT_SAMPLING, the default of ``vft detokenize``): ``router`` is a
+    KeepRouter (it must have been trained for that setting), a RouterSet (its router for the
+    setting) or a name / folder for ``vft.pretrained.load_router``."""
+    if isinstance(router, str):
+        return load_router(router, sampling)
+    from .router import KeepRouter, RouterSet
+
+    if isinstance(router, RouterSet):
+        return router.select(sampling)
+    if isinstance(router, KeepRouter):
+        router.check_setting(sampling)
+    return router

@@ -16,7 +16,7 @@ A small MLP maps them to R PSNRs, non-decreasing in K by construction (a base pl
 cumulative softplus increments). Labels are the PSNR of each latent frame when the clip is
 decoded with every frame at K (the decoder's sampling is part of what is learned: a router
 is trained for one decoding setting, stored with it). A model ships one router per setting
-(``routers/<setting>/``, a ``RouterSet``); ``resolve_router`` / ``load_router(name,
+(``routers/<setting>/``, a ``RouterSet``); ``vft.pretrained.resolve_router`` / ``load_router(name,
 sampling)`` give the one for the setting asked for (default: ``DEFAULT_SAMPLING``, what
 ``vft detokenize`` decodes with) or an error. Margins are calibrated per target on held-out
 frames (``calibrate_margins``).
@@ -452,18 +452,3 @@ def load_routers(folder: str):
             return RouterSet(routers, folder)
     return KeepRouter.load(folder)
 
-
-def resolve_router(router, sampling: Optional[dict] = None) -> KeepRouter:
-    """The KeepRouter for the decoding setting ``sampling`` (steps / guidance / scale; missing
-    ones from DEFAULT_SAMPLING, the default of ``vft detokenize``): ``router`` is a
-    KeepRouter (it must have been trained for that setting), a RouterSet (its router for the
-    setting) or a name / folder for ``vft.pretrained.load_router``."""
-    if isinstance(router, str):
-        from .pretrained import load_router
-
-        return load_router(router, sampling)
-    if isinstance(router, RouterSet):
-        return router.select(sampling)
-    if isinstance(router, KeepRouter):
-        router.check_setting(sampling)
-    return router
