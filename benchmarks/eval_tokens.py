@@ -11,6 +11,12 @@ and ``eval_tokens.png`` into ``--out``.
     python -m benchmarks.eval_tokens --source synthetic-detailed  # the busier wave background
     python -m benchmarks.eval_tokens --videos DIR               # a folder of real videos
     python -m benchmarks.eval_tokens --checkpoint ckpt/         # a trained checkpoint instead
+    python -m benchmarks.eval_tokens --mixed --compare results/eval_tokens/eval_tokens.json --out other/
+
+``--mixed`` adds a row ``mixed``: every latent frame of every clip decoded from its own K, drawn
+uniformly from the same values (a fixed draw, the same for every model of that size), which
+is what adaptive budgets decode. ``--compare`` prints the paired difference against another
+run's JSON on the same clips (this run minus that one, per K: mean and 95 % CI over clips).
 """
 from __future__ import annotations
 
@@ -58,17 +64,46 @@ def folder_clips(cfg, folder: str, n: int) -> torch.Tensor:
     return torch.stack(clips)
 
 
+MIXED_SEED = 1234
+
+
+def mixed_keeps(values, clips: int, frames: int) -> torch.Tensor:
+    """Per-frame keeps [clips, frames], each drawn uniformly from ``values`` (fixed seed)."""
+    g = torch.Generator().manual_seed(MIXED_SEED)
+    vals = torch.as_tensor(list(values), dtype=torch.int64)
+    return vals[torch.randint(len(vals), (clips, frames), generator=g)]
+
+
+def paired_difference(res: dict, other: dict) -> dict:
+    """Per K (as in both results): mean and 95 % CI half-width over clips of ``res``'s PSNR
+    minus ``other``'s, clip by clip (the two runs must have scored the same clips)."""
+    if res["clips"] != other["clips"] or res.get("data") != other.get("data"):
+        raise ValueError(f"compare: the runs scored different clips ({res['clips']} {res.get('data')!r} vs "
+                         f"{other['clips']} {other.get('data')!r})")
+    out = {}
+    for k, r in res["per_k"].items():
+        o = other["per_k"].get(k)
+        if o is not None:
+            out[k] = mean_ci([a - b for a, b in zip(r["psnr_per_clip"], o["psnr_per_clip"])])
+    return out
+
+
 def evaluate(model, clips: torch.Tensor, keeps, steps: int = 25, guidance: str = "apg", scale: float = 1.5,
              batch: int = 8, progress: bool = True) -> dict:
-    """Per-K PSNR / SSIM of every clip, their means with 95 % CIs, and held-out codebook usage."""
+    """Per-K PSNR / SSIM of every clip, their means with 95 % CIs, and held-out codebook usage.
+    A K of ``"mixed"`` decodes each latent frame with its own K (``mixed_keeps`` over the
+    integer Ks given)."""
     cfg = model.cfg
     tokens = torch.cat([model.tokenize(clips[i:i + batch]) for i in range(0, len(clips), batch)])
+    ints = [k for k in keeps if k != "mixed"]
+    mixed = mixed_keeps(ints, len(clips), tokens.shape[1]) if "mixed" in keeps else None
     per_k = {}
     bar = tqdm(total=len(keeps) * len(clips), desc="eval_tokens", disable=not progress)
     for k in keeps:
         ps, ss = [], []
         for i in range(0, len(clips), batch):
-            rec = model.detokenize(tokens[i:i + batch], keep=k, steps=steps, guidance=guidance, scale=scale)
+            keep = mixed[i:i + batch] if k == "mixed" else k
+            rec = model.detokenize(tokens[i:i + batch], keep=keep, steps=steps, guidance=guidance, scale=scale)
             for a, b in zip(rec, clips[i:i + batch]):
                 ps.append(psnr(a, b))
                 ss.append(ssim(a, b))
@@ -82,7 +117,7 @@ def evaluate(model, clips: torch.Tensor, keeps, steps: int = 25, guidance: str =
 
 
 def plot(result: dict, path: str, title: str) -> None:
-    ks, per_k = result["keeps"], result["per_k"]
+    ks, per_k = [k for k in result["keeps"] if k != "mixed"], result["per_k"]
     write_quality_png(path, ks, [per_k[k]["psnr"] for k in ks], [per_k[k]["ssim"] for k in ks], title,
                       [per_k[k]["psnr_ci95"] for k in ks], [per_k[k]["ssim_ci95"] for k in ks])
 
@@ -97,17 +132,25 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", choices=["none", "cfg", "apg"], default="apg")
     p.add_argument("--scale", type=float, default=1.5)
     p.add_argument("--out", default="results/eval_tokens")
+    p.add_argument("--mixed", action="store_true", help="also score per-frame keeps drawn from the Ks (row 'mixed')")
+    p.add_argument("--compare", help="another run's eval_tokens.json (same clips): print the paired difference")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     model = ckpt.load_model(args.checkpoint) if args.checkpoint else load_pretrained("tiny")
     cfg = model.cfg
     clips = folder_clips(cfg, args.videos, args.clips) if args.videos else heldout_clips(cfg, args.clips, args.source)
-    keeps = keep_values(cfg.registers, "pow2").tolist()
+    keeps = keep_values(cfg.registers, "pow2").tolist() + (["mixed"] if args.mixed else [])
     t0 = time.time()
     res = evaluate(model, clips, keeps, args.steps, args.guidance, args.scale, progress=not args.no_progress)
     res.update(model=args.checkpoint or "pretrained:tiny", data=args.videos or f"held-out {args.source}",
                steps=args.steps, guidance=args.guidance, scale=args.scale, seconds=round(time.time() - t0, 1))
     os.makedirs(args.out, exist_ok=True)
+    if args.compare:
+        with open(args.compare) as f:
+            other = json.load(f)
+        res["paired_vs"] = {"run": args.compare, "model": other.get("model"),
+                            "psnr_diff": {str(k): v for k, v in paired_difference(
+                                {**res, "per_k": {str(k): v for k, v in res["per_k"].items()}}, other).items()}}
     with open(os.path.join(args.out, "eval_tokens.json"), "w") as f:
         json.dump(res, f, indent=2)
     with open(os.path.join(args.out, "eval_tokens.csv"), "w", newline="") as f:
@@ -127,6 +170,10 @@ def main(argv=None) -> int:
         print(f"{k:>4} {r['psnr']:>8.2f} ± {r['psnr_ci95']:<5.2f} {r['ssim']:>8.3f} ± {r['ssim_ci95']:.3f}")
     print(f"codebook usage: {u['distinct']} distinct of {cfg.codebook_size} ({u['tokens']} tokens), perplexity "
           f"{u['perplexity']:.1f}; wrote {args.out}/eval_tokens.csv, .json, .png")
+    if args.compare:
+        print(f"paired PSNR difference, this run minus {args.compare} ({res['paired_vs']['model']}):")
+        for k, (m, ci) in res["paired_vs"]["psnr_diff"].items():
+            print(f"{k:>6} {m:+.2f} ± {ci:.2f} dB")
     return 0
 
 

@@ -567,3 +567,47 @@ def test_keep_sampling_benchmark_runs(capsys):
         assert all(0 < r[k] < 10 for k in ("mixed", "front", "all_1", "all_4"))
     with pytest.raises(SystemExit):
         ks.main(["--modes", "per_frame"])
+
+
+def test_eval_tokens_mixed_keeps_and_paired_comparison(tmp_path, token_sensitive, capsys):
+    """benchmarks.eval_tokens --mixed decodes each latent frame with its own K (a fixed draw,
+    checked against decoding with that keep tensor), and --compare prints per-K paired
+    differences: a run against itself is exactly 0, against another model its mean is the
+    difference of the two means."""
+    import json
+
+    from benchmarks import eval_tokens as et
+    from vft import checkpoint as ckpt
+    from vft.config import preset
+    from vft.model import VideoFlexTok
+
+    keeps = et.mixed_keeps([1, 2, 4], 3, 5)
+    assert keeps.shape == (3, 5) and set(keeps.unique().tolist()) <= {1, 2, 4}
+    assert torch.equal(keeps, et.mixed_keeps([1, 2, 4], 3, 5)) and keeps.unique().numel() > 1
+    torch.manual_seed(0)
+    m = token_sensitive(VideoFlexTok(preset("micro")).eval())
+    clips = et.heldout_clips(m.cfg, 3)
+    res = et.evaluate(m, clips, [1, 2, "mixed"], steps=1, guidance="none", progress=False)
+    kp = et.mixed_keeps([1, 2], 3, m.cfg.latent_frames)
+    rec = m.detokenize(m.tokenize(clips), keep=kp, steps=1, guidance="none")
+    assert res["per_k"]["mixed"]["psnr_per_clip"] == pytest.approx([et.psnr(a, b) for a, b in zip(rec, clips)])
+    assert res["per_k"]["mixed"]["psnr_per_clip"] != res["per_k"][1]["psnr_per_clip"]
+    # the CLI end to end: two models, paired difference
+    a, b = tmp_path / "a", tmp_path / "b"
+    ckpt.save(str(a), m, m.cfg)
+    m2 = token_sensitive(VideoFlexTok(preset("micro")).eval(), seed=1)
+    ckpt.save(str(b), m2, m2.cfg)
+    common = ["--clips", "3", "--steps", "1", "--guidance", "none", "--mixed", "--no-progress"]
+    assert et.main(["--checkpoint", str(a), "--out", str(tmp_path / "ra")] + common) == 0
+    assert et.main(["--checkpoint", str(a), "--out", str(tmp_path / "rself"), "--compare",
+                    str(tmp_path / "ra" / "eval_tokens.json")] + common) == 0
+    self_diff = json.loads((tmp_path / "rself" / "eval_tokens.json").read_text())["paired_vs"]["psnr_diff"]
+    assert set(self_diff) >= {"1", "mixed"} and all(v[0] == 0 for v in self_diff.values())
+    assert et.main(["--checkpoint", str(b), "--out", str(tmp_path / "rb"), "--compare",
+                    str(tmp_path / "ra" / "eval_tokens.json")] + common) == 0
+    ra, rb = (json.loads((tmp_path / r / "eval_tokens.json").read_text()) for r in ("ra", "rb"))
+    for k in ("1", "mixed"):
+        assert rb["paired_vs"]["psnr_diff"][k][0] == pytest.approx(rb["per_k"][k]["psnr"] - ra["per_k"][k]["psnr"])
+    assert "paired PSNR difference" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="different clips"):
+        et.paired_difference(rb, {**ra, "clips": 2})
