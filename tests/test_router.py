@@ -3,6 +3,7 @@ predictions, target and budget policies, persistence, errors, the shipped router
 held-out clips, and `vft tokenize --router`."""
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -241,7 +242,11 @@ def test_eval_adaptive_reports_the_router(micro_router):
 
     model, _, _, _, router = micro_router
     clips, kinds = mixed_clips(model.cfg, 1)
-    res = ea.evaluate(model, clips, kinds, [5.0], SAMPLING, progress=False, router=router)
+    res = ea.evaluate(model, clips, kinds, [5.0], SAMPLING, progress=False, router=router, score_seed=0)
+    other = res["other_seed"]  # scored on seed 0 again: exactly the main comparison
+    assert other["seed"] == 0 and other["mean_psnr_by_k"] == res["mean_psnr_by_k"]
+    for name in ("clip", "frame", "router"):
+        assert other["frontier"][name] == res["frontier"][name]
     pts = res["frontier"]["router"]
     assert len(pts) == len(ea.LAMBDAS) and all(1 <= p[0] <= model.cfg.registers for p in pts)
     assert min(p[0] for p in pts) == 1.0  # lambda = 1e9: one token per frame
@@ -269,3 +274,61 @@ def test_calibrate_margins_reaches_the_coverage():
     router = KeepRouter(16, 3, calibration=cal)
     assert router.margin_for(14.0) == pytest.approx(sum(cal["margins"]) / 2)
     assert router.margin_for(5.0) == cal["margins"][0] and router.margin_for(30.0) == cal["margins"][1]
+
+
+def test_offline_savings_scores_policies_on_labels():
+    """The offline scorer (no decoding): the labels as curves are the per-frame oracle; a curve
+    shifted per frame picks the same Ks (so saves the same); one mean curve for every frame
+    gives every frame the same K (no more than the fixed K's frontier); and a clip's PSNR comes
+    from its frames' MSEs."""
+    from benchmarks import eval_adaptive as ea
+
+    g = torch.Generator().manual_seed(0)
+    R, ks = 16, torch.arange(1, 17, dtype=torch.float64)
+    flat = 20 + 0.02 * ks  # frames whose later tokens add almost nothing
+    steep = 10 + 8 * torch.log2(ks) / 4  # frames that gain up to K = 16
+    labels = torch.stack([flat if (i + t) % 2 else steep for i in range(12) for t in range(4)]).reshape(12, 4, R)
+    labels = labels + 0.01 * torch.randn(12, 4, 1, generator=g, dtype=torch.float64)
+    shifted = labels + 3 * torch.randn(12, 4, 1, generator=g, dtype=torch.float64)
+    blind = labels.mean((0, 1)).expand_as(labels)
+    res = ea.offline_savings(labels, {"oracle_frame": labels, "shifted": shifted, "blind": blind})
+    s = res["saving"]
+    assert s["oracle_frame"] > 0.3 and s["shifted"] == pytest.approx(s["oracle_frame"])
+    assert abs(s["blind"]) < 0.05 and s["oracle_frame"] > s["oracle_clip"] + 0.1
+    assert len(res["by_fixed_k"]) == R and res["fixed_psnr_by_k"][0] < res["fixed_psnr_by_k"][-1]
+    q = torch.tensor([[10.0, 20.0]])
+    assert float(ea.clip_psnr_from_frames(q)) == pytest.approx(-10 * math.log10((0.1 + 0.01) / 2))
+    assert float(ea.clip_psnr_from_frames(torch.full((3,), 17.0))) == pytest.approx(17.0)
+
+
+def test_router_context_and_ensemble(micro_router, tmp_path):
+    """A clip-context router (its frames' mean features too) with an ensemble of MLPs and the
+    increment loss: monotone curves, round trip through save / load, the frame's curve
+    depends on the clip's other frames; a router.json without the keys (before them) loads as
+    one MLP without context."""
+    _, _, feats, labels, router = micro_router
+    r = train_router(feats, labels, steps=100, context="clip_mean", members=3, increment_weight=2.0)
+    assert r.context == "clip_mean" and r.members == 3 and len(r.nets()) == 3
+    with torch.no_grad():
+        pred = r(feats)
+        assert pred.shape == labels.shape and bool((pred.diff(dim=-1) >= 0).all())
+        other = feats.clone()
+        other[:, 1:] += 1.0  # change the later frames only: the first frame's curve moves too
+        assert not torch.allclose(r(other)[:, 0], pred[:, 0])
+        assert torch.allclose(router(other)[:, 0], router(feats)[:, 0])  # no context: it does not
+    r.save(str(tmp_path / "ctx"))
+    again = KeepRouter.load(str(tmp_path / "ctx"))
+    with torch.no_grad():
+        assert torch.equal(again(feats), pred)
+    router.save(str(tmp_path / "old"))
+    import json
+
+    cfg = json.load(open(tmp_path / "old" / "router.json"))
+    assert cfg["context"] == "none" and cfg["members"] == 1
+    del cfg["context"], cfg["members"]
+    json.dump(cfg, open(tmp_path / "old" / "router.json", "w"))
+    old = KeepRouter.load(str(tmp_path / "old"))
+    with torch.no_grad():
+        assert torch.equal(old(feats), router(feats))
+    with pytest.raises(ValueError, match="unknown context"):
+        KeepRouter(16, 3, context="clip_max")
