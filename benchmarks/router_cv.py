@@ -13,6 +13,11 @@ per-frame oracle (the labels as the curves) and a content-blind policy (every la
 gets the training folds' mean curve for its position in the clip), which shows how much of
 a saving needs the content at all.
 
+With ``--eval-clips N`` each variant is also fitted as ``vft train-router`` fits it (on all
+but the last fifth of the groups) and scored the same way on eval_adaptive's held-out clips
+(``mixed_clips(cfg, N, real=True)``, labelled here: cheap at 1 step, 50 times dearer at 25),
+to compare with ``eval_adaptive``'s decoded numbers.
+
 For a guided setting (``--steps 25``), ``--init-steps1`` starts every fold's fit from a
 router of the same variant fitted on all ``--init-groups`` 1-step groups (as the shipped
 25-step router starts from the 1-step one).
@@ -26,8 +31,9 @@ import time
 import torch
 
 from benchmarks.eval_adaptive import offline_savings
+from vft.adaptive import mixed_clips
 from vft.pretrained import load_pretrained
-from vft.router import collect_groups, setting, train_router
+from vft.router import collect, collect_groups, setting, train_router
 
 # name -> train_router keywords (the shipped routers: weight decay 0.05, one MLP per frame)
 VARIANTS = {
@@ -104,6 +110,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-steps", type=int, default=None, help="optimizer steps of each fit (default: "
                    "the variant's, else 3000; 1000 with --init-steps1)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-3; 1e-3 with --init-steps1)")
+    p.add_argument("--eval-clips", type=int, default=0, help="also fit each variant on all but the last fifth of "
+                   "the groups and score it on eval_adaptive's held-out clips, this many per kind (0: no)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     model = load_pretrained("tiny").eval()
@@ -117,6 +125,13 @@ def main(argv=None) -> int:
                              progress=False)
     preds = {"oracle_frame": labels, "blind": blind_curves(labels, groups, args.folds)}
     report = {"setting": sampling, "clips": len(labels), "folds": args.folds, "variants": {}}
+    held = None
+    if args.eval_clips:
+        clips, _ = mixed_clips(model.cfg, args.eval_clips, real=True)
+        hf, hl = collect(model, clips, sampling, batch=len(clips), progress=False)
+        fit = groups < args.groups - max(1, args.groups // 5)
+        held = {"fit": fit, "labels": hl, "feats": hf,
+                "preds": {"oracle_frame": hl, "blind": labels[fit].mean(0).expand_as(hl).clone()}}
     for name in [v for v in args.variants.split(",") if v]:
         kw = dict(VARIANTS[name])
         t0 = time.time()
@@ -133,6 +148,14 @@ def main(argv=None) -> int:
         if args.lr is not None:
             kw["lr"] = args.lr
         preds[name] = cross_validate(feats, labels, groups, args.folds, init=init, **kw)
+        if held is not None:
+            fit = held["fit"]
+            if kw.get("linear"):
+                held["preds"][name] = cross_validate(held["feats"], held["labels"], None, 1, **kw)
+            else:
+                router = train_router(feats[fit], labels[fit], init=init, **kw)
+                with torch.no_grad():
+                    held["preds"][name] = router(held["feats"])
         report["variants"][name] = {"kwargs": kw, **errors(preds[name], labels), "seconds": round(time.time() - t0, 1)}
     scores = offline_savings(labels, preds)
     report["saving"] = scores["saving"]
@@ -143,6 +166,11 @@ def main(argv=None) -> int:
     for name, r in report["variants"].items():
         print(f"{name:>22} {scores['saving'][name]:7.1%} {r['level']:6.3f} {r['incr']:10.3f} {r['incr_k5+']:6.3f} "
               f"{r['seconds']:6.1f}", flush=True)
+    if held is not None:
+        hs = offline_savings(held["labels"], held["preds"])["saving"]
+        report["eval_clips_saving"] = hs
+        print(f"eval_adaptive's {len(held['labels'])} held-out clips, each variant fitted on groups 0..{int(held['fit'].sum()) // 7 - 1}: "
+              + ", ".join(f"{k} {v:.1%}" for k, v in hs.items()))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
