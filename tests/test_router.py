@@ -354,3 +354,24 @@ def test_residual_head_starts_from_the_linear_path(tmp_path):
     assert KeepRouter.load(str(tmp_path)).head == "residual"
     with pytest.raises(ValueError, match="residual head needs the linear path"):
         KeepRouter(R, len(stats), stats=stats, head="residual")
+
+
+def test_router_cv_predicts_every_clip_from_other_folds():
+    """benchmarks.router_cv: each clip's prediction comes from a router that never saw its fold
+    (changing one fold's labels changes only the other folds' predictions),
+    and the content-blind curves are the other folds' mean curve per latent-frame position."""
+    from benchmarks import router_cv as cv
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(12, 2, 5, generator=g)
+    labels = torch.cummax(torch.randn(12, 2, 4, generator=g), dim=-1).values
+    groups = torch.arange(12) // 2  # 6 groups, 3 folds (groups % 3)
+    p = cv.cross_validate(feats, labels, groups, 3, steps=20)
+    other = labels.clone()
+    other[groups % 3 == 0] += 5.0
+    q = cv.cross_validate(feats, other, groups, 3, steps=20)
+    assert torch.equal(p[groups % 3 == 0], q[groups % 3 == 0]) and not torch.equal(p, q)
+    blind = cv.blind_curves(labels, groups, 3)
+    assert torch.allclose(blind[0], labels[groups % 3 != 0].mean(0))
+    e = cv.errors(labels + 1.0, labels)
+    assert e["level"] == pytest.approx(1.0) and e["incr"] == pytest.approx(0.0, abs=1e-6)
