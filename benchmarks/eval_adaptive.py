@@ -167,13 +167,71 @@ def savings_at_fixed_k(mean_by_k: list, frontier: dict) -> list:
     return rows
 
 
-def evaluate(model, clips, kinds, targets, sampling, progress=True, router=None, lambdas=LAMBDAS,
-             batch: int = 1) -> dict:
+# -- offline scoring on labels (no decoding) --------------------------------------------------
+OFFLINE_LAMBDAS = (0.0,) + tuple(0.005 * 2000 ** (i / 199) for i in range(200)) + (1e9,)
+
+
+def clip_psnr_from_frames(frame_psnr: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Clip PSNR [...] from its latent frames' PSNRs [..., T'] through their MSEs (a frame's MSE
+    is 10^(-PSNR / 10) on the same peak; ``weights`` [T']: pixel frames per latent frame, equal by
+    default). Exact for the clip decoded as the frames were (same keep); with the frames'
+    PSNRs taken from uniform-K decodes it ignores how one frame's K changes the others'."""
+    mse = torch.pow(10.0, -frame_psnr.double() / 10)
+    w = torch.ones(frame_psnr.shape[-1], dtype=torch.float64) if weights is None else weights.double()
+    return -10 * torch.log10((mse * w).sum(-1) / w.sum())
+
+
+def offline_frontier(labels: torch.Tensor, pred: torch.Tensor, lambdas=OFFLINE_LAMBDAS,
+                     weights: Optional[torch.Tensor] = None) -> list:
+    """Per-clip points (tokens per latent frame [n], clip PSNR [n], lambda) of the lambda rule
+    (each latent frame takes argmax_K pred(K) - lambda K) on predicted curves ``pred`` [n, T', R],
+    scored on ``labels`` [n, T', R] (each frame's PSNR decoded with every frame at K) as the
+    truth: a frame at K counts labels[..., K - 1], the clip its frames' mean MSE."""
+    R = labels.shape[-1]
+    ks = torch.arange(1, R + 1, dtype=torch.float64)
+    y, p = labels.double(), pred.double()
+    points = []
+    for lam in lambdas:
+        k = (p - lam * ks).argmax(-1)  # [n, T'], K - 1
+        q = clip_psnr_from_frames(y.gather(-1, k[..., None])[..., 0], weights)
+        points.append(((k + 1).double().mean(-1), q, lam))
+    return points
+
+
+def offline_savings(labels: torch.Tensor, preds: dict, lambdas=OFFLINE_LAMBDAS,
+                    weights: Optional[torch.Tensor] = None) -> dict:
+    """Savings against the best fixed K at equal mean PSNR, without decoding: ``labels`` [n, T', R]
+    are the truth (uniform-K decodes), each entry of ``preds`` (name -> predicted curves
+    [n, T', R]) is a policy (the lambda rule per latent frame on those curves; the labels
+    themselves give the per-frame oracle), ``oracle_clip`` (a K per clip, exact on the clip
+    curves) is added. As eval_adaptive's ``by_fixed_k``: for every fixed K its mean PSNR is the
+    target, each policy's tokens are interpolated along its frontier; ``saving`` is the mean
+    over K = 2 .. R - 1. Returns {"fixed_psnr_by_k", "saving": {name: mean}, "by_fixed_k": rows}."""
+    n, T, R = labels.shape
+    ks = torch.arange(1, R + 1, dtype=torch.float64)
+    clip_q = clip_psnr_from_frames(labels.double().transpose(1, 2), weights)  # [n, R]
+    mean_by_k = clip_q.mean(0).tolist()
+    idx = list(range(n))
+    frontier = {}
+    clip_pts = []
+    for lam in lambdas:
+        kc = (clip_q - lam * ks).argmax(1)
+        clip_pts.append(((kc + 1).double(), clip_q.gather(1, kc[:, None])[:, 0], lam))
+    frontier["oracle_clip"] = mean_points(clip_pts, idx)
+    for name, pred in preds.items():
+        if pred.shape != labels.shape:
+            raise ValueError(f"offline_savings: {name} has shape {tuple(pred.shape)}, labels {tuple(labels.shape)}")
+        frontier[name] = mean_points(offline_frontier(labels, pred, lambdas, weights), idx)
+    rows = savings_at_fixed_k(mean_by_k, frontier)
+    return {"fixed_psnr_by_k": mean_by_k, "saving": {name: mean_inner_saving(rows, name, R) for name in frontier},
+            "by_fixed_k": rows}
+
+
+def measure_curves(model, clips, tokens, sampling, batch: int = 1, progress: bool = True):
+    """(clip PSNR [n, R], latent-frame PSNR [n, R, T']) of ``clips`` decoded with every frame at K."""
     from vft.adaptive import pixel_frames
 
-    cfg, R = model.cfg, model.cfg.registers
-    tokens = model.tokenize(clips)
-    T = tokens.shape[1]
+    R, T = model.cfg.registers, tokens.shape[1]
     clip_q = torch.zeros(len(clips), R, dtype=torch.float64)  # [n, K - 1]
     frame_q = torch.zeros(len(clips), R, T, dtype=torch.float64)
     for k in tqdm(range(1, R + 1), desc="quality by K", disable=not progress):
@@ -182,8 +240,48 @@ def evaluate(model, clips, kinds, targets, sampling, progress=True, router=None,
             rec = recs[i]
             clip_q[i, k - 1] = psnr(rec, clips[i])
             for t in range(T):
-                f = list(pixel_frames(cfg, t))
+                f = list(pixel_frames(model.cfg, t))
                 frame_q[i, k - 1, t] = psnr(rec[:, f], clips[i][:, f])
+    return clip_q, frame_q
+
+
+def other_seed(model, clips, tokens, sampling, seed: int, clip_q, frame_q, pred=None, lambdas=LAMBDAS,
+               batch: int = 1, progress: bool = True) -> dict:
+    """Every policy chooses as on the seed-0 decodes (the oracles' Ks from the seed-0 curves
+    ``clip_q`` [n, R] / ``frame_q`` [n, R, T'], the router's from its predictions ``pred``) and is
+    scored on decodes with sampler seed ``seed``, the fixed Ks included: what the choices are
+    worth when they cannot fit the sampler's noise of the decodes they are scored on."""
+    R = clip_q.shape[1]
+    score = {**sampling, "seed": int(seed)}
+    clip_q2, _ = measure_curves(model, clips, tokens, score, batch, progress)
+    ks = torch.arange(1, R + 1, dtype=torch.float64)
+    points: dict = {"clip": [], "frame": []}
+    if pred is not None:
+        points["router"] = []
+    memo: dict = {}
+    for lam in lambdas:
+        kc = (clip_q - lam * ks).argmax(1) + 1
+        points["clip"].append((kc.double(), clip_q2.gather(1, (kc - 1)[:, None])[:, 0], lam))
+        keeps = {"frame": (frame_q - lam * ks[None, :, None]).argmax(1) + 1}
+        if pred is not None:
+            keeps["router"] = ((pred.double() - lam * ks).argmax(-1) + 1).to(torch.int64)
+        for name, kf in keeps.items():
+            rec = decode(model, tokens, kf, score, batch, memo)
+            got = [psnr(rec[i], clips[i]) for i in range(len(clips))]
+            points[name].append((kf.double().mean(1), torch.tensor(got, dtype=torch.float64), lam))
+    frontier = {name: mean_points(pts, list(range(len(clips)))) for name, pts in points.items()}
+    rows = savings_at_fixed_k(clip_q2.mean(0).tolist(), frontier)
+    return {"seed": int(seed), "mean_psnr_by_k": clip_q2.mean(0).tolist(), "frontier": frontier, "by_fixed_k": rows,
+            "saving": {name: mean_inner_saving(rows, name, R) for name in frontier}}
+
+
+def evaluate(model, clips, kinds, targets, sampling, progress=True, router=None, lambdas=LAMBDAS,
+             batch: int = 1, score_seed: Optional[int] = None) -> dict:
+    """The comparison (module docstring); with ``score_seed``, also ``other_seed``'s (key
+    ``other_seed`` of the result)."""
+    R = model.cfg.registers
+    tokens = model.tokenize(clips)
+    clip_q, frame_q = measure_curves(model, clips, tokens, sampling, batch, progress)
     ks = torch.arange(1, R + 1, dtype=torch.float64)
     memo: dict = {}
     clip_points = {"clip": [], "frame": []}  # per policy, per lambda: (tokens [n], PSNR [n], lambda)
@@ -194,7 +292,8 @@ def evaluate(model, clips, kinds, targets, sampling, progress=True, router=None,
         rec = decode(model, tokens, kf, sampling, batch, memo)
         got = [psnr(rec[i], clips[i]) for i in range(len(clips))]
         clip_points["frame"].append((kf.double().mean(1), torch.tensor(got, dtype=torch.float64), lam))
-    timing = {}
+    timing: dict = {}
+    pred = None
     if router is not None:
         import time
 
@@ -235,9 +334,13 @@ def evaluate(model, clips, kinds, targets, sampling, progress=True, router=None,
         by_kind[kind] = {"clips": len(idx), "psnr_by_k": per_kind[kind], **token_worth(frame_q[idx]),
                          "frontier": kind_frontier,
                          **{f"{name}_saving": mean_inner_saving(kind_rows, name, R) for name in kind_frontier}}
+    extra = {}
+    if score_seed is not None:
+        extra["other_seed"] = other_seed(model, clips, tokens, sampling, score_seed, clip_q, frame_q, pred, lambdas,
+                                         batch, progress)
     return {"rows": rows, "mean_psnr_by_k": mean_by_k.tolist(), "psnr_by_k_per_kind": per_kind, "by_kind": by_kind,
             **token_worth(frame_q), "frontier": frontier, "by_fixed_k": by_fixed_k, "clips": len(clips),
-            "kinds": kinds, **timing}
+            "kinds": kinds, **timing, **extra}
 
 
 def plot(result: dict, path: str) -> None:
@@ -296,6 +399,9 @@ def main(argv=None) -> int:
                    "(each costs a decode per clip and policy; default: %(default)s)")
     p.add_argument("--batch", type=int, default=1, help="clips per decode (faster on a CPU; the sampler's noise "
                    "depends on the batch; default: %(default)s)")
+    p.add_argument("--score-seed", type=int, default=None, help="also score every policy, choosing as on the "
+                   "seed-0 decodes, on decodes with this sampler seed (the fixed Ks too; key other_seed of the JSON): "
+                   "whether the oracles' choices fit the sampler's noise (costs R + 2 x lambdas more decodes)")
     p.add_argument("--out", default="results/eval_adaptive")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -310,7 +416,7 @@ def main(argv=None) -> int:
 
         router = load_router(args.router, sampling)  # the router for this decoding setting, or an error
     result = evaluate(model, clips, kinds, targets, sampling, progress=not args.no_progress, router=router,
-                      lambdas=lambda_grid(args.lambdas), batch=args.batch)
+                      lambdas=lambda_grid(args.lambdas), batch=args.batch, score_seed=args.score_seed)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "eval_adaptive.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -344,6 +450,10 @@ def main(argv=None) -> int:
         print(f"  {kind:>9}: {info['psnr_by_k'][0]:5.2f} -> {info['psnr_by_k'][-1]:5.2f} dB | "
               f"{span_mean(info['db_per_token'])} | {span_mean(info['db_per_token_first_frame'])} | "
               f"{span_mean(later)} | " + ", ".join(f"{n} {info[f'{n}_saving']:.1%}" for n in names))
+    if "other_seed" in result:
+        o = result["other_seed"]
+        print(f"choices as on seed 0, every policy scored on decodes with seed {o['seed']}: mean saving (K = 2 .. R - 1) "
+              + ", ".join(f"{name} {v:.1%}" for name, v in o["saving"].items()))
     if router is not None:
         print(f"router: {result['router_s_per_clip'] * 1e3:.1f} ms per clip vs one decode "
               f"{result['decode_s_per_clip'] * 1e3:.1f} ms")

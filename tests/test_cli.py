@@ -357,6 +357,13 @@ def test_train_router_command(trained, tmp_path, capsys):
         vr.frame_quality_by_k = None
         assert main(["train-router", "--checkpoint", ck, "--per-kind", "2", "--train-steps", "5", "--out", out,
                      "--no-progress", "--cache", cache]) == 0
+        ens = str(tmp_path / "router_ens")  # the fit's options reach router.json
+        assert main(["train-router", "--checkpoint", ck, "--per-kind", "2", "--train-steps", "5", "--out", ens,
+                     "--no-progress", "--cache", cache, "--members", "2", "--context", "clip_mean",
+                     "--increment-weight", "1", "--hidden", "8"]) == 0
+        info = json.load(open(os.path.join(ens, "routers", "steps1_none", "router.json")))
+        assert (info["members"], info["context"], info["hidden"], info["head"]) == (2, "clip_mean", 8, "softplus")
+        assert "--increment-weight 1" in info["command"]
     finally:
         vr.frame_quality_by_k = real_quality
     assert "--per-kind must be >= 2" in _err(capsys, ["train-router", "--checkpoint", ck, "--per-kind", "1",

@@ -303,7 +303,9 @@ def cmd_train_router(args) -> int:
 
         init = KeepRouter.load(args.init)
     router = train_router(feats[fit], labels[fit], steps=args.train_steps, sampling=sampling, log=log,
-                          stats=STATS, weight_decay=args.weight_decay, init=init, lr=args.lr)
+                          stats=STATS, weight_decay=args.weight_decay, init=init, lr=args.lr,
+                          increment_weight=args.increment_weight, context=args.context, members=args.members,
+                          hidden=args.hidden, head=args.head)
     with torch.no_grad():
         pred_val, pred_fit = router(feats[~fit]), router(feats[fit])
     targets = [t / 2 for t in range(20, 49)]  # 10 .. 24 dB
@@ -544,7 +546,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "%(default)s)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the fit (default: %(default)s)")
     p.add_argument("--init", default=None, help="start the fit from this router folder's weights (router.json + "
-                   "router.safetensors; e.g. the model's router for another setting, trained on more clips)")
+                   "router.safetensors; e.g. the model's router for another setting, trained on more clips; its "
+                   "--hidden, --context and --members are kept)")
+    p.add_argument("--increment-weight", type=float, default=0.0, help="weight of the squared error of the "
+                   "increments PSNR(K) - PSNR(K - 1) in the loss, besides the levels' (default: %(default)s)")
+    p.add_argument("--context", choices=["none", "clip_mean"], default="none", help="clip_mean: each latent frame "
+                   "also sees the mean of its clip's frames' features (default: %(default)s)")
+    p.add_argument("--members", type=int, default=1, help="an ensemble of this many MLPs (seeds), curves averaged "
+                   "(default: %(default)s)")
+    p.add_argument("--head", choices=["softplus", "residual"], default="softplus", help="how the MLP's output "
+                   "becomes a non-decreasing curve: softplus increments, or residual: the running maximum of the linear "
+                   "path's PSNR plus the output (a linear-path model; default: %(default)s)")
+    p.add_argument("--hidden", type=int, default=64, help="width of the MLP's two hidden layers (default: "
+                   "%(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train_router)
 

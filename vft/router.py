@@ -137,27 +137,86 @@ def split_sampling(sampling: dict, who: str = "router") -> dict:
     return {k: v for k, v in sampling.items() if k in DEFAULT_SAMPLING and v is not None}
 
 
+CONTEXTS = ("none", "clip_mean")  # what a router sees of the clip's other latent frames
+# How the MLP's output [..., R] becomes a curve: "softplus" (base + cumulative softplus
+# increments; routers before "residual") or "residual" (the running maximum over K of the
+# linear path's PSNR feature plus the output: the MLP learns the decoder's difference to the
+# linear path; needs a linear-path model's features).
+HEADS = ("softplus", "residual")
+
+
 class KeepRouter(nn.Module):
-    """features [..., F] -> predicted PSNR [..., R], non-decreasing in K."""
+    """features [..., F] -> predicted PSNR [..., R], non-decreasing in K.
+
+    ``context``: ``"none"`` (each latent frame on its own features; routers before it) or
+    ``"clip_mean"`` (also the mean of the normalised features over the clip's latent frames,
+    so features must be [..., T', F]: a whole clip). ``members``: an ensemble of that many
+    MLPs (seeds) whose curves are averaged (1: one MLP, ``net``; the others are ``extra``).
+    ``head``: ``HEADS``; with ``"residual"`` the first R features must be the linear path's
+    PSNR at K = 1..R (``frame_features`` of a linear-path model)."""
 
     def __init__(self, registers: int, features: int, hidden: int = 64, sampling: Optional[dict] = None,
-                 stats=_PIXEL_STATS, calibration: Optional[dict] = None):
+                 stats=_PIXEL_STATS, calibration: Optional[dict] = None, context: str = "none", members: int = 1,
+                 head: str = "softplus"):
         super().__init__()
+        if context not in CONTEXTS:
+            raise ValueError(f"router: unknown context {context!r}; known: {list(CONTEXTS)}")
+        if head not in HEADS:
+            raise ValueError(f"router: unknown head {head!r}; known: {list(HEADS)}")
+        if head == "residual" and features != registers + len(tuple(stats)):
+            raise ValueError(f"router: the residual head needs the linear path's PSNR at every K among the features "
+                             f"({registers} + {len(tuple(stats))}), got {features} features (a model without a linear path?)")
+        if int(members) < 1:
+            raise ValueError(f"router: members must be >= 1, got {members}")
         self.registers, self.features, self.hidden = registers, features, hidden
+        self.context, self.members, self.head = context, int(members), head
         self.sampling = dict(sampling or {})
         self.stats = tuple(stats)
         # {"coverage": q, "targets": [...], "margins": [...]}: per target PSNR, the margin (dB)
         # with which a fraction q of held-out frames reached it (``calibrate_margins``).
         self.calibration = dict(calibration or {})
-        self.net = nn.Sequential(nn.Linear(features, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, registers))
+        self.net = self._mlp()
+        if self.members > 1:
+            self.extra = nn.ModuleList(self._mlp() for _ in range(self.members - 1))
         self.register_buffer("feat_mean", torch.zeros(features))
         self.register_buffer("feat_std", torch.ones(features))
         self.register_buffer("margin", torch.zeros(()))  # dB added to a target without a calibration table
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        h = self.net((feats - self.feat_mean) / self.feat_std)
+    def _mlp(self) -> nn.Module:
+        width = self.features * (2 if self.context == "clip_mean" else 1)
+        mlp = nn.Sequential(nn.Linear(width, self.hidden), nn.SiLU(), nn.Linear(self.hidden, self.hidden), nn.SiLU(),
+                            nn.Linear(self.hidden, self.registers))
+        if self.head == "residual":  # start from the linear path's curve itself
+            nn.init.zeros_(mlp[-1].weight)
+            nn.init.zeros_(mlp[-1].bias)
+        return mlp
+
+    def nets(self) -> list:
+        """The ensemble's MLPs (``net`` first)."""
+        return [self.net] + (list(self.extra) if self.members > 1 else [])
+
+    def inputs(self, feats: torch.Tensor) -> torch.Tensor:
+        """The MLPs' input: normalised features (and with ``clip_mean`` context their mean over
+        the clip's latent frames, dimension -2)."""
+        x = (feats - self.feat_mean) / self.feat_std
+        if self.context == "clip_mean":
+            if x.dim() < 2:
+                raise ValueError("router: a clip-context router needs features of whole clips [..., T', F]")
+            x = torch.cat([x, x.mean(-2, keepdim=True).expand_as(x)], dim=-1)
+        return x
+
+    def curve(self, h: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """An MLP output [..., R] as a curve non-decreasing in K (``head``): base + cumulative
+        softplus increments, or the running maximum of the linear path's PSNR (``feats``'
+        first R) plus the output."""
+        if self.head == "residual":
+            return torch.cummax(feats[..., :self.registers] + h, dim=-1).values
         return h[..., :1] + torch.cat([torch.zeros_like(h[..., :1]), F.softplus(h[..., 1:]).cumsum(-1)], dim=-1)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        x = self.inputs(feats)
+        curves = [self.curve(net(x), feats) for net in self.nets()]
+        return curves[0] if len(curves) == 1 else torch.stack(curves).mean(0)
 
     def setting(self) -> dict:
         """The decoding setting this router predicts for (normal form of ``sampling``)."""
@@ -232,7 +291,8 @@ class KeepRouter(nn.Module):
     # -- persistence (safetensors + JSON) --------------------------------------------
     def config(self) -> dict:
         return {"registers": self.registers, "features": self.features, "hidden": self.hidden,
-                "sampling": self.sampling, "stats": list(self.stats), "calibration": self.calibration}
+                "sampling": self.sampling, "stats": list(self.stats), "calibration": self.calibration,
+                "context": self.context, "members": self.members, "head": self.head}
 
     def save(self, folder: str, extra: Optional[dict] = None) -> None:
         from safetensors.torch import save_file
@@ -253,7 +313,8 @@ class KeepRouter(nn.Module):
         with open(json_path) as f:
             cfg = json.load(f)
         router = cls(cfg["registers"], cfg["features"], cfg["hidden"], cfg.get("sampling"),
-                     cfg.get("stats", _PIXEL_STATS), cfg.get("calibration"))
+                     cfg.get("stats", _PIXEL_STATS), cfg.get("calibration"), cfg.get("context", "none"),
+                     cfg.get("members", 1), cfg.get("head", "softplus"))
         router.load_state_dict(load_file(weights))
         return router.eval()
 
@@ -310,34 +371,58 @@ def prediction_errors(pred: torch.Tensor, labels: torch.Tensor) -> dict:
 def train_router(feats: torch.Tensor, quality: torch.Tensor, steps: int = 3000, lr: float = 3e-3, hidden: int = 64,
                  seed: int = 0, sampling: Optional[dict] = None, margin_quantile: float = 0.8,
                  log: Optional[list] = None, stats=STATS, weight_decay: float = 0.0,
-                 init: Optional[KeepRouter] = None) -> KeepRouter:
-    """Fit a router to features [N, T', F] and labels [N, T', R] (full-batch Adam on the
-    squared PSNR error). The scalar margin is the ``margin_quantile`` of (label -
-    prediction) shortfalls on these frames; ``calibrate_margins`` on held-out frames
-    replaces it by a per-target table. ``init``: start from this router's weights and
-    feature scaling (same features; e.g. a router of another decoding setting, which has
-    seen more clips)."""
-    torch.manual_seed(seed)
-    x, y = feats.reshape(-1, feats.shape[-1]).float(), quality.reshape(-1, quality.shape[-1]).float()
-    router = KeepRouter(y.shape[-1], x.shape[-1], init.hidden if init is not None else hidden, sampling, stats)
+                 init: Optional[KeepRouter] = None, increment_weight: float = 0.0, context: str = "none",
+                 members: int = 1, head: str = "softplus") -> KeepRouter:
+    """Fit a router to features [N, T', F] and labels [N, T', R] (full-batch AdamW on the
+    squared PSNR error, plus ``increment_weight`` times the squared error of the increments
+    PSNR(K) - PSNR(K - 1), on which the lambda and budget rules turn). ``context``: see
+    ``KeepRouter`` (``clip_mean`` needs whole clips, [N, T', F]). ``members``: an ensemble of
+    that many MLPs, each fitted alone from seed ``seed + i``. ``head``: ``HEADS``. The scalar margin is the
+    ``margin_quantile`` of (label - prediction) shortfalls on these frames;
+    ``calibrate_margins`` on held-out frames replaces it by a per-target table. ``init``:
+    start from this router's weights, feature scaling, context, members and head (same features;
+    e.g. a router of another decoding setting, which has seen more clips)."""
+    x, y = feats.float(), quality.float()
+    if x.dim() == 2:
+        x, y = x[:, None], y[:, None]
+    F_, R = x.shape[-1], y.shape[-1]
     if init is not None:
-        if (init.features, init.registers, tuple(init.stats)) != (x.shape[-1], y.shape[-1], tuple(stats)):
+        if (init.features, init.registers, tuple(init.stats)) != (F_, R, tuple(stats)):
             raise ValueError(f"router: init has {init.features} features {list(init.stats)} for R = "
-                             f"{init.registers}, the data {x.shape[-1]} {list(stats)} for R = {y.shape[-1]}")
+                             f"{init.registers}, the data {F_} {list(stats)} for R = {R}")
+        hidden, context, members, head = init.hidden, init.context, init.members, init.head
+    torch.manual_seed(seed)
+    router = KeepRouter(R, F_, hidden, sampling, stats, context=context, members=members, head=head)
+    if init is not None:
         router.load_state_dict(init.state_dict())
     else:
-        router.feat_mean.copy_(x.mean(0))
-        router.feat_std.copy_(x.std(0).clamp(min=1e-4))
-    opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for step in range(steps):
-        loss = (router(x) - y).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log is not None and (step % 100 == 0 or step == steps - 1):
-            log.append({"step": step, "mse_db2": loss.item()})
+        flat = x.reshape(-1, F_)
+        router.feat_mean.copy_(flat.mean(0))
+        router.feat_std.copy_(flat.std(0).clamp(min=1e-4))
+    with torch.no_grad():
+        inp = router.inputs(x)
+    for i, net in enumerate(router.nets()):
+        torch.manual_seed(seed + i)
+        if init is None and i > 0:  # a fresh initialisation per member (member 0 keeps the seed's)
+            for m in net:
+                if isinstance(m, nn.Linear):
+                    m.reset_parameters()
+            if head == "residual":
+                nn.init.zeros_(net[-1].weight)
+                nn.init.zeros_(net[-1].bias)
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        for step in range(steps):
+            pred = router.curve(net(inp), x)
+            loss = (pred - y).square().mean()
+            if increment_weight:
+                loss = loss + increment_weight * (pred.diff(dim=-1) - y.diff(dim=-1)).square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if log is not None and i == 0 and (step % 100 == 0 or step == steps - 1):
+                log.append({"step": step, "mse_db2": loss.item()})
     with torch.no_grad():
         shortfall = (router(x) - y).flatten()
         router.margin.fill_(float(torch.quantile(shortfall, margin_quantile)))
