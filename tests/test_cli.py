@@ -128,7 +128,9 @@ def test_tokenize_with_a_budget_or_a_rate(trained, capsys, monkeypatch, token_se
     assert torch.equal(keep.cpu(), data["keep"].long())
     assert (stored["steps"], stored["guidance"], stored["scale"]) == (1, "apg", 1.5)
     assert (given["steps"], given["guidance"], given["scale"]) == (2, "none", 1.5)
-    assert "decoding with 1 apg steps" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "decoding with 1 step, APG guidance at scale 1.5;" in printed
+    assert "decoding with 2 steps, no guidance;" in printed
     plain = str(root / "plain.safetensors")  # no per-frame counts: detokenize's own defaults
     assert main(["tokenize", clip, "--checkpoint", ck, "--out", plain]) == 0
     assert main(["detokenize", plain, "--checkpoint", ck, "--out", out]) == 0

@@ -230,8 +230,9 @@ def cmd_detokenize(args) -> int:
         if getattr(args, k) is None:
             setattr(args, k, stored.get(k, default))
     if stored:
-        print(f"decoding with {args.steps} {args.guidance} steps (scale {args.scale}); the token file's counts were "
-              f"chosen for {stored}")
+        how = f"{args.steps} step{'s' if args.steps != 1 else ''}, " + (
+            "no guidance" if args.guidance == "none" else f"{args.guidance.upper()} guidance at scale {args.scale:g}")
+        print(f"decoding with {how}; the token file's counts were chosen for {stored}")
     video = model.detokenize(tokens.to(device), keep=keep, **_sampling_kwargs(args))
     fps = args.fps or float(meta.get("fps", 8))
     write_video(args.out, from_model_range(video[0]), fps)
