@@ -226,7 +226,8 @@ def test_cli_tokenize_with_router(tmp_path, capsys):
         capsys.readouterr()
         out = str(tmp_path / "rec.mp4")
         assert main(["detokenize", tok, "--checkpoint", ck, "--out", out]) == 0  # with the router's setting
-        assert f"decoding with {steps} {'none' if steps == 1 else 'apg'} steps" in capsys.readouterr().out
+        said = "1 step, no guidance" if steps == 1 else "25 steps, APG guidance at scale 1.5"
+        assert f"decoding with {said};" in capsys.readouterr().out
     assert main(["tokenize", clip, "--checkpoint", ck, "--out", str(tmp_path / "x.safetensors"),
                  "--router", "tiny"]) == 2
     assert main(["tokenize", clip, "--checkpoint", ck, "--out", str(tmp_path / "x.safetensors"),
